@@ -1,0 +1,23 @@
+"""bs_kernels: fused per-token scores and unlearning losses straight from hidden states and the lm_head weight.
+
+The primitive is ``linear_token_scores(hidden [N, D], weight [V, D], labels [N], *, topk, lam)`` -> float32 [N],
+``s_i = <(1 - lam) e_{y_i} + lam sg[q_i], log softmax(h_i W^T)>``, differentiable w.r.t. hidden and weight and
+never holding the [N, V] logits. Every likelihood-based unlearning loss (GA, NPO, SimNPO, WGA, BS-T) is a small
+function of these scores. Depends on torch and triton only; importing it changes no global setting.
+"""
+
+from .losses import bst_loss, ga_loss, linear_cross_entropy, sequence_mean_weights, shift_labels
+from .reference import naive_token_scores
+from .token_scores import linear_token_scores, linear_weighted_score_sum
+
+__all__ = [
+    "bst_loss",
+    "ga_loss",
+    "linear_cross_entropy",
+    "linear_token_scores",
+    "linear_weighted_score_sum",
+    "naive_token_scores",
+    "sequence_mean_weights",
+    "shift_labels",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,221 @@
+"""Fused per-token scores from hidden states and the lm_head weight, never holding the [N, V] logits.
+
+This is the one primitive every likelihood-based unlearning loss is built on (see ../shared/DESIGN.md):
+
+    linear_token_scores(hidden [N, D], weight [V, D], labels [N]) -> s [N],   s_i = <t_i, log softmax(h_i W^T)>
+    t_i = (1 - lam) e_{y_i} + lam sg[q_i],   q_i = softmax(h_i W^T) restricted to its top-k, renormalised.
+
+Both public ops stream over N in chunks of C rows. For each chunk a cuBLAS GEMM writes the logits into one reused
+[C, V] buffer, a row operation (Triton, or plain PyTorch) reduces each row and, when a gradient is needed,
+overwrites the buffer in place with dL/dz; two more GEMMs turn that into dL/dhidden and dL/dweight.
+
+* ``linear_weighted_score_sum``: the upstream gradient of every score is a weight known at forward time (GA,
+  GradDiff, BS-T with the reference reduction, cross-entropy), so the gradients are produced *during* the forward:
+  three GEMMs in all, and backward only scales them by the scalar upstream gradient.
+* ``linear_token_scores``: any upstream gradient (NPO and SimNPO weight tokens by sequence-level quantities). The
+  forward saves O(N k) statistics (log-sum-exp, top-k indices and q); backward recomputes the logits chunk by chunk:
+  four GEMMs in all.
+
+Memory beyond inputs and returned gradients: one [C, V] buffer plus O(N k); never O(N V).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import torch_rows
+from ._checks import check_options, check_tensors
+
+# Default byte budget of the one logits buffer. With Llama-3 (V = 128256, bf16) this is C = 384 rows: small
+# enough that the whole op stays within 128 MiB of the returned gradients, large enough that the dW GEMM
+# (inner dimension C) stays near peak. Override per call with ``chunk_size``.
+DEFAULT_CHUNK_BYTES = 96 * 2**20
+
+
+@dataclass(frozen=True)
+class _Opts:
+    topk: int
+    lam: float
+    ignore_index: int
+    impl: str
+    chunk_size: int | None
+
+    @property
+    def use_topk(self) -> bool:
+        return self.topk > 0 and self.lam > 0
+
+
+def _rows_module(impl: str):
+    if impl == "triton":
+        from . import triton_rows  # imported lazily: the torch path must work where triton cannot import
+
+        return triton_rows
+    return torch_rows
+
+
+def _chunk_rows(n: int, vocab: int, dtype: torch.dtype, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got chunk_size={chunk_size}")
+        return max(1, min(n, chunk_size))
+    rows = DEFAULT_CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size())
+    rows = max(16, rows // 16 * 16)  # multiples of 16 keep the GEMM shapes tensor-core friendly
+    return max(1, min(n, rows))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores and statistics are float32, or float64 for float64 inputs (the torch path's exactness checks)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunks(n: int, rows: int):
+    for c0 in range(0, n, rows):
+        yield c0, min(n, c0 + rows)
+
+
+def _forward(hidden, weight, labels, o: _Opts, *, token_weights=None, save_stats=False,
+             need_dh=False, need_dw=False):
+    """One streaming pass. With ``token_weights`` it also returns dL/dhidden and dL/dweight for L = sum w_i s_i."""
+    rows_mod = _rows_module(o.impl)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    rows = _chunk_rows(n, vocab, hidden.dtype, o.chunk_size)
+    buf = torch.empty(rows, vocab, device=hidden.device, dtype=hidden.dtype)
+    acc = _acc_dtype(hidden.dtype)
+    scores = torch.empty(n, device=hidden.device, dtype=acc)
+    lse = torch.empty(n, device=hidden.device, dtype=acc) if save_stats else None
+    topi = (torch.empty(n, o.topk, device=hidden.device, dtype=torch.int32)
+            if save_stats and o.use_topk else None)
+    topq = torch.empty(n, o.topk, device=hidden.device, dtype=acc) if topi is not None else None
+    fused = token_weights is not None
+    dh = torch.empty_like(hidden) if fused and need_dh else None
+    dw = torch.zeros_like(weight) if fused and need_dw else None
+    for c0, c1 in _chunks(n, rows):
+        h, z = hidden[c0:c1], buf[: c1 - c0]
+        torch.mm(h, weight.t(), out=z)
+        s, l, ti, tq = rows_mod.scores_rows(
+            z, labels[c0:c1], topk=o.topk, lam=o.lam, ignore_index=o.ignore_index,
+            grad=token_weights[c0:c1] if fused else None, save_stats=save_stats)
+        scores[c0:c1] = s
+        if save_stats:
+            lse[c0:c1] = l
+            if topi is not None:
+                topi[c0:c1], topq[c0:c1] = ti, tq
+        if dh is not None:
+            torch.mm(z, weight, out=dh[c0:c1])
+        if dw is not None:
+            dw.addmm_(z.t(), h)
+    return scores, (lse, topi, topq), dh, dw
+
+
+def _backward_from_stats(hidden, weight, labels, grad, stats, o: _Opts, need_dh: bool, need_dw: bool):
+    """Recompute each logits chunk, overwrite it with dL/dz from the saved statistics, and apply two GEMMs."""
+    rows_mod = _rows_module(o.impl)
+    lse, topi, topq = stats
+    n, vocab = hidden.shape[0], weight.shape[0]
+    rows = _chunk_rows(n, vocab, hidden.dtype, o.chunk_size)
+    buf = torch.empty(rows, vocab, device=hidden.device, dtype=hidden.dtype)
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.zeros_like(weight) if need_dw else None
+    grad = grad.to(_acc_dtype(hidden.dtype)).contiguous()
+    for c0, c1 in _chunks(n, rows):
+        h, z = hidden[c0:c1], buf[: c1 - c0]
+        torch.mm(h, weight.t(), out=z)
+        rows_mod.grad_rows_from_stats(
+            z, labels[c0:c1], grad[c0:c1], lse[c0:c1],
+            None if topi is None else topi[c0:c1], None if topq is None else topq[c0:c1],
+            lam=o.lam, ignore_index=o.ignore_index)
+        if dh is not None:
+            torch.mm(z, weight, out=dh[c0:c1])
+        if dw is not None:
+            dw.addmm_(z.t(), h)
+    return dh, dw
+
+
+class _TokenScores(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, o: _Opts):
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        scores, stats, _, _ = _forward(hidden, weight, labels, o, save_stats=need)
+        ctx.o = o
+        if need:
+            ctx.save_for_backward(hidden, weight, labels, *[t for t in stats if t is not None])
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad_scores):
+        hidden, weight, labels, lse, *top = ctx.saved_tensors
+        stats = (lse, top[0], top[1]) if top else (lse, None, None)
+        dh, dw = _backward_from_stats(hidden, weight, labels, grad_scores, stats, ctx.o,
+                                      ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dh, dw, None, None
+
+
+class _WeightedScoreSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, token_weights, o: _Opts):
+        w = token_weights.detach().to(_acc_dtype(hidden.dtype)).contiguous()
+        scores, _, dh, dw = _forward(hidden, weight, labels, o, token_weights=w,
+                                     need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
+        loss = torch.where(w != 0, w * scores, torch.zeros_like(scores)).sum()  # 0 * nan on masked rows -> 0
+        ctx.save_for_backward(*[t for t in (dh, dw) if t is not None])
+        ctx.has = (dh is not None, dw is not None)
+        ctx.consumed = False
+        ctx.mark_non_differentiable(scores)
+        return loss, scores
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_scores):
+        if ctx.consumed:
+            raise RuntimeError("linear_weighted_score_sum scales its stored gradients in place, so it supports a "
+                               "single backward pass; recompute the loss instead of using retain_graph=True")
+        ctx.consumed = True
+        saved = list(ctx.saved_tensors)
+        # In place, to keep peak memory at one copy of dW; grad_loss is a 0-d device tensor, so no host sync.
+        dh = saved.pop(0).mul_(grad_loss) if ctx.has[0] else None
+        dw = saved.pop(0).mul_(grad_loss) if ctx.has[1] else None
+        return dh, dw, None, None, None
+
+
+def _prepare(hidden, weight, labels, topk, lam, ignore_index, impl, token_weights=None):
+    check_options(topk=topk, lam=lam, ignore_index=ignore_index, impl=impl,
+                  vocab=weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None)
+    check_tensors(hidden, weight, labels, impl=impl, ignore_index=ignore_index, token_weights=token_weights)
+    return hidden.contiguous(), weight.contiguous(), labels.contiguous()
+
+
+def linear_token_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, topk: int = 0,
+                        lam: float = 0.0, ignore_index: int = -100, impl: str = "triton",
+                        chunk_size: int | None = None) -> torch.Tensor:
+    """Per-token scores ``s_i = <t_i, log softmax(h_i W^T)>`` as float32 [N] (float64 for float64 inputs),
+    without materialising the [N, V] logits.
+
+    Args:
+        hidden: [N, D] final hidden states (fp32 / bf16 / fp16; fp64 with ``impl="torch"``).
+        weight: [V, D] lm_head weight, same dtype and device as ``hidden``.
+        labels: [N] int64/int32 target ids; ``ignore_index`` rows score 0 and get no gradient.
+        topk: size k of the belief set H_k (0 allowed only with ``lam == 0``).
+        lam: mass lambda in [0, 1] moved from the label onto the model's top-k beliefs; 0 gives log p(y).
+        impl: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"torch"`` (plain PyTorch, chunked).
+        chunk_size: rows per logits chunk; default fits a ~96 MiB buffer.
+
+    Differentiable w.r.t. ``hidden`` and ``weight`` for any upstream gradient. When the upstream gradient is a
+    weight known now (a weighted sum of scores), ``linear_weighted_score_sum`` saves one GEMM.
+    """
+    hidden, weight, labels = _prepare(hidden, weight, labels, topk, lam, ignore_index, impl)
+    return _TokenScores.apply(hidden, weight, labels, _Opts(topk, float(lam), ignore_index, impl, chunk_size))
+
+
+def linear_weighted_score_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                              token_weights: torch.Tensor, *, topk: int = 0, lam: float = 0.0,
+                              ignore_index: int = -100, impl: str = "triton",
+                              chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_i w_i s_i, s.detach())`` with gradients computed in the forward pass: three GEMMs in all.
+
+    ``token_weights`` [N] are treated as constants (detached). The backward only rescales the stored gradients,
+    in place, so it supports one backward pass per forward. Same arguments as ``linear_token_scores`` otherwise.
+    """
+    hidden, weight, labels = _prepare(hidden, weight, labels, topk, lam, ignore_index, impl, token_weights)
+    return _WeightedScoreSum.apply(hidden, weight, labels, token_weights,
+                                   _Opts(topk, float(lam), ignore_index, impl, chunk_size))

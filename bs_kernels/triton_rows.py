@@ -1,0 +1,212 @@
+"""Triton row kernels: scores, top-k beliefs and ``dL/dz`` for one chunk of logits, in two passes over each row.
+
+The same contract as ``torch_rows.py`` (read that docstring for the formula), fused so that each row of the
+[C, V] logits chunk is read twice and written once:
+
+* pass 1 streams the row in ``BLOCK_V`` tiles and keeps an online max / sum-exp (log-sum-exp) and, when
+  ``HAS_TOPK``, a running top-k *with indices* in registers. ``tl.topk`` returns values only and rounds k to a
+  power of two, so the kernel keeps its own buffer of ``K_PAD`` slots (slots >= k are disabled by holding +inf):
+  a tile is merged only while its largest entry beats the buffer's smallest, one insertion at a time. After the
+  first tile, real LM rows rarely trigger a merge, so the common-case cost is one max per tile.
+  Ties are broken towards the lower vocabulary index, like ``torch_rows.stable_topk``.
+* pass 2 (``WRITE_GRAD``) overwrites the row with the dense part ``-g p``; after a barrier the k + 1 sparse
+  entries of the target are written exactly as ``g (t_j - p_j)``, from logits held in registers, so nothing is
+  read back from the (possibly bf16) buffer.
+
+Layers, as in Liger-Kernel: ``@triton.jit`` kernels, then the Python launchers that the chunked driver calls.
+Launchers never read tensor values on the host. A label outside [0, V) that is not ``ignore_index`` yields a NaN
+score (the loss turns NaN) instead of an out-of-bounds read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import triton_interpret
+
+
+@triton.jit
+def _dense_then_sparse_grad(row_ptr, V, lse, g, y, zy, y_coef, y_in_top, top_idx, top_z, top_coef, top_valid,
+                            BLOCK_V: tl.constexpr, HAS_TOPK: tl.constexpr):
+    """Write g * (t - p) over one row: dense -g p first, then the exact values at the target's support."""
+    for start in tl.range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(row_ptr + offs, (-g * tl.exp(x - lse)).to(row_ptr.dtype.element_ty), mask=mask)
+    # Other threads of this program wrote the dense values; order the sparse overwrite after them.
+    tl.debug_barrier()
+    if HAS_TOPK:
+        val = g * (top_coef - tl.exp(tl.where(top_valid, top_z - lse, float("-inf"))))
+        tl.store(row_ptr + top_idx, val.to(row_ptr.dtype.element_ty), mask=top_valid)
+        tl.store(row_ptr + y, (g * (y_coef - tl.exp(zy - lse))).to(row_ptr.dtype.element_ty), mask=~y_in_top)
+    else:
+        tl.store(row_ptr + y, (g * (1.0 - tl.exp(zy - lse))).to(row_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _zero_row(row_ptr, V, BLOCK_V: tl.constexpr):
+    for start in tl.range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        tl.store(row_ptr + offs, tl.zeros([BLOCK_V], dtype=row_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _scores_kernel(
+    logits_ptr, stride_row, labels_ptr, grad_ptr,
+    scores_ptr, lse_ptr, topi_ptr, topq_ptr,
+    V, k, lam, ignore_index,
+    BLOCK_V: tl.constexpr, K_PAD: tl.constexpr,
+    HAS_TOPK: tl.constexpr, WRITE_GRAD: tl.constexpr, SAVE_STATS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if label == ignore_index:
+        tl.store(scores_ptr + row, 0.0)
+        if SAVE_STATS:
+            tl.store(lse_ptr + row, 0.0)
+        if WRITE_GRAD:
+            _zero_row(row_ptr, V, BLOCK_V)
+        return
+    label_ok = (label >= 0) & (label < V)
+    y = tl.where(label_ok, label, 0)
+
+    # ---- pass 1: online log-sum-exp and running top-k with indices ----
+    m = float("-inf")
+    s = 0.0
+    slot = tl.arange(0, K_PAD)
+    top_valid = slot < k
+    top_z = tl.where(top_valid, float("-inf"), float("inf"))
+    top_idx = tl.zeros([K_PAD], dtype=tl.int64) + V  # an index larger than any real one: evicted first
+    for start in tl.range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        x_max = tl.max(x, 0)
+        m_new = tl.maximum(m, x_max)
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+        if HAS_TOPK:
+            floor = tl.min(top_z, 0)
+            while x_max > floor:
+                # Insert the tile's best (lowest index on ties) in place of the buffer's worst (highest index on
+                # ties). Later tiles only hold higher indices, so an equal value never displaces a buffered one.
+                arg = tl.argmax(x, 0, tie_break_left=True)
+                evict = tl.argmax(tl.where(top_z == floor, top_idx, -1), 0, tie_break_left=True)
+                top_z = tl.where(slot == evict, x_max, top_z)
+                top_idx = tl.where(slot == evict, start + arg, top_idx)
+                x = tl.where(tl.arange(0, BLOCK_V) == arg, float("-inf"), x)
+                floor = tl.min(top_z, 0)
+                x_max = tl.max(x, 0)
+    lse = m + tl.log(s)
+    zy = tl.load(row_ptr + y).to(tl.float32)
+    score = zy - lse
+    q = tl.zeros([K_PAD], dtype=tl.float32)
+    top_coef = tl.zeros([K_PAD], dtype=tl.float32)
+    y_in_top = False
+    if HAS_TOPK:
+        e = tl.where(top_valid, tl.exp(top_z - tl.max(tl.where(top_valid, top_z, float("-inf")), 0)), 0.0)
+        q = e / tl.sum(e, 0)
+        is_y = top_valid & (top_idx == y)
+        y_in_top = tl.sum(is_y.to(tl.int32), 0) > 0
+        score = (1.0 - lam) * score + lam * tl.sum(q * tl.where(top_valid, top_z - lse, 0.0), 0)
+        top_coef = lam * q + tl.where(is_y, 1.0 - lam, 0.0)
+    score = tl.where(label_ok, score, float("nan"))
+    tl.store(scores_ptr + row, score)
+    if SAVE_STATS:
+        tl.store(lse_ptr + row, lse)
+        if HAS_TOPK:
+            tl.store(topi_ptr + row * k + slot, top_idx.to(tl.int32), mask=top_valid)
+            tl.store(topq_ptr + row * k + slot, q, mask=top_valid)
+
+    # ---- pass 2: overwrite the row with g * (t - p) ----
+    if WRITE_GRAD:
+        g = tl.load(grad_ptr + row).to(tl.float32)
+        _dense_then_sparse_grad(row_ptr, V, lse, g, y, zy, 1.0 - lam, y_in_top, top_idx, top_z, top_coef, top_valid,
+                                BLOCK_V, HAS_TOPK)
+
+
+@triton.jit
+def _grad_from_stats_kernel(
+    logits_ptr, stride_row, labels_ptr, grad_ptr, lse_ptr, topi_ptr, topq_ptr,
+    V, k, lam, ignore_index,
+    BLOCK_V: tl.constexpr, K_PAD: tl.constexpr, HAS_TOPK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if label == ignore_index:
+        _zero_row(row_ptr, V, BLOCK_V)
+        return
+    label_ok = (label >= 0) & (label < V)
+    y = tl.where(label_ok, label, 0)
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(grad_ptr + row).to(tl.float32)
+    slot = tl.arange(0, K_PAD)
+    top_valid = slot < k
+    # Read the sparse logits before the dense pass overwrites them.
+    zy = tl.load(row_ptr + y).to(tl.float32)
+    top_idx = tl.zeros([K_PAD], dtype=tl.int64)
+    top_z = tl.zeros([K_PAD], dtype=tl.float32)
+    top_coef = tl.zeros([K_PAD], dtype=tl.float32)
+    y_in_top = False
+    if HAS_TOPK:
+        top_idx = tl.load(topi_ptr + row * k + slot, mask=top_valid, other=0).to(tl.int64)
+        q = tl.load(topq_ptr + row * k + slot, mask=top_valid, other=0.0)
+        top_z = tl.load(row_ptr + top_idx, mask=top_valid, other=0.0).to(tl.float32)
+        is_y = top_valid & (top_idx == y)
+        y_in_top = tl.sum(is_y.to(tl.int32), 0) > 0
+        top_coef = lam * q + tl.where(is_y, 1.0 - lam, 0.0)
+    _dense_then_sparse_grad(row_ptr, V, lse, g, y, zy, 1.0 - lam, y_in_top, top_idx, top_z, top_coef, top_valid,
+                            BLOCK_V, HAS_TOPK)
+
+
+def _block_v(vocab: int, block_v: int | None) -> int:
+    if block_v is not None:
+        return block_v
+    # Interpreter: one tile per row keeps CPU tests fast. GPU: 4096 fp32 values per tile over 8 warps (16 per
+    # thread); untuned on hardware yet (see benchmarks/README.md).
+    return triton.next_power_of_2(vocab) if triton_interpret() else min(4096, triton.next_power_of_2(vocab))
+
+
+def _k_pad(topk: int) -> int:
+    return max(16, triton.next_power_of_2(max(topk, 1)))
+
+
+def scores_rows(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float, ignore_index: int,
+                grad: torch.Tensor | None = None, save_stats: bool = False, block_v: int | None = None):
+    """Triton twin of ``torch_rows.scores_rows``: same arguments, same returns, same in-place gradient."""
+    rows, vocab = z.shape
+    use_topk = topk > 0 and lam > 0
+    dev = z.device
+    scores = torch.empty(rows, device=dev, dtype=torch.float32)
+    lse = torch.empty(rows, device=dev, dtype=torch.float32) if save_stats else scores
+    topi = torch.empty(rows, topk, device=dev, dtype=torch.int32) if save_stats and use_topk else None
+    topq = torch.empty(rows, topk, device=dev, dtype=torch.float32) if save_stats and use_topk else None
+    if rows:
+        _scores_kernel[(rows,)](
+            z, z.stride(0), labels, scores if grad is None else grad,
+            scores, lse, scores if topi is None else topi, scores if topq is None else topq,
+            vocab, topk, float(lam), ignore_index,
+            BLOCK_V=_block_v(vocab, block_v), K_PAD=_k_pad(topk),
+            HAS_TOPK=use_topk, WRITE_GRAD=grad is not None, SAVE_STATS=save_stats, num_warps=8,
+        )
+    if not save_stats:
+        return scores, None, None, None
+    return scores, lse, topi, topq
+
+
+def grad_rows_from_stats(z: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor, lse: torch.Tensor,
+                         topi: torch.Tensor | None, q: torch.Tensor | None, *, lam: float, ignore_index: int,
+                         block_v: int | None = None) -> None:
+    """Triton twin of ``torch_rows.grad_rows_from_stats``."""
+    rows, vocab = z.shape
+    topk = 0 if topi is None else topi.shape[1]
+    if rows:
+        _grad_from_stats_kernel[(rows,)](
+            z, z.stride(0), labels, grad, lse, lse if topi is None else topi, lse if q is None else q,
+            vocab, topk, float(lam), ignore_index,
+            BLOCK_V=_block_v(vocab, block_v), K_PAD=_k_pad(topk), HAS_TOPK=topi is not None, num_warps=8,
+        )
