@@ -20,9 +20,17 @@ import torch
 
 
 def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k along the last dim with ties broken towards the lower index (the rule the Triton kernel follows)."""
-    vals, idx = torch.sort(x, dim=-1, descending=True, stable=True)
-    return vals[..., :k], idx[..., :k]
+    """Top-k of each row of 2-D ``x``, ties broken towards the lower index (the rule the Triton kernel follows).
+
+    Returns ``(values, indices)`` [R, k] in ascending index order. Costs one ``topk`` for the k-th value, then
+    keeps everything above it plus the lowest-indexed entries equal to it: O(V) per row, no full sort.
+    """
+    kth = torch.topk(x, k, dim=-1).values[:, -1:]
+    above = x > kth
+    tied = x == kth
+    sel = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+    idx = sel.nonzero()[:, 1].view(x.shape[0], k)
+    return x.gather(1, idx), idx
 
 
 def _targets(labels: torch.Tensor, ignore_index: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,39 @@
+"""pytest-benchmark cases for the loss providers, sharing bench_losses.py's setup (small CPU shape by default).
+
+    pytest benchmarks --benchmark-only          # time them
+    pytest benchmarks --benchmark-disable       # run each once as a check (what CI does)
+
+Each case also checks that the provider computes the same BS-T loss (or, for plain cross-entropy providers, the same
+lam = 0 loss) as the naive reference, so a fast-but-wrong provider fails instead of winning.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import bs_kernels as bk
+from bench_losses import PRESETS, build, make_inputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CASE = PRESETS["cpu"][0]
+
+
+@pytest.mark.parametrize("provider", ["bs_kernels", "bs_kernels_recompute", "torch", "liger_flce", "gemm3"])
+def test_loss_provider(benchmark, provider):
+    run = build(provider, CASE, DEVICE)
+    if isinstance(run, str):
+        pytest.skip(run)
+    hidden, weight, labels = make_inputs(CASE, DEVICE)
+    loss, dh, dw = benchmark(run, hidden, weight, labels)
+    assert dh.shape == hidden.shape and dw.shape == weight.shape
+    if provider == "gemm3":
+        assert math.isfinite(float(loss))
+        return
+    lam = 0.0 if provider == "liger_flce" else CASE.lam
+    with torch.no_grad():
+        want = bk.naive_token_scores(hidden.float(), weight.float(), labels, topk=CASE.k, lam=lam).mean()
+    sign = -1.0 if provider == "liger_flce" else 1.0  # cross-entropy = -mean log p
+    assert abs(sign * float(loss) - float(want)) < 1e-3 * max(1.0, abs(float(want)))
