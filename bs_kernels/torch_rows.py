@@ -74,7 +74,8 @@ def grad_rows_from_stats(z: torch.Tensor, labels: torch.Tensor, grad: torch.Tens
                          topi: torch.Tensor | None, q: torch.Tensor | None, *, lam: float, ignore_index: int) -> None:
     """Overwrite recomputed logits ``z`` [C, V] with ``grad[:, None] * (t - p)``, t rebuilt from saved statistics."""
     active, y, _ = _targets(labels, ignore_index, z.shape[-1])
-    _write_grad(z, z.to(torch.promote_types(z.dtype, torch.float32)), lse, y, active, grad, None if topi is None else topi.long(), q, lam)
+    x = z.to(torch.promote_types(z.dtype, torch.float32))
+    _write_grad(z, x, lse, y, active, grad, None if topi is None else topi.long(), q, lam)
 
 
 def _write_grad(z, x, lse, y, active, grad, topi, q, lam) -> None:

@@ -156,7 +156,8 @@ class TrainConfig:
         _require(self.schedule in SCHEDULES, f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         _require(self.mixed_precision in ("auto", "bf16", "fp32"),
                  f"train.mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")
-        _require(self.impl in ("auto", "triton", "torch"), f"train.impl must be auto, triton or torch, got {self.impl!r}")
+        _require(self.impl in ("auto", "triton", "torch"),
+                 f"train.impl must be auto, triton or torch, got {self.impl!r}")
         _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
 

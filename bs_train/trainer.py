@@ -5,8 +5,9 @@ Read top to bottom, ``run`` does:
 2. load the model and the data (forget / retain, or the train split), validating all of it before any GPU work;
 3. build what the method needs once: NPO reference log-probs, a frozen reference for KL / RMU;
 4. ``parallelize``: activation checkpointing, then ``fully_shard`` per decoder block and at the root, in that order
-   (torchtitan's recipe), bf16 compute with fp32 gradient reduction, and FSDP's own gradient division switched off
-   because every loss is already a sum divided by a global count (``methods.Norms``);
+   (torchtitan's recipe), bf16 compute with fp32 gradient reduction. Every loss is already a sum divided by a
+   global count (``methods.Norms``), so the backward pass scales it by the world size to cancel FSDP's averaging
+   (switching the division off instead needs ReduceOp.PREMUL_SUM, which gloo lacks);
 5. train with gradient accumulation, warm-up + schedule, gradient clipping, a progress bar and metrics.jsonl;
    checkpoint with torch.distributed.checkpoint (model, optimizer, scheduler, data position, RNG, step), written to a
    temporary folder and renamed so a checkpoint either exists whole or not at all; resume from the latest one;
@@ -86,15 +87,12 @@ def parallelize(head: LossHead, cfg: RunConfig, world: int, compute_dtype: torch
         head.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not dist.is_initialized():
         return head
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in decoder_blocks(head.lm):
         fully_shard(block, mp_policy=mp)
     fully_shard(head, mp_policy=mp, reshard_after_forward=False)
-    for module in head.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)  # losses are already normalised by global counts
     return head
 
 
@@ -279,10 +277,14 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
     t_start, tokens_seen, last = time.perf_counter(), 0, {}
     while step < total:
         for f_idx, r_idx in sampler:
-            f_parts = _micro_batches(f_idx, world * micro)[rank * micro:(rank + 1) * micro]
-            r_parts = _micro_batches(r_idx, world * micro)[rank * micro:(rank + 1) * micro]
+            f_all, r_all = _micro_batches(f_idx, world * micro), _micro_batches(r_idx, world * micro)
+            mine = slice(rank * micro, (rank + 1) * micro)
             batches = [(_batch(main_set, f, pad_id), _batch(retain_set, r, pad_id) if retain_set else None)
-                       for f, r in zip(f_parts, r_parts)]
+                       for f, r in zip(f_all[mine], r_all[mine])]
+            # A short last step can leave a micro-batch (or a whole rank) without examples; it still runs a
+            # zero-weighted pass on the step's first micro-batch so every rank joins every FSDP collective.
+            stand_in = (_batch(main_set, f_all[0], pad_id),
+                        _batch(retain_set, r_all[0], pad_id) if retain_set else None)
             counts_host = sum(M.local_counts(f, r) for f, r in batches)  # CPU batches: no device sync
             tokens_seen += int(counts_host[2] + counts_host[5])
             counts = counts_host.to(device)
@@ -292,13 +294,13 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
             sums = torch.zeros(3, device=device)
             for f, r in batches:
                 scale = 1.0
-                if f is None:  # fewer examples than micro-batches: run a zero-weighted copy to keep collectives
-                    f, r, scale = batches[0][0], batches[0][1], 0.0
+                if f is None:
+                    (f, r), scale = stand_in, 0.0
                 f = {k: v.to(device) for k, v in f.items()}
                 r = {k: v.to(device) for k, v in r.items()} if r is not None else None
                 with autocast:
                     loss, parts = M.method_loss(head, f, r, state, norms)
-                (loss * scale).backward()
+                (loss * (scale * world)).backward()  # x world: FSDP averages, our loss is a global sum
                 sums += torch.stack([loss.detach(), parts["forget"], parts["retain"]]).float() * scale
             if dist.is_initialized():
                 dist.all_reduce(sums)

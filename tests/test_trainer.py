@@ -1,0 +1,177 @@
+"""The trainer end to end on CPU with a tiny Llama and the generated dataset.
+
+* fine-tuning lowers the answer NLL;
+* unlearning with every method lowers the forget log-likelihood, and where a retain term is used the retain NLL
+  stays within the bound stated below;
+* a 2-rank gloo FSDP2 run gives the 1-process loss curve (same effective batch);
+* a run stopped mid-way and resumed from its checkpoint reproduces the uninterrupted loss curve;
+* bad configs and malformed data fail with clear errors before training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bs_kernels as bk
+from bs_train.config import load_config
+from bs_train.data import QADataset, collate, load_qa
+from bs_train.model import load_model
+from bs_train.trainer import StopRun, run
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["data.synthetic_authors=4", "data.synthetic_qa_per_author=5", "train.batch_size=4", "train.grad_accum=1"]
+# Stated bound: with its retain term, a method may raise the retain NLL by at most this factor in the 6-step runs
+# below (the synthetic authors share templates, so some spill-over is expected). Measured on 2026-11-23: 1.1x
+# (GradDiff) to 1.6x (NPO), while GA, which has no retain term, reaches 3.1x with the same settings.
+RETAIN_BOUND = 1.75
+
+
+def answer_nll(model_dir: Path, data_dir: Path, split: str) -> float:
+    """Mean per-token NLL of a split's answers under a saved model."""
+    model, tok = load_model(str(model_dir))
+    ds = QADataset(load_qa(str(data_dir), split), tok, max_length=256, name=split)
+    b = collate([ds[i] for i in range(len(ds))], tok.pad_token_id)
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        return float(bk.linear_cross_entropy(hidden, model.lm_head.weight, b["labels"], shift=True, impl="torch"))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "original"
+    cfg = load_config(None, SMALL + [f"output_dir={out}", "train.lr=3e-3", "train.epochs=12", "train.warmup_steps=2"],
+                      command="finetune")
+    run(cfg, progress=False)
+    return out
+
+
+def test_finetune_lowers_answer_nll(original):
+    before = answer_nll_of_initial(original)
+    after = answer_nll(original / "final", original / "data", "full")
+    assert after < before - 1.0, (before, after)
+    assert json.loads((original / "summary.json").read_text())["steps"] == 12 * 5
+
+
+def answer_nll_of_initial(original: Path) -> float:
+    """NLL of the untrained tiny model (same seed) on the same data: save it once and measure it."""
+    model, tok = load_model("tiny")
+    path = original.parent / "initial"
+    if not path.exists():
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return answer_nll(path, original / "data", "full")
+
+
+METHODS = ["ga", "graddiff", "npo", "simnpo", "wga", "bs_t", "rmu"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unlearning_lowers_forget_likelihood(original, method, tmp_path):
+    data = original / "data"
+    cfg = load_config(None, SMALL + [
+        f"output_dir={tmp_path / method}", f"model.path={original / 'final'}", f"data.source={data}",
+        f"method.name={method}", "method.rmu_layer=1", "method.rmu_coeff=20", "train.lr=5e-4", "train.max_steps=6",
+        "train.warmup_steps=0", "train.schedule=constant"], command="unlearn")
+    run(cfg, progress=False)
+    forget_before = answer_nll(original / "final", data, "forget10")
+    forget_after = answer_nll(tmp_path / method / "final", data, "forget10")
+    assert forget_after > forget_before + 0.02, (forget_before, forget_after)  # NLL up = likelihood down
+    if method != "ga":
+        retain_before = answer_nll(original / "final", data, "retain90")
+        retain_after = answer_nll(tmp_path / method / "final", data, "retain90")
+        assert retain_after <= RETAIN_BOUND * retain_before, (retain_before, retain_after)
+
+
+def _unlearn_args(original: Path, out: Path, extra: list[str]) -> list[str]:
+    return ["unlearn", f"output_dir={out}", f"model.path={original / 'final'}", f"data.source={original / 'data'}",
+            "method.name=bs_t", "train.lr=1e-3", "train.max_steps=4", "train.batch_size=2", "train.export=false",
+            "--no-progress", *extra]
+
+
+def test_fsdp2_two_ranks_match_one_process(original, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "bs_train.cli",
+           *_unlearn_args(original, tmp_path / "fsdp", ["train.grad_accum=1"])]
+    one = [sys.executable, "-m", "bs_train.cli", *_unlearn_args(original, tmp_path / "single", ["train.grad_accum=2"])]
+    for cmd in (two, one):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = metrics(tmp_path / "fsdp"), metrics(tmp_path / "single")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
+    for ma, mb in zip(a, b):
+        for key in ("loss", "forget", "retain", "grad_norm"):
+            assert abs(ma[key] - mb[key]) <= 1e-4 * max(1.0, abs(mb[key])), (key, ma, mb)
+
+
+def test_resume_reproduces_uninterrupted_curve(original, tmp_path):
+    args = SMALL + [f"model.path={original / 'final'}", f"data.source={original / 'data'}", "method.name=npo",
+                    "train.lr=1e-3", "train.max_steps=6", "train.checkpoint_every=2", "train.export=false"]
+    full = load_config(None, args + [f"output_dir={tmp_path / 'full'}"], command="unlearn")
+    run(full, progress=False)
+    cut = load_config(None, args + [f"output_dir={tmp_path / 'cut'}"], command="unlearn")
+    with pytest.raises(StopRun):
+        run(cut, progress=False, stop_after=5)  # killed after step 5; the last checkpoint is step 4
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step_0000004"
+    assert not list((tmp_path / "cut" / "checkpoints").glob("*.tmp"))
+    run(cut, progress=False)  # resumes from step 4
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    for ma, mb in zip(a, b):
+        for key in ("loss", "forget", "retain", "lr"):
+            assert abs(ma[key] - mb[key]) <= 1e-5 * max(1.0, abs(ma[key])), (key, ma, mb)
+
+
+def test_resume_refuses_a_different_config(original, tmp_path):
+    args = SMALL + [f"model.path={original / 'final'}", f"data.source={original / 'data'}", "method.name=ga",
+                    "train.max_steps=2", "train.export=false", f"output_dir={tmp_path / 'r'}"]
+    run(load_config(None, args, command="unlearn"), progress=False)
+    with pytest.raises(ValueError, match="different config"):
+        run(load_config(None, args + ["train.lr=5e-5"], command="unlearn"), progress=False)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["train.lr=abc"], "train.lr must be float"),
+    (["train.lr=-1"], "train.lr must be > 0"),
+    (["method.name=dpo"], "method.name must be one of"),
+    (["method.bst_lam=1.5"], "bst_lam"),
+    (["train.bogus=1"], r"unknown key\(s\) \['bogus'\] in section 'train'"),
+    (["nonsense=1"], "unknown top-level key"),
+    (["train.batch_size=0"], "batch_size"),
+    (["trainlr"], "must look like section.key=value"),
+])
+def test_bad_config_is_named(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, overrides, command="unlearn")
+
+
+def _write(folder: Path, split: str, rows: list) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{split}.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("forget_rows, match", [
+    ([{"question": "Who?", "answer": "Me."}, {"question": "Where?"}], "answer"),
+    ([], "empty"),
+    (['{"question": "Who?", "answer": '], "forget10.jsonl"),
+    ([{"question": "Who?", "answer": "word " * 400}], "max_length|longer|exceeds"),
+])
+def test_malformed_data_fails_before_training(tmp_path, forget_rows, match):
+    data = tmp_path / "data"
+    _write(data, "forget10", forget_rows)
+    _write(data, "retain90", [{"question": "Q?", "answer": "A."}])
+    cfg = load_config(None, SMALL + [f"output_dir={tmp_path / 'run'}", f"data.source={data}"], command="unlearn")
+    with pytest.raises(ValueError, match=match):
+        run(cfg, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
