@@ -1,0 +1,282 @@
+"""KV-cached batched belief sampler: N responses per prompt from the model being trained, near the bandwidth floor.
+
+BS-S needs N samples ("beliefs") for every forget prompt, drawn by the *current* model, over and over during
+training. Hugging Face ``generate`` re-allocates its cache each call, prefills every sample separately and syncs
+with the host each token. This sampler, after gpt-fast:
+
+* owns a static KV cache ``(P*N, H_kv, T_max, D)`` per layer, allocated once and reused across rounds;
+* left-pads the prompts (right-padded or ragged input is repacked), prefills each prompt **once** and copies its
+  cache into the rows of its N samples;
+* decodes all rows together with per-row positions, per-row EOS and an early exit checked every ``sync_every``
+  tokens (the only host syncs), temperature / top-k / top-p / greedy, and samples without a host sync as
+  ``argmax(probs / Exponential(1))`` drawn from an explicit ``torch.Generator``;
+* on CUDA, can capture the decode step with CUDA graphs (``torch.compile(mode="reduce-overhead")``);
+* under FSDP2, all-gathers the parameters once per round (``unshard``) and reshards after, never per token.
+
+It runs the model's own submodules (projections, norms, MLP, rotary embedding), so it supports the Llama family
+(Llama, SmolLM2, Qwen2/3, Mistral without a binding sliding window); ``check_supported`` refuses anything else.
+Returned log-probs are those of the sampled tokens under the model's unmodified distribution (temperature 1, no
+truncation), which is what belief likelihoods and the squeezing monitor need.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. ``temperature=0`` is greedy."""
+
+    n: int = 3
+    max_new_tokens: int = 200
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    sync_every: int = 16  # check "all rows finished" every this many tokens (a host sync)
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n (samples per prompt) must be >= 1, got {self.n}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
+
+
+@dataclass
+class Samples:
+    """``tokens`` [P, N, T] (``pad_id`` after the end), ``logprobs`` [P, N, T] (0 after the end), ``lengths`` [P, N]
+    (generated tokens, the EOS included when one was produced)."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    lengths: torch.Tensor
+
+    def sequences(self) -> list[list[list[int]]]:
+        """Python lists of generated ids per prompt and sample, cut at their lengths."""
+        toks, lens = self.tokens.tolist(), self.lengths.tolist()
+        return [[row[:n] for row, n in zip(tp, lp)] for tp, lp in zip(toks, lens)]
+
+
+def _decoder(model):
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def check_supported(model) -> None:
+    """Raise ValueError unless ``model`` is a Llama-family decoder the sampler can drive."""
+    dec = _decoder(model)
+    cfg = model.config
+    layers = getattr(dec, "layers", None)
+    if layers is None or not hasattr(dec, "rotary_emb") or not hasattr(dec, "embed_tokens"):
+        raise ValueError(f"{type(model).__name__}: the sampler drives Llama-family decoders "
+                         "(embed_tokens, layers, rotary_emb, norm); use HF generate for this model")
+    attn = layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim"):
+        if not hasattr(attn, name):
+            raise ValueError(f"{type(model).__name__}: attention has no {name}; the sampler cannot drive it")
+    if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{type(model).__name__}: partial rotary embeddings are not supported by the sampler")
+    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+        raise ValueError(f"{type(model).__name__}: a sliding attention window is not supported by the sampler")
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class _Runner:
+    """The model's forward over a static KV cache, for prompts [B, L] (prefill) or one token per row (decode)."""
+
+    def __init__(self, model, rows: int, max_len: int, device, dtype):
+        check_supported(model)
+        self.model, self.dec, self.cfg = model, _decoder(model), model.config
+        attn = self.dec.layers[0].self_attn
+        self.n_heads, self.n_kv, self.head_dim = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, attn.head_dim
+        shape = (rows, self.n_kv, max_len, self.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.dec.layers]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.dec.layers]
+        self.max_len = max_len
+
+    def _layer(self, i, layer, x, cos, sin, write_idx, mask, rows):
+        """One decoder block. ``write_idx`` [T] cache slots for the T new positions; ``rows`` cache rows or None."""
+        attn = layer.self_attn
+        b, t, _ = x.shape
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        c, s = cos[:, None], sin[:, None]
+        q, k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+        if rows is None:
+            self.k[i].index_copy_(2, write_idx, k.to(self.k[i].dtype))
+            self.v[i].index_copy_(2, write_idx, v.to(self.v[i].dtype))
+            keys, values = self.k[i], self.v[i]
+        else:  # prefill: attend within the prompt, then copy each prompt's cache into its sample rows
+            keys, values = k, v
+            self.k[i][:, :, : k.shape[2]] = k.to(self.k[i].dtype).index_select(0, rows)
+            self.v[i][:, :, : v.shape[2]] = v.to(self.v[i].dtype).index_select(0, rows)
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                             scale=attn.scaling, enable_gqa=self.n_kv != self.n_heads)
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def forward(self, ids, positions, write_idx, mask, rows=None):
+        x = self.dec.embed_tokens(ids)
+        cos, sin = self.dec.rotary_emb(x, positions)
+        for i, layer in enumerate(self.dec.layers):
+            x = self._layer(i, layer, x, cos, sin, write_idx, mask, rows)
+        h = self.dec.norm(x[:, -1])
+        return (h @ self.model.get_output_embeddings().weight.t().to(h.dtype)).float()
+
+
+def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from fp32 logits [B, V]: greedy, or temperature / top-k / top-p sampling, no host sync."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    z = logits / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(z, min(cfg.top_k, z.shape[-1]), dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        cum = torch.softmax(sorted_z, -1).cumsum(-1)
+        drop_sorted = (cum - torch.softmax(sorted_z, -1)) >= cfg.top_p  # keep the smallest set reaching top_p
+        z = z.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    probs = torch.softmax(z, -1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=gen)
+    return (probs / race).argmax(-1)
+
+
+@contextmanager
+def gathered_parameters(model):
+    """Under FSDP2, all-gather every shard once for the whole sampling round, then reshard; else a no-op."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        FSDPModule = ()
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in fsdp:
+            m.reshard()
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
+    pads = torch.tensor([length - len(p) for p in prompts], dtype=torch.long)
+    return ids.to(device), pads.to(device)
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], cfg: SamplingConfig, *, eos_id: int, pad_id: int,
+           generator: torch.Generator | None = None, compile_decode: bool | None = None) -> Samples:
+    """Draw ``cfg.n`` continuations of every prompt (token-id lists of any lengths) with ``model``.
+
+    ``generator`` must live on the model's device; ``compile_decode`` (default: on CUDA) captures the decode step
+    with CUDA graphs. The model's train/eval mode is restored afterwards.
+    """
+    device = model.get_output_embeddings().weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        with gathered_parameters(model):
+            return _sample(model, prompts, cfg, eos_id, pad_id, generator, device,
+                           device.type == "cuda" if compile_decode is None else compile_decode)
+    finally:
+        model.train(was_training)
+
+
+def _sample(model, prompts, cfg, eos_id, pad_id, gen, device, compile_decode) -> Samples:
+    ids, pads = _left_pad(prompts, pad_id, device)
+    p, length = ids.shape
+    rows = p * cfg.n
+    max_len = length + cfg.max_new_tokens
+    dtype = next(model.parameters()).dtype
+    runner = _Runner(model, rows, max_len, device, dtype)
+    row_of = torch.arange(p, device=device).repeat_interleave(cfg.n)
+    slots = torch.arange(max_len, device=device)
+
+    # prefill each prompt once; causal within the prompt, padding keys masked
+    positions = (torch.arange(length, device=device)[None] - pads[:, None]).clamp_min(0)
+    key_ok = slots[None, :length] >= pads[:, None]
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    # every position also sees itself, so a left-pad query has one finite key (a fully masked row would give NaN
+    # keys/values in the cache, and 0 * NaN poisons later attention even where masked)
+    eye = torch.eye(length, dtype=torch.bool, device=device)
+    mask = ((causal[None] & key_ok[:, None, :]) | eye[None])[:, None]
+    logits = runner.forward(ids, positions, None, mask, rows=row_of)[row_of]
+
+    row_pads = pads[row_of]
+    tokens = torch.full((rows, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(rows, cfg.max_new_tokens, dtype=torch.float32, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def decode(tok, step_t):  # one token per row at cache slot ``length + step_t`` (a 0-d tensor)
+        write = (length + step_t).reshape(1)
+        pos = (write - row_pads)[:, None]
+        valid = (slots[None] >= row_pads[:, None]) & (slots[None] <= write)
+        return runner.forward(tok[:, None], pos, write, valid[:, None, None, :])
+
+    step_fn = torch.compile(decode, mode="reduce-overhead", dynamic=False) if compile_decode else decode
+    for t in range(cfg.max_new_tokens):
+        tok = _pick(logits, cfg, gen)
+        lp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+        live = ~finished
+        tokens[:, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
+        logprobs[:, t] = torch.where(live, lp, torch.zeros_like(lp))
+        lengths += live.long()
+        finished |= tok == eos_id
+        if t + 1 == cfg.max_new_tokens:
+            break
+        if (t + 1) % cfg.sync_every == 0 and bool(finished.all()):  # host sync every sync_every tokens only
+            break
+        logits = step_fn(tok, torch.tensor(t, device=device))
+    shape = (p, cfg.n, cfg.max_new_tokens)
+    return Samples(tokens.view(shape), logprobs.view(shape), lengths.view(p, cfg.n))
+
+
+def prompts_from_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    """Token-id lists from a padded batch, left- or right-padded alike (the mask says which ids are real)."""
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                         "must be the same [B, T] shape")
+    return [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
+
+
+# Peak HBM bandwidth (bytes/s) by device name, for the "one read of the weights per decode step" floor.
+HBM_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def bandwidth_floor_s(model, decode_steps: int) -> float | None:
+    """Seconds to read every weight once per decode step on this GPU, or None off a GPU in ``HBM_BANDWIDTH``."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    bw = next((v for k, v in HBM_BANDWIDTH.items() if k in name), None)
+    if bw is None:
+        return None
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return decode_steps * weight_bytes / bw

@@ -1,0 +1,145 @@
+"""The belief sampler on CPU with a tiny random Llama: exactness against HF generate, reproducibility, and the
+sampling distribution itself (a chi-square test against softmax(logits / T) with top-k / top-p applied)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from bs_train.sampler import SamplingConfig, check_supported, prompts_from_padded, sample
+from bs_train.tiny import tiny_llama
+
+VOCAB = 61
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [1, 2, 3, 4, 5], [40]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(VOCAB, seed=3)
+
+
+def hf_greedy(model, prompts, max_new, eos, pad):
+    length = max(map(len, prompts))
+    ids = torch.full((len(prompts), length), pad)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p):] = torch.tensor(p)
+        mask[i, length - len(p):] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
+                         eos_token_id=eos, pad_token_id=pad)
+    return out[:, length:]
+
+
+def test_greedy_equals_hf_generate_with_padding_and_eos(model):
+    free = sample(model, PROMPTS, SamplingConfig(n=1, max_new_tokens=12, temperature=0), eos_id=VOCAB, pad_id=0)
+    # make a token that row 1 emits at step 3 the EOS, so rows stop at different times
+    eos = int(free.tokens[1, 0, 3])
+    ours = sample(model, PROMPTS, SamplingConfig(n=2, max_new_tokens=12, temperature=0, sync_every=2), eos_id=eos,
+                  pad_id=0)
+    want = hf_greedy(model, PROMPTS, 12, eos, 0)
+    for i in range(len(PROMPTS)):
+        for j in range(2):
+            n = int(ours.lengths[i, j])
+            got = ours.tokens[i, j]
+            assert got[:n].tolist() == want[i, :n].tolist()
+            assert (got[n:] == 0).all()
+            stopped = eos in want[i].tolist()
+            assert n == (want[i].tolist().index(eos) + 1 if stopped else 12)
+    assert int(ours.lengths[1, 0]) <= 4
+
+
+def test_logprobs_are_the_models_own(model):
+    s = sample(model, PROMPTS[:2], SamplingConfig(n=2, max_new_tokens=6, temperature=1.0), eos_id=VOCAB, pad_id=0,
+               generator=torch.Generator().manual_seed(0))
+    for i, prompt in enumerate(PROMPTS[:2]):
+        for j in range(2):
+            seq = torch.tensor([prompt + s.tokens[i, j].tolist()])
+            logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
+            want = logp[len(prompt) - 1:-1].gather(-1, s.tokens[i, j][:, None]).squeeze(-1)
+            torch.testing.assert_close(s.logprobs[i, j], want, rtol=1e-4, atol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible(model):
+    cfg = SamplingConfig(n=3, max_new_tokens=8, temperature=1.0, top_p=0.9)
+    a = sample(model, PROMPTS, cfg, eos_id=VOCAB, pad_id=0, generator=torch.Generator().manual_seed(7))
+    b = sample(model, PROMPTS, cfg, eos_id=VOCAB, pad_id=0, generator=torch.Generator().manual_seed(7))
+    c = sample(model, PROMPTS, cfg, eos_id=VOCAB, pad_id=0, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def expected_first_token(model, prompt, temperature, top_k, top_p):
+    with torch.no_grad():
+        z = model(input_ids=torch.tensor([prompt])).logits[0, -1].double() / temperature
+    if top_k:
+        z[z < torch.topk(z, top_k).values[-1]] = float("-inf")
+    probs = torch.softmax(z, -1)
+    if top_p < 1:
+        order = torch.argsort(probs, descending=True)
+        before = torch.cumsum(probs[order], 0) - probs[order]
+        probs[order[before >= top_p]] = 0
+        probs = probs / probs.sum()
+    return probs
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.8), (2.0, 8, 0.9)])
+def test_empirical_distribution_matches_softmax(model, temperature, top_k, top_p):
+    prompt = [3, 14, 15, 9]
+    n = 6000
+    s = sample(model, [prompt], SamplingConfig(n=n, max_new_tokens=1, temperature=temperature, top_k=top_k,
+                                                top_p=top_p), eos_id=VOCAB, pad_id=0,
+               generator=torch.Generator().manual_seed(1))
+    counts = torch.bincount(s.tokens[0, :, 0], minlength=VOCAB).double()
+    probs = expected_first_token(model, prompt, temperature, top_k, top_p)
+    assert counts[probs == 0].sum() == 0  # nothing outside the top-k / nucleus is ever drawn
+    keep = probs > 0
+    expected = probs[keep] * n
+    # merge rare cells so the chi-square approximation holds (expected count >= 5)
+    rare = expected < 5
+    obs = torch.cat([counts[keep][~rare], counts[keep][rare].sum()[None]])
+    exp = torch.cat([expected[~rare], expected[rare].sum()[None]])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+
+
+def test_padding_side_does_not_matter(model):
+    left = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    left_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    right = torch.tensor([[5, 6, 0, 0], [7, 8, 9, 10]])
+    right_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    a, b = prompts_from_padded(left, left_mask), prompts_from_padded(right, right_mask)
+    assert a == b == [[5, 6], [7, 8, 9, 10]]
+    cfg = SamplingConfig(n=2, max_new_tokens=5, temperature=0)
+    assert torch.equal(sample(model, a, cfg, eos_id=VOCAB, pad_id=0).tokens,
+                       sample(model, b, cfg, eos_id=VOCAB, pad_id=0).tokens)
+
+
+def test_restores_training_mode(model):
+    model.train()
+    sample(model, PROMPTS[:1], SamplingConfig(n=1, max_new_tokens=2), eos_id=VOCAB, pad_id=0)
+    assert model.training
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n=0), "n"), (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
+])
+def test_bad_sampling_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs)
+
+
+def test_refuses_empty_prompts_and_foreign_models(model):
+    with pytest.raises(ValueError, match="at least one token"):
+        sample(model, [[1, 2], []], SamplingConfig(n=1, max_new_tokens=2), eos_id=VOCAB, pad_id=0)
+
+    class NotLlama(torch.nn.Module):
+        config = model.config
+
+        def get_decoder(self):
+            return torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="Llama-family"):
+        check_supported(NotLlama())
