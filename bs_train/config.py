@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
-METHODS = ("finetune", "ga", "graddiff", "npo", "simnpo", "rmu", "wga", "bs_t")
+METHODS = ("finetune", "ga", "graddiff", "npo", "simnpo", "rmu", "wga", "bs_t", "bs_s")
+BSS_BASES = ("ga", "npo", "wga", "bs_t")
+BSS_REGEN = ("epochs", "steps", "never")
 RETAIN_TERMS = ("nll", "kl", "none")
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -74,7 +76,7 @@ class DataConfig:
 @dataclass
 class MethodConfig:
     name: str = "bs_t"
-    """One of finetune, ga, graddiff, npo, simnpo, rmu, wga, bs_t."""
+    """One of finetune, ga, graddiff, npo, simnpo, rmu, wga, bs_t, bs_s."""
     gamma: float = 1.0
     """Weight of the forget loss."""
     alpha: float = 1.0
@@ -98,6 +100,27 @@ class MethodConfig:
     """RMU: decoder layer whose output activations are steered (hidden_states index; 0 = embeddings)."""
     rmu_coeff: float = 10.0
     """RMU: scale c of the fixed random unit direction that forget activations are pushed to."""
+    bss_lam: float = 0.5
+    """BS-S: weight lambda_S of the loss on the model's own beliefs; forget = (1 - lambda_S) L(D_u) + lambda_S L(D^_u)."""
+    bss_base: str = "bs_t"
+    """BS-S: base forget loss L applied to both the targets and the beliefs: ga, npo, wga or bs_t."""
+    bss_samples: int = 3
+    """BS-S: beliefs N drawn per forget prompt."""
+    bss_temperature: float = 1.0
+    """BS-S: sampling temperature (0 = greedy)."""
+    bss_top_k: int = 0
+    """BS-S: top-k truncation when sampling (0 = off)."""
+    bss_top_p: float = 1.0
+    """BS-S: nucleus truncation when sampling (1 = off)."""
+    bss_max_new_tokens: int = 200
+    """BS-S: longest belief, in generated tokens."""
+    bss_regen: str = "epochs"
+    """BS-S: regenerate beliefs every ``bss_regen_every`` epochs or steps ("on-policy"), or never: drawn once before
+    training ("off-policy")."""
+    bss_regen_every: int = 2
+    """BS-S: the regeneration period, in the unit of ``bss_regen``."""
+    bss_prompts_per_round: int = 32
+    """BS-S: prompts sampled together (each with its N samples) per sampler call."""
 
     def __post_init__(self):
         _require(self.name in METHODS, f"method.name must be one of {METHODS}, got {self.name!r}")
@@ -108,6 +131,18 @@ class MethodConfig:
             _require(getattr(self, name) > 0, f"method.{name} must be > 0, got {getattr(self, name)}")
         _require(self.gamma >= 0 and self.alpha >= 0, "method.gamma and method.alpha must be >= 0")
         _require(self.rmu_layer >= 0, f"method.rmu_layer must be >= 0, got {self.rmu_layer}")
+        _require(0.0 <= self.bss_lam <= 1.0, f"method.bss_lam (lambda_S) must lie in [0, 1], got {self.bss_lam}")
+        _require(self.bss_base in BSS_BASES, f"method.bss_base must be one of {BSS_BASES}, got {self.bss_base!r}")
+        _require(self.bss_samples >= 1, f"method.bss_samples (N) must be >= 1, got {self.bss_samples}")
+        _require(self.bss_max_new_tokens >= 1,
+                 f"method.bss_max_new_tokens must be >= 1, got {self.bss_max_new_tokens}")
+        _require(self.bss_temperature >= 0, f"method.bss_temperature must be >= 0, got {self.bss_temperature}")
+        _require(self.bss_top_k >= 0, f"method.bss_top_k must be >= 0, got {self.bss_top_k}")
+        _require(0.0 < self.bss_top_p <= 1.0, f"method.bss_top_p must lie in (0, 1], got {self.bss_top_p}")
+        _require(self.bss_regen in BSS_REGEN, f"method.bss_regen must be one of {BSS_REGEN}, got {self.bss_regen!r}")
+        _require(self.bss_regen_every >= 1, f"method.bss_regen_every must be >= 1, got {self.bss_regen_every}")
+        _require(self.bss_prompts_per_round >= 1,
+                 f"method.bss_prompts_per_round must be >= 1, got {self.bss_prompts_per_round}")
 
 
 @dataclass

@@ -12,6 +12,9 @@ so gradient accumulation and FSDP2 (with its own gradient division switched off)
     simnpo    -(2/beta) log sigmoid(-(beta/|y|) log pi(y|x) - delta): length-normalised, no reference.
     wga       ga with each token weighted by the detached p(y_i)^beta.
     bs_t      the BS-T forget loss: soft target (1 - lam) e_y + lam sg[q] over the model's top-k beliefs.
+    bs_s      BS-S: (1 - lam_S) L(D_u) + lam_S L(D^_u), with L in {ga, npo, wga, bs_t} and D^_u the model's own
+              sampled responses to each forget prompt (``beliefs.py``); on beliefs, NPO's reference log-probs are
+              those of the model that drew them.
     rmu       push layer-l activations on forget data to c * u (u a fixed random unit vector) and keep them equal
               to the initial model's on retain data.
 Retain terms (``method.retain``): ``nll`` on retain answers (mean over tokens), or ``kl``: KL(p_init || p_theta)
@@ -20,7 +23,7 @@ on retain answer tokens, computed in chunks under activation checkpointing so th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +47,21 @@ class Norms:
     retain_seqs: torch.Tensor
     retain_tokens: torch.Tensor
     retain_inputs: torch.Tensor
+    belief_seqs: torch.Tensor
+    belief_tokens: torch.Tensor
+    belief_inputs: torch.Tensor
+
+    def for_beliefs(self) -> Norms:
+        """These norms with the belief counts in the forget slots, to run a base forget loss on beliefs."""
+        return replace(self, forget_seqs=self.belief_seqs, forget_tokens=self.belief_tokens,
+                       forget_inputs=self.belief_inputs)
 
 
-def local_counts(forget: dict | None, retain: dict | None) -> torch.Tensor:
-    """[6] counts of one micro-batch in ``Norms`` field order; the trainer sums them over micro-batches and ranks."""
+def local_counts(forget: dict | None, retain: dict | None, beliefs: dict | None = None) -> torch.Tensor:
+    """[9] counts of one micro-batch in ``Norms`` field order (computed on the host from CPU batches); the trainer
+    sums them over micro-batches and ranks."""
     out = []
-    for batch in (forget, retain):
+    for batch in (forget, retain, beliefs):
         if batch is None:
             out += [0, 0, 0]
             continue
@@ -67,6 +79,7 @@ class MethodState:
     ref_logp: torch.Tensor | None = None  # [n_forget] NPO reference log pi_ref(y|x), indexed by example
     reference: LossHead | None = None  # frozen initial model for the KL retain term and RMU
     rmu_direction: torch.Tensor | None = None  # [D] unit vector
+    beliefs: object | None = None  # BS-S: the current beliefs.BeliefSet
 
 
 def _cast(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +175,17 @@ def rmu_forget(model, batch, st, n: Norms):
     return model(batch["input_ids"], batch["attention_mask"], fn, layer=st.cfg.rmu_layer)
 
 
+BSS_BASES = {"ga": ga_loss, "npo": npo_loss, "wga": wga_loss, "bs_t": bst_loss}
+
+
+def bss_loss(model, forget, st, n: Norms, beliefs: dict):
+    """BS-S: (1 - lam_S) L(targets) + lam_S L(beliefs of the same prompts), L the configured base loss."""
+    base, lam = BSS_BASES[st.cfg.bss_base], st.cfg.bss_lam
+    on_targets = base(model, forget, st, n)
+    on_beliefs = base(model, beliefs, replace(st, ref_logp=st.beliefs.ref_logp), n.for_beliefs())
+    return (1.0 - lam) * on_targets + lam * on_beliefs
+
+
 FORGET = {"finetune": finetune_loss, "ga": ga_loss, "graddiff": ga_loss, "npo": npo_loss, "simnpo": simnpo_loss,
           "wga": wga_loss, "bs_t": bst_loss, "rmu": rmu_forget}
 
@@ -209,10 +233,17 @@ def rmu_retain(model, batch, st, n: Norms):
     return model(batch["input_ids"], batch["attention_mask"], fn, layer=layer)
 
 
-def method_loss(model, forget: dict, retain: dict | None, st: MethodState, n: Norms):
-    """``(loss, {"forget": ..., "retain": ...})`` for one micro-batch; loss = gamma * forget + alpha * retain."""
+def method_loss(model, forget: dict, retain: dict | None, st: MethodState, n: Norms, beliefs: dict | None = None):
+    """``(loss, {"forget": ..., "retain": ...})`` for one micro-batch; loss = gamma * forget + alpha * retain.
+
+    ``beliefs`` (BS-S only) holds the beliefs of exactly the prompts in ``forget`` (``BeliefSet.batch``)."""
     cfg = st.cfg
-    forget_term = FORGET[cfg.name](model, forget, st, n)
+    if cfg.name == "bs_s":
+        if beliefs is None:
+            raise ValueError("method bs_s needs the belief batch of its forget batch")
+        forget_term = bss_loss(model, forget, st, n, beliefs)
+    else:
+        forget_term = FORGET[cfg.name](model, forget, st, n)
     retain_term = forget_term.new_zeros(())
     if retain is not None and cfg.name not in ("finetune", "ga"):
         if cfg.name == "rmu":
@@ -228,6 +259,10 @@ def method_loss(model, forget: dict, retain: dict | None, st: MethodState, n: No
 
 def needs_retain(cfg: MethodConfig) -> bool:
     return cfg.name == "rmu" or (cfg.name not in ("finetune", "ga") and cfg.retain != "none")
+
+
+def needs_ref_logp(cfg: MethodConfig) -> bool:
+    return cfg.name == "npo" or (cfg.name == "bs_s" and cfg.bss_base == "npo")
 
 
 def needs_reference(cfg: MethodConfig) -> bool:

@@ -33,8 +33,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_state_dict)
 
 from . import methods as M
+from .beliefs import BeliefSet, draw_beliefs
 from .config import RunConfig
-from .data import ForgetRetainSampler, QADataset, collate, load_qa
+from .data import ForgetRetainSampler, QADataset, collate, encode_prompt, load_qa
 from .model import LossHead, decoder_blocks, load_model
 
 
@@ -120,7 +121,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(run_dir: Path, step: int, head, optim, sched, sampler, rank: int, world: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, head, optim, sched, sampler, rank: int, world: int,
+                    extra: dict | None = None) -> Path:
     ckpt_root = run_dir / "checkpoints"
     final, tmp = ckpt_root / f"step_{step:07d}", ckpt_root / f"step_{step:07d}.tmp"
     if rank == 0:
@@ -133,8 +135,8 @@ def save_checkpoint(run_dir: Path, step: int, head, optim, sched, sampler, rank:
                 "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        torch.save({"step": step, "world": world, "sched": sched.state_dict(), "sampler": sampler.state_dict()},
-                   tmp / "trainer_state.pt")
+        torch.save({"step": step, "world": world, "sched": sched.state_dict(), "sampler": sampler.state_dict(),
+                    "extra": extra or {}}, tmp / "trainer_state.pt")
     _barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -156,7 +158,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: Path, head, optim, sched, sampler, rank: int, world: int) -> int:
+def load_checkpoint(path: Path, head, optim, sched, sampler, rank: int, world: int) -> tuple[int, dict]:
     meta = torch.load(path / "trainer_state.pt", weights_only=True)
     if meta["world"] != world:
         raise ValueError(f"checkpoint {path} was written by {meta['world']} ranks; this run has {world}")
@@ -169,7 +171,7 @@ def load_checkpoint(path: Path, head, optim, sched, sampler, rank: int, world: i
     torch.set_rng_state(rng["rng_cpu"])
     if rng["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["rng_cuda"])
-    return int(meta["step"])
+    return int(meta["step"]), meta.get("extra", {})
 
 
 def export_hf(head: LossHead, tokenizer, out: Path, rank: int) -> None:
@@ -192,6 +194,32 @@ def _micro_batches(indices: list[int], parts: int) -> list[list[int]]:
 
 def _batch(dataset, idx: list[int], pad_id: int) -> dict | None:
     return collate([dataset[i] for i in idx], pad_id) if idx else None
+
+
+def _step_inputs(main_set, retain_set, state: M.MethodState, f: list[int], r: list[int], pad_id: int):
+    """(forget, retain, beliefs) CPU batches of one micro-batch; beliefs are those of exactly these prompts."""
+    beliefs = state.beliefs.batch(f, pad_id) if state.beliefs is not None and f else None
+    return _batch(main_set, f, pad_id), (_batch(retain_set, r, pad_id) if retain_set else None), beliefs
+
+
+def _to(batch: dict | None, device) -> dict | None:
+    return {k: v.to(device) for k, v in batch.items()} if batch is not None else None
+
+
+def _beliefs_due(cfg: RunConfig, step: int, position: dict, beliefs: BeliefSet | None) -> bool:
+    """BS-S schedule: always before the first step; then every R steps, at the start of every R-th epoch, or never."""
+    m = cfg.method
+    if beliefs is None:
+        return True
+    if m.bss_regen == "steps":
+        return step % m.bss_regen_every == 0
+    if m.bss_regen == "epochs":
+        return position["step"] == 0 and position["epoch"] % m.bss_regen_every == 0 and step > 0
+    return False
+
+
+def _extra(state: M.MethodState, regen_s: float) -> dict:
+    return {"beliefs": state.beliefs.state_dict(), "regen_s": regen_s} if state.beliefs is not None else {}
 
 
 def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, progress: bool = True) -> dict:
@@ -239,7 +267,7 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
     head = parallelize(LossHead(lm), cfg, world, compute_dtype)
     autocast = (torch.autocast("cuda", dtype=compute_dtype)
                 if use_cuda and compute_dtype is not None and world == 1 else nullcontext())
-    if cfg.method.name == "npo":
+    if M.needs_ref_logp(cfg.method):
         ref_path = run_dir / "npo_ref_logp.pt"
         if ckpt is not None and ref_path.exists():
             state.ref_logp = torch.load(ref_path, weights_only=True)
@@ -260,9 +288,14 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
     optim = torch.optim.AdamW(head.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                               fused=use_cuda or None)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, total))
-    step = 0
+    step, extra = 0, {}
     if ckpt is not None:
-        step = load_checkpoint(ckpt, head, optim, sched, sampler, rank, world)
+        step, extra = load_checkpoint(ckpt, head, optim, sched, sampler, rank, world)
+    bs_s = cfg.method.name == "bs_s"
+    prompts = [encode_prompt(tokenizer, ex["question"]) for ex in main_set.examples] if bs_s else []
+    if "beliefs" in extra:
+        state.beliefs = BeliefSet.from_state_dict(extra["beliefs"])
+    regen_s = float(extra.get("regen_s", 0.0))
     metrics_path = run_dir / "metrics.jsonl"
     if rank == 0:  # keep the metrics of steps up to the checkpoint, drop any written after it
         kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() and step else [])
@@ -275,63 +308,74 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
 
         bar = tqdm(total=total, initial=step, desc=f"{cfg.command} {cfg.method.name}", unit="step")
     t_start, tokens_seen, last = time.perf_counter(), 0, {}
+    batches_left = iter(sampler)
     while step < total:
-        for f_idx, r_idx in sampler:
-            f_all, r_all = _micro_batches(f_idx, world * micro), _micro_batches(r_idx, world * micro)
-            mine = slice(rank * micro, (rank + 1) * micro)
-            batches = [(_batch(main_set, f, pad_id), _batch(retain_set, r, pad_id) if retain_set else None)
-                       for f, r in zip(f_all[mine], r_all[mine])]
-            # A short last step can leave a micro-batch (or a whole rank) without examples; it still runs a
-            # zero-weighted pass on the step's first micro-batch so every rank joins every FSDP collective.
-            stand_in = (_batch(main_set, f_all[0], pad_id),
-                        _batch(retain_set, r_all[0], pad_id) if retain_set else None)
-            counts_host = sum(M.local_counts(f, r) for f, r in batches)  # CPU batches: no device sync
-            tokens_seen += int(counts_host[2] + counts_host[5])
-            counts = counts_host.to(device)
-            if dist.is_initialized():
-                dist.all_reduce(counts)
-            norms = M.Norms(*counts.float().clamp_min(1).unbind())
-            sums = torch.zeros(3, device=device)
-            for f, r in batches:
-                scale = 1.0
-                if f is None:
-                    (f, r), scale = stand_in, 0.0
-                f = {k: v.to(device) for k, v in f.items()}
-                r = {k: v.to(device) for k, v in r.items()} if r is not None else None
-                with autocast:
-                    loss, parts = M.method_loss(head, f, r, state, norms)
-                (loss * (scale * world)).backward()  # x world: FSDP averages, our loss is a global sum
-                sums += torch.stack([loss.detach(), parts["forget"], parts["retain"]]).float() * scale
-            if dist.is_initialized():
-                dist.all_reduce(sums)
-            grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.max_grad_norm or float("inf"))
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            optim.step()
-            optim.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
-                loss_v, forget_v, retain_v = sums.tolist()  # host sync, once per logged step
-                elapsed = time.perf_counter() - t_start
-                last = {"step": step, "epoch": sampler.state_dict()["epoch"], "loss": loss_v, "forget": forget_v,
-                        "retain": retain_v, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
-                        "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9), "elapsed_s": elapsed}
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(last) + "\n")
-            if bar is not None:
-                bar.update(1)
-                if last:
-                    bar.set_postfix(loss=f"{last['loss']:.4f}")
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
-                save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world)
-            if stop_after is not None and step >= stop_after:
-                raise StopRun(f"stopped after step {step} as asked")
-            if step >= total:
-                break
+        position = sampler.state_dict()  # where the batch about to be drawn sits: (epoch, step in epoch)
+        try:
+            f_idx, r_idx = next(batches_left)
+        except StopIteration:  # the epoch is over; the sampler already points at the next one
+            batches_left = iter(sampler)
+            continue
+        if bs_s and _beliefs_due(cfg, step, position, state.beliefs):
+            t0 = time.perf_counter()
+            with autocast:
+                state.beliefs = draw_beliefs(head, lm, prompts, cfg.method, eos_id=tokenizer.eos_token_id,
+                                             pad_id=pad_id, seed=cfg.train.seed,
+                                             round_=state.beliefs.round + 1 if state.beliefs else 1,
+                                             rank=rank, world=world)
+            regen_s += time.perf_counter() - t0
+        f_all, r_all = _micro_batches(f_idx, world * micro), _micro_batches(r_idx, world * micro)
+        mine = slice(rank * micro, (rank + 1) * micro)
+        batches = [_step_inputs(main_set, retain_set, state, f, r, pad_id) for f, r in zip(f_all[mine], r_all[mine])]
+        # A short last step can leave a micro-batch (or a whole rank) without examples; it still runs a
+        # zero-weighted pass on the step's first micro-batch so every rank joins every FSDP collective.
+        stand_in = _step_inputs(main_set, retain_set, state, f_all[0], r_all[0], pad_id)
+        counts_host = sum(M.local_counts(*b) for b in batches)  # CPU batches: no device sync
+        tokens_seen += int(counts_host[2] + counts_host[5] + counts_host[8])
+        counts = counts_host.to(device)
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        norms = M.Norms(*counts.float().clamp_min(1).unbind())
+        sums = torch.zeros(3, device=device)
+        for f, r, bel in batches:
+            scale = 1.0
+            if f is None:
+                (f, r, bel), scale = stand_in, 0.0
+            f, r, bel = (_to(x, device) for x in (f, r, bel))
+            with autocast:
+                loss, parts = M.method_loss(head, f, r, state, norms, beliefs=bel)
+            (loss * (scale * world)).backward()  # x world: FSDP averages, our loss is a global sum
+            sums += torch.stack([loss.detach(), parts["forget"], parts["retain"]]).float() * scale
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        sched.step()
+        step += 1
+        if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
+            loss_v, forget_v, retain_v = sums.tolist()  # host sync, once per logged step
+            elapsed = time.perf_counter() - t_start
+            last = {"step": step, "epoch": position["epoch"], "loss": loss_v, "forget": forget_v,
+                    "retain": retain_v, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
+                    "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9), "elapsed_s": elapsed}
+            if bs_s:
+                last.update(belief_round=state.beliefs.round, belief_regen_s=regen_s)
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(last) + "\n")
+        if bar is not None:
+            bar.update(1)
+            if last:
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
+            save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s))
+        if stop_after is not None and step >= stop_after:
+            raise StopRun(f"stopped after step {step} as asked")
     if bar is not None:
         bar.close()
-    save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world)
+    save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s))
     if cfg.train.export:
         export_hf(head, tokenizer, run_dir / "final", rank)
     summary = {"steps": step, "final": last, "output_dir": str(run_dir), "world_size": world, "impl": impl}

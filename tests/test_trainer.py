@@ -95,16 +95,21 @@ def test_unlearning_lowers_forget_likelihood(original, method, tmp_path):
 
 def _unlearn_args(original: Path, out: Path, extra: list[str]) -> list[str]:
     return ["unlearn", f"output_dir={out}", f"model.path={original / 'final'}", f"data.source={original / 'data'}",
-            "method.name=bs_t", "train.lr=1e-3", "train.max_steps=4", "train.batch_size=2", "train.export=false",
-            "--no-progress", *extra]
+            "train.lr=1e-3", "train.max_steps=4", "train.batch_size=2", "train.export=false", "--no-progress", *extra]
 
 
-def test_fsdp2_two_ranks_match_one_process(original, tmp_path):
+# BS-S with greedy beliefs: the 2-rank run samples half of the prompts on each rank and gathers them, so its
+# beliefs (and curve) must equal the single process's.
+@pytest.mark.parametrize("method", [["method.name=bs_t"],
+                                    ["method.name=bs_s", "method.bss_temperature=0", "method.bss_max_new_tokens=8",
+                                     "method.bss_regen=steps", "method.bss_regen_every=2"]], ids=["bs_t", "bs_s"])
+def test_fsdp2_two_ranks_match_one_process(original, tmp_path, method):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("TRITON_INTERPRET", None)
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "bs_train.cli",
-           *_unlearn_args(original, tmp_path / "fsdp", ["train.grad_accum=1"])]
-    one = [sys.executable, "-m", "bs_train.cli", *_unlearn_args(original, tmp_path / "single", ["train.grad_accum=2"])]
+           *_unlearn_args(original, tmp_path / "fsdp", ["train.grad_accum=1", *method])]
+    one = [sys.executable, "-m", "bs_train.cli",
+           *_unlearn_args(original, tmp_path / "single", ["train.grad_accum=2", *method])]
     for cmd in (two, one):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -113,6 +118,7 @@ def test_fsdp2_two_ranks_match_one_process(original, tmp_path):
     for ma, mb in zip(a, b):
         for key in ("loss", "forget", "retain", "grad_norm"):
             assert abs(ma[key] - mb[key]) <= 1e-4 * max(1.0, abs(mb[key])), (key, ma, mb)
+        assert ma.get("belief_round") == mb.get("belief_round")
 
 
 def test_resume_reproduces_uninterrupted_curve(original, tmp_path):
