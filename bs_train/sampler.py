@@ -21,6 +21,7 @@ truncation), which is what belief likelihoods and the squeezing monitor need.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -240,7 +241,11 @@ def _sample(model, prompts, cfg, eos_id, pad_id, gen, device, compile_decode) ->
         valid = (slots[None] >= row_pads[:, None]) & (slots[None] <= write)
         return runner.forward(tok[:, None], pos, write, valid[:, None, None, :])
 
-    step_fn = torch.compile(decode, mode="reduce-overhead", dynamic=False) if compile_decode else decode
+    step_fn = decode
+    if compile_decode:
+        for buf in runner.k + runner.v:  # written in place every step: keep their addresses fixed for CUDA graphs
+            torch._dynamo.mark_static_address(buf)
+        step_fn = torch.compile(decode, mode="reduce-overhead", dynamic=False)
     for t in range(cfg.max_new_tokens):
         tok = _pick(logits, cfg, gen)
         lp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
@@ -253,7 +258,14 @@ def _sample(model, prompts, cfg, eos_id, pad_id, gen, device, compile_decode) ->
             break
         if (t + 1) % cfg.sync_every == 0 and bool(finished.all()):  # host sync every sync_every tokens only
             break
-        logits = step_fn(tok, torch.tensor(t, device=device))
+        try:
+            logits = step_fn(tok, torch.tensor(t, device=device))
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not lose a training run
+            if step_fn is decode:
+                raise
+            warnings.warn(f"compiled decode step failed ({type(e).__name__}: {e}); continuing in eager mode")
+            step_fn = decode
+            logits = decode(tok, torch.tensor(t, device=device))
     shape = (p, cfg.n, cfg.max_new_tokens)
     return Samples(tokens.view(shape), logprobs.view(shape), lengths.view(p, cfg.n))
 
