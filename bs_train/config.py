@@ -20,6 +20,7 @@ BSS_BASES = ("ga", "npo", "wga", "bs_t")
 BSS_REGEN = ("epochs", "steps", "never")
 RETAIN_TERMS = ("nll", "kl", "none")
 SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adamw_bf16_sr", "adamw8bit")
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -159,6 +160,11 @@ class TrainConfig:
     """Micro-batches per optimizer step on each rank; effective batch = batch_size x grad_accum x world size."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
+    optimizer: str = "adamw"
+    """``adamw`` (torch AdamW: exact with float32 weights; with bfloat16 weights it silently drops small updates),
+    ``adamw_bf16_sr`` (torchao AdamW, bf16 weights and states, stochastic rounding: 6 bytes/param) or ``adamw8bit``
+    (torchao 8-bit states, bf16 weights with stochastic rounding: 4 bytes/param). The last two need
+    model.dtype=bfloat16 and ``pip install torchao``."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
     warmup_steps: int = 1
@@ -195,6 +201,7 @@ class TrainConfig:
                  f"train.impl must be auto, triton or torch, got {self.impl!r}")
         _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _require(self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
 
 @dataclass
@@ -214,6 +221,9 @@ class RunConfig:
             self.method = dataclasses.replace(self.method, name="finetune")
         _require(self.command == "finetune" or self.method.name != "finetune",
                  "method.name=finetune only makes sense with the finetune command")
+        _require(self.train.optimizer == "adamw" or self.model.dtype == "bfloat16",
+                 f"train.optimizer={self.train.optimizer} keeps bf16 weights exact in expectation; it needs "
+                 f"model.dtype=bfloat16 (got {self.model.dtype})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

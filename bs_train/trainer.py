@@ -97,6 +97,19 @@ def parallelize(head: LossHead, cfg: RunConfig, world: int, compute_dtype: torch
     return head
 
 
+def build_optimizer(params, cfg: RunConfig, use_cuda: bool) -> torch.optim.Optimizer:
+    """AdamW in one of three memory plans (see ``TrainConfig.optimizer``); torchao is imported only when asked."""
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=use_cuda or None)
+    try:
+        from torchao.optim import AdamW8bit, _AdamW
+    except ImportError as e:
+        raise ValueError(f"train.optimizer={t.optimizer} needs torchao: pip install torchao ({e})") from None
+    cls = AdamW8bit if t.optimizer == "adamw8bit" else _AdamW
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay, bf16_stochastic_round=True)
+
+
 def lr_lambda(cfg: RunConfig, total_steps: int):
     warm, kind = cfg.train.warmup_steps, cfg.train.schedule
 
@@ -285,8 +298,7 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
     total = sampler.steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
-    optim = torch.optim.AdamW(head.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                              fused=use_cuda or None)
+    optim = build_optimizer(head.parameters(), cfg, use_cuda)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, total))
     step, extra = 0, {}
     if ckpt is not None:
@@ -359,7 +371,7 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
             loss_v, forget_v, retain_v = sums.tolist()  # host sync, once per logged step
             elapsed = time.perf_counter() - t_start
             last = {"step": step, "epoch": position["epoch"], "loss": loss_v, "forget": forget_v,
-                    "retain": retain_v, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
+                    "retain": retain_v, "grad_norm": float(grad_norm), "lr": float(sched.get_last_lr()[0]),
                     "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9), "elapsed_s": elapsed}
             if bs_s:
                 last.update(belief_round=state.beliefs.round, belief_regen_s=regen_s)
