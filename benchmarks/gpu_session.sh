@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything the GPU machine owes this project, as one command: the GPU test tier, the loss and sampler benchmarks.
+# Everything the GPU machine owes this project, as one command: the GPU test tier, the loss, sampler and train-step benchmarks.
 # Writes JSON and logs under $OUT (the device tool's output folder; defaults to ./gpu_out). Wheels missing from the
-# image (liger-kernel, cut-cross-entropy) may be carried in .whl/ as the device README shows.
+# image (liger-kernel, cut-cross-entropy, torchao for the train-step benchmark) may be carried in .whl/ as the
+# device README shows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
@@ -16,3 +17,4 @@ python3 -m pytest -q tests/test_gpu.py tests/test_token_scores.py tests/test_sam
 device=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
 python3 benchmarks/bench_losses.py --out "$OUT/losses_${device}.json" 2>&1 | tee "$OUT/bench_losses.log"
 python3 benchmarks/bench_sampler.py --out "$OUT/sampler_${device}.json" 2>&1 | tee "$OUT/bench_sampler.log"
+python3 benchmarks/bench_train_step.py --out "$OUT/train_step_${device}.json" 2>&1 | tee "$OUT/bench_train_step.log"
