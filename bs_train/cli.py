@@ -1,11 +1,15 @@
-"""``bs-unlearn``: command-line entry point (fine-tune and unlearn; evaluation and sampling come later).
+"""``bs-unlearn``: command-line entry point (fine-tune, unlearn, evaluate, compare).
 
     bs-unlearn finetune --config configs/finetune_tofu_smollm2.yaml output_dir=runs/original
     bs-unlearn unlearn  --config configs/unlearn_tofu_smollm2.yaml model.path=runs/original/final method.name=npo
     torchrun --nproc-per-node 2 -m bs_train.cli unlearn --config ...          # FSDP2 on 2 ranks
+    bs-unlearn eval runs/ga runs/bs_t --data ../shared/data/tofu --retain-model runs/retain --markdown results.md
+    bs-unlearn compare runs/ga runs/bs_t                                       # side by side from each eval.json
 
 Overrides are ``section.key=value`` (YAML scalars). The resolved config is saved as ``<output_dir>/config.yaml``;
 a run whose folder already holds a checkpoint of the same config resumes from it (``--no-resume`` starts over).
+``eval`` writes one JSON with every metric (``--out``), ``<run>/eval.json`` for each run folder, and prints a
+markdown table with one row per model; ``compare`` reads ``eval.json`` (or the training summary) of each run.
 """
 
 from __future__ import annotations
@@ -13,11 +17,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from .config import load_config
 
+# (result key, column title) of the markdown tables: the TOFU headline numbers, then the BS paper's aggregates.
+COLUMNS = [
+    ("forget_quality", "Forget quality"), ("model_utility", "Model utility"), ("forget_Q_A_Prob", "F. Prob"),
+    ("forget_Q_A_ROUGE", "F. ROUGE-L"), ("forget_truth_ratio", "F. TR"), ("extraction_strength", "ES"),
+    ("exact_memorization", "EM"), ("privleak", "PrivLeak"), ("similarity", "Sim. (diff)"), ("fluency", "Fluency"),
+    ("mem", "Mem."), ("util", "Util."), ("agg", "Agg."),
+]
+TRAIN_COLUMNS = [("steps", "Steps"), ("loss", "Final loss"), ("forget", "Forget term"), ("retain", "Retain term")]
+
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "eval":
+        return eval_main(argv[1:])
+    if argv and argv[0] == "compare":
+        return compare_main(argv[1:])
     p = argparse.ArgumentParser(prog="bs-unlearn", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["finetune", "unlearn"])
@@ -35,6 +55,111 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = run(cfg, resume=not args.no_resume, progress=not args.no_progress)
     print(json.dumps(summary))
+    return 0
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """One markdown row per result dict (``name`` first), only the columns some row has."""
+    cols = [(k, t) for k, t in columns if any(r.get(k) is not None for r in rows)]
+    lines = ["| model | " + " | ".join(t for _, t in cols) + " |", "| --- |" + " --- |" * len(cols)]
+    lines += ["| " + " | ".join([str(r["name"])] + [_fmt(r.get(k)) for k, _ in cols]) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _is_run(path: str) -> bool:
+    return (Path(path) / "final").is_dir() or (Path(path) / "summary.json").is_file()
+
+
+def eval_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bs-unlearn eval", description="Evaluate models on TOFU-format data.")
+    p.add_argument("models", nargs="+", help="run folder (its final/), model folder, smollm2-135m, tiny or Hub id")
+    p.add_argument("--data", help="data folder, Hub id or 'synthetic' (default: the first run folder's data)")
+    p.add_argument("--forget-split", default="forget10")
+    p.add_argument("--retain-model", help="model trained on the retain split only: forget quality, privleak")
+    p.add_argument("--judge", default="embedding", help="none | embedding (offline) | chat model path or Hub id")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--out", default="results.json", help="JSON with every metric of every model")
+    p.add_argument("--markdown", help="also write the markdown table here")
+    args = p.parse_args(argv)
+    import torch
+
+    from . import evaluate as E
+    from .judge import make_judge
+
+    try:
+        data = E.resolve_data(args.data, args.models[0])
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        load_kw = {"device": device, "dtype": "auto"}
+        kw = {"batch_size": args.batch_size, "max_length": 512}
+        ref = E.reference_statistics(args.retain_model, data, args.forget_split, load_kw, **kw)
+        judge = make_judge(args.judge, device=device)
+    except ValueError as e:
+        print(f"bs-unlearn eval: {e}", file=sys.stderr)
+        return 2
+    results = []
+    for spec in args.models:
+        try:
+            res = E.evaluate_model(spec, data, forget_split=args.forget_split, retain_model=ref, judge=judge,
+                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device)
+        except ValueError as e:
+            print(f"bs-unlearn eval: {spec}: {e}", file=sys.stderr)
+            return 2
+        res["settings"].update(judge=args.judge, data=args.data, retain_model=args.retain_model)
+        res["name"] = Path(spec).name if _is_run(spec) else spec
+        if _is_run(spec):
+            Path(spec, "eval.json").write_text(json.dumps(res, indent=1) + "\n")
+        results.append(res)
+    Path(args.out).write_text(json.dumps({"results": results}, indent=1) + "\n")
+    table = markdown_table(results, COLUMNS)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    print(table, end="")
+    return 0
+
+
+def _compare_rows(spec: str) -> list[dict[str, Any]]:
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".json":  # a results.json written by `bs-unlearn eval --out`
+        return [dict(r, name=r.get("name", r.get("model"))) for r in json.loads(path.read_text())["results"]]
+    if (path / "eval.json").is_file():
+        return [dict(json.loads((path / "eval.json").read_text()), name=path.name)]
+    row: dict[str, Any] = {"name": path.name}
+    if (path / "metrics.jsonl").is_file():
+        lines = [ln for ln in (path / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        if lines:
+            row.update(json.loads(lines[-1]))
+    if (path / "summary.json").is_file():
+        summary = json.loads((path / "summary.json").read_text())
+        row.update(summary.get("final") or {}, steps=summary.get("steps"))
+    if len(row) == 1:
+        raise ValueError(f"{spec}: no eval.json, summary.json or metrics.jsonl (run `bs-unlearn eval {spec}`)")
+    return [row]
+
+
+def compare_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bs-unlearn compare", description="Runs side by side, from their eval.json.")
+    p.add_argument("runs", nargs="+", help="run folders (or results.json files from bs-unlearn eval)")
+    p.add_argument("--markdown", help="also write the table here")
+    args = p.parse_args(argv)
+    try:
+        rows = [r for spec in args.runs for r in _compare_rows(spec)]
+    except (ValueError, OSError, json.JSONDecodeError) as e:
+        print(f"bs-unlearn compare: {e}", file=sys.stderr)
+        return 2
+    table = markdown_table(rows, COLUMNS + TRAIN_COLUMNS)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    print(table, end="")
     return 0
 
 

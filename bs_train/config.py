@@ -181,6 +181,13 @@ class TrainConfig:
     """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
     log_every: int = 1
     """Write a metrics line every N optimizer steps."""
+    squeezing_every: int = 0
+    """Squeezing monitor (unlearn only): log the log-prob of the targets and of the model's initial beliefs every N
+    steps and write squeezing.json / squeezing.png beside the run (0: off)."""
+    squeezing_beliefs: int = 5
+    """Squeezing monitor: beliefs sampled per forget prompt before unlearning."""
+    squeezing_max_new_tokens: int = 64
+    """Squeezing monitor: longest belief, in generated tokens."""
     impl: str = "auto"
     """Fused-loss implementation: ``auto`` (triton on CUDA, torch on CPU), ``triton`` or ``torch``."""
     export: bool = True
@@ -201,6 +208,10 @@ class TrainConfig:
                  f"train.impl must be auto, triton or torch, got {self.impl!r}")
         _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _require(self.squeezing_every >= 0, f"train.squeezing_every must be >= 0, got {self.squeezing_every}")
+        _require(self.squeezing_beliefs >= 1, f"train.squeezing_beliefs must be >= 1, got {self.squeezing_beliefs}")
+        _require(self.squeezing_max_new_tokens >= 1,
+                 f"train.squeezing_max_new_tokens must be >= 1, got {self.squeezing_max_new_tokens}")
         _require(self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
 

@@ -314,6 +314,16 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
                 if json.loads(ln)["step"] <= step]
         metrics_path.write_text("".join(ln + "\n" for ln in kept))
 
+    monitor = None
+    if cfg.train.squeezing_every and cfg.command == "unlearn":
+        from .squeezing import SqueezingMonitor  # on resume it starts afresh from the resumed weights
+
+        monitor = SqueezingMonitor(main_set.examples, tokenizer, n_beliefs=cfg.train.squeezing_beliefs,
+                                   every=cfg.train.squeezing_every, max_new_tokens=cfg.train.squeezing_max_new_tokens,
+                                   seed=cfg.train.seed, impl=impl)
+        with autocast:
+            monitor.prepare(head)
+
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -367,6 +377,9 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
         optim.zero_grad(set_to_none=True)
         sched.step()
         step += 1
+        if monitor is not None:
+            with autocast:
+                monitor.maybe_log(step, head)
         if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
             loss_v, forget_v, retain_v = sums.tolist()  # host sync, once per logged step
             elapsed = time.perf_counter() - t_start
@@ -387,6 +400,8 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
             raise StopRun(f"stopped after step {step} as asked")
     if bar is not None:
         bar.close()
+    if monitor is not None and rank == 0:
+        monitor.finish(run_dir)
     save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s))
     if cfg.train.export:
         export_hf(head, tokenizer, run_dir / "final", rank)

@@ -1,0 +1,272 @@
+"""The evaluation formulas, model-free: every number ``bs-unlearn eval`` reports is computed here from per-example
+log-probabilities, token predictions and texts, so each convention lives in one place and is unit-tested by hand.
+
+Sources, per quantity (the model-facing side, ``bs_train/evaluate.py``, only produces the inputs):
+
+* **Answer probability** (TOFU, Maini et al. 2024, "TOFU: A Task of Fictitious Unlearning for LLMs"; computed as in
+  OpenUnlearning, Dorna et al. 2025, ``evaluate_probability``): ``exp(-mean answer-token NLL)``, i.e. the
+  length-normalised probability of the answer given the question. On real authors / world facts TOFU normalises
+  over the options: ``P(answer) / (P(answer) + sum_w P(wrong option w))``.
+* **Truth ratio** (TOFU; OpenUnlearning ``truth_ratio``): per example ``tr = P_pert / P_para``, with ``P_pert`` the
+  geometric mean of the length-normalised probabilities of the perturbed answers (``exp(-mean of their mean NLLs)``;
+  the list may have any length) and ``P_para`` that of the paraphrased answer (on real authors / world facts the
+  answer itself). Aggregated on the forget set as ``mean min(tr, 1/tr)`` ("closer to 1 is better") and on retain,
+  real authors and world facts as ``mean max(0, 1 - tr)`` ("true is better").
+* **ROUGE-L recall** (TOFU; OpenUnlearning ``eval_text_similarity``): ``rouge_score`` ``rougeL`` recall of the greedy
+  generation against the ground-truth answer, with the Porter stemmer.
+* **Forget quality** (TOFU): p-value of the two-sample Kolmogorov-Smirnov test (``scipy.stats.ks_2samp``, default
+  ``method="auto"``) between the per-example forget truth ratios of the unlearned model and of a retain-only model.
+  OpenUnlearning feeds ``1/tr`` to the test; the KS statistic and p-value are invariant under that monotone map.
+* **Model utility** (TOFU): ``scipy.stats.hmean`` of the nine values (probability, ROUGE-L recall, truth ratio) x
+  (retain, real authors, world facts); here any value equal to 0 makes the harmonic mean 0, explicitly.
+* **Extraction strength** (Carlini et al. 2021 / Wang et al. 2024, as in OpenUnlearning): with teacher-forced argmax
+  predictions ``p`` of the answer tokens ``y`` (EOS excluded), ``ES = 1 - k/|y|`` for the smallest ``k`` such that
+  ``p[k:] == y[k:]``; ``k = |y|`` (ES = 0) when not even the last token matches. (OpenUnlearning's loop stops at
+  ``k = |y| - 1`` and so reports ``1/|y|`` there; we follow the definition.)
+* **Exact memorisation** (Tirumala et al. 2022, as in OpenUnlearning): fraction of answer tokens (EOS excluded) whose
+  teacher-forced argmax equals the label.
+* **Membership inference** (MUSE, Shi et al. 2024 "MUSE: Machine Unlearning Six-Way Evaluation"; OpenUnlearning's
+  attacks). Every score is oriented like a loss (higher = less likely a member): *loss* = mean answer NLL;
+  *zlib* (Carlini et al. 2021, "Extracting Training Data from Large Language Models") = mean NLL / zlib-compressed
+  byte length of the answer text; *min-k%* (Shi et al. 2024, "Detecting Pretraining Data from LLMs") = minus the
+  mean of the lowest ``max(1, int(k n))`` token log-probs; *min-k%++* (Zhang et al. 2024, "Min-K%++") = the same over
+  ``(log p(y_t) - mu_t) / sigma_t`` with ``mu_t = E_{v~p_t}[log p_t(v)]`` and ``sigma_t^2`` its variance over the
+  vocabulary (clamped at 1e-6). AUC = P(score(holdout) > score(forget)) + P(tie)/2, i.e. forget = negative class;
+  1 means the forget set is fully recognisable. **PrivLeak** (MUSE, with OpenUnlearning's AUC orientation):
+  ``((1 - AUC) - (1 - AUC_retain)) / (1 - AUC_retain) * 100``; 0 = like the retain model, -100 = fully leaking.
+* **Mem / Util / Agg** (the BS paper, "LLM Unlearning with LLM Beliefs", ICLR 2026, following OpenUnlearning's
+  aggregates): ``Mem = HM(1 - ES, 1 - EM, 1 - P_para, 1 - TR)`` on the forget set with ``TR = mean P_c / (P_c + P_w)``
+  (``P_c`` = paraphrased-answer probability, ``P_w`` = the perturbed answers' geometric-mean probability, per
+  example), ``Util = HM(model utility, fluency)``, ``Agg = HM(Mem, Util)``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+MIN_K_DEFAULT = 0.4  # OpenUnlearning / MUSE default fraction for min-k% and min-k%++
+_EPS = 1e-10  # the epsilon OpenUnlearning adds to the privleak denominator
+_MAX_LOG_TR = 700.0  # |log tr| beyond this would overflow a float64; reached only by a destroyed model
+
+
+def _finite(values: Any, name: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: expected finite numbers, got {arr.tolist()!r:.200}")
+    return arr
+
+
+# ----------------------------------------------------------------------------------------------- aggregates
+
+
+def hmean(values: Sequence[float]) -> float:
+    """Harmonic mean of non-negative numbers; 0 if any of them is 0 (``scipy.stats.hmean``'s limit, made explicit).
+
+    Raises ``ValueError`` for an empty list, negative or non-finite values."""
+    arr = _finite(values, "hmean")
+    if arr.size == 0:
+        raise ValueError("hmean: no values")
+    if np.any(arr < 0):
+        raise ValueError(f"hmean: values must be >= 0, got {arr.tolist()}")
+    if np.any(arr == 0):
+        return 0.0
+    return float(arr.size / np.sum(1.0 / arr))
+
+
+def mem_score(extraction_strength: float, exact_memorization: float, para_prob: float, truth_ratio_pc: float) -> float:
+    """The BS paper's memorisation score: ``HM(1 - ES, 1 - EM, 1 - P_para, 1 - TR)`` (higher = less memorised)."""
+    return hmean([1 - extraction_strength, 1 - exact_memorization, 1 - para_prob, 1 - truth_ratio_pc])
+
+
+def util_score(model_utility: float, fluency: float | None) -> float:
+    """``Util = HM(model utility, fluency)``; without a fluency score, the model utility alone."""
+    return model_utility if fluency is None else hmean([model_utility, fluency])
+
+
+def agg_score(mem: float, util: float) -> float:
+    """``Agg = HM(Mem, Util)``."""
+    return hmean([mem, util])
+
+
+# ----------------------------------------------------------------------------------------------- probabilities
+
+
+def probability(avg_nll: Any) -> np.ndarray:
+    """Length-normalised answer probability ``exp(-mean answer-token NLL)``, elementwise."""
+    return np.exp(-_finite(avg_nll, "probability"))
+
+
+def normalised_option_probability(correct_nll: float, wrong_nlls: Sequence[float]) -> float:
+    """TOFU's probability on real authors / world facts: ``P(c) / (P(c) + sum_w P(w))``, each ``P = exp(-mean NLL)``."""
+    wrong = _finite(wrong_nlls, "normalised_option_probability")
+    # divide through by P(c) for stability: 1 / (1 + sum_w exp(nll_c - nll_w))
+    return float(1.0 / (1.0 + np.sum(np.exp(float(correct_nll) - wrong))))
+
+
+def truth_ratio(para_nll: float, pert_nlls: Sequence[float]) -> float:
+    """Per-example truth ratio ``P_pert / P_para`` from mean answer NLLs; ``P_pert`` is the geometric mean of the
+    perturbed answers' normalised probabilities, so lists of any length compare on one scale."""
+    pert = _finite(pert_nlls, "truth_ratio")
+    if pert.size == 0:
+        raise ValueError("truth_ratio: the perturbed-answer list is empty")
+    log_tr = float(para_nll) - float(pert.mean())
+    return float(math.exp(min(max(log_tr, -_MAX_LOG_TR), _MAX_LOG_TR)))  # clipped so the ratio stays finite
+
+
+def truth_ratio_forget(ratios: Sequence[float]) -> float:
+    """Forget-set aggregate ``mean min(tr, 1/tr)``: 1 when true and false answers are equally likely."""
+    tr = _finite(ratios, "truth_ratio_forget")
+    if tr.size == 0 or np.any(tr <= 0):
+        raise ValueError(f"truth_ratio_forget: need positive ratios, got {tr.tolist()!r:.200}")
+    return float(np.mean(np.minimum(tr, 1.0 / tr)))
+
+
+def truth_ratio_retain(ratios: Sequence[float]) -> float:
+    """Retain / real-author / world-fact aggregate ``mean max(0, 1 - tr)``: higher when the true answer wins."""
+    tr = _finite(ratios, "truth_ratio_retain")
+    if tr.size == 0:
+        raise ValueError("truth_ratio_retain: no ratios")
+    return float(np.mean(np.maximum(0.0, 1.0 - tr)))
+
+
+def truth_ratio_pc(ratios: Sequence[float]) -> float:
+    """The BS paper's forget-set TR: ``mean P_c / (P_c + P_w)`` = ``mean 1 / (1 + tr)`` per example."""
+    tr = _finite(ratios, "truth_ratio_pc")
+    if tr.size == 0:
+        raise ValueError("truth_ratio_pc: no ratios")
+    return float(np.mean(1.0 / (1.0 + tr)))
+
+
+def forget_quality(unlearned_ratios: Sequence[float], retain_ratios: Sequence[float]) -> float:
+    """TOFU forget quality: ``scipy.stats.ks_2samp`` p-value of the two per-example forget truth-ratio samples."""
+    from scipy.stats import ks_2samp
+
+    a, b = _finite(unlearned_ratios, "forget_quality"), _finite(retain_ratios, "forget_quality")
+    if a.size == 0 or b.size == 0:
+        raise ValueError(f"forget_quality: both samples must be non-empty, got sizes {a.size} and {b.size}")
+    return float(ks_2samp(a, b).pvalue)
+
+
+# ----------------------------------------------------------------------------------------------- generations
+
+
+def rouge_l_recall(generations: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L recall of each generation against its reference (``rouge_score``, ``use_stemmer=True``)."""
+    from rouge_score import rouge_scorer
+
+    if len(generations) != len(references):
+        raise ValueError(f"rouge_l_recall: {len(generations)} generations but {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [float(scorer.score(ref, gen)["rougeL"].recall) for gen, ref in zip(generations, references)]
+
+
+# ----------------------------------------------------------------------------------------------- memorisation
+
+
+def _pred_label(pred: Sequence[int], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    p, y = np.asarray(pred).reshape(-1), np.asarray(labels).reshape(-1)
+    if p.shape != y.shape:
+        raise ValueError(f"predictions ({p.size}) and labels ({y.size}) must have the same length")
+    if y.size == 0:
+        raise ValueError("no answer tokens to score")
+    return p, y
+
+
+def exact_memorization(pred: Sequence[int], labels: Sequence[int]) -> float:
+    """Fraction of answer tokens whose teacher-forced argmax prediction equals the label."""
+    p, y = _pred_label(pred, labels)
+    return float(np.mean(p == y))
+
+
+def extraction_strength(pred: Sequence[int], labels: Sequence[int]) -> float:
+    """``1 - k/n`` for the smallest k with ``pred[k:] == labels[k:]`` (0 when even the last token differs)."""
+    p, y = _pred_label(pred, labels)
+    n = y.size
+    mismatch = np.nonzero(p != y)[0]
+    k = 0 if mismatch.size == 0 else int(mismatch[-1]) + 1  # the longest matching suffix starts after the last miss
+    return 1.0 - k / n
+
+
+# ----------------------------------------------------------------------------------------------- membership
+
+
+def zlib_entropy(text: str) -> int:
+    """Length in bytes of the zlib-compressed UTF-8 text (Carlini et al. 2021)."""
+    return len(zlib.compress(text.encode("utf-8")))
+
+
+def mia_zlib_score(avg_nll: float, text: str) -> float:
+    """zlib attack score: mean NLL divided by the zlib entropy of the text (higher = less likely a member)."""
+    return float(avg_nll) / max(1, zlib_entropy(text))
+
+
+def _lowest_k_mean(values: np.ndarray, k: float) -> float:
+    if not 0 < k <= 1:
+        raise ValueError(f"min-k: k must be in (0, 1], got k={k}")
+    if values.size == 0:
+        raise ValueError("min-k: no tokens")
+    num = max(1, int(values.size * k))
+    return float(np.mean(np.sort(values)[:num]))
+
+
+def min_k_score(token_logps: Sequence[float], k: float = MIN_K_DEFAULT) -> float:
+    """Min-k% score: minus the mean of the lowest ``max(1, int(k n))`` token log-probs (higher = non-member)."""
+    return -_lowest_k_mean(_finite(token_logps, "min_k_score"), k)
+
+
+def min_k_plus_plus_score(token_logps: Sequence[float], mu: Sequence[float], var: Sequence[float],
+                          k: float = MIN_K_DEFAULT) -> float:
+    """Min-k%++ score: min-k% over ``(log p(y_t) - mu_t) / sqrt(max(var_t, 1e-6))``; ``mu_t``, ``var_t`` are the mean
+    and variance of ``log p_t(v)`` under ``v ~ p_t`` (the model's next-token distribution)."""
+    lp, m, v = (_finite(x, "min_k_plus_plus_score") for x in (token_logps, mu, var))
+    if not lp.shape == m.shape == v.shape:
+        raise ValueError(f"min_k_plus_plus_score: lengths differ ({lp.size}, {m.size}, {v.size})")
+    z = (lp - m) / np.sqrt(np.maximum(v, 1e-6))
+    return -_lowest_k_mean(z, k)
+
+
+def auc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> float:
+    """ROC AUC with holdout as the positive class and loss-like scores: P(holdout > forget) + P(tie)/2, from ranks
+    (the Mann-Whitney U statistic; equal to ``sklearn.metrics.roc_auc_score``)."""
+    from scipy.stats import rankdata
+
+    f, h = _finite(forget_scores, "auc"), _finite(holdout_scores, "auc")
+    if f.size == 0 or h.size == 0:
+        raise ValueError(f"auc: both groups must be non-empty, got {f.size} forget and {h.size} holdout scores")
+    ranks = rankdata(np.concatenate([f, h]))  # ties get their average rank
+    u = ranks[f.size:].sum() - h.size * (h.size + 1) / 2
+    return float(u / (f.size * h.size))
+
+
+def privleak(auc_value: float, retain_auc: float = 0.5) -> float:
+    """MUSE PrivLeak in %: ``((1 - AUC) - (1 - AUC_retain)) / (1 - AUC_retain) * 100`` (0.5 = no retain model)."""
+    for name, v in (("auc", auc_value), ("retain_auc", retain_auc)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"privleak: {name} must be in [0, 1], got {v}")
+    ref = 1.0 - retain_auc
+    return float(((1.0 - auc_value) - ref) / (ref + _EPS) * 100.0)
+
+
+# ----------------------------------------------------------------------------------------------- model utility
+
+
+UTILITY_KEYS = {
+    "retain": ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"),
+    "real_authors": ("ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio"),
+    "world_facts": ("wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio"),
+}
+
+
+def model_utility(values: Mapping[str, float | None]) -> tuple[float, list[str]]:
+    """TOFU model utility: harmonic mean of the available ``UTILITY_KEYS`` triples; returns ``(value, splits used)``.
+
+    A split counts when all three of its values are present (not None); raises ``ValueError`` if none is."""
+    used = [split for split, keys in UTILITY_KEYS.items() if all(values.get(k) is not None for k in keys)]
+    if not used:
+        raise ValueError(f"model_utility: none of the splits {list(UTILITY_KEYS)} has all three values")
+    return hmean([float(values[k]) for s in used for k in UTILITY_KEYS[s]]), used

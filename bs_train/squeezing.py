@@ -1,0 +1,216 @@
+"""Squeezing monitor: watch where the probability mass pushed off the forget targets goes during unlearning.
+
+Gradient ascent lowers log p(y|x) of the forget answers, but softmax is zero-sum: the mass flows to the model's most
+likely *other* answers, often paraphrases of the same fact (the squeezing effect). The BS paper shows it with a
+probability-dynamics figure: the targets go down while the model's high-likelihood beliefs go *up*. This module
+draws that figure for any run:
+
+1. ``prepare(model)``, before unlearning: for each forget prompt draw ``n_beliefs`` answers from the current model
+   (sampling at temperature 1 through ``bs_train.evaluate.generate``, seeded, the caller's RNG untouched), drop exact
+   duplicates and the target itself, score every belief by its mean per-token log-prob and bucket all beliefs
+   together: high = top 20%, mid = middle 60%, low = bottom 20%. The initial measurement is recorded as step 0.
+2. ``maybe_log(step, model)``, during unlearning: at step 0 and every ``every`` steps, the mean (over sequences) of
+   the mean per-token log-prob of the targets and of each bucket, through the fused scores of ``bs_kernels``.
+3. ``finish(out_dir)``: ``squeezing.json`` (settings, beliefs with their buckets, the history) and ``squeezing.png``
+   (log-prob and change since step 0 per curve, matplotlib's Agg canvas; no pyplot, no global backend switch).
+
+The model may be a Hugging Face causal LM or a wrapper holding one as ``.lm`` / ``.module`` (the trainer's
+``LossHead``); it is put in eval mode under no_grad while measured and its training mode restored after. Under FSDP2,
+pass the root module and call ``prepare`` / ``maybe_log`` on every rank (its shards are all-gathered once per call
+with ``bs_train.sampler.gathered_parameters``; the forwards are collective) and ``finish`` on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import IGNORE_INDEX, encode_prompt, encode_qa
+from .sampler import gathered_parameters
+
+BUCKETS = ("high", "mid", "low")
+HIGH_FRACTION = LOW_FRACTION = 0.2
+
+
+def _unwrap(model: Any, attr: str) -> Any:
+    """The first of model, model.lm, model.module that has ``attr``."""
+    for m in (model, getattr(model, "lm", None), getattr(model, "module", None)):
+        if m is not None and hasattr(m, attr):
+            return m
+    raise ValueError(f"{type(model).__name__} has no {attr}() (nor a .lm / .module that has one)")
+
+
+def bucket_indices(scores: list[float]) -> dict[str, list[int]]:
+    """Indices of ``scores`` in the high (top 20%), mid and low (bottom 20%) buckets; with two or more scores high and
+    low hold at least one each; ties are broken by position."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    n = len(order)
+    if n < 2:
+        return {"high": order, "mid": [], "low": []}
+    n_high = max(1, int(round(HIGH_FRACTION * n)))
+    n_low = max(1, int(round(LOW_FRACTION * n)))
+    return {"high": order[:n_high], "mid": order[n_high:n - n_low], "low": order[n - n_low:]}
+
+
+class SqueezingMonitor:
+    """Log-prob dynamics of forget targets and of the model's own beliefs, bucketed by initial likelihood."""
+
+    def __init__(self, forget_examples: list[dict], tokenizer: Any, *, n_beliefs: int = 5, every: int = 10,
+                 max_new_tokens: int = 64, seed: int = 0, impl: str = "torch", batch_size: int = 16,
+                 max_length: int = 512, temperature: float = 1.0) -> None:
+        if not forget_examples:
+            raise ValueError("SqueezingMonitor: forget_examples is empty")
+        for name, v in (("n_beliefs", n_beliefs), ("every", every), ("max_new_tokens", max_new_tokens),
+                        ("batch_size", batch_size)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"SqueezingMonitor: {name} must be an integer >= 1, got {name}={v!r}")
+        for i, ex in enumerate(forget_examples):
+            if not isinstance(ex, dict) or not isinstance(ex.get("question"), str) or not isinstance(
+                    ex.get("answer"), str):
+                raise ValueError(f"SqueezingMonitor: forget example {i} must be a dict with string question/answer")
+        self.examples, self.tokenizer = forget_examples, tokenizer
+        self.n_beliefs, self.every, self.max_new_tokens, self.seed = n_beliefs, every, max_new_tokens, seed
+        self.impl, self.batch_size, self.temperature = impl, batch_size, temperature
+        self.targets = [encode_qa(tokenizer, ex["question"], ex["answer"], max_length=max_length)
+                        for ex in forget_examples]
+        self.beliefs: list[dict[str, Any]] = []
+        self.buckets: dict[str, list[int]] = {b: [] for b in BUCKETS}
+        self.history: list[dict[str, Any]] = []
+        self._prepared = False
+
+    # ------------------------------------------------------------------------------------------- measuring
+
+    def _scores(self, model: Any, items: list[dict[str, list[int]]]) -> list[float]:
+        """Mean per-token log-prob of each item's labelled tokens."""
+        from . import evaluate as E
+
+        if not items:
+            return []
+        scored = E.score_encoded(_unwrap(model, "get_decoder"), items, pad_id=self.tokenizer.pad_token_id,
+                                 batch_size=self.batch_size, impl=self.impl)
+        return [-s["avg_nll"] for s in scored]
+
+    def _score_all(self, model: Any) -> tuple[list[float], list[float]]:
+        """Mean per-token log-probs of the targets and of every belief, the model in eval mode under no_grad."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), gathered_parameters(model):
+                return self._scores(model, self.targets), self._scores(model, [b["item"] for b in self.beliefs])
+        finally:
+            model.train(was_training)
+
+    def _record(self, step: int, target: list[float], belief: list[float]) -> dict[str, Any]:
+        entry: dict[str, Any] = {"step": int(step), "target": float(np.mean(target))}
+        for name, idx in self.buckets.items():
+            entry[name] = float(np.mean([belief[i] for i in idx])) if idx else None
+        self.history = sorted([h for h in self.history if h["step"] != entry["step"]] + [entry],
+                              key=lambda h: h["step"])
+        return entry
+
+    def prepare(self, model: Any) -> None:
+        """Draw, dedupe, score and bucket the beliefs with the current model; record the step-0 measurement."""
+        from . import evaluate as E
+
+        gen_model = _unwrap(model, "generate")
+        was_training = model.training
+        eos = self.tokenizer.eos_token_id
+        prompts = [encode_prompt(self.tokenizer, ex["question"]) for ex in self.examples]
+        try:
+            with gathered_parameters(model):
+                samples = E.generate(gen_model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
+                                     do_sample=True, temperature=self.temperature, num_samples=self.n_beliefs,
+                                     seed=self.seed, batch_size=self.batch_size)
+        finally:
+            model.train(was_training)
+        self.beliefs = []
+        for i, (prompt, target, outs) in enumerate(zip(prompts, self.targets, samples)):
+            answer = [t for t in target["labels"] if t != IGNORE_INDEX]
+            seen = {tuple(answer), tuple(a for a in answer if a != eos)}
+            for ids in outs:
+                core = tuple(t for t in ids if t != eos)
+                if not core or tuple(ids) in seen or core in seen:
+                    continue
+                seen.update((tuple(ids), core))
+                self.beliefs.append({"example": i, "text": self.tokenizer.decode(list(core), skip_special_tokens=True),
+                                     "item": {"input_ids": prompt + list(ids),
+                                              "labels": [IGNORE_INDEX] * len(prompt) + list(ids)}})
+        target, initial = self._score_all(model)
+        for b, score in zip(self.beliefs, initial):
+            b["initial_logp"] = score
+        self.buckets = bucket_indices(initial)
+        for name, idx in self.buckets.items():
+            for j in idx:
+                self.beliefs[j]["bucket"] = name
+        self.history = []
+        self._record(0, target, initial)
+        self._prepared = True
+
+    def maybe_log(self, step: int, model: Any) -> dict[str, Any] | None:
+        """At step 0 and every ``every`` steps: measure and return ``{"step", "target", "high", "mid", "low"}`` (mean
+        per-token log-probs; a bucket with no beliefs is None); otherwise None."""
+        if not self._prepared:
+            raise ValueError("SqueezingMonitor.maybe_log called before prepare(model)")
+        if step < 0:
+            raise ValueError(f"SqueezingMonitor.maybe_log: step must be >= 0, got {step}")
+        if step % self.every != 0:
+            return None
+        return self._record(step, *self._score_all(model))
+
+    # ------------------------------------------------------------------------------------------- output
+
+    def finish(self, out_dir: str | Path) -> tuple[Path, Path]:
+        """Write ``squeezing.json`` and ``squeezing.png`` into ``out_dir``; returns their paths."""
+        if not self._prepared:
+            raise ValueError("SqueezingMonitor.finish called before prepare(model)")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "settings": {"n_beliefs": self.n_beliefs, "every": self.every, "max_new_tokens": self.max_new_tokens,
+                         "seed": self.seed, "temperature": self.temperature, "n_examples": len(self.examples),
+                         "buckets": "high = top 20%, mid = middle 60%, low = bottom 20% of initial belief log-prob"},
+            "bucket_sizes": {k: len(v) for k, v in self.buckets.items()},
+            "history": self.history,
+            "beliefs": [{k: b[k] for k in ("example", "text", "initial_logp", "bucket")} for b in self.beliefs],
+        }
+        json_path, png_path = out / "squeezing.json", out / "squeezing.png"
+        json_path.write_text(json.dumps(doc, indent=1) + "\n")
+        plot_history(self.history, png_path)
+        return json_path, png_path
+
+
+_STYLE = {"target": ("target (forget answer)", "black", "-"), "high": ("high-likelihood beliefs", "tab:red", "-"),
+          "mid": ("mid-likelihood beliefs", "tab:orange", "--"), "low": ("low-likelihood beliefs", "tab:blue", ":")}
+
+
+def plot_history(history: list[dict[str, Any]], path: str | Path) -> Path:
+    """Two panels over steps: mean per-token log-prob of each curve, and its change since the first measurement."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not history:
+        raise ValueError("plot_history: empty history")
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_abs, ax_delta = fig.subplots(1, 2)
+    for key, (label, color, ls) in _STYLE.items():
+        pts = [(h["step"], h[key]) for h in history if h.get(key) is not None]
+        if not pts:
+            continue
+        steps, vals = zip(*pts)
+        ax_abs.plot(steps, vals, color=color, linestyle=ls, marker="o", markersize=3, label=label)
+        ax_delta.plot(steps, [v - vals[0] for v in vals], color=color, linestyle=ls, marker="o", markersize=3,
+                      label=label)
+    ax_abs.set(xlabel="unlearning step", ylabel="mean log-prob per token", title="Probability dynamics")
+    ax_delta.set(xlabel="unlearning step", ylabel="change since start", title="Squeezing: target down, beliefs up?")
+    ax_delta.axhline(0.0, color="grey", linewidth=0.8)
+    ax_abs.legend(fontsize=8, loc="best")
+    for ax in (ax_abs, ax_delta):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(str(path))
+    return Path(path)
