@@ -187,6 +187,24 @@ def environment() -> dict:
             "python": platform.python_version(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
 
 
+def emit(row: dict, rows: list[dict], device: str) -> None:
+    """Print one case as a JSON line, keep it, and free what it left on the device."""
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def finish(rows: list[dict], out: Path | None) -> list[dict]:
+    """Write all cases to ``out`` (if given) and print them as the last stdout line, one JSON document."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+    print(json.dumps(rows))
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu with CUDA, else cpu")
@@ -205,17 +223,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     for case in cases:
         for provider in args.providers.split(","):
-            row = {**measure(provider, case, device, args.warmup, args.reps), **env}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(json.dumps(rows))
-    return rows
+            emit({**measure(provider, case, device, args.warmup, args.reps), **env}, rows, device)
+    return finish(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ every row decodes exactly ``--new`` tokens. One JSON object per provider on stdo
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_losses import environment  # noqa: E402
+from bench_losses import emit, environment, finish  # noqa: E402
 
 from bs_train.sampler import SamplingConfig, bandwidth_floor_s, sample  # noqa: E402
 
@@ -130,19 +129,11 @@ def main(argv=None) -> list[dict]:
     fns = {"bs_sampler": run_ours, "hf_generate": run_hf}
     rows = []
     for name in args.providers.split(","):
-        row = {**measure(name, fns[name], model, prompts, spec, device, args.reps), **env}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        gc.collect()
+        emit({**measure(name, fns[name], model, prompts, spec, device, args.reps), **env}, rows, device)
     if len(rows) == 2:
         speedup = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
         print(json.dumps({"speedup_vs_hf_generate": speedup}), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(json.dumps(rows))
-    return rows
-
+    return finish(rows, args.out)
 
 if __name__ == "__main__":
     main()

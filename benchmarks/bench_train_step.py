@@ -17,8 +17,6 @@ Random weights, no download. One JSON object per case; the last line is a JSON l
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import statistics
 import sys
 import time
@@ -28,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_losses import environment  # noqa: E402
+from bench_losses import emit, environment, finish  # noqa: E402
 from bench_sampler import PRESETS as MODEL_PRESETS  # noqa: E402
 from bench_sampler import random_llama  # noqa: E402
 
@@ -138,7 +136,6 @@ def ours(spec, shape, device, method, overrides, reps):
                  + (beliefs["attention_mask"].sum() if beliefs else 0))
     label = method if method != "bs_s" else f"bs_s_n{mcfg.bss_samples}"
     row = bench_case(f"ours_{label}", step, model, tokens, shape["prompt"] + shape["answer"], device, reps, extra)
-    del model, head, optim
     return row
 
 
@@ -159,7 +156,6 @@ def hf_stack(spec, shape, device, reps):
 
     tokens = int(forget["attention_mask"].sum() + retain["attention_mask"].sum())
     row = bench_case("hf_stack_graddiff", step, model, tokens, shape["prompt"] + shape["answer"], device, reps)
-    del model, optim
     return row
 
 
@@ -182,18 +178,8 @@ def main(argv=None) -> list[dict]:
             row = fn()
         except torch.OutOfMemoryError as e:
             row = {"case": "?", "skipped": f"out of memory: {str(e)[:200]}"}
-        row.update(env)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(json.dumps(rows))
-    return rows
-
+        emit({**row, **env}, rows, device)
+    return finish(rows, args.out)
 
 if __name__ == "__main__":
     main()

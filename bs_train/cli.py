@@ -1,10 +1,11 @@
-"""``bs-unlearn``: command-line entry point (fine-tune, unlearn, evaluate, compare).
+"""``bs-unlearn``: command-line entry point (fine-tune, unlearn, evaluate, compare, demo).
 
     bs-unlearn finetune --config configs/finetune_tofu_smollm2.yaml output_dir=runs/original
     bs-unlearn unlearn  --config configs/unlearn_tofu_smollm2.yaml model.path=runs/original/final method.name=npo
     torchrun --nproc-per-node 2 -m bs_train.cli unlearn --config ...          # FSDP2 on 2 ranks
     bs-unlearn eval runs/ga runs/bs_t --data ../shared/data/tofu --retain-model runs/retain --markdown results.md
     bs-unlearn compare runs/ga runs/bs_t                                       # side by side from each eval.json
+    bs-unlearn demo                                  # offline end to end on a CPU: data, model, 4 methods, table
 
 Overrides are ``section.key=value`` (YAML scalars). The resolved config is saved as ``<output_dir>/config.yaml``;
 a run whose folder already holds a checkpoint of the same config resumes from it (``--no-resume`` starts over).
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return eval_main(argv[1:])
     if argv and argv[0] == "compare":
         return compare_main(argv[1:])
+    if argv and argv[0] == "demo":
+        return demo_main(argv[1:])
     p = argparse.ArgumentParser(prog="bs-unlearn", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["finetune", "unlearn"])
@@ -160,6 +163,24 @@ def compare_main(argv: list[str]) -> int:
     if args.markdown:
         Path(args.markdown).write_text(table)
     print(table, end="")
+    return 0
+
+
+
+def demo_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bs-unlearn demo",
+                                description="Offline end-to-end demo on a CPU: generated data, a small model trained "
+                                            "on the spot, GA / NPO / BS-T / BS-S, evaluation, table, squeezing plots.")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--quick", action="store_true", help="the shortened version CI runs")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from .demo import run_demo
+
+    result = run_demo(args.out, quick=args.quick, seed=args.seed)
+    print(result["table"], end="")
+    print(f"\n{len(result['results'])} models in {result['seconds']:.0f} s; judge: {result['judge']}; "
+          f"table: {args.out}/results.md; squeezing plots: {args.out}/<method>/squeezing.png")
     return 0
 
 

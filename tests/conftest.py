@@ -8,6 +8,7 @@ natively and the interpreter stays off.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,21 @@ if not torch.cuda.is_available():
 def triton_device() -> str:
     """Where impl="triton" runs in this session: the GPU if there is one, else the CPU interpreter."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def original(tmp_path_factory) -> Path:
+    """A tiny Llama fine-tuned on the generated authors (the "original" model), shared by the trainer, BS-S and
+    evaluation tests: ``<dir>/final`` is the model, ``<dir>/data`` the dataset."""
+    from bs_train.config import load_config
+    from bs_train.trainer import run
+    from small_runs import SMALL
+
+    out = tmp_path_factory.mktemp("runs") / "original"
+    cfg = load_config(None, SMALL + [f"output_dir={out}", "train.lr=3e-3", "train.epochs=12", "train.warmup_steps=2"],
+                      command="finetune")
+    run(cfg, progress=False)
+    return out
 
 
 def pytest_collection_modifyitems(config, items):

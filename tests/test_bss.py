@@ -82,15 +82,6 @@ def _bss_run(tmp_path: Path, original: Path, name: str, extra: list[str]) -> lis
     return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def original(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bss") / "original"
-    cfg = load_config(None, [f"output_dir={out}", "data.synthetic_authors=4", "data.synthetic_qa_per_author=5",
-                             "train.batch_size=4", "train.grad_accum=1", "train.lr=3e-3", "train.epochs=6"],
-                      command="finetune")
-    run(cfg, progress=False)
-    return out
-
 
 @pytest.mark.parametrize("regen, every, want_rounds", [
     ("never", 1, [1] * 7),  # off-policy: drawn once before training

