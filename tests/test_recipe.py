@@ -1,0 +1,57 @@
+"""The TOFU recipe's orchestration, run on CPU with a tiny model and the generated data: every stage, the
+selection on forget05 only, the table, the log of what ran where, and that a rerun skips finished work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bs_train.recipe import Recipe, run_recipe
+from bs_train.synthetic import make_splits, write_folder
+
+
+def tiny_recipe(tmp_path, budget_s=1e9) -> Recipe:
+    data = write_folder(tmp_path / "data", make_splits(4, 5, seed=0))
+    short = ["train.batch_size=4", "train.grad_accum=1", "train.export=true"]
+    return Recipe(tmp_path / "runs", str(data), model="tiny", methods=("ga", "bs_s"), lr_grid=(1e-3, 3e-3),
+                  finetune=short + ["train.lr=3e-3", "train.epochs=3"],
+                  unlearn=short + ["train.epochs=1", "method.bss_max_new_tokens=8", "train.squeezing_beliefs=2",
+                                   "train.squeezing_max_new_tokens=8"],
+                  max_new_tokens=8, budget_s=budget_s)
+
+
+def test_recipe_runs_every_stage_and_resumes(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    assert run_recipe(recipe)
+    out = recipe.out
+    selection = json.loads((out / "selection.json").read_text())
+    assert set(selection) == {"ga", "bs_s"} and all(v["lr"] in (1e-3, 3e-3) for v in selection.values())
+    for method in ("ga", "bs_s"):  # selection ran on forget05 only
+        for lr in ("0.001", "0.003"):
+            cfg = (out / "select_forget05" / f"{method}_lr{lr}" / "config.yaml").read_text()
+            assert "forget_split: forget05" in cfg and "retain_split: retain95" in cfg
+        cfg = (out / method / "config.yaml").read_text()
+        assert "forget_split: forget10" in cfg and (out / method / "squeezing.png").exists()
+    table = (out / "results.md").read_text()
+    assert table.count("\n") == 2 + 4 and "Paper Agg." in table
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["name"] for r in results] == ["original", "retain", "ga", "bs_s"]
+    assert results[1]["forget_quality"] == pytest.approx(1.0)  # the retain model against itself
+    log = [json.loads(x) for x in (out / "stages.jsonl").read_text().splitlines()]
+    assert {"finetune", "select", "unlearn", "evaluate"} <= {r["stage"] for r in log}
+    assert all(r["device"] and r["host"] for r in log)
+    # a second invocation finds everything done and starts no new work
+    assert run_recipe(recipe)
+    assert len((out / "stages.jsonl").read_text().splitlines()) == len(log)
+
+
+def test_recipe_stops_at_its_budget(tmp_path):
+    recipe = tiny_recipe(tmp_path, budget_s=0.0)
+    assert not run_recipe(recipe)
+    assert not (recipe.out / "original" / "final").exists()
+
+
+def test_recipe_rejects_unknown_methods(tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        Recipe(tmp_path, "data", methods=("ga", "dpo"))
