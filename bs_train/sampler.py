@@ -130,7 +130,7 @@ class _Runner:
             keys, values = k, v
             self.k[i][:, :, : k.shape[2]] = k.to(self.k[i].dtype).index_select(0, rows)
             self.v[i][:, :, : v.shape[2]] = v.to(self.v[i].dtype).index_select(0, rows)
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,  # no-op casts
                                              scale=attn.scaling, enable_gqa=self.n_kv != self.n_heads)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))
@@ -141,7 +141,8 @@ class _Runner:
         for i, layer in enumerate(self.dec.layers):
             x = self._layer(i, layer, x, cos, sin, write_idx, mask, rows)
         h = self.dec.norm(x[:, -1])
-        return (h @ self.model.get_output_embeddings().weight.t().to(h.dtype)).float()
+        # F.linear, not an explicit .to(): under autocast the weight's bf16 copy is cached for the whole round
+        return F.linear(h, self.model.get_output_embeddings().weight).float()
 
 
 def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
@@ -214,7 +215,10 @@ def _sample(model, prompts, cfg, eos_id, pad_id, gen, device, compile_decode) ->
     p, length = ids.shape
     rows = p * cfg.n
     max_len = length + cfg.max_new_tokens
-    dtype = next(model.parameters()).dtype
+    # Cache in the dtype attention computes in: under autocast (fp32 master weights, bf16 compute) an fp32 cache
+    # would be converted to bf16 for every layer at every step.
+    autocast_on = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast_on else next(model.parameters()).dtype
     runner = _Runner(model, rows, max_len, device, dtype)
     row_of = torch.arange(p, device=device).repeat_interleave(cfg.n)
     slots = torch.arange(max_len, device=device)
