@@ -64,7 +64,7 @@ def scores_rows(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float,
     score = torch.where(active, score, torch.zeros_like(score))
     score = torch.where(bad, torch.full_like(score, float("nan")), score)
     if grad is not None:
-        _write_grad(z, x, lse, y, active, grad, topi, q, lam)
+        _write_grad(z, x, lse, y, active, grad, topi, q, lam, bad)
     if not save_stats:
         return score, None, None, None
     return score, lse, (topi.to(torch.int32) if use_topk else None), q
@@ -73,13 +73,15 @@ def scores_rows(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float,
 def grad_rows_from_stats(z: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor, lse: torch.Tensor,
                          topi: torch.Tensor | None, q: torch.Tensor | None, *, lam: float, ignore_index: int) -> None:
     """Overwrite recomputed logits ``z`` [C, V] with ``grad[:, None] * (t - p)``, t rebuilt from saved statistics."""
-    active, y, _ = _targets(labels, ignore_index, z.shape[-1])
+    active, y, bad = _targets(labels, ignore_index, z.shape[-1])
     x = z.to(torch.promote_types(z.dtype, torch.float32))
-    _write_grad(z, x, lse, y, active, grad, None if topi is None else topi.long(), q, lam)
+    _write_grad(z, x, lse, y, active, grad, None if topi is None else topi.long(), q, lam, bad)
 
 
-def _write_grad(z, x, lse, y, active, grad, topi, q, lam) -> None:
+def _write_grad(z, x, lse, y, active, grad, topi, q, lam, bad=None) -> None:
     g = torch.where(active, grad.to(x.dtype), torch.zeros_like(grad, dtype=x.dtype))
+    if bad is not None:  # out-of-range labels poison their gradient, as in the Triton kernel
+        g = torch.where(bad, torch.full_like(g, float("nan")), g)
     t = torch.zeros_like(x)
     t.scatter_(1, y[:, None], (1.0 - lam) if topi is not None else 1.0)
     if topi is not None:

@@ -15,7 +15,7 @@ The same contract as ``torch_rows.py`` (read that docstring for the formula), fu
 
 Layers, as in Liger-Kernel: ``@triton.jit`` kernels, then the Python launchers that the chunked driver calls.
 Launchers never read tensor values on the host. A label outside [0, V) that is not ``ignore_index`` yields a NaN
-score (the loss turns NaN) instead of an out-of-bounds read.
+score and NaN gradients for its row (the loss turns NaN) instead of an out-of-bounds read.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from ._checks import triton_interpret
 def _dense_then_sparse_grad(row_ptr, V, lse, g, y, zy, y_coef, y_in_top, top_idx, top_z, top_coef, top_valid,
                             BLOCK_V: tl.constexpr, HAS_TOPK: tl.constexpr):
     """Write g * (t - p) over one row: dense -g p first, then the exact values at the target's support."""
+    # The caller read z_y and the top-k logits from this row; no thread may overwrite them before all have.
+    tl.debug_barrier()
     for start in tl.range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < V
@@ -80,7 +82,8 @@ def _scores_kernel(
     slot = tl.arange(0, K_PAD)
     top_valid = slot < k
     top_z = tl.where(top_valid, float("-inf"), float("inf"))
-    top_idx = tl.zeros([K_PAD], dtype=tl.int64) + V  # an index larger than any real one: evicted first
+    # In-bounds from the start (k <= V), so a row that never fills the buffer (all NaN) still indexes its own row.
+    top_idx = slot.to(tl.int64)
     for start in tl.range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
@@ -124,6 +127,7 @@ def _scores_kernel(
     # ---- pass 2: overwrite the row with g * (t - p) ----
     if WRITE_GRAD:
         g = tl.load(grad_ptr + row).to(tl.float32)
+        g = tl.where(label_ok, g, float("nan"))  # a bad label poisons its gradient too, not only the loss
         _dense_then_sparse_grad(row_ptr, V, lse, g, y, zy, 1.0 - lam, y_in_top, top_idx, top_z, top_coef, top_valid,
                                 BLOCK_V, HAS_TOPK)
 
@@ -143,7 +147,7 @@ def _grad_from_stats_kernel(
     label_ok = (label >= 0) & (label < V)
     y = tl.where(label_ok, label, 0)
     lse = tl.load(lse_ptr + row)
-    g = tl.load(grad_ptr + row).to(tl.float32)
+    g = tl.where(label_ok, tl.load(grad_ptr + row).to(tl.float32), float("nan"))
     slot = tl.arange(0, K_PAD)
     top_valid = slot < k
     # Read the sparse logits before the dense pass overwrites them.
