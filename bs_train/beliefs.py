@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .config import MethodConfig
 from .data import collate
-from .sampler import SamplingConfig, gathered_parameters, sample
+from .sampler import Sampler, SamplingConfig, gathered_parameters
 
 
 @dataclass
@@ -65,14 +65,24 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+def belief_sampler(lm: torch.nn.Module, prompts: list[list[int]], cfg: MethodConfig, *, eos_id: int,
+                   pad_id: int) -> Sampler:
+    """One sampler for a whole run: shapes fixed by the longest forget prompt, so every round reuses its cache and
+    compiled decode step."""
+    return Sampler(lm, sampling_config(cfg), max_prompts=cfg.bss_prompts_per_round,
+                   prompt_width=max(map(len, prompts)), eos_id=eos_id, pad_id=pad_id)
+
+
 def draw_beliefs(root: torch.nn.Module, lm: torch.nn.Module, prompts: list[list[int]], cfg: MethodConfig, *,
-                 eos_id: int, pad_id: int, seed: int, round_: int, rank: int = 0, world: int = 1) -> BeliefSet:
+                 eos_id: int, pad_id: int, seed: int, round_: int, rank: int = 0, world: int = 1,
+                 sampler: Sampler | None = None) -> BeliefSet:
     """Sample N beliefs for every prompt with the current weights of ``lm`` (``root`` is the FSDP root holding it).
 
     Rank r samples prompts r, r + world, ...; the pieces are gathered so every rank holds the whole set. The
-    parameters are all-gathered once for the round, not per token.
+    parameters are all-gathered once for the round, not per token or per chunk. Pass the run's ``sampler``
+    (``belief_sampler``) to reuse its cache and compiled step across rounds.
     """
-    scfg = sampling_config(cfg)
+    sampler = sampler or belief_sampler(lm, prompts, cfg, eos_id=eos_id, pad_id=pad_id)
     device = lm.get_output_embeddings().weight.device
     mine = list(range(rank, len(prompts), world))
     gen = torch.Generator(device=device).manual_seed(_seed(seed, "beliefs", round_, rank))
@@ -81,7 +91,7 @@ def draw_beliefs(root: torch.nn.Module, lm: torch.nn.Module, prompts: list[list[
     with gathered_parameters(root):
         for c0 in range(0, len(mine), cfg.bss_prompts_per_round):
             chunk = mine[c0:c0 + cfg.bss_prompts_per_round]
-            out = sample(lm, [prompts[i] for i in chunk], scfg, eos_id=eos_id, pad_id=pad_id, generator=gen)
+            out = sampler([prompts[i] for i in chunk], gen)
             sums = out.logprobs.sum(-1).tolist()
             for k, (i, seqs) in enumerate(zip(chunk, out.sequences())):
                 answers[i], logp[i] = seqs, sums[k]

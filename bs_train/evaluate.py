@@ -143,7 +143,7 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[
     Llama-family models go through the project's KV-cached sampler (``bs_train.sampler``, held token for token to HF
     greedy decoding by its tests); any other model through HF ``generate`` (``hf_generate``). This is the single
     generation function: evaluation, the judge and the squeezing monitor call it as ``bs_train.evaluate.generate``."""
-    from .sampler import SamplingConfig, check_supported, sample
+    from .sampler import Sampler, SamplingConfig, check_supported
 
     if max_new_tokens < 1 or num_samples < 1 or batch_size < 1:
         raise ValueError(f"generate: max_new_tokens, num_samples and batch_size must be >= 1, got "
@@ -160,11 +160,15 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[
                          top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if not prompts:
+        return []
     gen = torch.Generator(device=_device(model)).manual_seed(seed)
+    # one sampler for every batch: one cache and one compiled decode step
+    sampler = Sampler(model, cfg, max_prompts=min(batch_size, len(prompts)), prompt_width=max(map(len, prompts)),
+                      eos_id=eos, pad_id=pad)
     results: list[list[list[int]]] = []
     for start in range(0, len(prompts), batch_size):
-        batch = [list(p) for p in prompts[start:start + batch_size]]
-        results.extend(sample(model, batch, cfg, eos_id=eos, pad_id=pad, generator=gen).sequences())
+        results.extend(sampler([list(p) for p in prompts[start:start + batch_size]], gen).sequences())
     return results
 
 

@@ -165,30 +165,156 @@ def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None
 
 @contextmanager
 def gathered_parameters(model):
-    """Under FSDP2, all-gather every shard once for the whole sampling round, then reshard; else a no-op."""
+    """Under FSDP2, all-gather every shard once for the whole sampling round, then reshard; else a no-op.
+
+    Re-entrant: a nested call (the sampler inside ``draw_beliefs``' round) neither gathers again nor reshards early;
+    an early reshard would make every later chunk re-gather, a collective whose count then differs across ranks."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover
         FSDPModule = ()
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    fresh = [m for m in fsdp if getattr(m, "_bs_gather_depth", 0) == 0]
     for m in fsdp:
+        m._bs_gather_depth = getattr(m, "_bs_gather_depth", 0) + 1
+    for m in fresh:
         m.unshard()
     try:
         yield
     finally:
         for m in fsdp:
+            m._bs_gather_depth -= 1
+        for m in fresh:
             m.reshard()
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt must hold at least one token")
-    length = max(len(p) for p in prompts)
+def _left_pad(prompts: list[list[int]], pad_id: int, device, width: int | None = None):
+    """(ids [P, width] left-padded, pad counts [P]) on ``device``."""
+    length = max(len(p) for p in prompts) if width is None else width
     ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
     pads = torch.tensor([length - len(p) for p in prompts], dtype=torch.long)
     return ids.to(device), pads.to(device)
+
+
+PROMPT_BUCKET = 64  # prompt widths are rounded up to this, so rounds with similar prompts share one decode graph
+
+
+class Sampler:
+    """A reusable sampler with fixed shapes: up to ``max_prompts`` prompts of up to ``prompt_width`` tokens.
+
+    Fixed shapes mean one static KV cache and one compiled decode step (one CUDA graph on CUDA), reused by every
+    call: shorter prompts are left-padded to the (bucketed) width, and a smaller batch of prompts is padded with
+    copies of its first prompt whose samples are dropped. ``sample`` is the one-off form.
+    """
+
+    def __init__(self, model, cfg: SamplingConfig, *, max_prompts: int, prompt_width: int, eos_id: int, pad_id: int,
+                 compile_decode: bool | None = None):
+        if max_prompts < 1 or prompt_width < 1:
+            raise ValueError(f"max_prompts and prompt_width must be >= 1, got {max_prompts}, {prompt_width}")
+        self.model, self.cfg, self.eos_id, self.pad_id = model, cfg, eos_id, pad_id
+        self.max_prompts = max_prompts
+        self.width = -(-prompt_width // PROMPT_BUCKET) * PROMPT_BUCKET
+        self.device = model.get_output_embeddings().weight.device
+        self.compile_decode = self.device.type == "cuda" if compile_decode is None else compile_decode
+        self._runner: _Runner | None = None
+        self._step = None
+        self.generator: torch.Generator | None = None
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[int]], generator: torch.Generator | None = None) -> Samples:
+        self.generator = generator
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt must hold at least one token")
+        if len(prompts) > self.max_prompts:
+            raise ValueError(f"{len(prompts)} prompts exceed this sampler's max_prompts={self.max_prompts}")
+        if any(len(p) > self.width for p in prompts):
+            raise ValueError(f"a prompt of {max(map(len, prompts))} tokens exceeds prompt_width={self.width}")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with gathered_parameters(self.model):
+                padded = list(prompts) + [prompts[0]] * (self.max_prompts - len(prompts)) if prompts else []
+                out = self._sample(padded)
+        finally:
+            self.model.train(was_training)
+        p = len(prompts)
+        return Samples(out.tokens[:p], out.logprobs[:p], out.lengths[:p])
+
+    def _ensure_runner(self):
+        # the cache lives in the dtype attention computes in: under autocast (fp32 master weights, bf16 compute)
+        # an fp32 cache would be converted for every layer at every step
+        dev = self.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else \
+            next(self.model.parameters()).dtype
+        if self._runner is None or self._runner.k[0].dtype != dtype:
+            rows = self.max_prompts * self.cfg.n
+            self._runner = _Runner(self.model, rows, self.width + self.cfg.max_new_tokens, self.device, dtype)
+            self._step = None
+        if self._step is None:
+            self._step = self._decode
+            if self.compile_decode:
+                for buf in self._runner.k + self._runner.v:  # written in place: fixed addresses for CUDA graphs
+                    torch._dynamo.mark_static_address(buf)
+                self._step = torch.compile(self._decode, mode="reduce-overhead", dynamic=False)
+        return self._runner
+
+    def _decode(self, tok, write, row_pads):
+        """One token per row written at cache slot ``write`` ([1], a device tensor); returns fp32 logits."""
+        runner = self._runner
+        slots = torch.arange(runner.max_len, device=tok.device)
+        pos = (write - row_pads)[:, None]
+        valid = (slots[None] >= row_pads[:, None]) & (slots[None] <= write)
+        return runner.forward(tok[:, None], pos, write, valid[:, None, None, :])
+
+    def _sample(self, prompts: list[list[int]]) -> Samples:
+        cfg, device = self.cfg, self.device
+        runner = self._ensure_runner()
+        ids, pads = _left_pad(prompts, self.pad_id, device, width=self.width)
+        p, length = ids.shape
+        rows = p * cfg.n
+        row_of = torch.arange(p, device=device).repeat_interleave(cfg.n)
+        slots = torch.arange(runner.max_len, device=device)
+
+        # prefill each prompt once; causal within the prompt, padding keys masked; every position also sees itself,
+        # so a left-pad query has one finite key (a fully masked row would put NaN keys/values in the cache, and
+        # 0 * NaN poisons later attention even where masked)
+        positions = (slots[None, :length] - pads[:, None]).clamp_min(0)
+        key_ok = slots[None, :length] >= pads[:, None]
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        eye = torch.eye(length, dtype=torch.bool, device=device)
+        mask = ((causal[None] & key_ok[:, None, :]) | eye[None])[:, None]
+        logits = runner.forward(ids, positions, None, mask, rows=row_of)[row_of]
+
+        row_pads = pads[row_of]
+        tokens = torch.full((rows, cfg.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(rows, cfg.max_new_tokens, dtype=torch.float32, device=device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        for t in range(cfg.max_new_tokens):
+            tok = _pick(logits, cfg, self.generator)
+            lp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+            live = ~finished
+            tokens[:, t] = torch.where(live, tok, torch.full_like(tok, self.pad_id))
+            logprobs[:, t] = torch.where(live, lp, torch.zeros_like(lp))
+            lengths += live.long()
+            finished |= tok == self.eos_id
+            if t + 1 == cfg.max_new_tokens:
+                break
+            if (t + 1) % cfg.sync_every == 0 and bool(finished.all()):  # host sync every sync_every tokens only
+                break
+            write = slots[length + t:length + t + 1]  # a view of a device tensor: no host-to-device copy
+            try:
+                logits = self._step(tok, write, row_pads)
+            except Exception as e:  # noqa: BLE001 - a compiler failure must not lose a training run
+                if self._step == self._decode:
+                    raise
+                warnings.warn(f"compiled decode step failed ({type(e).__name__}: {e}); continuing in eager mode")
+                self._step = self._decode
+                logits = self._decode(tok, write, row_pads)
+        shape = (p, cfg.n, cfg.max_new_tokens)
+        return Samples(tokens.view(shape), logprobs.view(shape), lengths.view(p, cfg.n))
 
 
 @torch.no_grad()
@@ -197,81 +323,14 @@ def sample(model, prompts: list[list[int]], cfg: SamplingConfig, *, eos_id: int,
     """Draw ``cfg.n`` continuations of every prompt (token-id lists of any lengths) with ``model``.
 
     ``generator`` must live on the model's device; ``compile_decode`` (default: on CUDA) captures the decode step
-    with CUDA graphs. The model's train/eval mode is restored afterwards.
+    with CUDA graphs. The model's train/eval mode is restored afterwards. For repeated rounds, build one ``Sampler``
+    and call it: its cache and compiled step are reused.
     """
-    device = model.get_output_embeddings().weight.device
-    was_training = model.training
-    model.eval()
-    try:
-        with gathered_parameters(model):
-            return _sample(model, prompts, cfg, eos_id, pad_id, generator, device,
-                           device.type == "cuda" if compile_decode is None else compile_decode)
-    finally:
-        model.train(was_training)
-
-
-def _sample(model, prompts, cfg, eos_id, pad_id, gen, device, compile_decode) -> Samples:
-    ids, pads = _left_pad(prompts, pad_id, device)
-    p, length = ids.shape
-    rows = p * cfg.n
-    max_len = length + cfg.max_new_tokens
-    # Cache in the dtype attention computes in: under autocast (fp32 master weights, bf16 compute) an fp32 cache
-    # would be converted to bf16 for every layer at every step.
-    autocast_on = torch.is_autocast_enabled(device.type)
-    dtype = torch.get_autocast_dtype(device.type) if autocast_on else next(model.parameters()).dtype
-    runner = _Runner(model, rows, max_len, device, dtype)
-    row_of = torch.arange(p, device=device).repeat_interleave(cfg.n)
-    slots = torch.arange(max_len, device=device)
-
-    # prefill each prompt once; causal within the prompt, padding keys masked
-    positions = (torch.arange(length, device=device)[None] - pads[:, None]).clamp_min(0)
-    key_ok = slots[None, :length] >= pads[:, None]
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    # every position also sees itself, so a left-pad query has one finite key (a fully masked row would give NaN
-    # keys/values in the cache, and 0 * NaN poisons later attention even where masked)
-    eye = torch.eye(length, dtype=torch.bool, device=device)
-    mask = ((causal[None] & key_ok[:, None, :]) | eye[None])[:, None]
-    logits = runner.forward(ids, positions, None, mask, rows=row_of)[row_of]
-
-    row_pads = pads[row_of]
-    tokens = torch.full((rows, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(rows, cfg.max_new_tokens, dtype=torch.float32, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    lengths = torch.zeros(rows, dtype=torch.long, device=device)
-
-    def decode(tok, step_t):  # one token per row at cache slot ``length + step_t`` (a 0-d tensor)
-        write = (length + step_t).reshape(1)
-        pos = (write - row_pads)[:, None]
-        valid = (slots[None] >= row_pads[:, None]) & (slots[None] <= write)
-        return runner.forward(tok[:, None], pos, write, valid[:, None, None, :])
-
-    step_fn = decode
-    if compile_decode:
-        for buf in runner.k + runner.v:  # written in place every step: keep their addresses fixed for CUDA graphs
-            torch._dynamo.mark_static_address(buf)
-        step_fn = torch.compile(decode, mode="reduce-overhead", dynamic=False)
-    for t in range(cfg.max_new_tokens):
-        tok = _pick(logits, cfg, gen)
-        lp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
-        live = ~finished
-        tokens[:, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
-        logprobs[:, t] = torch.where(live, lp, torch.zeros_like(lp))
-        lengths += live.long()
-        finished |= tok == eos_id
-        if t + 1 == cfg.max_new_tokens:
-            break
-        if (t + 1) % cfg.sync_every == 0 and bool(finished.all()):  # host sync every sync_every tokens only
-            break
-        try:
-            logits = step_fn(tok, torch.tensor(t, device=device))
-        except Exception as e:  # noqa: BLE001 - a compiler failure must not lose a training run
-            if step_fn is decode:
-                raise
-            warnings.warn(f"compiled decode step failed ({type(e).__name__}: {e}); continuing in eager mode")
-            step_fn = decode
-            logits = decode(tok, torch.tensor(t, device=device))
-    shape = (p, cfg.n, cfg.max_new_tokens)
-    return Samples(tokens.view(shape), logprobs.view(shape), lengths.view(p, cfg.n))
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    s = Sampler(model, cfg, max_prompts=len(prompts), prompt_width=max(map(len, prompts)), eos_id=eos_id,
+                pad_id=pad_id, compile_decode=compile_decode)
+    return s(prompts, generator)
 
 
 def prompts_from_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_state_dict)
 
 from . import methods as M
-from .beliefs import BeliefSet, draw_beliefs
+from .beliefs import BeliefSet, belief_sampler, draw_beliefs
 from .config import RunConfig
 from .data import ForgetRetainSampler, QADataset, collate, encode_prompt, load_qa
 from .model import LossHead, decoder_blocks, load_model
@@ -305,6 +305,8 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
         step, extra = load_checkpoint(ckpt, head, optim, sched, sampler, rank, world)
     bs_s = cfg.method.name == "bs_s"
     prompts = [encode_prompt(tokenizer, ex["question"]) for ex in main_set.examples] if bs_s else []
+    drawer = (belief_sampler(lm, prompts, cfg.method, eos_id=tokenizer.eos_token_id, pad_id=pad_id)
+              if bs_s else None)  # one belief sampler for the run: its cache and compiled step serve every round
     if "beliefs" in extra:
         state.beliefs = BeliefSet.from_state_dict(extra["beliefs"])
     regen_s = float(extra.get("regen_s", 0.0))
@@ -344,7 +346,7 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
                 state.beliefs = draw_beliefs(head, lm, prompts, cfg.method, eos_id=tokenizer.eos_token_id,
                                              pad_id=pad_id, seed=cfg.train.seed,
                                              round_=state.beliefs.round + 1 if state.beliefs else 1,
-                                             rank=rank, world=world)
+                                             rank=rank, world=world, sampler=drawer)
             regen_s += time.perf_counter() - t0
         f_all, r_all = _micro_batches(f_idx, world * micro), _micro_batches(r_idx, world * micro)
         mine = slice(rank * micro, (rank + 1) * micro)

@@ -154,3 +154,34 @@ def test_compiled_decode_step_matches_eager(model):
                       compile_decode=True)
     assert torch.equal(eager.tokens, compiled.tokens)
     torch.testing.assert_close(eager.logprobs, compiled.logprobs, rtol=1e-4, atol=1e-5)
+
+
+def test_reused_sampler_keeps_one_compiled_step(model):
+    """One Sampler serves batches of different sizes and prompt lengths with one cache and one compiled graph,
+    and gives what one-off eager sampling gives."""
+    import torch._dynamo
+
+    from bs_train.sampler import Sampler
+
+    torch._dynamo.reset()
+    cfg = SamplingConfig(n=2, max_new_tokens=5, temperature=0)
+    reused = Sampler(model, cfg, max_prompts=3, prompt_width=9, eos_id=VOCAB, pad_id=0, compile_decode=True)
+    batches = [PROMPTS[:3], PROMPTS[3:], [[9, 8, 7, 6, 5, 4, 3, 2, 1]]]
+    for batch in batches:
+        got = reused(batch)
+        want = sample(model, batch, cfg, eos_id=VOCAB, pad_id=0, compile_decode=False)
+        assert torch.equal(got.tokens, want.tokens) and got.tokens.shape[0] == len(batch)
+    cache = reused._runner.k[0]
+    reused(PROMPTS[:2])
+    assert reused._runner.k[0] is cache  # the cache is allocated once
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_sampler_refuses_oversized_batches(model):
+    from bs_train.sampler import Sampler
+
+    s = Sampler(model, SamplingConfig(n=1, max_new_tokens=2), max_prompts=2, prompt_width=4, eos_id=VOCAB, pad_id=0)
+    with pytest.raises(ValueError, match="max_prompts"):
+        s(PROMPTS[:3])
+    with pytest.raises(ValueError, match="prompt_width"):
+        s([list(range(1, 70))])
