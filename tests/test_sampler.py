@@ -164,6 +164,7 @@ def test_reused_sampler_keeps_one_compiled_step(model):
     from bs_train.sampler import Sampler
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # process-global: earlier compiles in this session must not count
     cfg = SamplingConfig(n=2, max_new_tokens=5, temperature=0)
     reused = Sampler(model, cfg, max_prompts=3, prompt_width=9, eos_id=VOCAB, pad_id=0, compile_decode=True)
     batches = [PROMPTS[:3], PROMPTS[3:], [[9, 8, 7, 6, 5, 4, 3, 2, 1]]]
