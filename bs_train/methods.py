@@ -196,10 +196,10 @@ def retain_nll(model, batch, st, n: Norms):
     return _weighted(model, batch, st, lambda y: -(y != IGNORE).float().reshape(-1) / n.retain_tokens)
 
 
-def _kl_chunk(h, w, h_ref, w_ref):
+def _kl_chunk(h, w, h_ref, w_ref, mask):
     logq = torch.log_softmax((h @ w.t()).float(), -1)
     logp = torch.log_softmax((h_ref @ w_ref.t()).float(), -1)
-    return (logp.exp() * (logp - logq)).sum()
+    return ((logp.exp() * (logp - logq)).sum(-1) * mask).sum()
 
 
 def retain_kl(model, batch, st, n: Norms, chunk: int = 256):
@@ -208,13 +208,13 @@ def retain_kl(model, batch, st, n: Norms, chunk: int = 256):
 
     def fn(hidden, weight, _):
         h, w, y = _flat(hidden, weight, batch["labels"])
-        rows = (y.reshape(-1) != IGNORE).nonzero().squeeze(1)
-        h_sel = h.index_select(0, rows)
-        h_ref = ref[0].reshape(-1, ref[0].shape[-1]).index_select(0, rows).to(h.dtype)
+        mask = (y.reshape(-1) != IGNORE).float()  # a weight, not a row selection: nonzero() would sync the host
+        h_ref = ref[0].reshape(-1, ref[0].shape[-1]).to(h.dtype)
         w_ref = ref[1].to(h.dtype)
         total = h.new_zeros((), dtype=torch.float32)
-        for c0 in range(0, h_sel.shape[0], chunk):  # checkpointed: backward recomputes each chunk's logits
-            total = total + checkpoint(_kl_chunk, h_sel[c0:c0 + chunk], w, h_ref[c0:c0 + chunk], w_ref,
+        for c0 in range(0, h.shape[0], chunk):  # checkpointed: backward recomputes each chunk's logits
+            c1 = c0 + chunk
+            total = total + checkpoint(_kl_chunk, h[c0:c1], w, h_ref[c0:c1], w_ref, mask[c0:c1],
                                        use_reentrant=False)
         return total / n.retain_tokens
 
