@@ -35,7 +35,8 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def _attn_impl(requested: str, device: torch.device) -> str:
+def resolve_attention(requested: str, device: torch.device) -> str:
+    """``auto`` resolves to flash-attn on CUDA when installed, else torch SDPA."""
     if requested != "auto":
         return requested
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
@@ -59,7 +60,7 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device: torch.d
     import transformers
 
     device = torch.device(device)
-    attn = _attn_impl(attn_implementation, device)
+    attn = resolve_attention(attn_implementation, device)
     if path == "tiny":
         from .tiny import byte_tokenizer, tiny_llama
 

@@ -36,7 +36,7 @@ from . import methods as M
 from .beliefs import BeliefSet, belief_sampler, draw_beliefs
 from .config import RunConfig
 from .data import ForgetRetainSampler, QADataset, collate, encode_prompt, load_qa
-from .model import LossHead, decoder_blocks, load_model
+from .model import LossHead, apply_liger, decoder_blocks, load_model, resolve_attention
 
 
 class StopRun(RuntimeError):
@@ -258,12 +258,15 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
     mp = cfg.train.mixed_precision
     compute_dtype = torch.bfloat16 if (mp == "bf16" or (mp == "auto" and use_cuda)) else None
     impl = cfg.train.impl if cfg.train.impl != "auto" else ("triton" if use_cuda else "torch")
-    lm, tokenizer = load_model(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device=device,
-                               attn_implementation=cfg.model.attn_implementation,
-                               trust_remote_code=cfg.model.trust_remote_code, use_liger=cfg.model.use_liger,
-                               seed=cfg.train.seed)
+    # Load on the CPU and validate all data before anything touches the GPU: a malformed example fails in seconds.
+    lm, tokenizer = load_model(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device="cpu",
+                               attn_implementation=resolve_attention(cfg.model.attn_implementation, device),
+                               trust_remote_code=cfg.model.trust_remote_code, use_liger=False, seed=cfg.train.seed)
     main_set, retain_set = build_data(cfg, tokenizer, run_dir)
     pad_id = tokenizer.pad_token_id
+    lm.to(device)
+    if cfg.model.use_liger and use_cuda:
+        apply_liger(lm)
 
     state = M.MethodState(cfg.method, impl)
     if M.needs_reference(cfg.method):
