@@ -53,6 +53,16 @@ def _fix_chat_eos(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def _forget_gguf_origin(model) -> None:
+    """A GGUF checkpoint arrives dequantised into plain float tensors, but transformers still marks the model as
+    quantized and then refuses ``save_pretrained``. Drop the marks so a fine-tuned model exports as safetensors and
+    reloads as an ordinary folder."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load_model(path: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                attn_implementation: str = "auto", trust_remote_code: bool = False, use_liger: bool = True,
                seed: int = 0):
@@ -87,6 +97,8 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device: torch.d
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             source, trust_remote_code=trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
         model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if gguf is not None:
+            _forget_gguf_origin(model)
     _fix_chat_eos(tokenizer)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
