@@ -3,7 +3,8 @@
 Read top to bottom, ``run`` does:
 1. set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), pick device and dtypes;
 2. load the model and the data (forget / retain, or the train split), validating all of it before any GPU work;
-3. build what the method needs once: NPO reference log-probs, a frozen reference for KL / RMU;
+3. build what the method needs once: NPO reference log-probs, a frozen reference for KL / RMU (in the
+   compute dtype, its blocks sharded under torchrun: ``frozen_reference``);
 4. ``parallelize``: activation checkpointing, then ``fully_shard`` per decoder block and at the root, in that order
    (torchtitan's recipe), bf16 compute with fp32 gradient reduction. Every loss is already a sum divided by a
    global count (``methods.Norms``), so the backward pass scales it by the world size to cancel FSDP's averaging
@@ -95,6 +96,27 @@ def parallelize(head: LossHead, cfg: RunConfig, world: int, compute_dtype: torch
         fully_shard(block, mp_policy=mp)
     fully_shard(head, mp_policy=mp, reshard_after_forward=False)
     return head
+
+
+def frozen_reference(lm: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype | None, *,
+                     liger: bool = False) -> LossHead:
+    """The frozen initial model that KL retain and RMU compare against, built to cost as little as it can.
+
+    It is never updated, so it is held in the compute dtype (no fp32 master copy), and under torchrun its decoder
+    blocks are sharded with ``fully_shard`` like the trained model's and resharded after every forward: an 8B
+    reference costs each rank its 1/world share of the blocks plus one block at a time. The root (embeddings, final
+    norm, lm_head) stays whole, because ``retain_kl`` reads the reference's lm_head weight after its forward and its
+    checkpointed chunks read it again during the trained model's backward."""
+    ref = copy.deepcopy(lm).eval().requires_grad_(False)
+    ref.to(device=device, dtype=compute_dtype)
+    if liger:
+        apply_liger(ref)
+    if dist.is_initialized():
+        from torch.distributed.fsdp import fully_shard
+
+        for block in decoder_blocks(ref):
+            fully_shard(block)
+    return LossHead(ref)
 
 
 def build_optimizer(params, cfg: RunConfig, use_cuda: bool) -> torch.optim.Optimizer:
@@ -264,14 +286,13 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
                                trust_remote_code=cfg.model.trust_remote_code, use_liger=False, seed=cfg.train.seed)
     main_set, retain_set = build_data(cfg, tokenizer, run_dir)
     pad_id = tokenizer.pad_token_id
-    lm.to(device)
-    if cfg.model.use_liger and use_cuda:
-        apply_liger(lm)
-
+    liger = cfg.model.use_liger and use_cuda
     state = M.MethodState(cfg.method, impl)
-    if M.needs_reference(cfg.method):
-        frozen = copy.deepcopy(lm).eval().requires_grad_(False)
-        state.reference = LossHead(frozen)
+    if M.needs_reference(cfg.method):  # copied on the CPU, before the trained model reaches the device
+        state.reference = frozen_reference(lm, device, compute_dtype, liger=liger)
+    lm.to(device)
+    if liger:
+        apply_liger(lm)
     if cfg.method.name == "rmu":
         n_states = lm.config.num_hidden_layers + 1
         if cfg.method.rmu_layer >= n_states:

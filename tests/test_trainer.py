@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 import bs_kernels as bk
 from bs_train.config import load_config
 from bs_train.data import QADataset, collate, load_qa
-from bs_train.model import load_model
-from bs_train.trainer import StopRun, run
+from bs_train.model import decoder_blocks, load_model
+from bs_train.trainer import StopRun, frozen_reference, run
 
 REPO = Path(__file__).resolve().parents[1]
 from small_runs import SMALL
@@ -94,10 +96,14 @@ def _unlearn_args(original: Path, out: Path, extra: list[str]) -> list[str]:
 # BS-S with greedy beliefs: the 2-rank run samples half of the prompts on each rank and gathers them, so its
 # beliefs (and curve) must equal the single process's. One prompt per round gives the two ranks different numbers of
 # sampler calls (3 and 2), which must not desynchronise their collectives.
+# KL retain and RMU also run the frozen reference, whose blocks are sharded too (``frozen_reference``).
 @pytest.mark.parametrize("method", [["method.name=bs_t"],
                                     ["method.name=bs_s", "method.bss_temperature=0", "method.bss_max_new_tokens=8",
                                      "method.bss_regen=steps", "method.bss_regen_every=2",
-                                     "method.bss_prompts_per_round=1"]], ids=["bs_t", "bs_s"])
+                                     "method.bss_prompts_per_round=1"],
+                                    ["method.name=graddiff", "method.retain=kl"],
+                                    ["method.name=rmu", "method.rmu_layer=1"]],
+                         ids=["bs_t", "bs_s", "kl_retain", "rmu"])
 def test_fsdp2_two_ranks_match_one_process(original, tmp_path, method):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("TRITON_INTERPRET", None)
@@ -176,3 +182,22 @@ def test_malformed_data_fails_before_training(tmp_path, forget_rows, match):
     with pytest.raises(ValueError, match=match):
         run(cfg, progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_frozen_reference_is_sharded_in_the_compute_dtype(tmp_path):
+    """Under a process group the reference's blocks become FSDP2 shards (DTensors) and everything is bf16 and frozen,
+    while the trained model is left as it was; its forward still runs (a 1-rank gloo group stands in for torchrun)."""
+    lm, _ = load_model("tiny")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ref = frozen_reference(lm, torch.device("cpu"), torch.bfloat16)
+        assert all(isinstance(p, DTensor) for b in decoder_blocks(ref.lm) for p in b.parameters())
+        assert not isinstance(ref.lm.lm_head.weight, DTensor)  # the root stays whole (retain_kl reads lm_head)
+        assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in ref.parameters())
+        assert all(p.dtype == torch.float32 and p.requires_grad for p in lm.parameters())
+        ids = torch.randint(0, lm.config.vocab_size, (2, 7))
+        with torch.no_grad():
+            hidden = ref(ids, torch.ones_like(ids), lambda h, w, _: h)
+        assert hidden.shape == (2, 7, lm.config.hidden_size) and hidden.dtype == torch.bfloat16
+    finally:
+        dist.destroy_process_group()
