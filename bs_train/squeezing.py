@@ -161,6 +161,27 @@ class SqueezingMonitor:
             return None
         return self._record(step, *self._score_all(model))
 
+    # ------------------------------------------------------------------------------------------- resuming
+
+    def _settings(self) -> dict[str, Any]:
+        return {"n_beliefs": self.n_beliefs, "every": self.every, "max_new_tokens": self.max_new_tokens,
+                "seed": self.seed, "temperature": self.temperature, "n_examples": len(self.examples)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything ``prepare`` drew and everything measured since (plain lists and numbers, so it fits a
+        ``weights_only`` checkpoint): a resumed run continues the same curves over the same beliefs."""
+        if not self._prepared:
+            raise ValueError("SqueezingMonitor.state_dict called before prepare(model)")
+        return {"settings": self._settings(), "beliefs": self.beliefs, "buckets": self.buckets,
+                "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("settings") != self._settings():
+            raise ValueError(f"SqueezingMonitor: the saved monitor had settings {state.get('settings')}, this one has "
+                             f"{self._settings()}")
+        self.beliefs, self.buckets, self.history = state["beliefs"], state["buckets"], state["history"]
+        self._prepared = True
+
     # ------------------------------------------------------------------------------------------- output
 
     def finish(self, out_dir: str | Path) -> tuple[Path, Path]:
@@ -170,8 +191,7 @@ class SqueezingMonitor:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         doc = {
-            "settings": {"n_beliefs": self.n_beliefs, "every": self.every, "max_new_tokens": self.max_new_tokens,
-                         "seed": self.seed, "temperature": self.temperature, "n_examples": len(self.examples),
+            "settings": {**self._settings(),
                          "buckets": "high = top 20%, mid = middle 60%, low = bottom 20% of initial belief log-prob"},
             "bucket_sizes": {k: len(v) for k, v in self.buckets.items()},
             "history": self.history,

@@ -253,8 +253,12 @@ def _beliefs_due(cfg: RunConfig, step: int, position: dict, beliefs: BeliefSet |
     return False
 
 
-def _extra(state: M.MethodState, regen_s: float) -> dict:
-    return {"beliefs": state.beliefs.state_dict(), "regen_s": regen_s} if state.beliefs is not None else {}
+def _extra(state: M.MethodState, regen_s: float, monitor) -> dict:
+    """What a checkpoint holds beyond weights, optimizer, scheduler and data position."""
+    extra = {"beliefs": state.beliefs.state_dict(), "regen_s": regen_s} if state.beliefs is not None else {}
+    if monitor is not None:
+        extra["squeezing"] = monitor.state_dict()
+    return extra
 
 
 def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, progress: bool = True) -> dict:
@@ -342,13 +346,16 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
 
     monitor = None
     if cfg.train.squeezing_every and cfg.command == "unlearn":
-        from .squeezing import SqueezingMonitor  # on resume it starts afresh from the resumed weights
+        from .squeezing import SqueezingMonitor
 
         monitor = SqueezingMonitor(main_set.examples, tokenizer, n_beliefs=cfg.train.squeezing_beliefs,
                                    every=cfg.train.squeezing_every, max_new_tokens=cfg.train.squeezing_max_new_tokens,
                                    seed=cfg.train.seed, impl=impl)
-        with autocast:
-            monitor.prepare(head)
+        if "squeezing" in extra:  # resumed: the same beliefs, and the curve so far
+            monitor.load_state_dict(extra["squeezing"])
+        else:
+            with autocast:
+                monitor.prepare(head)
 
     bar = None
     if progress and rank == 0:
@@ -421,14 +428,14 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
             if last:
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
-            save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s))
+            save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s, monitor))
         if stop_after is not None and step >= stop_after:
             raise StopRun(f"stopped after step {step} as asked")
     if bar is not None:
         bar.close()
     if monitor is not None and rank == 0:
         monitor.finish(run_dir)
-    save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s))
+    save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s, monitor))
     if cfg.train.export:
         export_hf(head, tokenizer, run_dir / "final", rank)
     summary = {"steps": step, "final": last, "output_dir": str(run_dir), "world_size": world, "impl": impl}

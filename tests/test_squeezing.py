@@ -86,3 +86,8 @@ def test_monitor_refuses_bad_use(tmp_path):
         mon.maybe_log(0, None)
     with pytest.raises(ValueError, match="before prepare"):
         mon.finish(tmp_path)
+    with pytest.raises(ValueError, match="before prepare"):
+        mon.state_dict()
+    other = SqueezingMonitor([{"question": "q", "answer": "a"}], tok, n_beliefs=3)
+    with pytest.raises(ValueError, match="saved monitor had settings"):
+        other.load_state_dict({"settings": {"n_beliefs": 5}, "beliefs": [], "buckets": {}, "history": []})

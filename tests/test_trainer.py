@@ -124,7 +124,8 @@ def test_fsdp2_two_ranks_match_one_process(original, tmp_path, method):
 
 def test_resume_reproduces_uninterrupted_curve(original, tmp_path):
     args = SMALL + [f"model.path={original / 'final'}", f"data.source={original / 'data'}", "method.name=npo",
-                    "train.lr=1e-3", "train.max_steps=6", "train.checkpoint_every=2", "train.export=false"]
+                    "train.lr=1e-3", "train.max_steps=6", "train.checkpoint_every=2", "train.export=false",
+                    "train.squeezing_every=3", "train.squeezing_beliefs=2", "train.squeezing_max_new_tokens=6"]
     full = load_config(None, args + [f"output_dir={tmp_path / 'full'}"], command="unlearn")
     run(full, progress=False)
     cut = load_config(None, args + [f"output_dir={tmp_path / 'cut'}"], command="unlearn")
@@ -138,6 +139,13 @@ def test_resume_reproduces_uninterrupted_curve(original, tmp_path):
     for ma, mb in zip(a, b):
         for key in ("loss", "forget", "retain", "lr"):
             assert abs(ma[key] - mb[key]) <= 1e-5 * max(1.0, abs(ma[key])), (key, ma, mb)
+    # the squeezing monitor resumes too: the same beliefs, and its curve continues rather than restarting
+    sa, sb = (json.loads((tmp_path / run / "squeezing.json").read_text()) for run in ("full", "cut"))
+    assert sa["beliefs"] == sb["beliefs"]
+    assert [h["step"] for h in sa["history"]] == [h["step"] for h in sb["history"]] == [0, 3, 6]
+    for ha, hb in zip(sa["history"], sb["history"]):
+        for key, value in ha.items():
+            assert value == pytest.approx(hb[key], rel=1e-5, abs=1e-6), (key, ha, hb)
 
 
 def test_resume_refuses_a_different_config(original, tmp_path):
