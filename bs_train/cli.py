@@ -188,7 +188,7 @@ def demo_main(argv: list[str]) -> int:
 
 
 def recipe_main(argv: list[str]) -> int:
-    from .recipe import METHODS, STAGES, Recipe, run_recipe
+    from .recipe import FINETUNE, METHODS, STAGES, UNLEARN, Recipe, WeakOriginal, run_recipe
 
     p = argparse.ArgumentParser(prog="bs-unlearn recipe", description="The TOFU reproduction recipe, in resumable "
                                 "stages that fit short GPU sessions (see bs_train/recipe.py).")
@@ -200,22 +200,26 @@ def recipe_main(argv: list[str]) -> int:
     p.add_argument("--lr-grid", default="1e-5,2e-5,5e-5", help="learning rates tried on forget05 per method")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this many seconds")
-    p.add_argument("--finetune", nargs="*", default=None, help="override the fine-tuning settings (key=value)")
-    p.add_argument("--unlearn", nargs="*", default=None, help="override the unlearning settings (key=value)")
+    p.add_argument("--probe-bar", type=float, default=0.9,
+                   help="forget10 answer probability and greedy ROUGE-L the original must reach before unlearning")
+    p.add_argument("--finetune", nargs="*", default=[],
+                   help="fine-tuning settings (key=value), applied after the recipe's own (recipe.FINETUNE)")
+    p.add_argument("--unlearn", nargs="*", default=[],
+                   help="unlearning settings (key=value), applied after the recipe's own (recipe.UNLEARN)")
     args = p.parse_args(argv)
-    kw = {}
-    if args.finetune is not None:
-        kw["finetune"] = args.finetune
-    if args.unlearn is not None:
-        kw["unlearn"] = args.unlearn
     try:
         recipe = Recipe(args.out, args.data, model=args.model, methods=tuple(args.methods.split(",")),
                         lr_grid=tuple(float(x) for x in args.lr_grid.split(",")), max_new_tokens=args.max_new_tokens,
-                        budget_s=args.budget_s, **kw)
+                        budget_s=args.budget_s, probe_bar=args.probe_bar, finetune=[*FINETUNE, *args.finetune],
+                        unlearn=[*UNLEARN, *args.unlearn])
     except ValueError as e:
         print(f"bs-unlearn recipe: {e}", file=sys.stderr)
         return 2
-    return 0 if run_recipe(recipe, args.stage) else 3
+    try:
+        return 0 if run_recipe(recipe, args.stage) else 3
+    except WeakOriginal as e:
+        print(f"bs-unlearn recipe: {e}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

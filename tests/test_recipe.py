@@ -7,18 +7,18 @@ import json
 
 import pytest
 
-from bs_train.recipe import Recipe, run_recipe
+from bs_train.recipe import Recipe, WeakOriginal, run_recipe
 from bs_train.synthetic import make_splits, write_folder
 
 
-def tiny_recipe(tmp_path, budget_s=1e9) -> Recipe:
+def tiny_recipe(tmp_path, budget_s=1e9, probe_bar=0.0) -> Recipe:
     data = write_folder(tmp_path / "data", make_splits(4, 5, seed=0))
     short = ["train.batch_size=4", "train.grad_accum=1", "train.export=true"]
     return Recipe(tmp_path / "runs", str(data), model="tiny", methods=("ga", "bs_s"), lr_grid=(1e-3, 3e-3),
                   finetune=short + ["train.lr=3e-3", "train.epochs=3"],
                   unlearn=short + ["train.epochs=1", "method.bss_max_new_tokens=8", "train.squeezing_beliefs=2",
                                    "train.squeezing_max_new_tokens=8"],
-                  max_new_tokens=8, budget_s=budget_s)
+                  max_new_tokens=8, budget_s=budget_s, probe_bar=probe_bar)
 
 
 def test_recipe_runs_every_stage_and_resumes(tmp_path):
@@ -38,6 +38,9 @@ def test_recipe_runs_every_stage_and_resumes(tmp_path):
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["name"] for r in results] == ["original", "retain", "ga", "bs_s"]
     assert results[1]["forget_quality"] == pytest.approx(1.0)  # the retain model against itself
+    probe = json.loads((out / "original" / "forget10_probe.json").read_text())
+    assert 0 <= probe["forget10_answer_probability"] <= 1 and 0 <= probe["forget10_greedy_rouge_l"] <= 1
+    assert probe["examples"]
     log = [json.loads(x) for x in (out / "stages.jsonl").read_text().splitlines()]
     assert {"finetune", "select", "unlearn", "evaluate"} <= {r["stage"] for r in log}
     assert all(r["device"] and r["host"] for r in log)
@@ -55,3 +58,17 @@ def test_recipe_stops_at_its_budget(tmp_path):
 def test_recipe_rejects_unknown_methods(tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
         Recipe(tmp_path, "data", methods=("ga", "dpo"))
+
+
+def test_recipe_refuses_to_unlearn_from_an_original_that_does_not_know_forget10(tmp_path, capsys):
+    """A 3-epoch tiny model is far below a 0.99 bar: the recipe stops after fine-tuning, names both numbers and the
+    way out, and starts no unlearning; the CLI turns it into exit code 4 with the message on stderr."""
+    recipe = tiny_recipe(tmp_path, probe_bar=0.99)
+    with pytest.raises(WeakOriginal, match=r"answer probability 0\.\d+, greedy ROUGE-L 0\.\d+ \(bar 0\.99.*delete"):
+        run_recipe(recipe)
+    assert (recipe.out / "retain" / "final").exists() and not (recipe.out / "select_forget05").exists()
+    from bs_train.cli import main
+
+    code = main(["recipe", "--data", recipe.data, "--out", str(recipe.out), "--model", "tiny", "--probe-bar", "0.99",
+                 "--finetune", "train.batch_size=4", "train.lr=3e-3", "train.epochs=3", "train.export=true"])
+    assert code == 4 and "does not know forget10" in capsys.readouterr().err
