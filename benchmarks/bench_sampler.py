@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_losses import emit, environment, finish  # noqa: E402
 
+from bs_train.model import cast_parameters  # noqa: E402
 from bs_train.sampler import SamplingConfig, bandwidth_floor_s, sample  # noqa: E402
 
 PRESETS = {
@@ -57,7 +58,7 @@ def random_llama(spec: dict, device: str):
                 m.weight.fill_(1.0)
     with torch.device(device):  # to_empty left the rotary buffers uninitialised: rebuild them
         model.model.rotary_emb = type(model.model.rotary_emb)(cfg)
-    return model.to(getattr(torch, spec["dtype"])).eval()
+    return cast_parameters(model, getattr(torch, spec["dtype"])).eval()
 
 
 def make_prompts(n_prompts: int, vocab: int, seed: int = 0) -> list[list[int]]:

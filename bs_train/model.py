@@ -53,6 +53,16 @@ def _fix_chat_eos(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast the floating-point parameters to ``dtype`` and leave the buffers alone, as ``from_pretrained(dtype=...)``
+    does. ``Module.to(dtype)`` would also round RoPE's ``inv_freq`` to bf16, moving every rotary angle by up to
+    0.4% (half a radian by position 256 in the fastest band): a different model than the checkpoint."""
+    for p in module.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return module
+
+
 def _forget_gguf_origin(model) -> None:
     """A GGUF checkpoint arrives dequantised into plain float tensors, but transformers still marks the model as
     quantized and then refuses ``save_pretrained``. Drop the marks so a fine-tuned model exports as safetensors and
@@ -104,7 +114,7 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device: torch.d
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
     lm_head_weight(model)  # refuse models whose logits are not h W^T before any training starts
-    model.to(device=device, dtype=dtype)
+    cast_parameters(model.to(device), dtype)
     if use_liger and device.type == "cuda":
         apply_liger(model)
     model.train()

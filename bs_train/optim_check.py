@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import load_config
+from .model import cast_parameters
 from .tiny import tiny_llama
 from .trainer import build_optimizer
 
@@ -38,7 +39,7 @@ def start_model(vocab: int = 97, seed: int = 0) -> torch.nn.Module:
 
 def train(start: torch.nn.Module, optimizer: str, dtype: torch.dtype, *, steps: int, lr: float):
     """(loss drop over the run, flat weight update) for one optimizer plan on a fixed batch."""
-    model = copy.deepcopy(start).to(dtype).train()
+    model = cast_parameters(copy.deepcopy(start), dtype).train()
     cfg = load_config(None, [f"train.optimizer={optimizer}", f"train.lr={lr}", "train.weight_decay=0",
                              f"model.dtype={'bfloat16' if dtype == torch.bfloat16 else 'float32'}"])
     opt = build_optimizer(model.parameters(), cfg, use_cuda=False)

@@ -37,7 +37,7 @@ from . import methods as M
 from .beliefs import BeliefSet, belief_sampler, draw_beliefs
 from .config import RunConfig
 from .data import ForgetRetainSampler, QADataset, collate, encode_prompt, load_qa
-from .model import LossHead, apply_liger, decoder_blocks, load_model, resolve_attention
+from .model import LossHead, apply_liger, cast_parameters, decoder_blocks, load_model, resolve_attention
 
 
 class StopRun(RuntimeError):
@@ -108,7 +108,9 @@ def frozen_reference(lm: torch.nn.Module, device: torch.device, compute_dtype: t
     norm, lm_head) stays whole, because ``retain_kl`` reads the reference's lm_head weight after its forward and its
     checkpointed chunks read it again during the trained model's backward."""
     ref = copy.deepcopy(lm).eval().requires_grad_(False)
-    ref.to(device=device, dtype=compute_dtype)
+    ref.to(device)
+    if compute_dtype is not None:
+        cast_parameters(ref, compute_dtype)
     if liger:
         apply_liger(ref)
     if dist.is_initialized():

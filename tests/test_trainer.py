@@ -203,9 +203,20 @@ def test_frozen_reference_is_sharded_in_the_compute_dtype(tmp_path):
         assert not isinstance(ref.lm.lm_head.weight, DTensor)  # the root stays whole (retain_kl reads lm_head)
         assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in ref.parameters())
         assert all(p.dtype == torch.float32 and p.requires_grad for p in lm.parameters())
+        assert ref.lm.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers keep their dtype
         ids = torch.randint(0, lm.config.vocab_size, (2, 7))
         with torch.no_grad():
             hidden = ref(ids, torch.ones_like(ids), lambda h, w, _: h)
         assert hidden.shape == (2, 7, lm.config.hidden_size) and hidden.dtype == torch.bfloat16
     finally:
         dist.destroy_process_group()
+
+
+def test_bf16_load_casts_parameters_and_keeps_rope_in_fp32():
+    """model.dtype=bfloat16 casts the parameters only, as from_pretrained(dtype=...) does: RoPE's inv_freq rounded to
+    bf16 would shift the rotary angles, and the bf16 model would drift from its fp32 self with position."""
+    ref, _ = load_model("tiny")
+    bf16, _ = load_model("tiny", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    assert bf16.model.rotary_emb.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(bf16.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq, rtol=0, atol=0)
