@@ -13,8 +13,9 @@ so gradient accumulation and FSDP2 (with its own gradient division switched off)
     wga       ga with each token weighted by the detached p(y_i)^beta.
     bs_t      the BS-T forget loss: soft target (1 - lam) e_y + lam sg[q] over the model's top-k beliefs.
     bs_s      BS-S: (1 - lam_S) L(D_u) + lam_S L(D^_u), with L in {ga, npo, wga, bs_t} and D^_u the model's own
-              sampled responses to each forget prompt (``beliefs.py``); on beliefs, NPO's reference log-probs are
-              those of the model that drew them.
+              sampled responses to each forget prompt (``beliefs.py``). With the NPO base, the beliefs' reference
+              log-probs are the initial model's, as for the targets: round 1 is drawn by the initial model itself
+              (its sampler log-probs serve), later rounds are scored by the frozen reference (``belief_ref_logp``).
     rmu       push layer-l activations on forget data to c * u (u a fixed random unit vector) and keep them equal
               to the initial model's on retain data.
 Retain terms (``method.retain``): ``nll`` on retain answers (mean over tokens), or ``kl``: KL(p_init || p_theta)
@@ -266,7 +267,25 @@ def needs_ref_logp(cfg: MethodConfig) -> bool:
 
 
 def needs_reference(cfg: MethodConfig) -> bool:
-    return cfg.name == "rmu" or (needs_retain(cfg) and cfg.retain == "kl")
+    """KL retain and RMU compare with the initial model; so does BS-S's NPO base on beliefs drawn after round 1."""
+    bss_npo_rounds = cfg.name == "bs_s" and cfg.bss_base == "npo" and cfg.bss_regen != "never"
+    return cfg.name == "rmu" or (needs_retain(cfg) and cfg.retain == "kl") or bss_npo_rounds
+
+
+@torch.no_grad()
+def belief_ref_logp(reference: LossHead, beliefs, impl: str, pad_id: int, device,
+                    prompts_per_batch: int = 8) -> list[list[float]]:
+    """log pi_ref(belief | prompt), summed over the belief's tokens, of every belief: [n_forget][N].
+
+    Every rank scores the whole set in the same batches, so an FSDP-sharded reference sees matching collectives."""
+    st = MethodState(MethodConfig(name="npo"), impl)
+    flat = torch.zeros(len(beliefs.answers) * beliefs.n, dtype=torch.float32)
+    for i0 in range(0, len(beliefs.answers), prompts_per_batch):
+        batch = beliefs.batch(list(range(i0, min(i0 + prompts_per_batch, len(beliefs.answers)))), pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        s, mask = _seq_scores(reference, batch, st)
+        flat[batch["index"].cpu()] = (s * mask).sum(-1).float().cpu()
+    return flat.view(-1, beliefs.n).tolist()
 
 
 @torch.no_grad()

@@ -3,8 +3,8 @@
 Read top to bottom, ``run`` does:
 1. set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), pick device and dtypes;
 2. load the model and the data (forget / retain, or the train split), validating all of it before any GPU work;
-3. build what the method needs once: NPO reference log-probs, a frozen reference for KL / RMU (in the
-   compute dtype, its blocks sharded under torchrun: ``frozen_reference``);
+3. build what the method needs once: NPO reference log-probs, a frozen reference for KL / RMU / BS-S's NPO base
+   after the first belief round (in the compute dtype, its blocks sharded under torchrun: ``frozen_reference``);
 4. ``parallelize``: activation checkpointing, then ``fully_shard`` per decoder block and at the root, in that order
    (torchtitan's recipe), bf16 compute with fp32 gradient reduction. Every loss is already a sum divided by a
    global count (``methods.Norms``), so the backward pass scales it by the world size to cancel FSDP's averaging
@@ -308,6 +308,9 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
         state.rmu_direction = (u / u.norm()).to(device)
 
     head = parallelize(LossHead(lm), cfg, world, compute_dtype)
+    # Before any forward: under FSDP2 a forward without backward leaves the root's parameters unsharded (it is not
+    # resharded after forward), and an optimizer built then would hold those transient tensors, not the shards.
+    optim = build_optimizer(head.parameters(), cfg, use_cuda)
     autocast = (torch.autocast("cuda", dtype=compute_dtype)
                 if use_cuda and compute_dtype is not None and world == 1 else nullcontext())
     if M.needs_ref_logp(cfg.method):
@@ -319,6 +322,8 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
                                                  collate_fn=lambda b: collate(b, pad_id))
             with autocast:
                 state.ref_logp = M.precompute_ref_logp(head, loader, impl, len(main_set), device)
+            if hasattr(head, "reshard"):  # FSDP2: free the root's gathered parameters (no backward will)
+                head.reshard()
             if rank == 0:
                 torch.save(state.ref_logp, ref_path)
 
@@ -328,7 +333,6 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
     total = sampler.steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
-    optim = build_optimizer(head.parameters(), cfg, use_cuda)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, total))
     step, extra = 0, {}
     if ckpt is not None:
@@ -380,6 +384,8 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
                                              pad_id=pad_id, seed=cfg.train.seed,
                                              round_=state.beliefs.round + 1 if state.beliefs else 1,
                                              rank=rank, world=world, sampler=drawer)
+                if state.beliefs.round > 1 and cfg.method.bss_base == "npo":  # the initial model's log-probs
+                    state.beliefs.logp = M.belief_ref_logp(state.reference, state.beliefs, impl, pad_id, device)
             regen_s += time.perf_counter() - t0
         f_all, r_all = _micro_batches(f_idx, world * micro), _micro_batches(r_idx, world * micro)
         mine = slice(rank * micro, (rank + 1) * micro)

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from bs_train import methods as M
 from bs_train.beliefs import BeliefSet, draw_beliefs
 from bs_train.config import MethodConfig, load_config
 from bs_train.data import collate
-from bs_train.model import LossHead
+from bs_train.model import LossHead, load_model
 from bs_train.sampler import SamplingConfig, sample
 from bs_train.tiny import tiny_llama
 from bs_train.trainer import StopRun, run
@@ -119,3 +121,25 @@ def test_resume_keeps_beliefs(tmp_path, original):
 def test_bad_bss_config(override, match):
     with pytest.raises(ValueError, match=match):
         load_config(None, ["method.name=bs_s", override], command="unlearn")
+
+
+def test_npo_base_scores_later_belief_rounds_with_the_initial_model(tmp_path, original):
+    """NPO's reference is the initial model for beliefs as for targets: after a regeneration, the stored belief
+    log-probs are the initial model's, not those of the (already unlearned) model that drew them."""
+    _bss_run(tmp_path, original, "npo", ["method.bss_base=npo", "method.bss_regen=steps", "method.bss_regen_every=2",
+                                         "train.max_steps=3", "train.lr=5e-3"])
+    ckpt = tmp_path / "npo" / "checkpoints"
+    beliefs = BeliefSet.from_state_dict(
+        torch.load(ckpt / (ckpt / "latest").read_text() / "trainer_state.pt", weights_only=True)["extra"]["beliefs"])
+    assert beliefs.round == 2
+    initial = LossHead(load_model(str(original / "final"))[0])
+    want = M.belief_ref_logp(initial, beliefs, "torch", pad_id=0, device="cpu")
+    flat = lambda rows: torch.tensor([v for row in rows for v in row])  # noqa: E731
+    torch.testing.assert_close(flat(beliefs.logp), flat(want), rtol=1e-4, atol=1e-3)
+    # ... while the trained model had moved: its own log-probs of the same beliefs differ
+    final = LossHead(load_model(str(original / "final"))[0])
+    state = {"model": get_model_state_dict(final)}
+    dcp.load(state, checkpoint_id=str(ckpt / (ckpt / "latest").read_text()))
+    set_model_state_dict(final, state["model"])
+    moved = M.belief_ref_logp(final, beliefs, "torch", pad_id=0, device="cpu")
+    assert (flat(moved) - flat(want)).abs().max() > 1e-2

@@ -96,14 +96,18 @@ def _unlearn_args(original: Path, out: Path, extra: list[str]) -> list[str]:
 # BS-S with greedy beliefs: the 2-rank run samples half of the prompts on each rank and gathers them, so its
 # beliefs (and curve) must equal the single process's. One prompt per round gives the two ranks different numbers of
 # sampler calls (3 and 2), which must not desynchronise their collectives.
-# KL retain and RMU also run the frozen reference, whose blocks are sharded too (``frozen_reference``).
+# KL retain, RMU and BS-S's NPO base (scoring round-2 beliefs) also run the frozen reference, whose blocks are
+# sharded too (``frozen_reference``).
 @pytest.mark.parametrize("method", [["method.name=bs_t"],
                                     ["method.name=bs_s", "method.bss_temperature=0", "method.bss_max_new_tokens=8",
                                      "method.bss_regen=steps", "method.bss_regen_every=2",
                                      "method.bss_prompts_per_round=1"],
+                                    ["method.name=bs_s", "method.bss_base=npo", "method.bss_temperature=0",
+                                     "method.bss_max_new_tokens=8", "method.bss_regen=steps",
+                                     "method.bss_regen_every=2"],
                                     ["method.name=graddiff", "method.retain=kl"],
                                     ["method.name=rmu", "method.rmu_layer=1"]],
-                         ids=["bs_t", "bs_s", "kl_retain", "rmu"])
+                         ids=["bs_t", "bs_s", "bs_s_npo", "kl_retain", "rmu"])
 def test_fsdp2_two_ranks_match_one_process(original, tmp_path, method):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("TRITON_INTERPRET", None)
