@@ -23,7 +23,8 @@ from .sampler import Sampler, SamplingConfig, gathered_parameters
 class BeliefSet:
     prompts: list[list[int]]  # [n_forget] prompt ids (chat template applied)
     answers: list[list[list[int]]]  # [n_forget][N] generated ids, the EOS included when produced
-    logp: list[list[float]]  # [n_forget][N] summed log-prob of each belief under the model that drew it
+    logp: list[list[float]]  # [n_forget][N] summed log-prob of each belief: under the model that drew it,
+    # replaced by the initial model's for NPO-base rounds after the first (``methods.belief_ref_logp``)
     round: int  # how many regenerations produced this set (1 = the first)
 
     @property
@@ -32,7 +33,7 @@ class BeliefSet:
 
     @property
     def ref_logp(self) -> torch.Tensor:
-        """Flat [n_forget * N] log pi(belief | prompt) at generation time: the NPO base's reference on beliefs."""
+        """Flat [n_forget * N] ``logp``: the NPO base's reference on beliefs."""
         return torch.tensor([v for row in self.logp for v in row], dtype=torch.float32)
 
     def batch(self, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
