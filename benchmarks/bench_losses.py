@@ -196,8 +196,8 @@ def emit(row: dict, rows: list[dict], device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def finish(rows: list[dict], out: Path | None) -> list[dict]:
-    """Write all cases to ``out`` (if given) and print them as the last stdout line, one JSON document."""
+def finish(rows: list[dict] | dict, out: Path | None) -> list[dict] | dict:
+    """Write all cases (or one result document) to ``out`` if given, and print them as the last stdout line."""
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=1) + "\n")

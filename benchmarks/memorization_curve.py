@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_losses import environment  # noqa: E402
+from bench_losses import environment, finish  # noqa: E402
 
 import bs_kernels as bk  # noqa: E402
 from bs_train import metrics as M  # noqa: E402
@@ -113,10 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
            "examples": len(ds), "steps_per_epoch": per_epoch,
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **environment(),
            "curve": curve}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(json.dumps(doc))
+    finish(doc, args.out)
     return curve
 
 
