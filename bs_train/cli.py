@@ -56,9 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"bs-unlearn: config error: {e}", file=sys.stderr)
         return 2
-    from .trainer import run  # heavy imports only once the config is known to be valid
+    from .trainer import NonFiniteError, run  # heavy imports only once the config is known to be valid
 
-    summary = run(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    try:
+        summary = run(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    except NonFiniteError as e:
+        print(f"bs-unlearn: {e}", file=sys.stderr)
+        return 5
     print(json.dumps(summary))
     return 0
 

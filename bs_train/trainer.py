@@ -44,6 +44,10 @@ class StopRun(RuntimeError):
     """Raised by ``run(stop_after=...)`` to end a run abruptly, as a kill would (used by the resume test)."""
 
 
+class NonFiniteError(RuntimeError):
+    """A loss or gradient norm became NaN / inf. Raised before anything is saved from the corrupted weights."""
+
+
 # ---- setup ------------------------------------------------------------------------------------------------------
 
 
@@ -263,6 +267,17 @@ def _extra(state: M.MethodState, regen_s: float, monitor) -> dict:
     return extra
 
 
+def _stop_if_nonfinite(flag: torch.Tensor, step: int, sums: torch.Tensor, grad_norm, run_dir: Path) -> None:
+    if not bool(flag):  # host sync, only on steps that log or checkpoint
+        return
+    ckpt = latest_checkpoint(run_dir)
+    raise NonFiniteError(
+        f"non-finite loss or gradient by step {step} (now: loss {float(sums[0]):.4g}, gradient norm "
+        f"{float(grad_norm):.4g}); stopped without saving the corrupted weights. The last good checkpoint is "
+        f"{ckpt if ckpt is not None else 'none (none was written yet)'}. Lower train.lr or set train.max_grad_norm; "
+        f"a run with a changed config needs a new output_dir")
+
+
 def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, progress: bool = True) -> dict:
     """Fine-tune or unlearn as configured; returns a summary dict (also written to summary.json)."""
     rank, world, device = setup_distributed()
@@ -369,6 +384,9 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
 
         bar = tqdm(total=total, initial=step, desc=f"{cfg.command} {cfg.method.name}", unit="step")
     t_start, tokens_seen, last = time.perf_counter(), 0, {}
+    # Set on device by any non-finite loss or gradient norm, read (one host sync) only where the host syncs anyway:
+    # logging, checkpoints and the end, all on every rank, so ranks stop together and nothing corrupted is saved.
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     batches_left = iter(sampler)
     while step < total:
         position = sampler.state_dict()  # where the batch about to be drawn sits: (epoch, step in epoch)
@@ -414,10 +432,14 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
         grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.max_grad_norm or float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        nonfinite |= ~(torch.isfinite(grad_norm) & torch.isfinite(sums).all())
         optim.step()
         optim.zero_grad(set_to_none=True)
         sched.step()
         step += 1
+        checkpoint_due = bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0 and step < total
+        if step % cfg.train.log_every == 0 or step == total or checkpoint_due:
+            _stop_if_nonfinite(nonfinite, step, sums, grad_norm, run_dir)
         if monitor is not None:
             with autocast:
                 monitor.maybe_log(step, head)
@@ -435,7 +457,7 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
             bar.update(1)
             if last:
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
+        if checkpoint_due:
             save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s, monitor))
         if stop_after is not None and step >= stop_after:
             raise StopRun(f"stopped after step {step} as asked")

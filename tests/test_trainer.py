@@ -19,13 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 import bs_kernels as bk
 from bs_train.config import load_config
 from bs_train.data import QADataset, collate, load_qa
-from bs_train.model import decoder_blocks, load_model
-from bs_train.trainer import StopRun, frozen_reference, run
+from bs_train.model import LossHead, decoder_blocks, load_model
+from bs_train.trainer import NonFiniteError, StopRun, frozen_reference, run
 
 REPO = Path(__file__).resolve().parents[1]
 from small_runs import SMALL
@@ -224,3 +226,28 @@ def test_bf16_load_casts_parameters_and_keeps_rope_in_fp32():
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     assert bf16.model.rotary_emb.inv_freq.dtype == torch.float32
     torch.testing.assert_close(bf16.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq, rtol=0, atol=0)
+
+
+def test_a_nonfinite_loss_stops_the_run_before_anything_corrupted_is_saved(original, tmp_path, capsys):
+    """GA at an absurd learning rate drives the loss to -inf / NaN: the run stops with an error that names the step
+    and the last good checkpoint, and every checkpoint on disk holds finite weights."""
+    run_dir = tmp_path / "diverged"
+    cfg = load_config(None, SMALL + [
+        f"output_dir={run_dir}", f"model.path={original / 'final'}", f"data.source={original / 'data'}",
+        "method.name=ga", "train.lr=1e4", "train.max_steps=20", "train.warmup_steps=0", "train.schedule=constant",
+        "train.checkpoint_every=1", "train.log_every=5"], command="unlearn")
+    with pytest.raises(NonFiniteError, match=r"non-finite loss or gradient by step \d+ .*last good checkpoint is .*step_"):
+        run(cfg, progress=False)
+    assert not (run_dir / "final").exists()
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text()
+    head = LossHead(load_model(str(original / "final"))[0])
+    state = {"model": get_model_state_dict(head)}
+    dcp.load(state, checkpoint_id=str(latest))
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    from bs_train.cli import main  # the command line says it in one line, no traceback, and exits with 5
+
+    code = main(["unlearn", "--no-progress", *SMALL, f"output_dir={tmp_path / 'cli'}", f"model.path={original / 'final'}",
+                 f"data.source={original / 'data'}", "method.name=ga", "train.lr=1e4", "train.max_steps=20",
+                 "train.warmup_steps=0", "train.schedule=constant", "train.log_every=1"])
+    err = capsys.readouterr().err
+    assert code == 5 and "bs-unlearn: non-finite loss or gradient" in err and "Traceback" not in err
