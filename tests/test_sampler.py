@@ -186,3 +186,25 @@ def test_sampler_refuses_oversized_batches(model):
         s(PROMPTS[:3])
     with pytest.raises(ValueError, match="prompt_width"):
         s([list(range(1, 70))])
+
+
+def test_compiled_step_is_shared_by_samplers_of_other_models_and_reads_their_weights():
+    """Evaluation builds a Sampler per model: they share one compiled graph (no recompile per model, so no per-model
+    compile time and no fall back to eager at dynamo's recompile limit), and each reads its own weights."""
+    import torch._dynamo
+
+    from bs_train.sampler import Sampler
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cfg = SamplingConfig(n=2, max_new_tokens=6, temperature=0)
+    outputs = []
+    for seed in range(3):
+        other = tiny_llama(VOCAB, seed=seed)
+        sampler = Sampler(other, cfg, max_prompts=2, prompt_width=9, eos_id=VOCAB, pad_id=0, compile_decode=True)
+        got = sampler(PROMPTS[:2])
+        want = sample(other, PROMPTS[:2], cfg, eos_id=VOCAB, pad_id=0, compile_decode=False)
+        assert torch.equal(got.tokens, want.tokens)
+        outputs.append(got.tokens)
+    assert not torch.equal(outputs[0], outputs[1])  # different weights, different tokens: nothing was baked in
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -230,24 +230,23 @@ def test_bf16_load_casts_parameters_and_keeps_rope_in_fp32():
 
 def test_a_nonfinite_loss_stops_the_run_before_anything_corrupted_is_saved(original, tmp_path, capsys):
     """GA at an absurd learning rate drives the loss to -inf / NaN: the run stops with an error that names the step
-    and the last good checkpoint, and every checkpoint on disk holds finite weights."""
+    and the last good checkpoint, and every checkpoint on disk holds finite weights. The command line says it in one
+    line, without a traceback, and exits with 5."""
+    args = SMALL + [f"model.path={original / 'final'}", f"data.source={original / 'data'}", "method.name=ga",
+                    "train.lr=1e4", "train.max_steps=20", "train.warmup_steps=0", "train.schedule=constant"]
     run_dir = tmp_path / "diverged"
-    cfg = load_config(None, SMALL + [
-        f"output_dir={run_dir}", f"model.path={original / 'final'}", f"data.source={original / 'data'}",
-        "method.name=ga", "train.lr=1e4", "train.max_steps=20", "train.warmup_steps=0", "train.schedule=constant",
-        "train.checkpoint_every=1", "train.log_every=5"], command="unlearn")
-    with pytest.raises(NonFiniteError, match=r"non-finite loss or gradient by step \d+ .*last good checkpoint is .*step_"):
+    cfg = load_config(None, args + [f"output_dir={run_dir}", "train.checkpoint_every=1", "train.log_every=5"],
+                      command="unlearn")
+    with pytest.raises(NonFiniteError, match=r"by step \d+ .*last good checkpoint is .*step_"):
         run(cfg, progress=False)
     assert not (run_dir / "final").exists()
     latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text()
-    head = LossHead(load_model(str(original / "final"))[0])
-    state = {"model": get_model_state_dict(head)}
+    state = {"model": get_model_state_dict(LossHead(load_model(str(original / "final"))[0]))}
     dcp.load(state, checkpoint_id=str(latest))
     assert all(torch.isfinite(v).all() for v in state["model"].values())
-    from bs_train.cli import main  # the command line says it in one line, no traceback, and exits with 5
 
-    code = main(["unlearn", "--no-progress", *SMALL, f"output_dir={tmp_path / 'cli'}", f"model.path={original / 'final'}",
-                 f"data.source={original / 'data'}", "method.name=ga", "train.lr=1e4", "train.max_steps=20",
-                 "train.warmup_steps=0", "train.schedule=constant", "train.log_every=1"])
+    from bs_train.cli import main
+
+    assert main(["unlearn", "--no-progress", *args, f"output_dir={tmp_path / 'cli'}"]) == 5
     err = capsys.readouterr().err
-    assert code == 5 and "bs-unlearn: non-finite loss or gradient" in err and "Traceback" not in err
+    assert "bs-unlearn: non-finite loss or gradient" in err and "Traceback" not in err
