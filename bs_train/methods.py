@@ -272,25 +272,21 @@ def needs_reference(cfg: MethodConfig) -> bool:
     return cfg.name == "rmu" or (needs_retain(cfg) and cfg.retain == "kl") or bss_npo_rounds
 
 
-@torch.no_grad()
 def belief_ref_logp(reference: LossHead, beliefs, impl: str, pad_id: int, device,
                     prompts_per_batch: int = 8) -> list[list[float]]:
     """log pi_ref(belief | prompt), summed over the belief's tokens, of every belief: [n_forget][N].
 
     Every rank scores the whole set in the same batches, so an FSDP-sharded reference sees matching collectives."""
-    st = MethodState(MethodConfig(name="npo"), impl)
-    flat = torch.zeros(len(beliefs.answers) * beliefs.n, dtype=torch.float32)
-    for i0 in range(0, len(beliefs.answers), prompts_per_batch):
-        batch = beliefs.batch(list(range(i0, min(i0 + prompts_per_batch, len(beliefs.answers)))), pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        s, mask = _seq_scores(reference, batch, st)
-        flat[batch["index"].cpu()] = (s * mask).sum(-1).float().cpu()
-    return flat.view(-1, beliefs.n).tolist()
+    n = len(beliefs.answers)
+    batches = (beliefs.batch(list(range(i0, min(i0 + prompts_per_batch, n))), pad_id)
+               for i0 in range(0, n, prompts_per_batch))  # "index" = the flat belief id
+    return precompute_ref_logp(reference, batches, impl, n * beliefs.n, device).view(n, beliefs.n).tolist()
 
 
 @torch.no_grad()
 def precompute_ref_logp(model: LossHead, loader, impl: str, n_examples: int, device) -> torch.Tensor:
-    """log pi_ref(y|x) (sum over answer tokens) of every forget example under the initial model, [n_examples]."""
+    """log pi_ref(y|x) (sum over answer tokens) of every example under the initial model, [n_examples]; ``loader``
+    yields collated batches whose ``index`` is each row's example id."""
     out = torch.zeros(n_examples, dtype=torch.float32)
     st = MethodState(MethodConfig(name="npo"), impl)
     for batch in loader:

@@ -74,12 +74,6 @@ class _Clock:
         return time.perf_counter() - self.t0 > self.recipe.budget_s
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _log(recipe: Recipe, stage: str, item: str, seconds: float, **extra) -> None:
     import torch
 
@@ -135,12 +129,14 @@ def probe_original(recipe: Recipe) -> dict:
     path = recipe.out / "original" / "forget10_probe.json"
     if path.exists():
         return json.loads(path.read_text())
+    import torch
+
     from .evaluate import forget_statistics, generate_text, load_split, resolve_data
     from .metrics import rouge_l_recall
     from .model import load_model
 
     t0 = time.perf_counter()
-    device = "cuda" if _cuda() else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_model(str(recipe.out / "original" / "final"), device=device)
     data = resolve_data(recipe.data)
     rows = load_split(data, "forget10")
