@@ -6,11 +6,13 @@ never holding the [N, V] logits. Every likelihood-based unlearning loss (GA, NPO
 function of these scores. Depends on torch and triton only; importing it changes no global setting.
 """
 
+from ._checks import IGNORE_INDEX
 from .losses import bst_loss, ga_loss, linear_cross_entropy, sequence_mean_weights, shift_labels
 from .reference import naive_token_scores
 from .token_scores import linear_token_scores, linear_weighted_score_sum
 
 __all__ = [
+    "IGNORE_INDEX",
     "bst_loss",
     "ga_loss",
     "linear_cross_entropy",

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+IGNORE_INDEX = -100
+"""Label value that marks a position as not scored (``torch.nn.functional.cross_entropy``'s default)."""
 IMPLS = ("triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TORCH_DTYPES = TRITON_DTYPES + (torch.float64,)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._checks import IGNORE_INDEX
 from .token_scores import linear_token_scores, linear_weighted_score_sum
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """labels[..., t] <- labels[..., t + 1], the last position set to ``ignore_index`` (HF causal-LM convention)."""
     return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
@@ -34,7 +35,7 @@ def _flatten(hidden: torch.Tensor, labels: torch.Tensor, shift: bool, ignore_ind
     return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), labels
 
 
-def sequence_mean_weights(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def sequence_mean_weights(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Token weights for "mean over answer tokens within a sequence, then mean over sequences", shape of labels.
 
     ``labels`` is [B, T] (a 1-D tensor is one sequence). Sequences with no answer token are left out of the outer
@@ -48,7 +49,7 @@ def sequence_mean_weights(labels: torch.Tensor, ignore_index: int = -100) -> tor
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         ignore_index: int = -100, reduction: str = "mean", shift: bool = False,
+                         ignore_index: int = IGNORE_INDEX, reduction: str = "mean", shift: bool = False,
                          impl: str = "triton", chunk_size: int | None = None) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels``, like ``F.cross_entropy`` on the logits.
 
@@ -70,7 +71,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
 
 def bst_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, lam: float = 0.2,
-             topk: int = 20, ignore_index: int = -100, shift: bool = True, impl: str = "triton",
+             topk: int = 20, ignore_index: int = IGNORE_INDEX, shift: bool = True, impl: str = "triton",
              chunk_size: int | None = None) -> torch.Tensor:
     """BS-T forget loss (minimised): mean over answer tokens of s_i within a sequence, then mean over sequences.
 
@@ -85,7 +86,7 @@ def bst_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *
     return loss
 
 
-def ga_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+def ga_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX,
             shift: bool = True, impl: str = "triton", chunk_size: int | None = None) -> torch.Tensor:
     """Gradient-ascent forget loss (minimised): the mean log-likelihood with the reference reduction of ``bst_loss``."""
     return bst_loss(hidden, weight, labels, lam=0.0, topk=0, ignore_index=ignore_index, shift=shift, impl=impl,

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import IGNORE_INDEX
 from .torch_rows import stable_topk
 
 
 def naive_token_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, topk: int = 0,
-                       lam: float = 0.0, ignore_index: int = -100) -> torch.Tensor:
+                       lam: float = 0.0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """``s_i = <(1 - lam) e_y + lam sg[q_i], log softmax(h_i W^T)>``, differentiable by autograd, [N] float32+.
 
     Computed in the dtype of ``hidden`` promoted to at least float32 (float64 stays float64).

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import torch_rows
-from ._checks import check_options, check_tensors
+from ._checks import IGNORE_INDEX, check_options, check_tensors
 
 # Default byte budget of the one logits buffer. With Llama-3 (V = 128256, bf16) this is C = 384 rows, so the whole
 # op stays within 128 MiB of the returned gradients. The price: the dW GEMM has inner dimension C, which leaves it
@@ -188,7 +188,7 @@ def _prepare(hidden, weight, labels, topk, lam, ignore_index, impl, token_weight
 
 
 def linear_token_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, topk: int = 0,
-                        lam: float = 0.0, ignore_index: int = -100, impl: str = "triton",
+                        lam: float = 0.0, ignore_index: int = IGNORE_INDEX, impl: str = "triton",
                         chunk_size: int | None = None) -> torch.Tensor:
     """Per-token scores ``s_i = <t_i, log softmax(h_i W^T)>`` as float32 [N] (float64 for float64 inputs),
     without materialising the [N, V] logits.
@@ -211,7 +211,7 @@ def linear_token_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
 
 def linear_weighted_score_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                               token_weights: torch.Tensor, *, topk: int = 0, lam: float = 0.0,
-                              ignore_index: int = -100, impl: str = "triton",
+                              ignore_index: int = IGNORE_INDEX, impl: str = "triton",
                               chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum_i w_i s_i, s.detach())`` with gradients computed in the forward pass: three GEMMs in all.
 

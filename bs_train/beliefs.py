@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from bs_kernels import IGNORE_INDEX
+
 from .config import MethodConfig
 from .data import collate
 from .sampler import Sampler, SamplingConfig, gathered_parameters
@@ -42,7 +44,7 @@ class BeliefSet:
         items, owners = [], []
         for i in indices:
             for j, ans in enumerate(self.answers[i]):
-                items.append({"input_ids": self.prompts[i] + ans, "labels": [-100] * len(self.prompts[i]) + ans,
+                items.append({"input_ids": self.prompts[i] + ans, "labels": [IGNORE_INDEX] * len(self.prompts[i]) + ans,
                               "index": i * self.n + j})
                 owners.append(i)
         out = collate(items, pad_id)

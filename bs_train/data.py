@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from bs_kernels import IGNORE_INDEX
+
 _OPTIONAL_STR_FIELDS = ("paraphrased_answer", "paraphrased_question", "option1", "option2", "option3", "option4")
 
 

@@ -37,7 +37,7 @@ import bs_kernels as bk
 from .config import MethodConfig
 from .model import LossHead
 
-IGNORE = -100
+IGNORE = bk.IGNORE_INDEX
 
 
 @dataclass
