@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(argv[1:])
     if argv and argv[0] == "recipe":
         return recipe_main(argv[1:])
+    if argv and argv[0] == "attack":
+        return attack_main(argv[1:])
     p = argparse.ArgumentParser(prog="bs-unlearn", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["finetune", "unlearn"])
@@ -230,6 +232,62 @@ def recipe_main(argv: list[str]) -> int:
     except WeakOriginal as e:
         print(f"bs-unlearn recipe: {e}", file=sys.stderr)
         return 4
+
+
+def attack_main(argv: list[str]) -> int:
+    """``bs-unlearn attack``: try to bring the forgotten knowledge back (bs_train/attacks); one line, exit 2, on a
+    bad argument, model or data."""
+    from .attacks.config import ATTACKS, JUDGES, AttackConfig
+
+    d = AttackConfig()
+    p = argparse.ArgumentParser(prog="bs-unlearn attack", description="Relearning, quantization, paraphrase and "
+                                "belief-sampling attacks on unlearned models, against the original and retain model.")
+    p.add_argument("models", nargs="*", help="unlearned run folders (their final/), model folders or Hub ids")
+    p.add_argument("--original", help="the model before unlearning (default: the first run's config model.path)")
+    p.add_argument("--retain-model", help="a model never trained on the forget split (recovery 0)")
+    p.add_argument("--attacks", default=",".join(d.attacks), help=f"comma-separated subset of {','.join(ATTACKS)}")
+    p.add_argument("--data", help="data folder, Hub id or 'synthetic' (default: the first run's own data)")
+    p.add_argument("--forget-split", default=d.forget_split)
+    p.add_argument("--retain-split", default=d.retain_split)
+    p.add_argument("--relearn-fraction", type=float, default=d.relearn_fraction)
+    p.add_argument("--relearn-split", help="relearn on this split instead of a slice of the forget split")
+    p.add_argument("--relearn-lr", type=float, help="default: the original's fine-tuning lr, else 1e-5")
+    p.add_argument("--relearn-steps", default=",".join(map(str, d.relearn_steps)))
+    p.add_argument("--bits", default=",".join(map(str, d.bits)))
+    p.add_argument("--group-size", type=int, default=d.group_size)
+    p.add_argument("--samples", type=int, default=d.samples)
+    p.add_argument("--judge", default=d.judge, choices=JUDGES)
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--out", default="attacks", help="folder for attacks.json, attacks.md and the relearning plots")
+    args = p.parse_args(argv)
+    from .attacks import run_attacks
+
+    try:
+        cfg = AttackConfig(
+            attacks=tuple(a for a in args.attacks.split(",") if a), forget_split=args.forget_split,
+            retain_split=args.retain_split, relearn_fraction=args.relearn_fraction, relearn_split=args.relearn_split,
+            relearn_lr=args.relearn_lr, relearn_steps=tuple(int(x) for x in args.relearn_steps.split(",")),
+            bits=tuple(int(x) for x in args.bits.split(",")), group_size=args.group_size, samples=args.samples,
+            judge=args.judge, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, seed=args.seed, device=args.device)
+        for spec in [*args.models, args.original, args.retain_model]:
+            looks_local = spec is not None and (spec.startswith((".", "/", "~")) or
+                                                ("/" in spec and Path(spec).parent.is_dir()))
+            if looks_local and not Path(spec).expanduser().exists():
+                raise ValueError(f"no such model folder: {spec!r}")
+        doc = run_attacks(args.models, original=args.original, retain=args.retain_model, data=args.data, cfg=cfg,
+                          out=args.out)
+    except (ValueError, OSError) as e:
+        print(f"bs-unlearn attack: {e}", file=sys.stderr)
+        return 2
+    print(doc["table"], end="")
+    print(f"\n{args.out}/attacks.json, {args.out}/attacks.md" + (", relearning plots there" if "relearn" in
+                                                                 cfg.attacks else ""))
+    return 0
 
 
 if __name__ == "__main__":
