@@ -6,7 +6,9 @@
 3. unlearn ``forget10`` from the original with GA, NPO, BS-T and BS-S (each but GA with the NLL retain term; the same
    budget for all), with the squeezing monitor on;
 4. evaluate every model (TOFU metrics, Mem./Util./Agg., the offline judge when its package is installed), print the
-   table and write ``results.json`` / ``results.md``; each unlearning run holds its ``squeezing.png``.
+   table and write ``results.json`` / ``results.md``; each unlearning run holds its ``squeezing.png``;
+5. a quick form of ``bs-unlearn attack`` on every unlearned model (2 relearning steps, int4, the probes, 4 samples),
+   whose worst-case recovery joins the table; ``<out>/attacks/`` holds its table and relearning plots.
 
 No download: the model is trained on the spot (SmolLM2-135M does not fit a 10-minute CPU budget). ``quick=True`` is
 the shortened version CI runs. The numbers show the pipeline working end to end on a toy; the paper's comparison
@@ -22,8 +24,9 @@ import time
 from pathlib import Path
 
 from .config import load_config
+from .methods import METHODS as TABLE
 
-METHODS = ("ga", "npo", "bs_t", "bs_s")
+METHODS = tuple(name for name, m in TABLE.items() if m.demo)  # ga, npo, bs_t, bs_s: the method table's demo rows
 
 
 def _stages(quick: bool) -> dict:
@@ -42,20 +45,22 @@ def _fresh_run(cfg, progress: bool) -> None:
 
 
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0,
-             methods: tuple[str, ...] = METHODS, progress: bool = True) -> dict:
+             methods: tuple[str, ...] = METHODS, progress: bool = True, attack: bool = True) -> dict:
     """Run the demo into ``out_dir``; returns ``{"results": [...], "table": markdown, "seconds": float}``."""
     from tqdm.auto import tqdm
 
-    from .cli import COLUMNS, markdown_table
-    from .evaluate import evaluate_model, reference_statistics, resolve_data
+    from .data import resolve_data
+    from .evaluate import evaluate_model, reference_statistics
     from .judge import make_judge
+    from .report import COLUMNS, markdown_table
     from .synthetic import make_splits, write_folder
     from .tiny import byte_tokenizer, tiny_llama
 
     s = _stages(quick)
     out = Path(out_dir)
     t0 = time.perf_counter()
-    steps = ["data + model", "fine-tune original", "fine-tune retain", *[f"unlearn {m}" for m in methods], "evaluate"]
+    steps = ["data + model", "fine-tune original", "fine-tune retain", *[f"unlearn {m}" for m in methods], "evaluate",
+             *(["attack"] if attack else [])]
     bar = tqdm(steps, desc="demo", unit="stage", disable=not progress)
     stage = iter(bar)
 
@@ -79,12 +84,12 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
         _fresh_run(cfg, progress)
     for method in methods:
         next(stage)
-        extra = [f"method.bss_max_new_tokens={s['max_new']}", "method.bss_regen=epochs", "method.bss_regen_every=2"]
+        beliefs = [f"method.bss_max_new_tokens={s['max_new']}", "method.bss_regen=epochs", "method.bss_regen_every=2"]
         cfg = load_config(None, common + [
             f"output_dir={out / method}", f"model.path={out / 'original' / 'final'}", f"method.name={method}",
             "train.lr=1e-3", f"train.epochs={s['unlearn_epochs']}", "train.warmup_steps=0",
             "train.schedule=constant", "train.squeezing_every=1", f"train.squeezing_beliefs={s['beliefs']}",
-            f"train.squeezing_max_new_tokens={s['max_new']}", *(extra if method == "bs_s" else [])],
+            f"train.squeezing_max_new_tokens={s['max_new']}", *(beliefs if TABLE[method].beliefs else [])],
             command="unlearn")
         _fresh_run(cfg, progress)
 
@@ -100,8 +105,22 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
                              max_new_tokens=s["max_new"], device="cpu")
         res["name"] = name
         results.append(res)
+    columns = COLUMNS
+    if attack:  # the quick attack: the relearning lr defaults to the original's fine-tuning lr (3e-3)
+        from .attacks import AttackConfig, run_attacks
+        from .attacks.report import ATTACK_COLUMNS
+
+        next(stage)
+        cfg = AttackConfig(relearn_steps=(0, 1, 2), bits=(4,), samples=4, max_new_tokens=s["max_new"],
+                           judge="embedding" if judge_name == "embedding" else "rouge", device="cpu")
+        doc = run_attacks([str(out / m) for m in methods], original=str(out / "original"),
+                          retain=str(out / "retain"), data=str(data), cfg=cfg, out=out / "attacks", progress=False)
+        worst = {r["name"]: r["summary"] for r in doc["results"]}
+        for res in results:
+            res.update(attack_worst=worst[res["name"]]["worst"], attack_worst_attack=worst[res["name"]]["worst_attack"])
+        columns = COLUMNS + ATTACK_COLUMNS
     bar.close()
-    table = markdown_table(results, COLUMNS)
+    table = markdown_table(results, columns)
     seconds = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps({"results": results, "judge": judge_name, "quick": quick,
                                                   "seconds": seconds}, indent=1) + "\n")

@@ -11,7 +11,8 @@ Stages, in order (``--stage`` runs one; the default runs every stage that still 
 3. ``unlearn``: every method unlearns ``forget10`` from the original with its selected rate, the same epochs and
    batch for all, each with its retain term, the squeezing monitor on;
 4. ``evaluate``: every model on forget10 with the retain model as reference and the offline judge;
-5. ``table``: ``results.json`` and ``results.md`` (ours beside the paper's Table 1).
+5. ``table``: ``results.json`` and ``results.md`` (ours beside the paper's Table 1), with each run's worst-case
+   attack recovery once ``bs-unlearn attack`` has written its ``attacks.json``.
 
 Every run lives in its own folder and is skipped once finished (its ``final/`` or ``eval.json`` exists); a run cut
 off mid-way resumes from its last checkpoint. To fit a small disk, a finished run's checkpoints are deleted, and so
@@ -32,9 +33,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import load_config
+from .methods import METHODS as TABLE
 
 STAGES = ("finetune", "select", "unlearn", "evaluate", "table")
-METHODS = ("ga", "graddiff", "npo", "simnpo", "rmu", "wga", "bs_t", "bs_s")
+METHODS = tuple(name for name, m in TABLE.items() if m.recipe)  # the method table's recipe rows: all 8 unlearners
 # The paper's Table 1 (TOFU forget10, Llama-3.2-1B): Agg. / Mem. / Util.
 PAPER = {"retain": (0.64, 0.58, 0.71), "graddiff": (0.52, 0.49, 0.56), "npo": (0.58, 0.58, 0.58),
          "rmu": (0.58, 0.59, 0.57), "simnpo": (0.47, 0.35, 0.70), "wga": (0.53, 0.47, 0.62),
@@ -144,7 +146,7 @@ class RecipeError(ValueError):
 def preflight(recipe: Recipe) -> list[str]:
     """Fail before any work on what would fail later: the judge and the splits the stages read. Returns the utility
     splits present."""
-    from .evaluate import load_split, resolve_data
+    from .data import load_split, resolve_data
 
     _judge()
     data = resolve_data(recipe.data)
@@ -167,7 +169,9 @@ def probe_original(recipe: Recipe) -> dict:
         return json.loads(path.read_text())
     import torch
 
-    from .evaluate import forget_statistics, generate_text, load_split, resolve_data
+    from .data import load_split, resolve_data
+    from .evaluate import forget_statistics
+    from .generation import generate_text
     from .metrics import rouge_l_recall
     from .model import load_model
 
@@ -246,7 +250,8 @@ def stage_unlearn(recipe: Recipe, clock: _Clock) -> bool:
 
 
 def stage_evaluate(recipe: Recipe, clock: _Clock) -> bool:
-    from .evaluate import reference_statistics, resolve_data
+    from .data import resolve_data
+    from .evaluate import reference_statistics
 
     ref = reference_statistics(str(recipe.out / "retain" / "final"), resolve_data(recipe.data), "forget10")
     for name in ("retain", "original", *recipe.methods):
@@ -257,15 +262,17 @@ def stage_evaluate(recipe: Recipe, clock: _Clock) -> bool:
 
 
 def stage_table(recipe: Recipe, clock: _Clock) -> bool:
-    from .cli import COLUMNS, markdown_table
+    from .attacks.report import ATTACK_COLUMNS, attack_summary
+    from .report import COLUMNS, markdown_table
 
     rows = []
     for name in ("original", "retain", *recipe.methods):
         res = json.loads((recipe.out / name / "eval.json").read_text())
         paper = PAPER.get(name)
         res["paper_agg_mem_util"] = "/".join(f"{v:.2f}" for v in paper) if paper else None
+        res.update(attack_summary(recipe.out / name))  # robustness, once `bs-unlearn attack` has run on the runs
         rows.append(res)
-    columns = COLUMNS + [("paper_agg_mem_util", "Paper Agg./Mem./Util. (Llama-3.2-1B)")]
+    columns = COLUMNS + ATTACK_COLUMNS + [("paper_agg_mem_util", "Paper Agg./Mem./Util. (Llama-3.2-1B)")]
     table = markdown_table(rows, columns)
     slim = [{k: v for k, v in r.items() if k != "per_example"} for r in rows]
     (recipe.out / "results.json").write_text(json.dumps({"recipe": _describe(recipe), "results": slim}, indent=1)

@@ -6,7 +6,7 @@
   offline judge, or ROUGE-L recall) must reach the threshold and, where the row has wrong-fact answers, exceed its
   similarity to each of them, so an answer in the right template with the wrong fact does not count;
 * ``knowledge``: forget answer probability (TOFU's Prob), extraction strength (ES), greedy ROUGE-L recall and the
-  share of greedy answers the matcher accepts, per model, through ``bs_train.evaluate``'s scoring and generation;
+  share of greedy answers the matcher accepts, per model, through ``bs_train.scoring`` and ``bs_train.generation``;
 * ``recovery``: where an attacked model's number sits between the retain model (0: never trained on the forget rows)
   and the original (1) *under the same attack*, so what an attack does to every model (a quantized model's lower
   probabilities, the matcher's rate on template answers) cancels out. Lynch et al. 2024 ("Eight methods to evaluate
@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import metrics as M
-from ..evaluate import generate_text, load_split, score_answers
+from .. import metrics
+from ..data import load_split
+from ..generation import generate_text
+from ..scoring import score_answers
 
 EXTRA_FIELDS = ("paraphrased_question", "paraphrased_answer", "perturbed_answer")
 
@@ -76,7 +78,7 @@ class Matcher:
         if self.kind == "rouge":
             flat_t = [t for t, rs in zip(texts, refs) for _ in rs]
             flat_r = [r for rs in refs for r in rs]
-            flat = M.rouge_l_recall(flat_t, flat_r)
+            flat = metrics.rouge_l_recall(flat_t, flat_r)
         else:
             uniq = sorted({*texts, *(r for rs in refs for r in rs)})
             emb = self.judge.embed(uniq)
@@ -106,12 +108,12 @@ def knowledge(model: torch.nn.Module, tok: Any, rows: list[dict[str, Any]], matc
     q, a = [r["question"] for r in rows], [r["answer"] for r in rows]
     sc = score_answers(model, tok, q, a, vocab_stats=True, batch_size=batch_size, max_length=max_length)
     out: dict[str, Any] = {
-        "forget_Q_A_Prob": float(M.probability([s["avg_nll"] for s in sc]).mean()),
-        "extraction_strength": float(np.mean([M.extraction_strength(s["pred"], s["labels"]) for s in sc])),
+        "forget_Q_A_Prob": float(metrics.probability([s["avg_nll"] for s in sc]).mean()),
+        "extraction_strength": float(np.mean([metrics.extraction_strength(s["pred"], s["labels"]) for s in sc])),
     }
     if with_generation:
         gens = generate_text(model, tok, q, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        out["forget_Q_A_ROUGE"] = float(np.mean(M.rouge_l_recall(gens, a)))
+        out["forget_Q_A_ROUGE"] = float(np.mean(metrics.rouge_l_recall(gens, a)))
         hits = matcher.recovered(gens, rows)
         out["recovered"] = float(np.mean(hits))
         out["generations"] = gens
@@ -123,7 +125,7 @@ def retain_knowledge(model: torch.nn.Module, tok: Any, rows: list[dict[str, Any]
     """Mean answer probability on retain rows (what the model must still know)."""
     sc = score_answers(model, tok, [r["question"] for r in rows], [r["answer"] for r in rows],
                        batch_size=batch_size, max_length=max_length)
-    return {"retain_Q_A_Prob": float(M.probability([s["avg_nll"] for s in sc]).mean())}
+    return {"retain_Q_A_Prob": float(metrics.probability([s["avg_nll"] for s in sc]).mean())}
 
 
 def recovery(value: float | None, floor: float | None, ceiling: float | None, min_gap: float) -> float | None:

@@ -10,9 +10,10 @@ Paraphrase and re-framing probes (``paraphrase_probes``), each a greedy answer j
 * ``third_person``: the question retold as a scene ("A reader asked a librarian: ..."), ours: unlearning is trained
   on the exact question template, and Lynch et al. 2024 find unlearned knowledge returns under other framings;
 * ``multiple_choice``: the question with the true answer among three of its wrong-fact answers as options A-D
-  (seeded order; a prompt longer than ``max_length`` is left out and counted); each option is scored as the answer to that prompt and the result is the truth probability
-  ``P_true / (P_true + P_wrong)`` (``P_wrong`` the geometric mean, TOFU's truth ratio ``tr`` as ``1 / (1 + tr)``),
-  on the paraphrased answer when there is one so every option is in the same wording.
+  (seeded order; a prompt longer than ``max_length`` is left out and counted); each option is scored as the answer
+  to that prompt and the result is the truth probability ``P_true / (P_true + P_wrong)`` (``P_wrong`` the geometric
+  mean; TOFU's truth ratio ``tr`` as ``1 / (1 + tr)``), on the paraphrased answer when there is one, so every option
+  is in the same wording.
 
 Belief sampling (``belief_sampling``): ``samples`` answers per question at temperature 1 through the project's
 generation function; the share of questions where *any* sample is accepted by the matcher, beside the greedy share.
@@ -28,9 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import evaluate as E
-from .. import metrics as M
+from .. import metrics
 from ..data import encode_prompt
+from ..generation import generate, generate_text
+from ..scoring import score_answers
 from .measure import Matcher
 
 PROBES = ("paraphrased", "complete", "third_person", "multiple_choice")
@@ -66,7 +68,7 @@ def paraphrase_probes(model: torch.nn.Module, tok: Any, rows: list[dict[str, Any
     gen = {"batch_size": batch_size, "max_new_tokens": max_new_tokens}
     para = [r for r in rows if r.get("paraphrased_question")]
     if para:
-        answers = E.generate_text(model, tok, [r["paraphrased_question"] for r in para], **gen)
+        answers = generate_text(model, tok, [r["paraphrased_question"] for r in para], **gen)
         out["paraphrased"] = {"rate": float(np.mean(matcher.recovered(answers, para))), "rows": len(para),
                               "answers": answers}
     comp = [r for r in rows if split_answer(r["answer"])[0]]
@@ -74,11 +76,11 @@ def paraphrase_probes(model: torch.nn.Module, tok: Any, rows: list[dict[str, Any
         prefixes = [split_answer(r["answer"])[0] for r in comp]
         prompts = [encode_prompt(tok, r["question"]) + list(tok(p, add_special_tokens=False)["input_ids"])
                    for r, p in zip(comp, prefixes)]
-        cont = [o[0] for o in _decode(tok, E.generate(model, tok, prompts, **gen))]
+        cont = [o[0] for o in _decode(tok, generate(model, tok, prompts, **gen))]
         rest = [{"answer": split_answer(r["answer"])[1]} for r in comp]
         out["complete"] = {"rate": float(np.mean(matcher.recovered(cont, rest))), "rows": len(comp),
                            "answers": [f"{p} | {c}" for p, c in zip(prefixes, cont)]}
-    answers = E.generate_text(model, tok, [third_person(r["question"]) for r in rows], **gen)
+    answers = generate_text(model, tok, [third_person(r["question"]) for r in rows], **gen)
     out["third_person"] = {"rate": float(np.mean(matcher.recovered(answers, rows))), "rows": len(rows),
                            "answers": answers}
     mc = [r for r in rows if r.get("perturbed_answer")]
@@ -91,14 +93,14 @@ def paraphrase_probes(model: torch.nn.Module, tok: Any, rows: list[dict[str, Any
             rng.shuffle(options)
             prompt = multiple_choice(r["question"], options)
             try:
-                sc = E.score_answers(model, tok, [prompt] * len(options), options, batch_size=batch_size,
+                sc = score_answers(model, tok, [prompt] * len(options), options, batch_size=batch_size,
                                      max_length=max_length)
             except ValueError:  # longer than max_length: left out and counted
                 too_long += 1
                 continue
             nll = {o: s["avg_nll"] for o, s in zip(options, sc)}
             wrong = [nll[o] for o in options if o != true]
-            probs.append(1.0 / (1.0 + M.truth_ratio(nll[true], wrong)))
+            probs.append(1.0 / (1.0 + metrics.truth_ratio(nll[true], wrong)))
         if probs:
             out["multiple_choice"] = {"truth_prob": float(np.mean(probs)), "rows": len(probs),
                                       "too_long": too_long, "options": MC_WRONG + 1}
@@ -115,7 +117,7 @@ def belief_sampling(model: torch.nn.Module, tok: Any, rows: list[dict[str, Any]]
                     ) -> dict[str, Any]:
     """``{"any_rate", "sample_rate", "samples", "per_question": [accepted samples per question]}``."""
     prompts = [encode_prompt(tok, r["question"]) for r in rows]
-    outs = _decode(tok, E.generate(model, tok, prompts, max_new_tokens=max_new_tokens, do_sample=True,
+    outs = _decode(tok, generate(model, tok, prompts, max_new_tokens=max_new_tokens, do_sample=True,
                                    temperature=temperature, num_samples=samples, seed=seed,
                                    batch_size=batch_size))
     flat_rows = [r for r, o in zip(rows, outs) for _ in o]

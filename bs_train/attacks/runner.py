@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..evaluate import load_split, resolve_data, resolve_model_path
+from ..data import load_split, resolve_data
+from ..model import load_model, resolve_model_path
 from . import measure, probes, relearn
 from .config import AttackConfig
 from .report import markdown, plot_relearn
@@ -33,8 +34,6 @@ def _device(spec: str) -> torch.device:
 def load(spec: str, device: torch.device):
     """``(model in eval mode, tokenizer)`` of a run folder (its ``final/``), model folder, ``smollm2-135m`` or Hub
     id; bf16 on CUDA, fp32 elsewhere, as ``bs_train.evaluate`` loads."""
-    from ..model import load_model
-
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tok = load_model(resolve_model_path(spec), dtype=dtype, device=device, use_liger=False)
     return model.eval(), tok
