@@ -233,7 +233,7 @@ def attack_main(argv: list[str]) -> int:
     p.add_argument("--retain-split", default=d.retain_split)
     p.add_argument("--relearn-fraction", type=float, default=d.relearn_fraction)
     p.add_argument("--relearn-split", help="relearn on this split instead of a slice of the forget split")
-    p.add_argument("--relearn-lr", type=float, help="default: the original's fine-tuning lr, else 1e-5")
+    p.add_argument("--relearn-lr", type=float, help="default: a tenth of the original's fine-tuning lr, else 1e-5")
     p.add_argument("--relearn-steps", default=",".join(map(str, d.relearn_steps)))
     p.add_argument("--bits", default=",".join(map(str, d.bits)))
     p.add_argument("--group-size", type=int, default=d.group_size)

@@ -114,7 +114,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"data": data, "original": root / "original", "retain": root / "retain", "untrained": root / "untrained"}
 
 
-QUICK = dict(relearn_fraction=0.25, relearn_steps=(0, 1, 3), relearn_lr=3e-3, samples=4, max_new_tokens=32,
+QUICK = dict(relearn_fraction=0.25, relearn_steps=(0, 1, 3), samples=4, max_new_tokens=32,
              judge="rouge", batch_size=8)
 
 
@@ -131,7 +131,8 @@ def test_quick_attack_separates_the_original_from_a_model_that_never_learned(mod
     for attack in ("quantize", "relearn"):
         assert orig["summary"][attack] == pytest.approx(1.0)
     assert orig["quantize"]["int8"]["forget_Q_A_Prob"] == pytest.approx(orig["none"]["forget_Q_A_Prob"], rel=0.02)
-    assert orig["sample"]["any_rate"] >= orig["sample"]["greedy_rate"]
+    assert len(orig["sample"]["per_question"]) == 3 and all(0 <= n <= 4 for n in orig["sample"]["per_question"])
+    assert untrained["sample"]["any_rate"] == 0.0 and untrained["none"]["recovered"] == 0.0
     # a model never trained on the forget rows recovers nothing under any attack
     defined = {a: v for a, v in untrained["summary"].items() if a in ("relearn", "quantize", "paraphrase", "sample")
                and v is not None}
@@ -139,7 +140,8 @@ def test_quick_attack_separates_the_original_from_a_model_that_never_learned(mod
     assert all(v < 0.25 for v in defined.values()), defined
     assert untrained["summary"]["worst"] < 0.25
     out = tmp_path / "out"
-    assert (out / "attacks.md").read_text().count("\n") == 2 + 3
+    assert doc["relearn_lr"] == pytest.approx(3e-4)  # a tenth of the original's fine-tuning lr
+    assert sum(ln.startswith("|") for ln in (out / "attacks.md").read_text().splitlines()) == 2 + 3
     assert (out / "relearn_untrained.png").stat().st_size > 10_000
     assert json.loads((out / "attacks.json").read_text())["results"][2]["name"] == "untrained"
 
@@ -151,7 +153,7 @@ def test_attacks_are_deterministic_with_a_seed(models, tmp_path):
     rows = dict(zip(("relearn", "held_out"), measure.split_forget(forget, cfg.relearn_fraction, cfg.seed)))
     rows["retain"] = forget[:2]
     matcher = measure.Matcher("rouge", cfg.threshold)
-    a, b = (attack_one(str(models["original"]), cfg, rows, matcher, 3e-3, tmp_path / f"w{i}") for i in range(2))
+    a, b = (attack_one(str(models["original"]), cfg, rows, matcher, 3e-4, tmp_path / f"w{i}") for i in range(2))
     for x in (a, b):
         x.pop("seconds")
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
@@ -207,3 +209,15 @@ def test_minilm_rule_accepts_tofu_paraphrases_and_rejects_wrong_facts():
     others = [dict(r, perturbed_answer=r["perturbed_answer"][1:]) for r in rows]
     wrong = m.recovered([r["perturbed_answer"][0] for r in rows], others)
     assert sum(para) / len(rows) >= 0.7 and sum(wrong) / len(rows) <= 0.25
+
+
+def test_compare_shows_a_runs_worst_case_attack_recovery(tmp_path, capsys):
+    from bs_train.cli import main
+
+    run = tmp_path / "npo"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps({"agg": 0.5, "forget_Q_A_Prob": 0.1}))
+    (run / "attacks.json").write_text(json.dumps({"summary": {"worst": 0.42, "worst_attack": "relearn"}}))
+    assert main(["compare", str(run)]) == 0
+    header, _, row = capsys.readouterr().out.strip().splitlines()
+    assert "Attack rec. (worst)" in header and "| 0.42 | relearn |" in row

@@ -42,8 +42,10 @@ class AttackConfig:
     """Relearn on rows of this split instead (e.g. a retain or related split: Hu et al.'s "public information"
     setting); then no forget row is set aside and all are scored."""
     relearn_lr: float | None = None
-    """Relearning learning rate. None: the lr the original was fine-tuned with (its run's config.yaml), else 1e-5,
-    TOFU's fine-tuning lr (Maini et al. 2024): the rate at which the knowledge was learnt in the first place."""
+    """Relearning learning rate. None: a tenth of the lr the original was fine-tuned with (its run's config.yaml),
+    else 1e-5 (TOFU's fine-tuning lr, Maini et al. 2024). The tenth is ours: on the offline demo the original's own
+    lr (3e-3) at a constant rate without warm-up wipes the original out in one step on one row (held-out answer
+    probability 0.95 -> 0.08), a tenth keeps it (0.90 after 10 steps) while the unlearned models relearn."""
     relearn_steps: tuple[int, ...] = (0, 1, 2, 5, 10)
     """Optimizer steps at which the held-out rows are scored (0 = before relearning); ours, after the issue. Each is
     its own run from the model at a constant lr without warm-up, so each is exactly the prefix of the longest."""

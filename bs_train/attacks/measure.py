@@ -122,7 +122,9 @@ def knowledge(model: torch.nn.Module, tok: Any, rows: list[dict[str, Any]], matc
 
 def retain_knowledge(model: torch.nn.Module, tok: Any, rows: list[dict[str, Any]], *, batch_size: int,
                      max_length: int) -> dict[str, float]:
-    """Mean answer probability on retain rows (what the model must still know)."""
+    """Mean answer probability on retain rows (what the model must still know); empty without rows."""
+    if not rows:
+        return {}
     sc = score_answers(model, tok, [r["question"] for r in rows], [r["answer"] for r in rows],
                        batch_size=batch_size, max_length=max_length)
     return {"retain_Q_A_Prob": float(metrics.probability([s["avg_nll"] for s in sc]).mean())}

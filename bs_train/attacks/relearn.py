@@ -25,6 +25,24 @@ from .config import AttackConfig
 
 CURVE_KEYS = ("forget_Q_A_Prob", "forget_Q_A_ROUGE", "extraction_strength", "recovered")
 DEFAULT_LR = 1e-5  # TOFU's fine-tuning learning rate (Maini et al. 2024), when the original's is unknown
+ORIGINAL_LR_SHARE = 0.1  # relearn at a tenth of the original's fine-tuning lr (AttackConfig.relearn_lr says why)
+ORIGINAL_KEEPS = 0.8  # below this share of its own probability under relearning, the original is being damaged
+
+
+def default_lr(original: str | None) -> float:
+    """``ORIGINAL_LR_SHARE`` of the original's fine-tuning lr when its run folder says it, else ``DEFAULT_LR``."""
+    lr = original_lr(original)
+    return ORIGINAL_LR_SHARE * lr if lr is not None else DEFAULT_LR
+
+
+def damage_note(original_curve: dict[str, Any]) -> str | None:
+    """A warning when relearning lowers the original's own held-out answer probability below ``ORIGINAL_KEEPS`` of
+    where it started: the lr then damages the model and the curves no longer measure recovery."""
+    probs = original_curve["forget_Q_A_Prob"]
+    if len(probs) < 2 or probs[0] is None or min(probs[1:]) >= ORIGINAL_KEEPS * probs[0]:
+        return None
+    return (f"relearning at lr {original_curve['lr']:g} lowers the original's own held-out answer probability from "
+            f"{probs[0]:.3g} to {min(probs[1:]):.3g}: the lr damages the model; lower --relearn-lr")
 
 
 def original_lr(original: str | None) -> float | None:

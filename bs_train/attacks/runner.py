@@ -171,9 +171,9 @@ def run_attacks(models: list[str], *, original: str | None = None, retain: str |
         rows = {"relearn": [pool[i] for i in sorted(order)], "held_out": forget}
     else:
         rows = dict(zip(("relearn", "held_out"), measure.split_forget(forget, cfg.relearn_fraction, cfg.seed)))
-    retain_rows = load_split(data, cfg.retain_split, required="quantize" in cfg.attacks) or []
+    retain_rows = load_split(data, cfg.retain_split, required=False) or []  # without it: forget numbers only
     rows["retain"] = list(retain_rows[:cfg.max_retain_rows])
-    lr = cfg.relearn_lr or relearn.original_lr(original) or relearn.DEFAULT_LR
+    lr = cfg.relearn_lr or relearn.default_lr(original)
     matcher = measure.Matcher(cfg.judge, cfg.threshold, device=_device(cfg.device))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,10 +190,13 @@ def run_attacks(models: list[str], *, original: str | None = None, retain: str |
     refs = {r["role"]: r for r in results if r["role"] in ROLES}
     for res in results:
         score_recovery(res, refs, cfg)
+    notes = [n for n in [relearn.damage_note(refs["original"]["relearn"])
+                         if "relearn" in cfg.attacks and "original" in refs else None] if n]
     doc = {"config": cfg.to_dict(), "rule": matcher.rule, "relearn_lr": lr, "original": original, "retain": retain,
+           "notes": notes,
            "rows": {k: len(v) for k, v in rows.items()},
            "relearn_questions": [r["question"] for r in rows["relearn"]], "results": results}
-    table = markdown(results, cfg)
+    table = markdown(results, cfg) + "".join(f"\nnote: {n}\n" for n in notes)
     (out / "attacks.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "attacks.md").write_text(table)
     asked = {_key(s) for s in models}
