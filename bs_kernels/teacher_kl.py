@@ -73,24 +73,33 @@ def _acc(z: torch.Tensor) -> torch.Tensor:
     return z if z.dtype == dtype else z.to(dtype)
 
 
-def _log_probs(zs, zt, y, active, gamma: float, inv_temp: float):
-    """(log p_s, log p_t, lse_s, lse_t) of one chunk, computed in place in float32 copies (or the buffers)."""
-    b = _acc(zs)
-    a = _acc(zt)
+def _adjust_and_temper(a, y, active, gamma: float, inv_temp: float):
+    """In place: the teacher's label logit lowered by gamma (active rows), then every logit times 1 / T."""
     if gamma and y is not None:
         a.scatter_add_(1, y[:, None], torch.where(active, -gamma, 0.0).to(a.dtype)[:, None])
-    if inv_temp != 1.0:
-        b.mul_(inv_temp)
-        a.mul_(inv_temp)
-    lse_s = torch.logsumexp(b, dim=-1)
-    lse_t = torch.logsumexp(a, dim=-1)
-    return b.sub_(lse_s[:, None]), a.sub_(lse_t[:, None]), lse_s, lse_t
+    return a.mul_(inv_temp) if inv_temp != 1.0 else a
 
 
-def _write_grad(zs, logp_s, p_t, grad, active, bad, inv_temp: float) -> None:
-    g = torch.where(active, grad.to(logp_s.dtype), torch.zeros((), dtype=logp_s.dtype, device=grad.device))
-    g = torch.where(bad, torch.full_like(g, float("nan")), g) * inv_temp  # a bad label poisons its gradient too
-    dz = logp_s.exp_().sub_(p_t).mul_(g[:, None])
+def _log_softmax_(x: torch.Tensor, want_probs: bool):
+    """In place ``x <- log softmax(x)``; returns ``(lse [C], softmax(x) as a new tensor | None)``.
+
+    Spelled out rather than ``torch.logsumexp`` + ``exp`` so that one exp pass serves both the sum and the
+    probabilities: passes over the chunk are what the CPU path's time goes to."""
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row must not turn x - m into NaN
+    e = x.sub_(m).exp()
+    s = e.sum(-1, keepdim=True)
+    log_s = s.log()
+    x.sub_(log_s)
+    return (m + log_s).squeeze(1), (e.div_(s) if want_probs else None)
+
+
+def _row_grad(active, bad, grad, dtype, inv_temp: float):
+    g = torch.where(active, grad.to(dtype), torch.zeros((), dtype=dtype, device=grad.device))
+    return torch.where(bad, torch.full_like(g, float("nan")), g) * inv_temp  # a bad label poisons its gradient too
+
+
+def _store(zs: torch.Tensor, dz: torch.Tensor) -> None:
     if dz.data_ptr() != zs.data_ptr():
         zs.copy_(dz)
 
@@ -102,21 +111,27 @@ def kl_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None, *, 
     Both chunks are scratch: their contents afterwards are unspecified, except that with ``grad`` [C] ``zs`` holds
     ``grad[:, None] * (p_s - p_t) / T`` (zero on ignored rows). Returns ``(values [C], lse_s [C] | None,
     lse_t [C] | None)`` in float32 (float64 for float64 chunks); the log-sum-exps (of the tempered, adjusted logits)
-    are what ``kl_grad_rows_from_stats`` needs.
+    are what ``kl_grad_rows_from_stats`` needs. Ignored rows keep their true log-sum-exps, so that the backward
+    computes exp(z - lse) <= 1 times a zero gradient on them, never inf * 0.
     """
     active, y, bad = _active(labels, ignore_index, zs.shape[0], zs.shape[1], zs.device)
-    logp_s, logp_t, lse_s, lse_t = _log_probs(zs, zt, y, active, gamma, inv_temp)
-    p_t = logp_t.exp()
-    inner = logp_t.sub_(logp_s) if kind == "kl" else logp_t.copy_(logp_s).neg_()  # reuse the log p_t buffer
-    value = inner.mul_(p_t).masked_fill_(p_t == 0, 0.0).sum(-1)  # 0 log 0 = 0 (a -inf teacher logit)
+    logp_s = _acc(zs)
+    if inv_temp != 1.0:
+        logp_s.mul_(inv_temp)
+    lse_s, _ = _log_softmax_(logp_s, want_probs=False)
+    logp_t = _adjust_and_temper(_acc(zt), y, active, gamma, inv_temp)
+    lse_t, p_t = _log_softmax_(logp_t, want_probs=True)
+    inner = logp_t.sub_(logp_s) if kind == "kl" else torch.neg(logp_s, out=logp_t)  # reuses log p_t's buffer
+    # nansum drops 0 * (-inf) = NaN (0 log 0 = 0 at a -inf teacher logit); adding 0 * lse keeps a NaN or inf input
+    # row NaN, as it should be.
+    value = inner.mul_(p_t).nansum(-1) + 0.0 * (lse_s + lse_t)
     value = torch.where(active, value, torch.zeros_like(value))
     value = torch.where(bad, torch.full_like(value, float("nan")), value)
     if grad is not None:
-        _write_grad(zs, logp_s, p_t, grad, active, bad, inv_temp)
+        g = _row_grad(active, bad, grad, p_t.dtype, inv_temp)
+        _store(zs, logp_s.exp_().sub_(p_t).mul_(g[:, None]))
     if not save_stats:
         return value, None, None
-    # Ignored rows keep their true log-sum-exps: the backward then computes exp(z - lse) <= 1 times a zero
-    # gradient on them, never inf * 0.
     return value, lse_s, lse_t
 
 
@@ -125,11 +140,12 @@ def kl_grad_rows_from_stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Te
                             ignore_index: int) -> None:
     """Overwrite recomputed logits ``zs`` with ``grad[:, None] * (p_s - p_t) / T`` from the saved log-sum-exps."""
     active, y, bad = _active(labels, ignore_index, zs.shape[0], zs.shape[1], zs.device)
-    b, a = _acc(zs), _acc(zt)
-    if gamma and y is not None:
-        a.scatter_add_(1, y[:, None], torch.where(active, -gamma, 0.0).to(a.dtype)[:, None])
-    p_t = a.mul_(inv_temp).sub_(lse_t[:, None]).exp_()
-    _write_grad(zs, b.mul_(inv_temp).sub_(lse_s[:, None]), p_t, grad, active, bad, inv_temp)
+    p_t = _adjust_and_temper(_acc(zt), y, active, gamma, inv_temp).sub_(lse_t[:, None]).exp_()
+    p_s = _acc(zs)
+    if inv_temp != 1.0:
+        p_s.mul_(inv_temp)
+    p_s = p_s.sub_(lse_s[:, None]).exp_()
+    _store(zs, p_s.sub_(p_t).mul_(_row_grad(active, bad, grad, p_t.dtype, inv_temp)[:, None]))
 
 
 # ---- the chunked driver -------------------------------------------------------------------------------------------
