@@ -11,11 +11,12 @@ Providers (forward + backward of sum_i w_i KL_i w.r.t. the student's hidden and 
   torch_checkpoint      chunks of C rows of the full-logits formula under torch.utils.checkpoint (what
                         bs_train's KL retain did before this primitive)
 
-Peak memory is measured with a ``TorchDispatchMode`` that tracks every tensor storage the run allocates (a storage
+Peak memory is measured with a ``TorchDispatchMode`` that logs every tensor storage the run allocates (a storage
 counts from the op that creates it until it is freed, views and in-place results not counted twice), so it is the
-live-tensor peak, not the process RSS (allocator caching and BLAS scratch are not included).
+live-tensor peak, not the process RSS (allocator caching and BLAS scratch are not included). "Beyond grads" replays
+that log without the two returned gradients' storages: the peak of everything else live at the same moment.
 
-    python benchmarks/bench_teacher_kl.py                       # N in {512, 2048, 8192}, D=64, D_t=96, V=8192
+    python benchmarks/bench_teacher_kl.py                       # N in {512, 2048, 8192}, D=64, D_t=96, V=4096
     python benchmarks/bench_teacher_kl.py --threads 1 --out benchmarks/results/teacher_kl_cpu.json
 
 On a shared, oversubscribed CPU pass ``--threads 1``: with more threads than free cores every elementwise pass pays
@@ -48,17 +49,16 @@ PROVIDERS = ("bs_kernels", "bs_kernels_recompute", "naive", "torch_checkpoint")
 
 
 class LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages allocated while active (and still alive), on the CPU."""
+    """Tensor storages allocated (and freed) on the CPU while active, as a list of (storage address, +/- bytes)."""
 
     def __init__(self):
         super().__init__()
         self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
+        self.events: list[tuple[int, int]] = []
 
     def _freed(self, key: int, nbytes: int) -> None:
         if self.live.pop(key, None) is not None:
-            self.current -= nbytes
+            self.events.append((key, -nbytes))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -71,10 +71,22 @@ class LiveBytes(TorchDispatchMode):
             if key == 0 or key in inputs or key in self.live:  # empty, a view / in-place result, or known
                 continue
             self.live[key] = storage.nbytes()
-            self.current += storage.nbytes()
-            self.peak = max(self.peak, self.current)
+            self.events.append((key, storage.nbytes()))
             weakref.finalize(storage, self._freed, key, storage.nbytes())
         return out
+
+    def peak(self, exclude: tuple[torch.Tensor, ...] = ()) -> int:
+        """Peak live bytes, leaving out the storages of ``exclude`` (still alive: their last allocation)."""
+        skip = set()
+        for t in exclude:
+            key = t.untyped_storage().data_ptr()
+            skip.add(max(i for i, (k, d) in enumerate(self.events) if k == key and d > 0))
+        current = peak = 0
+        for i, (_, delta) in enumerate(self.events):
+            if i not in skip:
+                current += delta
+                peak = max(peak, current)
+        return peak
 
 
 def make_inputs(n: int, d: int, dt: int, v: int, seed: int = 0):
@@ -138,14 +150,23 @@ def measure(provider: str, n: int, d: int, dt: int, v: int, chunk: int, warmup: 
     mode = LiveBytes()
     with mode:
         loss, dh, dw = run(*inputs)
-    grad_bytes = dh.numel() * dh.element_size() + dw.numel() * dw.element_size()
     chunk_bytes = min(chunk, n) * v * 4  # one [C, V] float32 logits chunk
-    beyond = mode.peak - grad_bytes
+    beyond = mode.peak(exclude=(dh, dw))  # at every moment, what is live besides the two returned gradients
     return {"provider": provider, "n": n, "d": d, "d_teacher": dt, "v": v, "chunk_rows": min(chunk, n),
             "dtype": "float32", "ms_median": round(statistics.median(times), 2), "reps": reps, "loss": float(loss),
-            "peak_bytes_beyond_inputs": mode.peak, "peak_bytes_beyond_grads": beyond,
+            "peak_bytes_beyond_inputs": mode.peak(), "peak_bytes_beyond_grads": beyond,
             "peak_beyond_grads_in_chunks": round(beyond / chunk_bytes, 2),
             "full_logits_bytes_one_head": n * v * 4}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def environment(argv: list[str]) -> dict:
@@ -156,7 +177,7 @@ def environment(argv: list[str]) -> dict:
     except ImportError:
         triton_version = None
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-            "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".strip(),
+            "machine": f"{_cpu_model()} ({os.cpu_count()} cores)",
             "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
             "command": " ".join(["python", "benchmarks/" + Path(__file__).name] + argv)}
@@ -168,7 +189,7 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--d-teacher", type=int, default=96)
-    p.add_argument("--v", type=int, default=8192)
+    p.add_argument("--v", type=int, default=4096)
     p.add_argument("--chunk", type=int, default=256, help="rows per chunk (ours and torch_checkpoint)")
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--warmup", type=int, default=1)
