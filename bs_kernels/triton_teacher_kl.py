@@ -69,7 +69,7 @@ def _kl_kernel(
     zs_row = zs_ptr + row * stride_s
     zt_row = zt_ptr + row * stride_t
     y = -1  # never an offset: no adjustment
-    ok = True
+    ok = row >= 0  # true; a tensor, so that both HAS_LABELS variants use it the same way
     if HAS_LABELS:
         label = tl.load(labels_ptr + row).to(tl.int64)
         if label == ignore_index:
@@ -139,7 +139,7 @@ def _kl_grad_from_stats_kernel(
     zs_row = zs_ptr + row * stride_s
     zt_row = zt_ptr + row * stride_t
     y = -1
-    ok = True
+    ok = row >= 0  # true; a tensor, so that both HAS_LABELS variants use it the same way
     if HAS_LABELS:
         label = tl.load(labels_ptr + row).to(tl.int64)
         if label == ignore_index:

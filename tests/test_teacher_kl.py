@@ -129,6 +129,19 @@ def test_triton_matches_torch(kind, gamma, temp, triton_device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_without_labels_matches_torch(kind, triton_device):
+    """labels=None scores every row (the kernels' HAS_LABELS=False variant), at a temperature."""
+    hidden, weight, th, tw, _ = make_problem(torch.float32, triton_device)
+    upstream = torch.randn(N, generator=torch.Generator().manual_seed(1)).to(triton_device)
+    opts = dict(kind=kind, temperature=2.0, chunk_size=8)
+    ref = grads(lambda h, w: bk.linear_teacher_kl(h, w, th, tw, **opts, impl="torch"), hidden, weight, upstream)
+    out = grads(lambda h, w: bk.linear_teacher_kl(h, w, th, tw, **opts, impl="triton"), hidden, weight, upstream)
+    assert torch.all(ref[0] != 0)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("impl", ("torch", "triton"))
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("gamma, temp", SETTINGS[::2])
