@@ -7,7 +7,8 @@ Layers of checks, each against something simpler than itself:
 * the chunked PyTorch path against the reference in float64;
 * the Triton kernels (CPU interpreter here, CUDA when present) against the PyTorch path in float32,
 at the awkward shape N = 37, D = 24, teacher D = 40, V = 1031, chunks of 8 rows (not dividing N), ~20% ignored rows,
-with the UNDIAL adjustment gamma and a temperature.
+with the UNDIAL adjustment gamma and a temperature. A GPU tier (marked ``gpu``, skipped without CUDA) checks bf16 /
+fp32 at a real vocabulary against plain PyTorch's own error, and the memory bound.
 """
 
 from __future__ import annotations
@@ -351,3 +352,73 @@ def test_bad_arguments(over, match):
 def test_bad_token_weights(w, match):
     with pytest.raises(ValueError, match=match):
         bk.linear_weighted_teacher_kl_sum(**{**_inputs(), "token_weights": w}, impl="torch")
+
+
+# ---- GPU tier: a real vocabulary in bf16 / fp32, and the memory bound (skipped without CUDA) -------------------
+
+GPU_D, GPU_DT, GPU_V = 2048, 1024, 128256
+
+
+def gpu_problem(n, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(n, GPU_D, device="cuda", generator=g)
+    weight = torch.randn(GPU_V, GPU_D, device="cuda", generator=g) / GPU_D**0.5 * 4  # a realistic logit spread
+    t_hidden = torch.randn(n, GPU_DT, device="cuda", generator=g)
+    t_weight = torch.randn(GPU_V, GPU_DT, device="cuda", generator=g) / GPU_DT**0.5 * 4
+    labels = torch.randint(0, GPU_V, (n,), device="cuda", generator=g)
+    labels[torch.rand(n, device="cuda", generator=g) < 0.2] = -100
+    return *(t.to(dtype) for t in (hidden, weight, t_hidden, t_weight)), labels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_error_within_torch_same_dtype(dtype):
+    """|ours - fp64 truth| <= |plain torch same dtype - fp64 truth| + tol, for the loss and both gradients."""
+    hidden, weight, th, tw, labels = gpu_problem(512, dtype)
+    w = (labels != -100).float() / (labels != -100).sum()
+
+    def naive(h, wt, t_h, t_w):
+        return (bk.naive_teacher_kl(h, wt, t_h, t_w, labels, gamma=2.0) * w.to(torch.promote_types(h.dtype,
+                                                                                              torch.float32))).sum()
+
+    def run(fn, *tensors):
+        h, wt = (t.detach().clone().requires_grad_() for t in tensors[:2])
+        loss = fn(h, wt, *tensors[2:])
+        return [loss.double(), *(g.double() for g in torch.autograd.grad(loss, (h, wt)))]
+
+    truth = run(naive, *(t.double() for t in (hidden, weight, th, tw)))
+    plain = run(naive, hidden, weight, th, tw)
+    fused = run(lambda h, wt, t_h, t_w: bk.linear_weighted_teacher_kl_sum(h, wt, t_h, t_w, w, labels, gamma=2.0)[0],
+                hidden, weight, th, tw)
+    recompute = run(lambda h, wt, t_h, t_w: (bk.linear_teacher_kl(h, wt, t_h, t_w, labels, gamma=2.0) * w).sum(),
+                    hidden, weight, th, tw)
+    for name, ours in (("fused", fused), ("recompute", recompute)):
+        for what, o, p, t in zip(("loss", "dhidden", "dweight"), ours, plain, truth):
+            ours_err, torch_err = (o - t).abs().max().item(), (p - t).abs().max().item()
+            assert ours_err <= torch_err + 1e-3 * t.abs().max().item() + 1e-6, (name, what, ours_err, torch_err)
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_is_gradients_plus_one_chunk():
+    """Both [C, V] buffers together stay within DEFAULT_CHUNK_BYTES; beyond the gradients: that plus O(N)."""
+    hidden, weight, th, tw, labels = gpu_problem(8192, torch.bfloat16)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    w = (labels != -100).float() / (labels != -100).sum()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss, _ = bk.linear_weighted_teacher_kl_sum(hidden, weight, th, tw, w, labels)
+    dh, dw = torch.autograd.grad(loss, (hidden, weight))
+    torch.cuda.synchronize()
+    beyond = torch.cuda.max_memory_allocated() - base - dh.numel() * 2 - dw.numel() * 2
+    assert beyond <= 128 * 2**20, f"{beyond / 2**20:.1f} MiB beyond the gradients"
+
+
+@pytest.mark.gpu
+def test_gpu_out_of_range_label_gives_nan_not_a_fault():
+    hidden, weight, th, tw, labels = gpu_problem(64, torch.float32)
+    labels[:] = 7
+    labels[3] = GPU_V + 5  # unchecked on CUDA (a host sync): the kernel must not read out of bounds
+    out = bk.linear_teacher_kl(hidden, weight, th, tw, labels, gamma=1.0)
+    assert torch.isnan(out[3]) and torch.isfinite(out[torch.arange(64, device="cuda") != 3]).all()
