@@ -36,7 +36,7 @@ import bs_kernels as bk  # noqa: E402
 from bs_train import metrics as M  # noqa: E402
 from bs_train.config import load_config  # noqa: E402
 from bs_train.data import QADataset, collate, load_qa  # noqa: E402
-from bs_train.evaluate import score_answers  # noqa: E402
+from bs_train.scoring import score_answers  # noqa: E402
 from bs_train.model import LossHead, load_model  # noqa: E402
 from bs_train.trainer import build_optimizer, lr_lambda  # noqa: E402
 

@@ -46,9 +46,10 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     """Run the demo into ``out_dir``; returns ``{"results": [...], "table": markdown, "seconds": float}``."""
     from tqdm.auto import tqdm
 
-    from .cli import COLUMNS, markdown_table
-    from .evaluate import evaluate_model, reference_statistics, resolve_data
+    from .data import resolve_data
+    from .evaluate import evaluate_model, reference_statistics
     from .judge import make_judge
+    from .report import COLUMNS, markdown_table
     from .synthetic import make_splits, write_folder
     from .tiny import byte_tokenizer, tiny_llama
 

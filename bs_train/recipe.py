@@ -144,7 +144,7 @@ class RecipeError(ValueError):
 def preflight(recipe: Recipe) -> list[str]:
     """Fail before any work on what would fail later: the judge and the splits the stages read. Returns the utility
     splits present."""
-    from .evaluate import load_split, resolve_data
+    from .data import load_split, resolve_data
 
     _judge()
     data = resolve_data(recipe.data)
@@ -167,7 +167,9 @@ def probe_original(recipe: Recipe) -> dict:
         return json.loads(path.read_text())
     import torch
 
-    from .evaluate import forget_statistics, generate_text, load_split, resolve_data
+    from .data import load_split, resolve_data
+    from .evaluate import forget_statistics
+    from .generation import generate_text
     from .metrics import rouge_l_recall
     from .model import load_model
 
@@ -246,7 +248,8 @@ def stage_unlearn(recipe: Recipe, clock: _Clock) -> bool:
 
 
 def stage_evaluate(recipe: Recipe, clock: _Clock) -> bool:
-    from .evaluate import reference_statistics, resolve_data
+    from .data import resolve_data
+    from .evaluate import reference_statistics
 
     ref = reference_statistics(str(recipe.out / "retain" / "final"), resolve_data(recipe.data), "forget10")
     for name in ("retain", "original", *recipe.methods):
@@ -257,7 +260,7 @@ def stage_evaluate(recipe: Recipe, clock: _Clock) -> bool:
 
 
 def stage_table(recipe: Recipe, clock: _Clock) -> bool:
-    from .cli import COLUMNS, markdown_table
+    from .report import COLUMNS, markdown_table
 
     rows = []
     for name in ("original", "retain", *recipe.methods):
