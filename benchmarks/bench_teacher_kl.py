@@ -2,7 +2,7 @@
 
 What it shows: the fused op's peak memory beyond its inputs and the gradients it returns is a constant number of
 [C, V] chunks plus O(N), flat in N, while the full-logits formula grows as N V. One setup shared by every provider;
-warm-up excluded; median of repeats; one JSON object per case on stdout, the last line a JSON document of all.
+warm-up excluded; median of repeats; one JSON object per case on stdout, the last line a JSON list of all.
 
 Providers (forward + backward of sum_i w_i KL_i w.r.t. the student's hidden and weight; teacher frozen):
   bs_kernels            ours, linear_weighted_teacher_kl_sum: gradients in the forward, 4 GEMMs
@@ -16,8 +16,8 @@ counts from the op that creates it until it is freed, views and in-place results
 live-tensor peak, not the process RSS (allocator caching and BLAS scratch are not included). "Beyond grads" replays
 that log without the two returned gradients' storages: the peak of everything else live at the same moment.
 
-    python benchmarks/bench_teacher_kl.py                       # N in {512, 2048, 8192}, D=64, D_t=96, V=4096
-    python benchmarks/bench_teacher_kl.py --threads 1 --out benchmarks/results/teacher_kl_cpu.json
+    python -m benchmarks.bench_teacher_kl                       # N in {512, 2048, 8192}, D=64, D_t=96, V=4096
+    python -m benchmarks.bench_teacher_kl --threads 1 --out benchmarks/results/teacher_kl_cpu.json
 
 On a shared, oversubscribed CPU pass ``--threads 1``: with more threads than free cores every elementwise pass pays
 an OpenMP barrier, which penalises the chunked paths (many passes over small chunks) far more than the naive one.
@@ -26,12 +26,9 @@ an OpenMP barrier, which penalises the chunked paths (many passes over small chu
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 import weakref
 from pathlib import Path
@@ -41,9 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
-
-import bs_kernels as bk  # noqa: E402
+import bs_kernels as bk
+from benchmarks.common import emit, environment, finish
 
 PROVIDERS = ("bs_kernels", "bs_kernels_recompute", "naive", "torch_checkpoint")
 
@@ -169,22 +165,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(argv: list[str]) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-            "machine": f"{_cpu_model()} ({os.cpu_count()} cores)",
-            "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
-            "command": " ".join(["python", "benchmarks/" + Path(__file__).name] + argv)}
-
-
-def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--d", type=int, default=64)
@@ -195,22 +176,19 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
-    p.add_argument("--out", type=Path, help="also write the result document to this JSON file")
+    p.add_argument("--out", type=Path, help="also write all cases (with the environment) to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    doc = {**environment(argv), "cases": []}
+    env = {**environment("benchmarks.bench_teacher_kl", argv), "device": "cpu",
+           "cpu": f"{_cpu_model()} ({os.cpu_count()} cores)", "threads": torch.get_num_threads()}
+    rows = []
     for n in args.n:
         for provider in args.providers.split(","):
+            load = round(os.getloadavg()[0], 2)  # the machine may be shared: say how busy it was
             row = measure(provider, n, args.d, args.d_teacher, args.v, args.chunk, args.warmup, args.reps)
-            print(json.dumps(row), flush=True)
-            doc["cases"].append(row)
-    doc["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(json.dumps(doc))
-    return doc
+            emit({**row, **env, "load_avg_1m": load}, rows, "cpu")
+    return finish(rows, args.out)
 
 
 if __name__ == "__main__":
