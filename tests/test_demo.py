@@ -21,3 +21,6 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n") == 2 + len(rows) and "Agg." in table
     assert (tmp_path / "results.json").exists()
+    # the quick attack: its column in the table, its own table and relearning plots under attacks/
+    assert "Attack rec. (worst)" in table and rows["original"]["attack_worst"] == 1.0
+    assert (tmp_path / "attacks" / "attacks.md").exists() and (tmp_path / "attacks" / "relearn_npo.png").exists()
