@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,8 +257,27 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true / false (any case PyYAML's 1.1 rules allow) are booleans, so
+    ``yes`` / ``no`` / ``on`` / ``off`` / ``y`` / ``n`` stay strings and a boolean field refuses them by name."""
+
+
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _coerce(where: str, annotation: str, value: Any) -> Any:
@@ -272,7 +292,7 @@ def _coerce(where: str, annotation: str, value: Any) -> Any:
         if base == "bool":
             if isinstance(value, bool):
                 return value
-            raise TypeError
+            raise ValueError(f"{where} must be true or false, got {value!r}")
         if base == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
@@ -284,6 +304,8 @@ def _coerce(where: str, annotation: str, value: Any) -> Any:
         if base == "str":
             return str(value)
     except (TypeError, ValueError):
+        if base == "bool":
+            raise
         raise ValueError(f"{where} must be {annotation}, got {value!r}") from None
     return value
 
@@ -320,7 +342,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like section.key=value")
-        parsed = yaml.safe_load(value) if value != "" else None
+        parsed = _yaml(value) if value != "" else None
         parts = key.split(".")
         if len(parts) == 1:
             raw[parts[0]] = parsed
@@ -339,7 +361,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        raw = _yaml(text) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a config file must hold a mapping, got {type(raw).__name__}")
     raw.update({k: v for k, v in top.items() if v is not None})
