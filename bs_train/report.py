@@ -23,7 +23,9 @@ COLUMNS = [
     ("fluency", "Fluency ↑"), ("mem", "Mem. ↑"), ("util", "Util. ↑"), ("agg", "Agg. ↑"),
 ]
 # what `bs-unlearn compare` adds from a run's training summary
-TRAIN_COLUMNS = [("steps", "Steps"), ("loss", "Final loss"), ("forget", "Forget term"), ("retain", "Retain term")]
+# (a fine-tuning run logs its one term as train_nll: methods.Method.terms)
+TRAIN_COLUMNS = [("steps", "Steps"), ("loss", "Final loss"), ("forget", "Forget term"), ("retain", "Retain term"),
+                 ("train_nll", "Train NLL")]
 
 
 def _fmt(v: Any) -> str:

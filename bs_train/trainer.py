@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import console
 from .beliefs import BeliefSet, belief_sampler, draw_beliefs
 from .checkpoint import barrier, check_resumable, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint, \
     set_aside
@@ -365,7 +366,7 @@ def _squeezing_monitor(cfg: RunConfig, main_set, tokenizer, impl: str, extra: di
 
     monitor = SqueezingMonitor(main_set.examples, tokenizer, n_beliefs=cfg.train.squeezing_beliefs,
                                every=cfg.train.squeezing_every, max_new_tokens=cfg.train.squeezing_max_new_tokens,
-                               seed=cfg.train.seed, impl=impl)
+                               seed=cfg.train.seed, impl=impl, method=cfg.method.name)
     if "squeezing" in extra:  # resumed: the same beliefs, and the curve so far
         monitor.load_state_dict(extra["squeezing"])
     else:
@@ -375,11 +376,10 @@ def _squeezing_monitor(cfg: RunConfig, main_set, tokenizer, impl: str, extra: di
 
 
 def _progress_bar(cfg: RunConfig, total: int, step: int, show: bool):
+    """tqdm on a terminal, a plain line every 30 s in a log (``bs_train/console.py``)."""
     if not show:
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=step, desc=f"{cfg.command} {cfg.method.name}", unit="step")
+    return console.progress(total, f"{cfg.command} {cfg.method.name}", unit="steps", initial=step)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -448,7 +448,8 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
                 monitor.maybe_log(step, head)
         if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
             elapsed = time.perf_counter() - t_start
-            last = {"step": step, "epoch": position["epoch"], **dict(zip(("loss", "forget", "retain"), sums.tolist())),
+            terms = ("loss", *METHODS[cfg.method.name].terms)  # fine-tuning logs train_nll, not "forget"
+            last = {"step": step, "epoch": position["epoch"], **dict(zip(terms, sums.tolist())),
                     "grad_norm": float(grad_norm), "lr": float(sched.get_last_lr()[0]),
                     "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9), "elapsed_s": elapsed}  # host sync
             if beliefs:

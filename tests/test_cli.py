@@ -159,3 +159,28 @@ def test_readme_quick_start_commands_parse_and_their_configs_validate(capsys):
             subs[command].parse_args(rest)
         else:
             assert cli.main(argv[1:]) == 0, argv
+
+
+def test_a_logged_finetune_is_quiet_plain_and_names_its_loss_honestly(tmp_path):
+    """`bs-unlearn finetune` with stderr in a file (not a terminal), as a fresh process: no third-party start-up
+    noise, progress as plain lines without escape codes, and the summary calls its one term train_nll, not
+    "forget" (there is no forget set in fine-tuning)."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "ft"
+    env = {k: v for k, v in os.environ.items() if k != "BS_UNLEARN_VERBOSE"}
+    proc = subprocess.run([sys.executable, "-m", "bs_train.cli", "finetune", f"output_dir={run_dir}",
+                           "train.max_steps=2", "train.batch_size=4", "train.grad_accum=1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr
+    assert "Failed to load" not in err and "register_constant" not in err and "assuming the intent" not in err
+    assert "\r" not in err and "\x1b" not in err
+    assert "finetune finetune: 2/2 steps (100%)" in err  # the closing plain line of the one bar
+    final = json.loads(proc.stdout.strip().splitlines()[-1])["final"]
+    assert "train_nll" in final and "forget" not in final and "retain" not in final
+    from bs_train.report import TRAIN_COLUMNS, markdown_table
+
+    assert "Train NLL" in markdown_table([{"name": "ft", **final}], TRAIN_COLUMNS)
