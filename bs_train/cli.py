@@ -141,7 +141,7 @@ def train_main(command: str, args: argparse.Namespace) -> int:
         return 0
     from .trainer import NonFiniteError, run  # heavy imports only once the config is known to be valid
 
-    quiet_third_party()
+    quiet_third_party(models=True)
     try:
         summary = run(cfg, resume=not args.no_resume, progress=not args.no_progress)
     except NonFiniteError as e:
@@ -181,7 +181,7 @@ def eval_main(command: str, args: argparse.Namespace) -> int:
     from .evaluate import UTILITY_SPLITS, evaluate_model, first_rows, reference_statistics
     from .judge import make_judge
 
-    quiet_third_party()
+    quiet_third_party(models=True)
     say = (lambda msg: print(f"bs-unlearn eval: {msg}", file=sys.stderr, flush=True))
     try:
         if args.splits is None:
@@ -268,7 +268,7 @@ def compare_main(command: str, args: argparse.Namespace) -> int:
 def demo_main(command: str, args: argparse.Namespace) -> int:
     from .demo import DemoFolderError, run_demo
 
-    quiet_third_party()
+    quiet_third_party(models=True)
     try:
         result = run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite,
                           progress=not args.no_progress)
@@ -303,7 +303,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 def recipe_main(command: str, args: argparse.Namespace) -> int:
     from .recipe import FINETUNE, UNLEARN, Recipe, RecipeError, WeakOriginal, run_recipe
 
-    quiet_third_party()
+    quiet_third_party(models=True)
     try:
         recipe = Recipe(args.out, args.data, model=args.model, methods=tuple(args.methods.split(",")),
                         lr_grid=tuple(float(x) for x in args.lr_grid.split(",")), max_new_tokens=args.max_new_tokens,

@@ -49,8 +49,9 @@ class _MessageFilter(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
-def quiet_third_party() -> None:
-    """Install the filters above (idempotent). Anything else the libraries log or warn still shows."""
+def quiet_third_party(models: bool = False) -> None:
+    """Install the filters above (idempotent). Anything else the libraries log or warn still shows. ``models``: the
+    command will load a model, so transformers may be imported now to switch its own bars off."""
     import warnings
 
     if os.environ.get("BS_UNLEARN_VERBOSE"):
@@ -61,7 +62,7 @@ def quiet_third_party() -> None:
             logger.addFilter(_MessageFilter(pattern))
     for category, message, module in _WARNING_FILTERS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    if "transformers" in sys.modules:  # never imported here just for this: `bs-unlearn --help` stays fast
+    if models or "transformers" in sys.modules:  # not imported for `bs-unlearn --help` / `config`: they stay fast
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

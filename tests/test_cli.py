@@ -177,6 +177,7 @@ def test_a_logged_finetune_is_quiet_plain_and_names_its_loss_honestly(tmp_path):
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr
     assert "Failed to load" not in err and "register_constant" not in err and "assuming the intent" not in err
+    assert "Writing model shards" not in err
     assert "\r" not in err and "\x1b" not in err
     assert "finetune finetune: 2/2 steps (100%)" in err  # the closing plain line of the one bar
     final = json.loads(proc.stdout.strip().splitlines()[-1])["final"]
