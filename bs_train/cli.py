@@ -272,7 +272,7 @@ def demo_main(command: str, args: argparse.Namespace) -> int:
     try:
         result = run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite,
                           progress=not args.no_progress)
-    except DemoFolderError as e:
+    except (DemoFolderError, ValueError, OSError) as e:  # a refused --out, a foreign run folder in the way
         print(f"bs-unlearn demo: {e}", file=sys.stderr)
         return 2
     print(result["table"], end="")
