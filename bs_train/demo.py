@@ -156,6 +156,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     keep = clear_previous(out, overwrite)  # before anything is written: a refused folder is left as it was
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    # one bar for the whole demo (its runs and evaluations show none): tqdm on a terminal, plain lines in a log
     bar = progress_bar(4 + 2 * len(methods), "demo", unit="stages", enabled=progress)
 
     data = out / "data"
@@ -175,7 +176,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
         bar.set_postfix(stage=f"fine-tune {name}")
         run(load_config(None, common + [f"output_dir={out / name}", f"model.path={init}", f"data.train_split={split}",
                                         "train.lr=3e-3", f"train.epochs={s['ft_epochs']}", "train.warmup_steps=5",
-                                        "train.schedule=cosine"], command="finetune"), progress=progress)
+                                        "train.schedule=cosine"], command="finetune"), progress=False)
         _record(out, keep)
         bar.update(1)
 
@@ -202,7 +203,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
         bar.set_postfix(stage=f"unlearn {method}")
         run(load_config(None, _unlearn_args(common, out, method, selection[method]["lr"], s, "forget10") + [
             f"output_dir={out / method}", "train.squeezing_every=1", f"train.squeezing_beliefs={s['beliefs']}",
-            f"train.squeezing_max_new_tokens={s['max_new']}"], command="unlearn"), progress=progress)
+            f"train.squeezing_max_new_tokens={s['max_new']}"], command="unlearn"), progress=False)
         _record(out, keep)
         bar.update(1)
 
