@@ -11,7 +11,8 @@
 
 Overrides are ``section.key=value`` (YAML scalars; booleans are only true / false). The resolved config is saved
 as ``<output_dir>/config.yaml`` (``bs-unlearn config ...`` or ``--print-config`` prints it, validated, and runs
-nothing); a run whose folder already holds a checkpoint of the same config resumes from it (``--no-resume`` starts over).
+nothing); a run whose folder already holds a checkpoint of the same config resumes from it (``--no-resume`` starts
+over).
 ``eval`` writes one JSON with every metric (``--out``), ``<run>/eval.json`` for each run folder (refusing to replace
 either unless ``--overwrite``), shows a progress bar per model and split and prints a markdown table with one row
 per model; ``compare`` reads ``eval.json`` (or the training summary) of each run;

@@ -91,7 +91,8 @@ def clear_previous(out: Path, overwrite: bool) -> set[str]:
     try:
         recorded = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
-        raise DemoFolderError(f"{manifest} is not a demo manifest ({e}); move it away or choose another --out") from None
+        raise DemoFolderError(f"{manifest} is not a demo manifest ({e}); move it away or choose another "
+                              "--out") from None
     present = _files(out)
     changed = sorted(rel for rel, stamp in recorded.items() if rel in present and present[rel] != stamp)
     if changed and not overwrite:

@@ -130,7 +130,8 @@ def test_third_party_noise_is_filtered_by_message_and_nothing_else(caplog):
         warnings.warn_explicit("torch.distributed is disabled, unavailable or uninitialized, assuming the intent is "
                                "to save in a single process.", UserWarning, "utils.py", 1,
                                module="torch.distributed.checkpoint.utils")
-        warnings.warn_explicit("a real problem", UserWarning, "utils.py", 2, module="torch.distributed.checkpoint.utils")
+        warnings.warn_explicit("a real problem", UserWarning, "utils.py", 2,
+                               module="torch.distributed.checkpoint.utils")
     assert [str(w.message) for w in seen] == ["a real problem"]
 
 
