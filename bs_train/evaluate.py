@@ -110,14 +110,15 @@ def plan(data: Any, forget_split: str = "forget10",
     pert = _split(data, f"{forget_split}_perturbed", required=False)
     holdout_split = forget_split.replace("forget", "holdout", 1)
     holdout = _split(data, holdout_split, required=False) if holdout_split != forget_split else None
-    score = len(forget) + (len(pert) + sum(len(r["perturbed_answer"]) for r in pert) if pert else 0)
+    # counts only: malformed rows are reported by check_perturbed / wrong_answers when scored
+    score = len(forget) + (len(pert) + sum(len(r.get("perturbed_answer") or ()) for r in pert) if pert else 0)
     out = {forget_split: {"score": score + (len(holdout) if holdout else 0), "generate": len(forget)}}
     for split in utility_splits:
         rows = _utility_rows(data, split, _BLOCKS[split][1])
         if rows is None:
             continue
         retain = _BLOCKS[split][1] == "retain"
-        wrong = sum(len(r["perturbed_answer"]) if retain else len(wrong_answers(r)) for r in rows)
+        wrong = sum(len(r.get("perturbed_answer") or ()) if retain else len(wrong_answers(r)) for r in rows)
         out[split] = {"score": len(rows) * (2 if retain else 1) + wrong, "generate": len(rows)}
     return out
 
