@@ -171,8 +171,8 @@ def budget(shape: Shape, plan: str, work: Workload = Workload(), *, pcie_gbps: f
            "peak_gib": round(max(peak_train, peak_sample) / GIB, 2)}
     out["fits"] = out["peak_gib"] <= out["gpu_gib"]
     if plan == "offload40":
-        out["gpu_note"] = ("the BS-S sampling round gathers every block onto the GPU (bf16 weights): "
-                           "peak_sampling_gib; use bss_regen=never or a smaller model for BS-S within 40 GB")
+        out["gpu_note"] = ("a BS-S sampling round gathers every block onto the GPU for the round (bf16 weights, "
+                           "peak_sampling_gib), then reshards; training holds two blocks at a time")
         tokens = work.tokens_in_graph()
         h2d = 2 * p * bf16  # every block gathered in forward and again for the recompute + backward
         d2h = p * 4  # fp32 gradients of every parameter to the host

@@ -3,14 +3,15 @@
 ``run`` reads top to bottom as setup, loop, finish:
 1. set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), the run folder (resume or set
    aside), device and dtypes;
-2. load the model on the CPU and the data (forget / retain, or the train split), validating all of it before any GPU
-   work;
+2. load the model on the CPU (with ``model.lora_rank``, LoRA adapters injected and the base frozen: ``lora.py``) and
+   the data (forget / retain, or the train split), validating all of it before any GPU work;
 3. ``init_method_state``: what the method table (``methods.METHODS``) says the method needs of the initial model,
    built before the model moves: a frozen reference for KL / RMU / BS-S's NPO base after the first belief round
-   (``frozen_reference``: compute dtype, its blocks sharded under torchrun) and the row's setup hook (RMU's trainable
+   (``frozen_reference``: compute dtype, its blocks sharded under torchrun; with LoRA none is copied, the reference
+   is the trained model with its adapters off, ``lora.AdaptersOff``, set in step 5) and the row's setup hook (RMU's trainable
    parameters and direction, BS-S's encoded prompts);
 4. ``parallelize``: activation checkpointing, then ``fully_shard`` per decoder block and at the root, in that order
-   (torchtitan's recipe), bf16 compute with fp32 gradient reduction. Every loss is already a sum divided by a
+   (torchtitan's recipe), bf16 compute with fp32 gradient reduction, CPU offload when asked. Every loss is already a sum divided by a
    global count (``methods.Norms``), so the backward pass scales it by the world size to cancel FSDP's averaging
    (switching the division off instead needs ReduceOp.PREMUL_SUM, which gloo lacks); then the optimizer;
 5. ``prepare_method_state``: what needs the placed model: NPO reference log-probs (computed once, kept beside the
@@ -116,7 +117,7 @@ def parallelize(head: LossHead, cfg: RunConfig, world: int, compute_dtype: torch
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    offload = CPUOffloadPolicy() if cfg.train.cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.train.cpu_offload else OffloadPolicy()
     for block in decoder_blocks(head.lm):
         fully_shard(block, mp_policy=mp, offload_policy=offload)
     fully_shard(head, mp_policy=mp, reshard_after_forward=False, offload_policy=offload)
