@@ -12,29 +12,24 @@ Providers (each skipped with a reason when unavailable):
   cce                   Cut Cross-Entropy (apple/ml-cross-entropy), plain CE
   gemm3                 the floor: the three GEMMs of the same shape (logits, dH, dW) and nothing else
 
-    python benchmarks/bench_losses.py                      # GPU: D=4096, V=128256, N in {8192, 32768}, bf16, k=20
-    python benchmarks/bench_losses.py --preset cpu         # a small CPU shape (the tests' pytest-benchmark cases)
-    python benchmarks/bench_losses.py --out benchmarks/results/losses_h100.json
+    python -m benchmarks.bench_losses                      # GPU: D=4096, V=128256, N in {8192, 32768}, bf16, k=20
+    python -m benchmarks.bench_losses --preset cpu         # a small CPU shape (the tests' pytest-benchmark cases)
+    python -m benchmarks.bench_losses --out benchmarks/results/losses_h100.json
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
-import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
-
-import bs_kernels as bk  # noqa: E402
+import bs_kernels as bk
+from benchmarks.common import device_name, emit, environment, finish, pick_device, sync
 
 PROVIDERS = ("bs_kernels", "bs_kernels_recompute", "torch", "torch_compile", "liger_flce", "cce", "gemm3")
 
@@ -124,13 +119,8 @@ def build(provider: str, case: Case, device: str):
     return run
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(provider: str, case: Case, device: str, warmup: int, reps: int) -> dict:
-    row = {"provider": provider, **asdict(case), "device": _device_name(device)}
+    row = {"provider": provider, **asdict(case), "device": device_name(device)}
     run = build(provider, case, device)
     if isinstance(run, str):
         return {**row, "skipped": run}
@@ -140,7 +130,7 @@ def measure(provider: str, case: Case, device: str, warmup: int, reps: int) -> d
         for _ in range(warmup):
             out = run(hidden, weight, labels)
             del out
-        _sync(device)
+        sync(device)
         if device == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
@@ -172,39 +162,6 @@ def measure(provider: str, case: Case, device: str, warmup: int, reps: int) -> d
     return row
 
 
-def _device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-
-
-def environment() -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton_version,
-            "python": platform.python_version(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
-
-
-def emit(row: dict, rows: list[dict], device: str) -> None:
-    """Print one case as a JSON line, keep it, and free what it left on the device."""
-    print(json.dumps(row), flush=True)
-    rows.append(row)
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
-def finish(rows: list[dict] | dict, out: Path | None) -> list[dict] | dict:
-    """Write all cases (or one result document) to ``out`` if given, and print them as the last stdout line."""
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(json.dumps(rows))
-    return rows
-
-
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu with CUDA, else cpu")
@@ -214,12 +171,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", type=Path, help="also write all cases (with the environment) to this JSON file")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device()
     preset = args.preset or ("gpu" if device == "cuda" else "cpu")
     cases = PRESETS[preset]
     if args.n:
         cases = [Case(n, c.d, c.v, c.k, c.lam, c.dtype) for n in args.n for c in cases[:1]]
-    env = environment()
+    env = environment("benchmarks.bench_losses", argv)
     rows = []
     for case in cases:
         for provider in args.providers.split(","):

@@ -3,44 +3,42 @@
 Ours: bf16 weights, torchao AdamW with 8-bit states and stochastic rounding (``train.optimizer=adamw8bit``),
 activation checkpointing, the fused loss (no logits), NPO reference log-probs precomputed. HF stack: the same model
 with gradient checkpointing, full [B, T, V] logits through HF's own loss, torch AdamW on bf16 weights (the baseline
-in DESIGN.md: 8.2k tokens/s, 59.9 GiB after the optimizer step on an H100). Both see the same batch: a forget and a
-retain micro-batch of 16 x 256 tokens (200 answer tokens each); BS-S adds N beliefs of 200 tokens per forget prompt.
+in the project's design brief: 8.2k tokens/s, 59.9 GiB after the optimizer step on an H100). Both see the same
+batch: a forget and a retain micro-batch of 16 x 256 tokens (200 answer tokens each); BS-S adds N beliefs of 200
+tokens per forget prompt.
 BS-S's belief regeneration is timed apart (16 prompts x N x 200 tokens with the sampler) and amortised over its
 default schedule (every 2 epochs: each prompt's beliefs are redrawn every 2 passes over it).
 
 Random weights, no download. One JSON object per case; the last line is a JSON list.
 
-    python benchmarks/bench_train_step.py                     # GPU preset (needs torchao and ~80 GB)
-    python benchmarks/bench_train_step.py --preset cpu        # a tiny shape on the CPU
+    python -m benchmarks.bench_train_step                     # GPU preset (needs torchao and ~80 GB)
+    python -m benchmarks.bench_train_step --preset cpu        # a tiny shape on the CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_losses import emit, environment, finish  # noqa: E402
-from bench_sampler import PRESETS as MODEL_PRESETS  # noqa: E402
-from bench_sampler import random_llama  # noqa: E402
-
-from bs_train import methods as M  # noqa: E402
-from bs_train.beliefs import BeliefSet, draw_beliefs  # noqa: E402
-from bs_train.config import MethodConfig, load_config  # noqa: E402
-from bs_train.data import collate  # noqa: E402
-from bs_train.model import LossHead  # noqa: E402
-from bs_train.trainer import build_optimizer  # noqa: E402
+from benchmarks.common import MODEL_PRESETS, device_name, emit, environment, finish, pick_device, random_llama, sync
+from bs_kernels import IGNORE_INDEX
+from bs_train import methods
+from bs_train.beliefs import BeliefSet, draw_beliefs
+from bs_train.config import MethodConfig, load_config
+from bs_train.data import collate
+from bs_train.model import LossHead
+from bs_train.trainer import build_optimizer
 
 # Dense bf16 peak FLOP/s by device name, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 BATCH = {"gpu": dict(b=16, prompt=56, answer=200), "cpu": dict(b=2, prompt=8, answer=24)}
-CASES = [("ga", {}), ("npo", {}), ("bs_t", {}), ("bs_s", {"bss_samples": 3}), ("bs_s", {"bss_samples": 8})]
+# (case label, method, its settings, whether it trains on sampled beliefs)
+CASES = [("ga", "ga", {}, False), ("npo", "npo", {}, False), ("bs_t", "bs_t", {}, False),
+         ("bs_s_n3", "bs_s", {"bss_samples": 3}, True), ("bs_s_n8", "bs_s", {"bss_samples": 8}, True)]
 
 
 def qa_batch(b, prompt, answer, vocab, seed):
@@ -48,13 +46,13 @@ def qa_batch(b, prompt, answer, vocab, seed):
     items = []
     for i in range(b):
         ids = torch.randint(10, vocab, (prompt + answer,), generator=g).tolist()
-        items.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "index": i})
+        items.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:], "index": i})
     return collate(items, pad_id=0)
 
 
 def fake_beliefs(forget, n, answer, vocab, seed) -> BeliefSet:
     g = torch.Generator().manual_seed(seed)
-    prompts = [row[row_l == -100].tolist() for row, row_l in zip(forget["input_ids"], forget["labels"])]
+    prompts = [row[row_l == IGNORE_INDEX].tolist() for row, row_l in zip(forget["input_ids"], forget["labels"])]
     answers = [[torch.randint(10, vocab, (answer,), generator=g).tolist() for _ in range(n)] for _ in prompts]
     return BeliefSet(prompts, answers, [[-300.0] * n for _ in prompts], round=1)
 
@@ -66,21 +64,16 @@ def train_flops(model, tokens: int, seq: int) -> float:
     return tokens * (6 * n_params + 12 * cfg.num_hidden_layers * seq * cfg.hidden_size)
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def bench_case(name, step_fn, model, tokens, seq, device, reps, extra=None):
     step_fn()  # warm-up; also allocates the optimizer states
-    _sync(device)
+    sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         step_fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
     row = {"case": name, "tokens": tokens, "s_median": t, "tokens_per_s": tokens / t, "reps": reps, **(extra or {})}
@@ -92,7 +85,7 @@ def bench_case(name, step_fn, model, tokens, seq, device, reps, extra=None):
     return row
 
 
-def ours(spec, shape, device, method, overrides, reps):
+def ours(spec, shape, device, label, method, overrides, with_beliefs, reps):
     model = random_llama({**spec, "dtype": "bfloat16"}, device).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head = LossHead(model)
@@ -104,34 +97,33 @@ def ours(spec, shape, device, method, overrides, reps):
     vocab = spec["vocab_size"]
     forget = {k: v.to(device) for k, v in qa_batch(shape["b"], shape["prompt"], shape["answer"], vocab, 0).items()}
     retain = {k: v.to(device) for k, v in qa_batch(shape["b"], shape["prompt"], shape["answer"], vocab, 1).items()}
-    st = M.MethodState(mcfg, impl, ref_logp=torch.full((shape["b"],), -400.0))
+    st = methods.MethodState(mcfg, impl, ref_logp=torch.full((shape["b"],), -400.0))
     beliefs, extra = None, {}
-    if method == "bs_s":
+    if with_beliefs:
         st.beliefs = fake_beliefs(forget, mcfg.bss_samples, shape["answer"], vocab, 2)
         beliefs = {k: v.to(device) for k, v in st.beliefs.batch(list(range(shape["b"])), 0).items()}
         prompts = st.beliefs.prompts
         regen_cfg = MethodConfig(name="bs_s", bss_samples=mcfg.bss_samples, bss_max_new_tokens=shape["answer"],
                                  bss_prompts_per_round=shape["b"])
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         draw_beliefs(head, model, prompts, regen_cfg, eos_id=-1, pad_id=0, seed=0, round_=1)
-        _sync(device)
+        sync(device)
         regen = time.perf_counter() - t0
         extra = {"regen_s_per_batch": regen, "regen_s_per_step_amortised": regen / 2}
-    counts = M.local_counts({k: v.cpu() for k, v in forget.items()}, {k: v.cpu() for k, v in retain.items()},
-                            {k: v.cpu() for k, v in beliefs.items()} if beliefs else None)
-    norms = M.Norms(*counts.float().clamp_min(1).to(device).unbind())
-    use_retain = method != "ga"
+    counts = methods.local_counts({k: v.cpu() for k, v in forget.items()}, {k: v.cpu() for k, v in retain.items()},
+                                  {k: v.cpu() for k, v in beliefs.items()} if beliefs else None)
+    norms = methods.Norms(*counts.float().clamp_min(1).to(device).unbind())
+    use_retain = methods.needs_retain(mcfg)
 
     def step():
-        loss, _ = M.method_loss(head, forget, retain if use_retain else None, st, norms, beliefs=beliefs)
+        loss, _ = methods.method_loss(head, forget, retain if use_retain else None, st, norms, beliefs=beliefs)
         loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
 
     tokens = int(forget["attention_mask"].sum() + (retain["attention_mask"].sum() if use_retain else 0)
                  + (beliefs["attention_mask"].sum() if beliefs else 0))
-    label = method if method != "bs_s" else f"bs_s_n{mcfg.bss_samples}"
     row = bench_case(f"ours_{label}", step, model, tokens, shape["prompt"] + shape["answer"], device, reps, extra)
     return row
 
@@ -162,14 +154,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device()
     preset = args.preset or ("gpu" if device == "cuda" else "cpu")
     spec, shape = MODEL_PRESETS[preset], BATCH[preset]
-    env = {**environment(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    env = {**environment("benchmarks.bench_train_step", argv), "device": device_name(device),
            "shape": {k: spec[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}, "batch": shape}
     rows = []
     runs = [lambda: hf_stack(spec, shape, device, args.reps)]
-    runs += [lambda m=m, o=o: ours(spec, shape, device, m, o, args.reps) for m, o in CASES]
+    runs += [lambda c=c: ours(spec, shape, device, *c, args.reps) for c in CASES]
     for fn in runs:
         try:
             row = fn()
@@ -177,6 +169,7 @@ def main(argv=None) -> list[dict]:
             row = {"case": "?", "skipped": f"out of memory: {str(e)[:200]}"}
         emit({**row, **env}, rows, device)
     return finish(rows, args.out)
+
 
 if __name__ == "__main__":
     main()

@@ -1,11 +1,13 @@
-"""Make ``bench_losses`` importable from the benchmark tests and run Triton on the CPU interpreter without a GPU."""
+"""Run Triton on the CPU interpreter when there is no GPU, for the benchmark tests run on their own.
+
+``TRITON_INTERPRET`` must be set before ``triton`` is first imported (``tests/conftest.py`` does the same for the
+test suite). The benchmark modules are imported as the ``benchmarks`` package from the repository root, which
+pyproject's ``pythonpath = ["."]`` puts on ``sys.path``.
+"""
 
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -11,7 +11,7 @@ gradient clipping, and after every ``--eval-every`` epochs measures on that spli
 A smaller split seen the same number of times is a cheap proxy for ``full``: the same exposures per example, fewer
 steps. One JSON object per measurement; the last line is the whole curve with its settings and environment.
 
-    python benchmarks/memorization_curve.py --data ../shared/data/tofu --split forget05 --epochs 8 --lr 3e-4 \\
+    python -m benchmarks.memorization_curve --data ../shared/data/tofu --split forget05 --epochs 8 --lr 3e-4 \\
         --batch 16 --out benchmarks/results/memorization_cpu.json
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,24 +27,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_losses import environment, finish  # noqa: E402
-
-import bs_kernels as bk  # noqa: E402
-from bs_train import metrics as M  # noqa: E402
-from bs_train.config import load_config  # noqa: E402
-from bs_train.data import QADataset, collate, load_qa  # noqa: E402
-from bs_train.evaluate import score_answers  # noqa: E402
-from bs_train.model import LossHead, load_model  # noqa: E402
-from bs_train.trainer import build_optimizer, lr_lambda  # noqa: E402
+import bs_kernels as bk
+from benchmarks.common import device_name, environment, finish
+from bs_train import metrics
+from bs_train.config import load_config
+from bs_train.data import QADataset, collate, load_qa
+from bs_train.model import LossHead, load_model
+from bs_train.scoring import score_answers
+from bs_train.trainer import build_optimizer, lr_lambda
 
 
 def measure(model, tok, rows, impl: str) -> dict:
     scored = score_answers(model, tok, [r["question"] for r in rows], [r["answer"] for r in rows],
                            vocab_stats=True, impl=impl)
-    return {"prob": float(M.probability([s["avg_nll"] for s in scored]).mean()),
-            "exact_memorization": float(np.mean([M.exact_memorization(s["pred"], s["labels"]) for s in scored]))}
+    return {"prob": float(metrics.probability([s["avg_nll"] for s in scored]).mean()),
+            "exact_memorization": float(np.mean([metrics.exact_memorization(s["pred"], s["labels"])
+                                                 for s in scored]))}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -111,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     doc = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "examples": len(ds), "steps_per_epoch": per_epoch,
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **environment(),
+           "device": device_name(device.type), **environment("benchmarks.memorization_curve", argv),
            "curve": curve}
     finish(doc, args.out)
     return curve

@@ -1,4 +1,4 @@
-"""pytest-benchmark cases for the loss providers, sharing bench_losses.py's setup (small CPU shape by default).
+"""pytest-benchmark cases for the loss providers, sharing ``benchmarks.bench_losses``' setup (a small CPU shape).
 
     pytest benchmarks --benchmark-only          # time them
     pytest benchmarks --benchmark-disable       # run each once as a check (what CI does)
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import bs_kernels as bk
-from bench_losses import PRESETS, build, make_inputs
+from benchmarks.bench_losses import PRESETS, build, make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASE = PRESETS["cpu"][0]

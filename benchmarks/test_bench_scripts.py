@@ -8,8 +8,7 @@ import json
 
 import pytest
 
-import bench_sampler
-import bench_train_step
+from benchmarks import bench_sampler, bench_train_step
 
 
 @pytest.mark.parametrize("script, key, want", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from memorization_curve import main
+from benchmarks.memorization_curve import main
 
 from bs_train.synthetic import make_splits, write_folder
 

@@ -1,6 +1,6 @@
 """Fused per-token scores from hidden states and the lm_head weight, never holding the [N, V] logits.
 
-This is the one primitive every likelihood-based unlearning loss is built on (see ../shared/DESIGN.md):
+This is the one primitive every likelihood-based unlearning loss is built on (README.md, "API"):
 
     linear_token_scores(hidden [N, D], weight [V, D], labels [N]) -> s [N],   s_i = <t_i, log softmax(h_i W^T)>
     t_i = (1 - lam) e_{y_i} + lam sg[q_i],   q_i = softmax(h_i W^T) restricted to its top-k, renormalised.
@@ -32,7 +32,8 @@ from ._checks import IGNORE_INDEX, check_options, check_tensors
 # op stays within 128 MiB of the returned gradients. The price: the dW GEMM has inner dimension C, which leaves it
 # memory-bound on an H100 (~190 flop/byte against a ~295 ridge), and dW is accumulated in its own dtype (bf16 for
 # bf16 weights, as Liger does: one rounding per chunk, ~1% relative error at N = 32768 vs ~0.2% for one rounding).
-# Larger ``chunk_size`` trades memory for both; the GPU benchmark is what should set this (owed).
+# Larger ``chunk_size`` trades memory for both; a GPU run of ``python -m benchmarks.bench_losses`` is what should
+# set this (benchmarks/results/README.md lists what has been measured).
 DEFAULT_CHUNK_BYTES = 96 * 2**20
 
 

@@ -171,7 +171,7 @@ def _block_v(vocab: int, block_v: int | None) -> int:
     if block_v is not None:
         return block_v
     # Interpreter: one tile per row keeps CPU tests fast. GPU: 4096 fp32 values per tile over 8 warps (16 per
-    # thread); untuned on hardware yet (see benchmarks/README.md).
+    # thread); to be tuned with the loss benchmark on a GPU (benchmarks/README.md).
     return triton.next_power_of_2(vocab) if triton_interpret() else min(4096, triton.next_power_of_2(vocab))
 
 

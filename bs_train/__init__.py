@@ -1,6 +1,7 @@
 """bs_train: the unlearning trainer, methods, belief sampler, data and evaluation built on ``bs_kernels``.
 
-Not yet implemented: the trainer and methods (issue 3), evaluation (issue 4), the BS-S sampler (issue 5). The
-package exists so that the import direction is fixed from the start: ``bs_train`` imports ``bs_kernels``, never the
-reverse.
+The command line is ``bs-unlearn`` (``bs_train.cli``): ``finetune``, ``unlearn``, ``eval``, ``compare``, ``demo``
+and ``recipe``. The modules are imported by name (``from bs_train.trainer import run``); nothing is re-exported here,
+so importing the package loads nothing heavy. The import direction is fixed: ``bs_train`` imports ``bs_kernels``,
+never the reverse. README.md's "Layout" table says which module holds what.
 """

@@ -1,4 +1,4 @@
-"""``bs-unlearn``: command-line entry point (fine-tune, unlearn, evaluate, compare, demo).
+"""``bs-unlearn``: command-line entry point (finetune, unlearn, eval, compare, demo, recipe).
 
     bs-unlearn finetune --config configs/finetune_tofu_smollm2.yaml output_dir=runs/original
     bs-unlearn unlearn  --config configs/unlearn_tofu_smollm2.yaml model.path=runs/original/final method.name=npo
@@ -6,11 +6,14 @@
     bs-unlearn eval runs/ga runs/bs_t --data ../shared/data/tofu --retain-model runs/retain --markdown results.md
     bs-unlearn compare runs/ga runs/bs_t                                       # side by side from each eval.json
     bs-unlearn demo                                  # offline end to end on a CPU: data, model, 4 methods, table
+    bs-unlearn recipe --data ../shared/data/tofu     # the TOFU reproduction in resumable stages (bs_train/recipe.py)
 
 Overrides are ``section.key=value`` (YAML scalars). The resolved config is saved as ``<output_dir>/config.yaml``;
 a run whose folder already holds a checkpoint of the same config resumes from it (``--no-resume`` starts over).
 ``eval`` writes one JSON with every metric (``--out``), ``<run>/eval.json`` for each run folder, and prints a
-markdown table with one row per model; ``compare`` reads ``eval.json`` (or the training summary) of each run.
+markdown table with one row per model; ``compare`` reads ``eval.json`` (or the training summary) of each run;
+``recipe`` runs (or resumes) fine-tune, retain model, lr selection, unlearning, evaluation and the table, stage by stage
+(``--stage``), within a time budget (``--budget-s``). The tables are formatted by ``bs_train/report.py``.
 """
 
 from __future__ import annotations
@@ -22,15 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import load_config
-
-# (result key, column title) of the markdown tables: the TOFU headline numbers, then the BS paper's aggregates.
-COLUMNS = [
-    ("forget_quality", "Forget quality"), ("model_utility", "Model utility"), ("forget_Q_A_Prob", "F. Prob"),
-    ("forget_Q_A_ROUGE", "F. ROUGE-L"), ("forget_truth_ratio", "F. TR"), ("extraction_strength", "ES"),
-    ("exact_memorization", "EM"), ("privleak", "PrivLeak"), ("similarity", "Sim. (diff)"), ("fluency", "Fluency"),
-    ("mem", "Mem."), ("util", "Util."), ("agg", "Agg."),
-]
-TRAIN_COLUMNS = [("steps", "Steps"), ("loss", "Final loss"), ("forget", "Forget term"), ("retain", "Retain term")]
+from .report import COLUMNS, TRAIN_COLUMNS, markdown_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,22 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    """One markdown row per result dict (``name`` first), only the columns some row has."""
-    cols = [(k, t) for k, t in columns if any(r.get(k) is not None for r in rows)]
-    lines = ["| model | " + " | ".join(t for _, t in cols) + " |", "| --- |" + " --- |" * len(cols)]
-    lines += ["| " + " | ".join([str(r["name"])] + [_fmt(r.get(k)) for k, _ in cols]) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def _is_run(path: str) -> bool:
     return (Path(path) / "final").is_dir() or (Path(path) / "summary.json").is_file()
 
@@ -105,15 +84,16 @@ def eval_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from . import evaluate as E
+    from .data import resolve_data
+    from .evaluate import evaluate_model, reference_statistics
     from .judge import make_judge
 
     try:
-        data = E.resolve_data(args.data, args.models[0])
+        data = resolve_data(args.data, args.models[0])
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         load_kw = {"device": device, "dtype": "auto"}
         kw = {"batch_size": args.batch_size, "max_length": 512}
-        ref = E.reference_statistics(args.retain_model, data, args.forget_split, load_kw, **kw)
+        ref = reference_statistics(args.retain_model, data, args.forget_split, load_kw, **kw)
         judge = make_judge(args.judge, device=device)
     except ValueError as e:
         print(f"bs-unlearn eval: {e}", file=sys.stderr)
@@ -121,8 +101,8 @@ def eval_main(argv: list[str]) -> int:
     results = []
     for spec in args.models:
         try:
-            res = E.evaluate_model(spec, data, forget_split=args.forget_split, retain_model=ref, judge=judge,
-                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device)
+            res = evaluate_model(spec, data, forget_split=args.forget_split, retain_model=ref, judge=judge,
+                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device)
         except ValueError as e:
             print(f"bs-unlearn eval: {spec}: {e}", file=sys.stderr)
             return 2
@@ -175,7 +155,6 @@ def compare_main(argv: list[str]) -> int:
     return 0
 
 
-
 def demo_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bs-unlearn demo",
                                 description="Offline end-to-end demo on a CPU: generated data, a small model trained "
@@ -191,7 +170,6 @@ def demo_main(argv: list[str]) -> int:
     print(f"\n{len(result['results'])} models in {result['seconds']:.0f} s; judge: {result['judge']}; "
           f"table: {args.out}/results.md; squeezing plots: {args.out}/<method>/squeezing.png")
     return 0
-
 
 
 def recipe_main(argv: list[str]) -> int:

@@ -16,10 +16,14 @@ from typing import Any
 
 import yaml
 
-METHODS = ("finetune", "ga", "graddiff", "npo", "simnpo", "rmu", "wga", "bs_t", "bs_s")
-BSS_BASES = ("ga", "npo", "wga", "bs_t")
+from . import methods
+
+# The method names and their choices come from the method table (``methods.METHODS``), the one place a method is
+# declared.
+METHODS = tuple(methods.METHODS)
+BSS_BASES = tuple(name for name, m in methods.METHODS.items() if m.bss_base)
+RETAIN_TERMS = tuple(methods.RETAIN_TERMS)
 BSS_REGEN = ("epochs", "steps", "never")
-RETAIN_TERMS = ("nll", "kl", "none")
 RMU_PARAMS = ("down_proj", "all")
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw_bf16_sr", "adamw8bit")
@@ -79,7 +83,8 @@ class DataConfig:
 @dataclass
 class MethodConfig:
     name: str = "bs_t"
-    """One of finetune, ga, graddiff, npo, simnpo, rmu, wga, bs_t, bs_s."""
+    """A method of the table ``methods.METHODS``: finetune, ga, graddiff, npo, simnpo, rmu, wga, bs_t, bs_s. The
+    default is the paper's BS-T."""
     gamma: float = 1.0
     """Weight of the forget loss."""
     alpha: float = 1.0
@@ -245,10 +250,11 @@ class RunConfig:
                 value = getattr(getattr(self, section), f.name)
                 _require(not isinstance(value, float) or math.isfinite(value),
                          f"{section}.{f.name} must be a finite number, got {value}")
-        if self.command == "finetune" and self.method.name != "finetune":
-            self.method = dataclasses.replace(self.method, name="finetune")
-        _require(self.command == "finetune" or self.method.name != "finetune",
-                 "method.name=finetune only makes sense with the finetune command")
+        if self.command == "finetune":  # fine-tuning has one method; unlearning's is chosen
+            self.method = dataclasses.replace(self.method, name=methods.method_for("finetune"))
+        belongs_to = methods.METHODS[self.method.name].command
+        _require(belongs_to == self.command,
+                 f"method.name={self.method.name} only makes sense with the {belongs_to} command")
         _require(self.train.optimizer == "adamw" or self.model.dtype == "bfloat16",
                  f"train.optimizer={self.train.optimizer} keeps bf16 weights exact in expectation; it needs "
                  f"model.dtype=bfloat16 (got {self.model.dtype})")

@@ -6,6 +6,9 @@ Unlearning trains on two sets of question/answer pairs, a forget set and a retai
 
 * ``load_qa`` reads a split from a local folder of ``{split}.jsonl`` files or from a Hub dataset id, and checks every
   row at the boundary, so a malformed file fails with its name and line instead of deep inside training;
+* ``resolve_data`` / ``load_split`` find the data an evaluation reads (a run folder's own data, ``"synthetic"``, a
+  folder, a Hub id or an in-memory ``{split: rows}`` mapping) and its optional splits; ``check_perturbed`` and
+  ``wrong_answers`` check and read the wrong answers of the ``_perturbed`` / real-authors / world-facts rows;
 * ``encode_qa`` tokenises one pair as prompt + answer + EOS with labels on the answer tokens and EOS only (the
   prompt is the tokenizer's chat template when it has one); labels are unshifted, Hugging Face style;
 * ``QADataset`` and ``collate`` turn rows into right-padded ``[B, T]`` int64 batches;
@@ -18,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +114,69 @@ def _check_row(row: Any, where: str) -> dict[str, Any]:
     if perturbed is not None and (not isinstance(perturbed, list) or not all(isinstance(p, str) for p in perturbed)):
         raise ValueError(f"load_qa: {where}: field 'perturbed_answer' must be a list of strings, got {perturbed!r:.80}")
     return row
+
+
+# ---------------------------------------------------------------------------------------------- evaluation data
+
+
+def resolve_data(source: Any, model_spec: str | os.PathLike[str] | None = None) -> Any:
+    """The data to evaluate on. ``None`` takes the run folder's own data (``model_spec/data``, else its config's
+    ``data.source``); ``"synthetic"`` is the run folder's generated data when there is one, else the default
+    generated set, in memory; a mapping, folder or Hub id is returned as is."""
+    if isinstance(source, Mapping):
+        return source
+    run = Path(model_spec) if model_spec is not None else None
+    is_run = run is not None and (run / "config.yaml").is_file()
+    if source in (None, "synthetic") and is_run and (run / "data").is_dir():
+        return str(run / "data")
+    if source is None:
+        if not is_run:
+            raise ValueError(f"no data source given and {str(model_spec)!r} is not a run folder: pass a data source")
+        import yaml
+
+        source = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("data") or {}).get("source")
+        if not source:
+            raise ValueError(f"{run / 'config.yaml'} names no data.source: pass a data source")
+    if source == "synthetic":
+        from .synthetic import make_splits
+
+        return make_splits()
+    return str(source)
+
+
+def load_split(source: Any, split: str, *, required: bool = True) -> list[dict[str, Any]] | None:
+    """Rows of ``split`` from a mapping, folder or Hub id; ``None`` for a missing optional split."""
+    if isinstance(source, Mapping):
+        if split not in source and required:
+            raise ValueError(f"split {split!r} not in the data (splits: {sorted(source)})")
+        return source.get(split)
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / f"{split}.jsonl").is_file() and not required:
+        return None
+    try:
+        return load_qa(source, split)
+    except Exception:  # a Hub dataset without that config raises its own errors
+        if required:
+            raise
+        return None
+
+
+def check_perturbed(rows: list[dict[str, Any]], split: str, *, paraphrase: bool) -> None:
+    """Rows of a ``_perturbed`` split need ``perturbed_answer`` (non-empty list) and, when ``paraphrase``, a
+    ``paraphrased_answer``; raise ``ValueError`` naming the split and row otherwise."""
+    for i, r in enumerate(rows):
+        if paraphrase and not isinstance(r.get("paraphrased_answer"), str):
+            raise ValueError(f"split {split!r} row {i}: missing 'paraphrased_answer' (needed for the truth ratio)")
+        wrong = r.get("perturbed_answer") if paraphrase else wrong_answers(r)
+        if not wrong or not isinstance(wrong, list):
+            raise ValueError(f"split {split!r} row {i}: no wrong answers ('perturbed_answer' or option1..4)")
+
+
+def wrong_answers(row: dict[str, Any]) -> list[str]:
+    """Wrong answers of a real-authors / world-facts row: ``perturbed_answer``, else ``option1..4`` minus the answer."""
+    if row.get("perturbed_answer"):
+        return list(row["perturbed_answer"])
+    return [row[k] for k in ("option1", "option2", "option3", "option4") if row.get(k) and row[k] != row["answer"]]
 
 
 # ----------------------------------------------------------------------------------------------------- encoding

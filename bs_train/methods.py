@@ -22,11 +22,21 @@ so gradient accumulation and FSDP2 (with its own gradient division switched off)
               over each sequence's answer tokens, then over sequences).
 Retain terms (``method.retain``): ``nll`` on retain answers (mean over tokens), or ``kl``: KL(p_init || p_theta)
 on retain answer tokens, computed in chunks under activation checkpointing so the logits are never all held.
+
+``METHODS`` at the end is the method table: every method is declared there once, as one ``Method`` row naming its
+forget loss (``forget_*``), its retain term (none, the configured ``retain_*`` or its own), and what it needs: NPO
+reference log-probs, a frozen reference model, beliefs, a setup hook, and whether the recipe and the demo run it.
+``method_loss``, the ``needs_*`` predicates, config validation, the recipe, the demo and the trainer all read it,
+so adding a method is one function, one row and its config fields. This module imports nothing of the config, so
+the config can import the table.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +44,8 @@ from torch.utils.checkpoint import checkpoint
 
 import bs_kernels as bk
 
-from .config import MethodConfig
+from .data import encode_prompt
 from .model import LossHead
-
-IGNORE = bk.IGNORE_INDEX
-
 
 @dataclass
 class Norms:
@@ -64,21 +71,23 @@ def local_counts(forget: dict | None, retain: dict | None, beliefs: dict | None 
         if batch is None:
             out += [0, 0]
             continue
-        active = bk.shift_labels(batch["labels"], IGNORE) != IGNORE
+        active = bk.shift_labels(batch["labels"], bk.IGNORE_INDEX) != bk.IGNORE_INDEX
         out += [int((active.sum(-1) > 0).sum()), int(active.sum())]
     return torch.tensor(out, dtype=torch.float64)
 
 
 @dataclass
 class MethodState:
-    """Everything a method needs beyond the batch, built once before training."""
+    """Everything a method needs beyond the batch, built once before training (``cfg`` is a ``MethodConfig``)."""
 
-    cfg: MethodConfig
+    cfg: Any
     impl: str
     ref_logp: torch.Tensor | None = None  # [n_forget] NPO reference log pi_ref(y|x), indexed by example
     reference: LossHead | None = None  # frozen initial model for the KL retain term and RMU
     rmu_direction: torch.Tensor | None = None  # [D] unit vector
     beliefs: object | None = None  # BS-S: the current beliefs.BeliefSet
+    prompts: list[list[int]] | None = None  # BS-S: every forget prompt, encoded (the beliefs are drawn for these)
+    sampler: object | None = None  # BS-S: the run's one belief sampler (beliefs.belief_sampler), built at first use
 
 
 def _cast(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,14 +100,19 @@ def _cast(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def _flat(hidden, weight, labels):
     h, w = _cast(hidden, weight)
-    y = bk.shift_labels(labels, IGNORE)
+    y = bk.shift_labels(labels, bk.IGNORE_INDEX)
     return h.reshape(-1, h.shape[-1]), w, y
 
 
 def _seq_weights(y: torch.Tensor, n_seqs: torch.Tensor) -> torch.Tensor:
     """Token weights of "mean over answer tokens per sequence, summed, divided by the global sequence count"."""
-    active = (y != IGNORE).float()
+    active = (y != bk.IGNORE_INDEX).float()
     return (active / active.sum(-1, keepdim=True).clamp_min(1) / n_seqs).reshape(-1)
+
+
+def _token_weights(y: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """Token weights of the NLL "mean over all answer tokens" (negative: the fused sum is of log-likelihoods)."""
+    return -(y != bk.IGNORE_INDEX).float().reshape(-1) / n_tokens
 
 
 def _weighted(model, batch, st: MethodState, token_weights_fn, *, topk=0, lam=0.0):
@@ -113,35 +127,35 @@ def _weighted(model, batch, st: MethodState, token_weights_fn, *, topk=0, lam=0.
     return model(batch["input_ids"], batch["attention_mask"], fn)
 
 
-def _seq_scores(model, batch, st: MethodState):
+def _seq_scores(model, batch, impl: str):
     """Per-token log p(y_i) [B, T-shifted] (recompute path: any upstream gradient) and the answer mask."""
 
     def fn(hidden, weight, _):
         h, w, y = _flat(hidden, weight, batch["labels"])
-        s = bk.linear_token_scores(h, w, y.reshape(-1), impl=st.impl).view(y.shape)
-        return s, y != IGNORE
+        s = bk.linear_token_scores(h, w, y.reshape(-1), impl=impl).view(y.shape)
+        return s, y != bk.IGNORE_INDEX
 
     return model(batch["input_ids"], batch["attention_mask"], fn)
 
 
-# ---- forget losses -------------------------------------------------------------------------------------------
+# ---- forget losses: forget_<method>(model, forget batch, state, norms) -----------------------------------------
 
 
-def finetune_loss(model, batch, st, n: Norms):
-    return _weighted(model, batch, st, lambda y: -(y != IGNORE).float().reshape(-1) / n.forget_tokens)
+def forget_nll(model, batch, st, n: Norms):
+    return _weighted(model, batch, st, lambda y: _token_weights(y, n.forget_tokens))
 
 
-def ga_loss(model, batch, st, n: Norms):
+def forget_ga(model, batch, st, n: Norms):
     return _weighted(model, batch, st, lambda y: _seq_weights(y, n.forget_seqs))
 
 
-def bst_loss(model, batch, st, n: Norms):
+def forget_bst(model, batch, st, n: Norms):
     return _weighted(model, batch, st, lambda y: _seq_weights(y, n.forget_seqs), topk=st.cfg.bst_topk,
                      lam=st.cfg.bst_lam)
 
 
-def npo_loss(model, batch, st, n: Norms):
-    s, mask = _seq_scores(model, batch, st)
+def forget_npo(model, batch, st, n: Norms):
+    s, mask = _seq_scores(model, batch, st.impl)
     logp = (s * mask).sum(-1)
     ref = st.ref_logp.to(logp.device)[batch["index"]]
     beta = st.cfg.npo_beta
@@ -149,16 +163,16 @@ def npo_loss(model, batch, st, n: Norms):
     return (-(2.0 / beta) * F.logsigmoid(-beta * (logp - ref)) * keep).sum() / n.forget_seqs
 
 
-def simnpo_loss(model, batch, st, n: Norms):
-    s, mask = _seq_scores(model, batch, st)
+def forget_simnpo(model, batch, st, n: Norms):
+    s, mask = _seq_scores(model, batch, st.impl)
     mean_logp = (s * mask).sum(-1) / mask.sum(-1).clamp_min(1)
     beta, delta = st.cfg.simnpo_beta, st.cfg.simnpo_delta
     keep = mask.any(-1)
     return (-(2.0 / beta) * F.logsigmoid(-beta * mean_logp - delta) * keep).sum() / n.forget_seqs
 
 
-def wga_loss(model, batch, st, n: Norms):
-    s, mask = _seq_scores(model, batch, st)
+def forget_wga(model, batch, st, n: Norms):
+    s, mask = _seq_scores(model, batch, st.impl)
     w = torch.exp(st.cfg.wga_beta * s).detach() * mask
     per_seq = (w * s).sum(-1) / mask.sum(-1).clamp_min(1)
     return per_seq.sum() / n.forget_seqs
@@ -166,13 +180,14 @@ def wga_loss(model, batch, st, n: Norms):
 
 def _answer_mse(act: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, n_seqs: torch.Tensor):
     """RMU's activation loss: squared error averaged over the hidden dimension, then over each sequence's answer
-    tokens (``labels != -100``, unshifted: the activations *of* the answer), summed over sequences / ``n_seqs``."""
-    mask = (labels != IGNORE).float()
+    tokens (``labels != IGNORE_INDEX``, unshifted: the activations *of* the answer), summed over sequences /
+    ``n_seqs``."""
+    mask = (labels != bk.IGNORE_INDEX).float()
     sq = ((act.float() - target) ** 2).mean(-1)
     return ((sq * mask).sum(-1) / mask.sum(-1).clamp_min(1)).sum() / n_seqs
 
 
-def rmu_forget(model, batch, st, n: Norms):
+def forget_rmu(model, batch, st, n: Norms):
     target = (st.cfg.rmu_coeff * st.rmu_direction).float()
 
     def fn(_h, _w, act):
@@ -181,25 +196,22 @@ def rmu_forget(model, batch, st, n: Norms):
     return model(batch["input_ids"], batch["attention_mask"], fn, layer=st.cfg.rmu_layer)
 
 
-BSS_BASES = {"ga": ga_loss, "npo": npo_loss, "wga": wga_loss, "bs_t": bst_loss}
-
-
-def bss_loss(model, forget, st, n: Norms, beliefs: dict):
-    """BS-S: (1 - lam_S) L(targets) + lam_S L(beliefs of the same prompts), L the configured base loss."""
-    base, lam = BSS_BASES[st.cfg.bss_base], st.cfg.bss_lam
-    on_targets = base(model, forget, st, n)
+def forget_bss(model, batch, st, n: Norms, beliefs: dict | None = None):
+    """BS-S: (1 - lam_S) L(targets) + lam_S L(beliefs of the same prompts), L the forget loss of the configured base
+    (a table row with ``bss_base=True``). ``beliefs`` holds the beliefs of exactly the prompts in ``batch``."""
+    if beliefs is None:
+        raise ValueError(f"method {st.cfg.name} needs the belief batch of its forget batch")
+    base, lam = METHODS[st.cfg.bss_base].forget, st.cfg.bss_lam
+    on_targets = base(model, batch, st, n)
     on_beliefs = base(model, beliefs, replace(st, ref_logp=st.beliefs.ref_logp), n.for_beliefs())
     return (1.0 - lam) * on_targets + lam * on_beliefs
 
 
-FORGET = {"finetune": finetune_loss, "ga": ga_loss, "graddiff": ga_loss, "npo": npo_loss, "simnpo": simnpo_loss,
-          "wga": wga_loss, "bs_t": bst_loss, "rmu": rmu_forget}
-
-# ---- retain terms ----------------------------------------------------------------------------------------------
+# ---- retain terms: retain_<term>(model, retain batch, state, norms) --------------------------------------------
 
 
 def retain_nll(model, batch, st, n: Norms):
-    return _weighted(model, batch, st, lambda y: -(y != IGNORE).float().reshape(-1) / n.retain_tokens)
+    return _weighted(model, batch, st, lambda y: _token_weights(y, n.retain_tokens))
 
 
 def _kl_chunk(h, w, h_ref, w_ref, mask):
@@ -214,7 +226,7 @@ def retain_kl(model, batch, st, n: Norms, chunk: int = 256):
 
     def fn(hidden, weight, _):
         h, w, y = _flat(hidden, weight, batch["labels"])
-        mask = (y.reshape(-1) != IGNORE).float()  # a weight, not a row selection: nonzero() would sync the host
+        mask = (y.reshape(-1) != bk.IGNORE_INDEX).float()  # a weight, not a row selection: nonzero() syncs the host
         h_ref = ref[0].reshape(-1, ref[0].shape[-1]).to(h.dtype)
         w_ref = ref[1].to(h.dtype)
         total = h.new_zeros((), dtype=torch.float32)
@@ -227,7 +239,7 @@ def retain_kl(model, batch, st, n: Norms, chunk: int = 256):
     return model(batch["input_ids"], batch["attention_mask"], fn)
 
 
-def rmu_retain(model, batch, st, n: Norms):
+def retain_rmu(model, batch, st, n: Norms):
     layer = st.cfg.rmu_layer
     with torch.no_grad():
         ref_act = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, w, a: a, layer=layer)
@@ -238,42 +250,144 @@ def rmu_retain(model, batch, st, n: Norms):
     return model(batch["input_ids"], batch["attention_mask"], fn, layer=layer)
 
 
+RETAIN_TERMS: dict[str, Callable | None] = {"nll": retain_nll, "kl": retain_kl, "none": None}
+"""The choices of ``method.retain`` for methods whose row takes the configured retain term."""
+
+# ---- setup hooks: setup_<method>(state, lm, *, tokenizer, examples, seed, device), run before the model moves ---
+
+
+def rmu_trainable(lm: torch.nn.Module, method) -> list[str]:
+    """Check ``method.rmu_layer`` against the model and, with ``rmu_params="down_proj"``, freeze every parameter but
+    ``mlp.down_proj.weight`` of decoder layers l-2..l (WMDP's and open-unlearning's choice). Returns the names of the
+    parameters left trainable."""
+    n_layers, layer = lm.config.num_hidden_layers, method.rmu_layer
+    # The last layer's output is only seen through the final norm (Hugging Face's hidden_states[-1] is normed).
+    if layer > n_layers - 2:
+        raise ValueError(f"method.rmu_layer={layer} but the model has {n_layers} decoder layers: steer one of "
+                         f"0..{n_layers - 2}")
+    if method.rmu_params == "all":
+        return [name for name, _ in lm.named_parameters()]
+    pattern = re.compile(rf"(.*\.)?layers\.({'|'.join(str(i) for i in range(max(0, layer - 2), layer + 1))})"
+                         rf"\.mlp\.down_proj\.weight")
+    keep = [name for name, _ in lm.named_parameters() if pattern.fullmatch(name)]
+    if not keep:
+        raise ValueError(f"method.rmu_params=down_proj: no parameter of this model matches {pattern.pattern!r}; "
+                         "use method.rmu_params=all")
+    for name, p in lm.named_parameters():
+        p.requires_grad_(name in keep)
+    return keep
+
+
+def setup_rmu(st: MethodState, lm: torch.nn.Module, *, seed: int, device, **_) -> None:
+    """RMU: the trainable parameters (``rmu_trainable``) and the fixed random unit direction u, drawn from ``seed``."""
+    rmu_trainable(lm, st.cfg)
+    u = torch.rand(lm.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    st.rmu_direction = (u / u.norm()).to(device)
+
+
+def setup_bss(st: MethodState, lm: torch.nn.Module, *, tokenizer, examples, **_) -> None:
+    """BS-S: encode every forget prompt once; the beliefs are drawn for these (``beliefs.draw_beliefs``)."""
+    st.prompts = [encode_prompt(tokenizer, ex["question"]) for ex in examples]
+
+
+# ---- the method table ------------------------------------------------------------------------------------------
+
+CONFIGURED = "configured"
+"""``Method.retain`` value: the retain term named by ``method.retain`` (``RETAIN_TERMS``)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the method table: what a method computes and what it needs."""
+
+    forget: Callable
+    """Forget loss ``forget_*(model, batch, state, norms)``, minimised."""
+    retain: Callable | str | None = CONFIGURED
+    """Retain term: ``CONFIGURED`` (``method.retain``: nll, kl or none), None (takes none), or its own ``retain_*``."""
+    ref_logp: bool = False
+    """Needs log pi_ref(y|x) of every forget example, precomputed once from the initial model."""
+    reference: bool = False
+    """Needs the frozen initial model in memory (beyond what its retain term and BS-S base need)."""
+    beliefs: bool = False
+    """Trains on the model's own sampled beliefs of every forget prompt (BS-S): the forget loss takes their batch."""
+    bss_base: bool = False
+    """May serve as BS-S's base forget loss (``method.bss_base``)."""
+    setup: Callable | None = None
+    """Hook ``setup_*(state, lm, *, tokenizer, examples, seed, device)`` run once on the CPU model, before it moves."""
+    scaled: bool = True
+    """The forget term is scaled by ``method.gamma`` (fine-tuning's NLL is the loss itself)."""
+    command: str = "unlearn"
+    """The run command the method belongs to: ``unlearn`` or ``finetune``."""
+    recipe: bool = True
+    """Run by the TOFU recipe by default."""
+    demo: bool = False
+    """Run by the offline demo by default."""
+
+
+METHODS: dict[str, Method] = {
+    "finetune": Method(forget_nll, retain=None, scaled=False, command="finetune", recipe=False),
+    "ga": Method(forget_ga, retain=None, bss_base=True, demo=True),
+    "graddiff": Method(forget_ga),
+    "npo": Method(forget_npo, ref_logp=True, bss_base=True, demo=True),
+    "simnpo": Method(forget_simnpo),
+    "rmu": Method(forget_rmu, retain=retain_rmu, reference=True, setup=setup_rmu),
+    "wga": Method(forget_wga, bss_base=True),
+    "bs_t": Method(forget_bst, bss_base=True, demo=True),
+    "bs_s": Method(forget_bss, beliefs=True, setup=setup_bss, demo=True),
+}
+"""The method table: every method, declared once (see the module docstring)."""
+
+
+def method_for(command: str) -> str:
+    """The one method of a command that has only one (``finetune``)."""
+    return next(name for name, m in METHODS.items() if m.command == command)
+
+
+def retain_term(cfg) -> Callable | None:
+    """The retain term a method config trains with, or None."""
+    retain = METHODS[cfg.name].retain
+    return RETAIN_TERMS[cfg.retain] if retain == CONFIGURED else retain
+
+
+def _base(cfg) -> Method | None:
+    """The row of BS-S's base forget loss, for a method that trains on beliefs."""
+    return METHODS[cfg.bss_base] if METHODS[cfg.name].beliefs else None
+
+
 def method_loss(model, forget: dict, retain: dict | None, st: MethodState, n: Norms, beliefs: dict | None = None):
     """``(loss, {"forget": ..., "retain": ...})`` for one micro-batch; loss = gamma * forget + alpha * retain.
 
-    ``beliefs`` (BS-S only) holds the beliefs of exactly the prompts in ``forget`` (``BeliefSet.batch``)."""
+    ``beliefs`` (methods with ``beliefs=True``) holds the beliefs of exactly the prompts in ``forget``
+    (``BeliefSet.batch``)."""
     cfg = st.cfg
-    if cfg.name == "bs_s":
-        if beliefs is None:
-            raise ValueError("method bs_s needs the belief batch of its forget batch")
-        forget_term = bss_loss(model, forget, st, n, beliefs)
-    else:
-        forget_term = FORGET[cfg.name](model, forget, st, n)
-    retain_term = forget_term.new_zeros(())
-    if retain is not None and cfg.name not in ("finetune", "ga"):
-        if cfg.name == "rmu":
-            retain_term = rmu_retain(model, retain, st, n)
-        elif cfg.retain == "nll":
-            retain_term = retain_nll(model, retain, st, n)
-        elif cfg.retain == "kl":
-            retain_term = retain_kl(model, retain, st, n)
-    gamma = 1.0 if cfg.name == "finetune" else cfg.gamma
-    loss = gamma * forget_term + cfg.alpha * retain_term
-    return loss, {"forget": forget_term.detach(), "retain": retain_term.detach()}
+    row = METHODS[cfg.name]
+    forget_term = row.forget(model, forget, st, n, beliefs) if row.beliefs else row.forget(model, forget, st, n)
+    term = retain_term(cfg)
+    retain_value = term(model, retain, st, n) if term is not None and retain is not None else forget_term.new_zeros(())
+    gamma = cfg.gamma if row.scaled else 1.0
+    loss = gamma * forget_term + cfg.alpha * retain_value
+    return loss, {"forget": forget_term.detach(), "retain": retain_value.detach()}
 
 
-def needs_retain(cfg: MethodConfig) -> bool:
-    return cfg.name == "rmu" or (cfg.name not in ("finetune", "ga") and cfg.retain != "none")
+def needs_retain(cfg) -> bool:
+    return retain_term(cfg) is not None
 
 
-def needs_ref_logp(cfg: MethodConfig) -> bool:
-    return cfg.name == "npo" or (cfg.name == "bs_s" and cfg.bss_base == "npo")
+def needs_ref_logp(cfg) -> bool:
+    base = _base(cfg)
+    return METHODS[cfg.name].ref_logp or (base is not None and base.ref_logp)
 
 
-def needs_reference(cfg: MethodConfig) -> bool:
+def needs_belief_ref_logp(cfg) -> bool:
+    """Beliefs need the initial model's log-probs when the BS-S base needs reference log-probs (NPO)."""
+    base = _base(cfg)
+    return base is not None and base.ref_logp
+
+
+def needs_reference(cfg) -> bool:
     """KL retain and RMU compare with the initial model; so does BS-S's NPO base on beliefs drawn after round 1."""
-    bss_npo_rounds = cfg.name == "bs_s" and cfg.bss_base == "npo" and cfg.bss_regen != "never"
-    return cfg.name == "rmu" or (needs_retain(cfg) and cfg.retain == "kl") or bss_npo_rounds
+    belief_rounds = needs_belief_ref_logp(cfg) and cfg.bss_regen != "never"
+    return METHODS[cfg.name].reference or retain_term(cfg) is retain_kl or belief_rounds
 
 
 def belief_ref_logp(reference: LossHead, beliefs, impl: str, pad_id: int, device,
@@ -292,9 +406,8 @@ def precompute_ref_logp(model: LossHead, loader, impl: str, n_examples: int, dev
     """log pi_ref(y|x) (sum over answer tokens) of every example under the initial model, [n_examples]; ``loader``
     yields collated batches whose ``index`` is each row's example id."""
     out = torch.zeros(n_examples, dtype=torch.float32)
-    st = MethodState(MethodConfig(name="npo"), impl)
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        s, mask = _seq_scores(model, batch, st)
+        s, mask = _seq_scores(model, batch, impl)
         out[batch["index"].cpu()] = (s * mask).sum(-1).float().cpu()
     return out

@@ -21,8 +21,9 @@ Sources, per quantity (the model-facing side, ``bs_train/evaluate.py``, only pro
   (retain, real authors, world facts); here any value equal to 0 makes the harmonic mean 0, explicitly.
 * **Extraction strength** (Carlini et al. 2021 / Wang et al. 2024, as in OpenUnlearning): with teacher-forced argmax
   predictions ``p`` of the answer tokens ``y`` (EOS excluded), ``ES = 1 - k/|y|`` for the smallest ``k`` such that
-  ``p[k:] == y[k:]``; ``k = |y|`` (ES = 0) when not even the last token matches. (OpenUnlearning's loop stops at
-  ``k = |y| - 1`` and so reports ``1/|y|`` there; we follow the definition.)
+  ``p[k:] == y[k:]``. When not even the last token matches, the definition gives ``k = |y|`` (ES = 0), but
+  OpenUnlearning's loop stops at ``k = |y| - 1`` and so reports ``1/|y|``; we follow OpenUnlearning, since the
+  paper's numbers come from its code (``extraction_strength`` below).
 * **Exact memorisation** (Tirumala et al. 2022, as in OpenUnlearning): fraction of answer tokens (EOS excluded) whose
   teacher-forced argmax equals the label.
 * **Membership inference** (MUSE, Shi et al. 2024 "MUSE: Machine Unlearning Six-Way Evaluation"; OpenUnlearning's

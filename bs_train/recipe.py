@@ -32,9 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import load_config
+from .methods import METHODS as TABLE
 
 STAGES = ("finetune", "select", "unlearn", "evaluate", "table")
-METHODS = ("ga", "graddiff", "npo", "simnpo", "rmu", "wga", "bs_t", "bs_s")
+METHODS = tuple(name for name, m in TABLE.items() if m.recipe)  # the method table's recipe rows: all 8 unlearners
 # The paper's Table 1 (TOFU forget10, Llama-3.2-1B): Agg. / Mem. / Util.
 PAPER = {"retain": (0.64, 0.58, 0.71), "graddiff": (0.52, 0.49, 0.56), "npo": (0.58, 0.58, 0.58),
          "rmu": (0.58, 0.59, 0.57), "simnpo": (0.47, 0.35, 0.70), "wga": (0.53, 0.47, 0.62),
@@ -144,7 +145,7 @@ class RecipeError(ValueError):
 def preflight(recipe: Recipe) -> list[str]:
     """Fail before any work on what would fail later: the judge and the splits the stages read. Returns the utility
     splits present."""
-    from .evaluate import load_split, resolve_data
+    from .data import load_split, resolve_data
 
     _judge()
     data = resolve_data(recipe.data)
@@ -167,7 +168,9 @@ def probe_original(recipe: Recipe) -> dict:
         return json.loads(path.read_text())
     import torch
 
-    from .evaluate import forget_statistics, generate_text, load_split, resolve_data
+    from .data import load_split, resolve_data
+    from .evaluate import forget_statistics
+    from .generation import generate_text
     from .metrics import rouge_l_recall
     from .model import load_model
 
@@ -246,7 +249,8 @@ def stage_unlearn(recipe: Recipe, clock: _Clock) -> bool:
 
 
 def stage_evaluate(recipe: Recipe, clock: _Clock) -> bool:
-    from .evaluate import reference_statistics, resolve_data
+    from .data import resolve_data
+    from .evaluate import reference_statistics
 
     ref = reference_statistics(str(recipe.out / "retain" / "final"), resolve_data(recipe.data), "forget10")
     for name in ("retain", "original", *recipe.methods):
@@ -257,7 +261,7 @@ def stage_evaluate(recipe: Recipe, clock: _Clock) -> bool:
 
 
 def stage_table(recipe: Recipe, clock: _Clock) -> bool:
-    from .cli import COLUMNS, markdown_table
+    from .report import COLUMNS, markdown_table
 
     rows = []
     for name in ("original", "retain", *recipe.methods):

@@ -6,11 +6,12 @@ probability-dynamics figure: the targets go down while the model's high-likeliho
 draws that figure for any run:
 
 1. ``prepare(model)``, before unlearning: for each forget prompt draw ``n_beliefs`` answers from the current model
-   (sampling at temperature 1 through ``bs_train.evaluate.generate``, seeded, the caller's RNG untouched), drop exact
+   (sampling at temperature 1 through ``bs_train.generation.generate``, seeded, the caller's RNG untouched), drop exact
    duplicates and the target itself, score every belief by its mean per-token log-prob and bucket all beliefs
    together: high = top 20%, mid = middle 60%, low = bottom 20%. The initial measurement is recorded as step 0.
 2. ``maybe_log(step, model)``, during unlearning: at step 0 and every ``every`` steps, the mean (over sequences) of
-   the mean per-token log-prob of the targets and of each bucket, through the fused scores of ``bs_kernels``.
+   the mean per-token log-prob of the targets and of each bucket, through the fused scores of ``bs_kernels``
+   (``bs_train.scoring.score_encoded``: the scoring evaluation uses, without importing the evaluation suite).
 3. ``finish(out_dir)``: ``squeezing.json`` (settings, beliefs with their buckets, the history) and ``squeezing.png``
    (log-prob and change since step 0 per curve, matplotlib's Agg canvas; no pyplot, no global backend switch).
 
@@ -29,8 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import IGNORE_INDEX, encode_prompt, encode_qa
+from bs_kernels import IGNORE_INDEX
+
+from .data import encode_prompt, encode_qa
+from .generation import generate
 from .sampler import gathered_parameters
+from .scoring import score_encoded
 
 BUCKETS = ("high", "mid", "low")
 HIGH_FRACTION = LOW_FRACTION = 0.2
@@ -86,12 +91,10 @@ class SqueezingMonitor:
 
     def _scores(self, model: Any, items: list[dict[str, list[int]]]) -> list[float]:
         """Mean per-token log-prob of each item's labelled tokens."""
-        from . import evaluate as E
-
         if not items:
             return []
-        scored = E.score_encoded(_unwrap(model, "get_decoder"), items, pad_id=self.tokenizer.pad_token_id,
-                                 batch_size=self.batch_size, impl=self.impl)
+        scored = score_encoded(_unwrap(model, "get_decoder"), items, pad_id=self.tokenizer.pad_token_id,
+                               batch_size=self.batch_size, impl=self.impl)
         return [-s["avg_nll"] for s in scored]
 
     def _score_all(self, model: Any) -> tuple[list[float], list[float]]:
@@ -114,17 +117,15 @@ class SqueezingMonitor:
 
     def prepare(self, model: Any) -> None:
         """Draw, dedupe, score and bucket the beliefs with the current model; record the step-0 measurement."""
-        from . import evaluate as E
-
         gen_model = _unwrap(model, "generate")
         was_training = model.training
         eos = self.tokenizer.eos_token_id
         prompts = [encode_prompt(self.tokenizer, ex["question"]) for ex in self.examples]
         try:
             with gathered_parameters(model):
-                samples = E.generate(gen_model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
-                                     do_sample=True, temperature=self.temperature, num_samples=self.n_beliefs,
-                                     seed=self.seed, batch_size=self.batch_size)
+                samples = generate(gen_model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
+                                   do_sample=True, temperature=self.temperature, num_samples=self.n_beliefs,
+                                   seed=self.seed, batch_size=self.batch_size)
         finally:
             model.train(was_training)
         self.beliefs = []

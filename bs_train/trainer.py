@@ -1,18 +1,24 @@
 """The lean unlearning trainer: one loop for fine-tuning and every unlearning method, 1 process or FSDP2.
 
-Read top to bottom, ``run`` does:
-1. set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), pick device and dtypes;
-2. load the model and the data (forget / retain, or the train split), validating all of it before any GPU work;
-3. build what the method needs once: NPO reference log-probs, a frozen reference for KL / RMU / BS-S's NPO base
-   after the first belief round (in the compute dtype, its blocks sharded under torchrun: ``frozen_reference``);
+``run`` reads top to bottom as setup, loop, finish:
+1. set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), the run folder (resume or set
+   aside), device and dtypes;
+2. load the model on the CPU and the data (forget / retain, or the train split), validating all of it before any GPU
+   work;
+3. ``init_method_state``: what the method table (``methods.METHODS``) says the method needs of the initial model,
+   built before the model moves: a frozen reference for KL / RMU / BS-S's NPO base after the first belief round
+   (``frozen_reference``: compute dtype, its blocks sharded under torchrun) and the row's setup hook (RMU's trainable
+   parameters and direction, BS-S's encoded prompts);
 4. ``parallelize``: activation checkpointing, then ``fully_shard`` per decoder block and at the root, in that order
    (torchtitan's recipe), bf16 compute with fp32 gradient reduction. Every loss is already a sum divided by a
    global count (``methods.Norms``), so the backward pass scales it by the world size to cancel FSDP's averaging
-   (switching the division off instead needs ReduceOp.PREMUL_SUM, which gloo lacks);
-5. train with gradient accumulation, warm-up + schedule, gradient clipping, a progress bar and metrics.jsonl;
-   checkpoint with torch.distributed.checkpoint (model, optimizer, scheduler, data position, RNG, step), written to a
-   temporary folder and renamed so a checkpoint either exists whole or not at all; resume from the latest one;
-6. export the final model as a Hugging Face folder with safetensors.
+   (switching the division off instead needs ReduceOp.PREMUL_SUM, which gloo lacks); then the optimizer;
+5. ``prepare_method_state``: what needs the placed model: NPO reference log-probs (computed once, kept beside the
+   run); then resume from the latest checkpoint (``checkpoint.py``), BS-S beliefs and the squeezing curve included;
+6. the loop: BS-S beliefs redrawn on their schedule, ``train_step`` (one optimizer step: micro-batches, global
+   norms, backward, clipping, the non-finite flag, optimizer and scheduler step), metrics.jsonl, the squeezing
+   monitor, checkpoints (model, optimizer, scheduler, data position, RNG, step, method extras);
+7. finish: a last checkpoint, the Hugging Face export (safetensors), summary.json.
 The same code runs single-process on a CPU.
 """
 
@@ -22,23 +28,24 @@ import copy
 import json
 import math
 import os
-import re
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_state_dict)
 
-from . import methods as M
 from .beliefs import BeliefSet, belief_sampler, draw_beliefs
+from .checkpoint import barrier, check_resumable, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint, \
+    set_aside
 from .config import RunConfig
-from .data import ForgetRetainSampler, QADataset, collate, encode_prompt, load_qa
+from .data import ForgetRetainSampler, QADataset, collate, load_qa
+from .methods import (METHODS, MethodState, Norms, belief_ref_logp, local_counts, method_loss, needs_belief_ref_logp,
+                      needs_ref_logp, needs_reference, needs_retain, precompute_ref_logp)
 from .model import LossHead, apply_liger, cast_parameters, decoder_blocks, load_model, resolve_attention
+
+
+# ---- setup ------------------------------------------------------------------------------------------------------
 
 
 class StopRun(RuntimeError):
@@ -47,9 +54,6 @@ class StopRun(RuntimeError):
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient norm became NaN / inf. Raised before anything is saved from the corrupted weights."""
-
-
-# ---- setup ------------------------------------------------------------------------------------------------------
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -85,7 +89,7 @@ def build_data(cfg: RunConfig, tokenizer, run_dir: Path):
         return QADataset(load_qa(source, split), tokenizer, max_length=ml, name=split), None
     forget = QADataset(load_qa(source, cfg.data.forget_split), tokenizer, max_length=ml, name=cfg.data.forget_split)
     retain = None
-    if M.needs_retain(cfg.method):
+    if needs_retain(cfg.method):
         split = cfg.data.retain_split
         retain = QADataset(load_qa(source, split), tokenizer, max_length=ml, name=split)
     return forget, retain
@@ -129,28 +133,6 @@ def frozen_reference(lm: torch.nn.Module, device: torch.device, compute_dtype: t
     return LossHead(ref)
 
 
-def rmu_trainable(lm: torch.nn.Module, method) -> list[str]:
-    """Check ``method.rmu_layer`` against the model and, with ``rmu_params="down_proj"``, freeze every parameter but
-    ``mlp.down_proj.weight`` of decoder layers l-2..l (WMDP's and open-unlearning's choice). Returns the names of the
-    parameters left trainable."""
-    n_layers, layer = lm.config.num_hidden_layers, method.rmu_layer
-    # The last layer's output is only seen through the final norm (Hugging Face's hidden_states[-1] is normed).
-    if layer > n_layers - 2:
-        raise ValueError(f"method.rmu_layer={layer} but the model has {n_layers} decoder layers: steer one of "
-                         f"0..{n_layers - 2}")
-    if method.rmu_params == "all":
-        return [name for name, _ in lm.named_parameters()]
-    pattern = re.compile(rf"(.*\.)?layers\.({'|'.join(str(i) for i in range(max(0, layer - 2), layer + 1))})"
-                         rf"\.mlp\.down_proj\.weight")
-    keep = [name for name, _ in lm.named_parameters() if pattern.fullmatch(name)]
-    if not keep:
-        raise ValueError(f"method.rmu_params=down_proj: no parameter of this model matches {pattern.pattern!r}; "
-                         "use method.rmu_params=all")
-    for name, p in lm.named_parameters():
-        p.requires_grad_(name in keep)
-    return keep
-
-
 def build_optimizer(params, cfg: RunConfig, use_cuda: bool) -> torch.optim.Optimizer:
     """AdamW in one of three memory plans (see ``TrainConfig.optimizer``); torchao is imported only when asked."""
     t = cfg.train
@@ -180,143 +162,40 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
     return f
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------------------
+# ---- method state -----------------------------------------------------------------------------------------------
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def init_method_state(cfg: RunConfig, lm: torch.nn.Module, tokenizer, examples: list[dict], device: torch.device,
+                      compute_dtype: torch.dtype | None, impl: str, liger: bool) -> MethodState:
+    """What the method needs of the initial model, built while ``lm`` is still on the CPU: the frozen reference
+    (copied before the trained model reaches the device) and the table row's setup hook."""
+    state = MethodState(cfg.method, impl)
+    if needs_reference(cfg.method):
+        state.reference = frozen_reference(lm, device, compute_dtype, liger=liger)
+    setup = METHODS[cfg.method.name].setup
+    if setup is not None:
+        setup(state, lm, tokenizer=tokenizer, examples=examples, seed=cfg.train.seed, device=device)
+    return state
 
 
-def save_checkpoint(run_dir: Path, step: int, head, optim, sched, sampler, rank: int, world: int,
-                    extra: dict | None = None, config: dict | None = None) -> Path:
-    ckpt_root = run_dir / "checkpoints"
-    final, tmp = ckpt_root / f"step_{step:07d}", ckpt_root / f"step_{step:07d}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    state = {"model": get_model_state_dict(head), "optim": get_optimizer_state_dict(head, optim)}
-    dcp.save(state, checkpoint_id=str(tmp))
-    torch.save({"rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        torch.save({"step": step, "world": world, "sched": sched.state_dict(), "sampler": sampler.state_dict(),
-                    "extra": extra or {}, "config": config}, tmp / "trainer_state.pt")
-    _barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer = ckpt_root / "latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, ckpt_root / "latest")
-        for old in sorted(ckpt_root.glob("step_???????"))[:-2]:  # keep the two newest
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    if not path.is_dir():
-        raise ValueError(f"{pointer} names {path.name}, which is not there: the checkpoints of {run_dir} were "
-                         "changed by hand or by another run; move the folder away or start with --no-resume")
-    return path
-
-
-def _flat_keys(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def check_resumable(ckpt: Path, cfg: RunConfig, saved_cfg: Path) -> None:
-    """A checkpoint resumes only the run that wrote it: its config (kept inside it; config.yaml for checkpoints from
-    before that) must equal this one. The error names every setting that differs."""
-    import yaml
-
-    then = torch.load(ckpt / "trainer_state.pt", weights_only=True).get("config")
-    if then is None and saved_cfg.exists():
-        then = yaml.safe_load(saved_cfg.read_text())
-    if then is None or then == cfg.to_dict():
+def prepare_method_state(state: MethodState, cfg: RunConfig, head, main_set, pad_id: int, run_dir: Path,
+                         resuming: bool, autocast, rank: int, device) -> None:
+    """What needs the placed model, before a checkpoint is loaded: NPO's reference log-probs of the forget set under
+    the initial model (computed once and kept in the run folder, so a resumed run reads them back)."""
+    if not needs_ref_logp(cfg.method):
         return
-    a, b = _flat_keys(then), _flat_keys(cfg.to_dict())
-    diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    raise ValueError(f"{ckpt} was written by a run with other settings ({'; '.join(diff)}); use a new output_dir, "
-                     "or --no-resume (resume=False) to set the old run aside and start over")
-
-
-def set_aside(run_dir: Path) -> Path | None:
-    """Move whatever a previous run left in ``run_dir`` to ``run_dir/replaced/<time>/`` (a rename: nothing is
-    deleted, so a fresh start never loses a checkpoint or a result). Returns that folder, or None if empty."""
-    old = [p for p in run_dir.iterdir() if p.name != "replaced"] if run_dir.is_dir() else []
-    if not old:
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest, n = run_dir / "replaced" / stamp, 1
-    while dest.exists():  # two fresh starts within one second
-        dest, n = run_dir / "replaced" / f"{stamp}-{n}", n + 1
-    dest.mkdir(parents=True)
-    for p in old:
-        os.replace(p, dest / p.name)
-    return dest
-
-
-def load_checkpoint(path: Path, head, optim, sched, sampler, rank: int, world: int) -> tuple[int, dict]:
-    meta = torch.load(path / "trainer_state.pt", weights_only=True)
-    if meta["world"] != world:
-        raise ValueError(f"checkpoint {path} was written by {meta['world']} ranks; this run has {world}")
-    state = {"model": get_model_state_dict(head), "optim": get_optimizer_state_dict(head, optim)}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(head, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    sched.load_state_dict(meta["sched"])
-    sampler.load_state_dict(meta["sampler"])
-    rng = torch.load(path / f"rng_rank{rank}.pt", weights_only=True)
-    torch.set_rng_state(rng["rng_cpu"])
-    if rng["rng_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["rng_cuda"])
-    return int(meta["step"]), meta.get("extra", {})
-
-
-def export_hf(head: LossHead, tokenizer, out: Path, rank: int) -> None:
-    """Gather the full weights on rank 0 and write a Hugging Face folder with safetensors."""
-    sd = get_model_state_dict(head, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:  # written beside, then renamed: a kill mid-export leaves no final/ that looks complete
-        sd = {k.removeprefix("lm."): v for k, v in sd.items()}
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        head.lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    _barrier()
-
-
-# ---- the loop ---------------------------------------------------------------------------------------------------
-
-
-def _micro_batches(indices: list[int], parts: int) -> list[list[int]]:
-    size = math.ceil(len(indices) / parts) if indices else 0
-    return [indices[i * size:(i + 1) * size] for i in range(parts)]
-
-
-def _batch(dataset, idx: list[int], pad_id: int) -> dict | None:
-    return collate([dataset[i] for i in idx], pad_id) if idx else None
-
-
-def _step_inputs(main_set, retain_set, state: M.MethodState, f: list[int], r: list[int], pad_id: int):
-    """(forget, retain, beliefs) CPU batches of one micro-batch; beliefs are those of exactly these prompts."""
-    beliefs = state.beliefs.batch(f, pad_id) if state.beliefs is not None and f else None
-    return _batch(main_set, f, pad_id), (_batch(retain_set, r, pad_id) if retain_set else None), beliefs
-
-
-def _to(batch: dict | None, device) -> dict | None:
-    return {k: v.to(device) for k, v in batch.items()} if batch is not None else None
+    ref_path = run_dir / "npo_ref_logp.pt"
+    if resuming and ref_path.exists():
+        state.ref_logp = torch.load(ref_path, weights_only=True)
+        return
+    loader = torch.utils.data.DataLoader(main_set, batch_size=cfg.train.batch_size,
+                                         collate_fn=lambda b: collate(b, pad_id))
+    with autocast:
+        state.ref_logp = precompute_ref_logp(head, loader, state.impl, len(main_set), device)
+    if hasattr(head, "reshard"):  # FSDP2: free the root's gathered parameters (no backward will)
+        head.reshard()
+    if rank == 0:
+        torch.save(state.ref_logp, ref_path)
 
 
 def _beliefs_due(cfg: RunConfig, step: int, position: dict, beliefs: BeliefSet | None) -> bool:
@@ -331,7 +210,105 @@ def _beliefs_due(cfg: RunConfig, step: int, position: dict, beliefs: BeliefSet |
     return False
 
 
-def _extra(state: M.MethodState, regen_s: float, monitor) -> dict:
+def refresh_beliefs(state: MethodState, cfg: RunConfig, head, lm, tokenizer, rank: int, world: int, device) -> None:
+    """Draw a new round of beliefs for every forget prompt with the current weights (BS-S). One sampler serves the
+    whole run: its cache and compiled step are reused by every round."""
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if state.sampler is None:
+        state.sampler = belief_sampler(lm, state.prompts, cfg.method, eos_id=eos_id, pad_id=pad_id)
+    state.beliefs = draw_beliefs(head, lm, state.prompts, cfg.method, eos_id=eos_id, pad_id=pad_id,
+                                 seed=cfg.train.seed, round_=state.beliefs.round + 1 if state.beliefs else 1,
+                                 rank=rank, world=world, sampler=state.sampler)
+    if state.beliefs.round > 1 and needs_belief_ref_logp(cfg.method):  # the initial model's log-probs
+        state.beliefs.logp = belief_ref_logp(state.reference, state.beliefs, state.impl, pad_id, device)
+
+
+# ---- one optimizer step -----------------------------------------------------------------------------------------
+
+
+def _micro_batches(indices: list[int], parts: int) -> list[list[int]]:
+    size = math.ceil(len(indices) / parts) if indices else 0
+    return [indices[i * size:(i + 1) * size] for i in range(parts)]
+
+
+def _batch(dataset, idx: list[int], pad_id: int) -> dict | None:
+    return collate([dataset[i] for i in idx], pad_id) if idx else None
+
+
+def _step_inputs(main_set, retain_set, state: MethodState, f: list[int], r: list[int], pad_id: int):
+    """(forget, retain, beliefs) CPU batches of one micro-batch; beliefs are those of exactly these prompts."""
+    beliefs = state.beliefs.batch(f, pad_id) if state.beliefs is not None and f else None
+    return _batch(main_set, f, pad_id), (_batch(retain_set, r, pad_id) if retain_set else None), beliefs
+
+
+def _to(batch: dict | None, device) -> dict | None:
+    return {k: v.to(device) for k, v in batch.items()} if batch is not None else None
+
+
+def train_step(head, optim, sched, state: MethodState, main_set, retain_set, f_idx: list[int], r_idx: list[int], *,
+               pad_id: int, micro: int, rank: int, world: int, device, autocast, max_grad_norm: float,
+               nonfinite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One optimizer step on this rank's share of the step's examples. Returns ([loss, forget, retain] summed over
+    ranks, the gradient norm, this rank's tokens); sets ``nonfinite`` on device if either is NaN / inf."""
+    f_all, r_all = _micro_batches(f_idx, world * micro), _micro_batches(r_idx, world * micro)
+    mine = slice(rank * micro, (rank + 1) * micro)
+    batches = [_step_inputs(main_set, retain_set, state, f, r, pad_id) for f, r in zip(f_all[mine], r_all[mine])]
+    # A short last step can leave a micro-batch (or a whole rank) without examples; it still runs a
+    # zero-weighted pass on the step's first micro-batch so every rank joins every FSDP collective.
+    stand_in = _step_inputs(main_set, retain_set, state, f_all[0], r_all[0], pad_id)
+    counts = sum(local_counts(*b) for b in batches).to(device)  # CPU batches: no device sync
+    tokens = sum(int(b["attention_mask"].sum()) for bs in batches for b in bs if b is not None)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    norms = Norms(*counts.float().clamp_min(1).unbind())
+    sums = torch.zeros(3, device=device)
+    for f, r, bel in batches:
+        scale = 1.0
+        if f is None:
+            (f, r, bel), scale = stand_in, 0.0
+        f, r, bel = (_to(x, device) for x in (f, r, bel))
+        with autocast:
+            loss, parts = method_loss(head, f, r, state, norms, beliefs=bel)
+        (loss * (scale * world)).backward()  # x world: FSDP averages, our loss is a global sum
+        sums += torch.stack([loss.detach(), parts["forget"], parts["retain"]]).float() * scale
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), max_grad_norm or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    nonfinite |= ~(torch.isfinite(grad_norm) & torch.isfinite(sums).all())
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+    sched.step()
+    return sums, grad_norm, tokens
+
+
+# ---- around the loop --------------------------------------------------------------------------------------------
+
+
+def _precision(cfg: RunConfig, device: torch.device, world: int):
+    """(compute dtype or None for fp32, fused-loss implementation, autocast context): bf16 compute on CUDA unless
+    asked otherwise, through autocast in one process and FSDP2's mixed precision under torchrun."""
+    use_cuda = device.type == "cuda"
+    mp = cfg.train.mixed_precision
+    compute_dtype = torch.bfloat16 if (mp == "bf16" or (mp == "auto" and use_cuda)) else None
+    impl = cfg.train.impl if cfg.train.impl != "auto" else ("triton" if use_cuda else "torch")
+    autocast = (torch.autocast("cuda", dtype=compute_dtype)
+                if use_cuda and compute_dtype is not None and world == 1 else nullcontext())
+    return compute_dtype, impl, autocast
+
+
+def _schedule(cfg: RunConfig, optim, main_set, retain_set, world: int):
+    """(data sampler, total optimizer steps, learning-rate scheduler)."""
+    sampler = ForgetRetainSampler(len(main_set), len(retain_set) if retain_set is not None else 0,
+                                  cfg.train.batch_size * cfg.train.grad_accum * world, seed=cfg.train.seed)
+    total = sampler.steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps)
+    return sampler, total, torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, total))
+
+
+def _extra(state: MethodState, regen_s: float, monitor) -> dict:
     """What a checkpoint holds beyond weights, optimizer, scheduler and data position."""
     extra = {"beliefs": state.beliefs.state_dict(), "regen_s": regen_s} if state.beliefs is not None else {}
     if monitor is not None:
@@ -350,111 +327,98 @@ def _stop_if_nonfinite(flag: torch.Tensor, step: int, sums: torch.Tensor, grad_n
         f"a run with a changed config needs a new output_dir")
 
 
-def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, progress: bool = True) -> dict:
-    """Fine-tune or unlearn as configured; returns a summary dict (also written to summary.json)."""
-    rank, world, device = setup_distributed()
-    run_dir = Path(cfg.output_dir)
+def _start_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, rank: int) -> Path | None:
+    """Set the old run aside (fresh start) or find its latest checkpoint (resume), check it belongs to this config,
+    and save the config. Returns the checkpoint to resume from, or None."""
     if rank == 0:
         moved = None if resume else set_aside(run_dir)
         if moved is not None:
             print(f"bs-unlearn: starting over in {run_dir}; what was there is now in {moved}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    barrier()
     ckpt = latest_checkpoint(run_dir) if resume else None
     saved_cfg = run_dir / "config.yaml"
     if ckpt is not None:
         check_resumable(ckpt, cfg, saved_cfg)
     if rank == 0:
         cfg.save(saved_cfg)
-    torch.manual_seed(cfg.train.seed)
+    return ckpt
 
+
+def _kept_metrics(metrics_path: Path, step: int, rank: int) -> dict:
+    """Keep the metrics of steps up to the checkpoint, drop any written after it; the last kept line (a resumed run
+    that has no steps left reports it, not an empty result)."""
+    if rank != 0:
+        return {}
+    kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() and step else [])
+            if json.loads(ln)["step"] <= step]
+    metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    return json.loads(kept[-1]) if kept else {}
+
+
+def _squeezing_monitor(cfg: RunConfig, main_set, tokenizer, impl: str, extra: dict, head, autocast):
+    """The squeezing monitor of an unlearning run (None when off): resumed from the checkpoint, or its beliefs drawn
+    from the initial model now."""
+    if not (cfg.train.squeezing_every and cfg.command == "unlearn"):
+        return None
+    from .squeezing import SqueezingMonitor
+
+    monitor = SqueezingMonitor(main_set.examples, tokenizer, n_beliefs=cfg.train.squeezing_beliefs,
+                               every=cfg.train.squeezing_every, max_new_tokens=cfg.train.squeezing_max_new_tokens,
+                               seed=cfg.train.seed, impl=impl)
+    if "squeezing" in extra:  # resumed: the same beliefs, and the curve so far
+        monitor.load_state_dict(extra["squeezing"])
+    else:
+        with autocast:
+            monitor.prepare(head)
+    return monitor
+
+
+def _progress_bar(cfg: RunConfig, total: int, step: int, show: bool):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=step, desc=f"{cfg.command} {cfg.method.name}", unit="step")
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+
+def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, progress: bool = True) -> dict:
+    """Fine-tune or unlearn as configured; returns a summary dict (also written to summary.json)."""
+    rank, world, device = setup_distributed()
+    run_dir = Path(cfg.output_dir)
+    ckpt = _start_run_dir(cfg, run_dir, resume, rank)
+    torch.manual_seed(cfg.train.seed)
     use_cuda = device.type == "cuda"
-    mp = cfg.train.mixed_precision
-    compute_dtype = torch.bfloat16 if (mp == "bf16" or (mp == "auto" and use_cuda)) else None
-    impl = cfg.train.impl if cfg.train.impl != "auto" else ("triton" if use_cuda else "torch")
+    compute_dtype, impl, autocast = _precision(cfg, device, world)
     # Load on the CPU and validate all data before anything touches the GPU: a malformed example fails in seconds.
     lm, tokenizer = load_model(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device="cpu",
                                attn_implementation=resolve_attention(cfg.model.attn_implementation, device),
                                trust_remote_code=cfg.model.trust_remote_code, use_liger=False, seed=cfg.train.seed)
     main_set, retain_set = build_data(cfg, tokenizer, run_dir)
-    pad_id = tokenizer.pad_token_id
-    liger = cfg.model.use_liger and use_cuda
-    state = M.MethodState(cfg.method, impl)
-    if M.needs_reference(cfg.method):  # copied on the CPU, before the trained model reaches the device
-        state.reference = frozen_reference(lm, device, compute_dtype, liger=liger)
+    pad_id, liger = tokenizer.pad_token_id, cfg.model.use_liger and use_cuda
+    state = init_method_state(cfg, lm, tokenizer, main_set.examples, device, compute_dtype, impl, liger)
     lm.to(device)
     if liger:
         apply_liger(lm)
-    if cfg.method.name == "rmu":
-        rmu_trainable(lm, cfg.method)
-        g = torch.Generator().manual_seed(cfg.train.seed)
-        u = torch.rand(lm.config.hidden_size, generator=g)
-        state.rmu_direction = (u / u.norm()).to(device)
-
     head = parallelize(LossHead(lm), cfg, world, compute_dtype)
     # Before any forward: under FSDP2 a forward without backward leaves the root's parameters unsharded (it is not
     # resharded after forward), and an optimizer built then would hold those transient tensors, not the shards.
     optim = build_optimizer([p for p in head.parameters() if p.requires_grad], cfg, use_cuda)
-    autocast = (torch.autocast("cuda", dtype=compute_dtype)
-                if use_cuda and compute_dtype is not None and world == 1 else nullcontext())
-    if M.needs_ref_logp(cfg.method):
-        ref_path = run_dir / "npo_ref_logp.pt"
-        if ckpt is not None and ref_path.exists():
-            state.ref_logp = torch.load(ref_path, weights_only=True)
-        else:
-            loader = torch.utils.data.DataLoader(main_set, batch_size=cfg.train.batch_size,
-                                                 collate_fn=lambda b: collate(b, pad_id))
-            with autocast:
-                state.ref_logp = M.precompute_ref_logp(head, loader, impl, len(main_set), device)
-            if hasattr(head, "reshard"):  # FSDP2: free the root's gathered parameters (no backward will)
-                head.reshard()
-            if rank == 0:
-                torch.save(state.ref_logp, ref_path)
+    prepare_method_state(state, cfg, head, main_set, pad_id, run_dir, ckpt is not None, autocast, rank, device)
 
-    micro = cfg.train.grad_accum
-    sampler = ForgetRetainSampler(len(main_set), len(retain_set) if retain_set is not None else 0,
-                                  cfg.train.batch_size * micro * world, seed=cfg.train.seed)
-    total = sampler.steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps is not None:
-        total = min(total, cfg.train.max_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, total))
-    step, extra = 0, {}
-    if ckpt is not None:
-        step, extra = load_checkpoint(ckpt, head, optim, sched, sampler, rank, world)
-    bs_s = cfg.method.name == "bs_s"
-    prompts = [encode_prompt(tokenizer, ex["question"]) for ex in main_set.examples] if bs_s else []
-    drawer = (belief_sampler(lm, prompts, cfg.method, eos_id=tokenizer.eos_token_id, pad_id=pad_id)
-              if bs_s else None)  # one belief sampler for the run: its cache and compiled step serve every round
+    sampler, total, sched = _schedule(cfg, optim, main_set, retain_set, world)
+    step, extra = load_checkpoint(ckpt, head, optim, sched, sampler, rank, world) if ckpt is not None else (0, {})
     if "beliefs" in extra:
         state.beliefs = BeliefSet.from_state_dict(extra["beliefs"])
-    regen_s = float(extra.get("regen_s", 0.0))
-    metrics_path, resumed_last = run_dir / "metrics.jsonl", {}
-    if rank == 0:  # keep the metrics of steps up to the checkpoint, drop any written after it
-        kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() and step else [])
-                if json.loads(ln)["step"] <= step]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
-        resumed_last = json.loads(kept[-1]) if kept else {}
-
-    monitor = None
-    if cfg.train.squeezing_every and cfg.command == "unlearn":
-        from .squeezing import SqueezingMonitor
-
-        monitor = SqueezingMonitor(main_set.examples, tokenizer, n_beliefs=cfg.train.squeezing_beliefs,
-                                   every=cfg.train.squeezing_every, max_new_tokens=cfg.train.squeezing_max_new_tokens,
-                                   seed=cfg.train.seed, impl=impl)
-        if "squeezing" in extra:  # resumed: the same beliefs, and the curve so far
-            monitor.load_state_dict(extra["squeezing"])
-        else:
-            with autocast:
-                monitor.prepare(head)
-
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=step, desc=f"{cfg.command} {cfg.method.name}", unit="step")
-    # A resumed run that has no steps left reports the metrics of its last logged step, not an empty result.
-    t_start, tokens_seen, last = time.perf_counter(), 0, resumed_last
+    beliefs, regen_s = METHODS[cfg.method.name].beliefs, float(extra.get("regen_s", 0.0))
+    metrics_path = run_dir / "metrics.jsonl"
+    last = _kept_metrics(metrics_path, step, rank)
+    monitor = _squeezing_monitor(cfg, main_set, tokenizer, impl, extra, head, autocast)
+    bar = _progress_bar(cfg, total, step, progress and rank == 0)
+    t_start, tokens_seen = time.perf_counter(), 0
     # Set on device by any non-finite loss or gradient norm, read (one host sync) only where the host syncs anyway:
     # logging, checkpoints and the end, all on every rank, so ranks stop together and nothing corrupted is saved.
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -466,48 +430,16 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
         except StopIteration:  # the epoch is over; the sampler already points at the next one
             batches_left = iter(sampler)
             continue
-        if bs_s and _beliefs_due(cfg, step, position, state.beliefs):
+        if beliefs and _beliefs_due(cfg, step, position, state.beliefs):
             t0 = time.perf_counter()
             with autocast:
-                state.beliefs = draw_beliefs(head, lm, prompts, cfg.method, eos_id=tokenizer.eos_token_id,
-                                             pad_id=pad_id, seed=cfg.train.seed,
-                                             round_=state.beliefs.round + 1 if state.beliefs else 1,
-                                             rank=rank, world=world, sampler=drawer)
-                if state.beliefs.round > 1 and cfg.method.bss_base == "npo":  # the initial model's log-probs
-                    state.beliefs.logp = M.belief_ref_logp(state.reference, state.beliefs, impl, pad_id, device)
+                refresh_beliefs(state, cfg, head, lm, tokenizer, rank, world, device)
             regen_s += time.perf_counter() - t0
-        f_all, r_all = _micro_batches(f_idx, world * micro), _micro_batches(r_idx, world * micro)
-        mine = slice(rank * micro, (rank + 1) * micro)
-        batches = [_step_inputs(main_set, retain_set, state, f, r, pad_id) for f, r in zip(f_all[mine], r_all[mine])]
-        # A short last step can leave a micro-batch (or a whole rank) without examples; it still runs a
-        # zero-weighted pass on the step's first micro-batch so every rank joins every FSDP collective.
-        stand_in = _step_inputs(main_set, retain_set, state, f_all[0], r_all[0], pad_id)
-        counts_host = sum(M.local_counts(*b) for b in batches)  # CPU batches: no device sync
-        tokens_seen += sum(int(b["attention_mask"].sum()) for bs in batches for b in bs if b is not None)
-        counts = counts_host.to(device)
-        if dist.is_initialized():
-            dist.all_reduce(counts)
-        norms = M.Norms(*counts.float().clamp_min(1).unbind())
-        sums = torch.zeros(3, device=device)
-        for f, r, bel in batches:
-            scale = 1.0
-            if f is None:
-                (f, r, bel), scale = stand_in, 0.0
-            f, r, bel = (_to(x, device) for x in (f, r, bel))
-            with autocast:
-                loss, parts = M.method_loss(head, f, r, state, norms, beliefs=bel)
-            (loss * (scale * world)).backward()  # x world: FSDP averages, our loss is a global sum
-            sums += torch.stack([loss.detach(), parts["forget"], parts["retain"]]).float() * scale
-        if dist.is_initialized():
-            dist.all_reduce(sums)
-        grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.max_grad_norm or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        nonfinite |= ~(torch.isfinite(grad_norm) & torch.isfinite(sums).all())
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        sched.step()
-        step += 1
+        sums, grad_norm, tokens = train_step(head, optim, sched, state, main_set, retain_set, f_idx, r_idx,
+                                             pad_id=pad_id, micro=cfg.train.grad_accum, rank=rank, world=world, device=device,
+                                             autocast=autocast, max_grad_norm=cfg.train.max_grad_norm,
+                                             nonfinite=nonfinite)
+        step, tokens_seen = step + 1, tokens_seen + tokens
         checkpoint_due = bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0 and step < total
         if step % cfg.train.log_every == 0 or step == total or checkpoint_due:
             _stop_if_nonfinite(nonfinite, step, sums, grad_norm, run_dir)
@@ -515,12 +447,11 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
             with autocast:
                 monitor.maybe_log(step, head)
         if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
-            loss_v, forget_v, retain_v = sums.tolist()  # host sync, once per logged step
             elapsed = time.perf_counter() - t_start
-            last = {"step": step, "epoch": position["epoch"], "loss": loss_v, "forget": forget_v,
-                    "retain": retain_v, "grad_norm": float(grad_norm), "lr": float(sched.get_last_lr()[0]),
-                    "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9), "elapsed_s": elapsed}
-            if bs_s:
+            last = {"step": step, "epoch": position["epoch"], **dict(zip(("loss", "forget", "retain"), sums.tolist())),
+                    "grad_norm": float(grad_norm), "lr": float(sched.get_last_lr()[0]),
+                    "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9), "elapsed_s": elapsed}  # host sync
+            if beliefs:
                 last.update(belief_round=state.beliefs.round, belief_regen_s=regen_s)
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(last) + "\n")

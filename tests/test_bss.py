@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from bs_train import methods as M
+from bs_train import methods
 from bs_train.beliefs import BeliefSet, draw_beliefs
 from bs_train.config import MethodConfig, load_config
 from bs_train.data import collate
@@ -63,13 +63,13 @@ def test_bss_loss_mixes_target_and_belief_losses(base):
     forget = collate([{"input_ids": p + [7, 8, 9], "labels": [-100] * 4 + [7, 8, 9], "index": i}
                       for i, p in enumerate(prompts)], pad_id=0)
     bel = beliefs.batch([0, 1, 2], pad_id=0)
-    norms = M.Norms(*M.local_counts(forget, None, bel).float().clamp_min(1).unbind())
+    norms = methods.Norms(*methods.local_counts(forget, None, bel).float().clamp_min(1).unbind())
     cfg = MethodConfig(name="bs_s", bss_base=base, bss_lam=0.3, retain="none", bst_topk=5)
-    st = M.MethodState(cfg, "torch", ref_logp=torch.tensor([-9.0, -8.0, -7.0]), beliefs=beliefs)
-    loss, _ = M.method_loss(model, forget, None, st, norms, beliefs=bel)
-    base_fn = M.BSS_BASES[base]
+    st = methods.MethodState(cfg, "torch", ref_logp=torch.tensor([-9.0, -8.0, -7.0]), beliefs=beliefs)
+    loss, _ = methods.method_loss(model, forget, None, st, norms, beliefs=bel)
+    base_fn = methods.METHODS[base].forget
     on_targets = base_fn(model, forget, st, norms)
-    st_b = M.MethodState(cfg, "torch", ref_logp=beliefs.ref_logp, beliefs=beliefs)
+    st_b = methods.MethodState(cfg, "torch", ref_logp=beliefs.ref_logp, beliefs=beliefs)
     on_beliefs = base_fn(model, bel, st_b, norms.for_beliefs())
     torch.testing.assert_close(loss, 0.7 * on_targets + 0.3 * on_beliefs)
 
@@ -133,7 +133,7 @@ def test_npo_base_scores_later_belief_rounds_with_the_initial_model(tmp_path, or
         torch.load(ckpt / (ckpt / "latest").read_text() / "trainer_state.pt", weights_only=True)["extra"]["beliefs"])
     assert beliefs.round == 2
     initial = LossHead(load_model(str(original / "final"))[0])
-    want = M.belief_ref_logp(initial, beliefs, "torch", pad_id=0, device="cpu")
+    want = methods.belief_ref_logp(initial, beliefs, "torch", pad_id=0, device="cpu")
     flat = lambda rows: torch.tensor([v for row in rows for v in row])  # noqa: E731
     torch.testing.assert_close(flat(beliefs.logp), flat(want), rtol=1e-4, atol=1e-3)
     # ... while the trained model had moved: its own log-probs of the same beliefs differ
@@ -141,5 +141,5 @@ def test_npo_base_scores_later_belief_rounds_with_the_initial_model(tmp_path, or
     state = {"model": get_model_state_dict(final)}
     dcp.load(state, checkpoint_id=str(ckpt / (ckpt / "latest").read_text()))
     set_model_state_dict(final, state["model"])
-    moved = M.belief_ref_logp(final, beliefs, "torch", pad_id=0, device="cpu")
+    moved = methods.belief_ref_logp(final, beliefs, "torch", pad_id=0, device="cpu")
     assert (flat(moved) - flat(want)).abs().max() > 1e-2

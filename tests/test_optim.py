@@ -3,7 +3,7 @@
 At lr 1e-5 a bf16 weight of magnitude ~0.02 cannot move: the update is below half its ulp and rounds away, so plain
 bf16 AdamW silently stops learning. torchao's AdamW with stochastic rounding keeps every update in expectation.
 Stated tolerance for the optimizers we offer: the loss drop over 200 steps within 10% of fp32 AdamW's, and the
-weight update's cosine similarity to fp32's >= 0.9. Measured by ``python -m bs_train.optim_check``
+weight update's cosine similarity to fp32's >= 0.9. Measured by ``python -m benchmarks.optim_check``
 (benchmarks/results/optim_cpu.json).
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.optim_check import start_model, train
 from bs_train.config import load_config
-from bs_train.optim_check import start_model, train
 
 pytest.importorskip("torchao")
 STEPS, LR = 200, 1e-5

@@ -1,7 +1,12 @@
-"""Repository promises: the README's test command is what CI runs, and every shipped config validates."""
+"""Repository promises: the README's test command is what CI runs, every shipped config validates, and the import
+graph of ``bs_kernels`` + ``bs_train`` (function-level imports included) has no cycle and points one way."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +14,15 @@ import pytest
 from bs_train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _import_graph():
+    """``tools/import_graph.py`` as a module (``tools`` is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("import_graph", REPO / "tools" / "import_graph.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_ci_runs_the_readme_test_command():
@@ -22,3 +36,61 @@ def test_ci_runs_the_readme_test_command():
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.train.batch_size * cfg.train.grad_accum == 32  # the paper's effective batch
+
+
+def test_import_graph_has_no_cycle_and_kernels_import_nothing_of_train():
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "import_graph.py"), "--json"], capture_output=True,
+                          text=True, timeout=120)
+    res = json.loads(proc.stdout)
+    assert res["cycles"] == [], "\n".join(f"{c['loops']}: {c['edges']}" for c in res["cycles"])
+    assert res["violations"] == []
+    assert proc.returncode == 0, proc.stderr
+    files = [p for pkg in ("bs_kernels", "bs_train") for p in (REPO / pkg).rglob("*.py")]
+    assert len(res["graph"]) == len(files)  # every module was read
+    assert all(t.startswith("bs_kernels") for m, targets in res["graph"].items() if m.startswith("bs_kernels")
+               for t in targets)
+
+
+def _write(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_import_graph_finds_circles_closed_by_function_level_and_relative_imports(tmp_path):
+    tool = _import_graph()
+    _write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/a.py": "import os\n\ndef f():\n    from . import b\n",  # function-level, relative
+        "pkg/b.py": "from .sub.c import g\n",
+        "pkg/sub/__init__.py": "",
+        "pkg/sub/c.py": "class K:\n    from ..a import f\n",  # two levels up, inside a class body
+        "pkg/d.py": "def h():\n    import pkg.d as this\n",  # a module importing itself
+        "pkg/e.py": "from pkg import a, sub\nfrom pkg.sub import c\n",  # on no circle: it only imports
+    })
+    res = tool.report(tmp_path, ("pkg",), {})
+    assert not res["ok"]
+    loops = sorted(loop for c in res["cycles"] for loop in c["loops"])
+    assert loops == [["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"], ["pkg.d", "pkg.d"]]
+    assert res["graph"]["pkg.e"] == ["pkg.a", "pkg.sub", "pkg.sub.c"]
+    assert res["function_level_only"]["pkg.a"] == ["pkg.b"]
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "import_graph.py"), "--root", str(tmp_path),
+                           "--packages", "pkg"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "CYCLE among pkg.a, pkg.b, pkg.sub.c: pkg.a -> pkg.b -> pkg.sub.c -> pkg.a" in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("FAIL: 7 modules")
+
+    (tmp_path / "pkg/a.py").write_text("import os\n")  # both circles broken
+    (tmp_path / "pkg/d.py").write_text("")
+    assert tool.report(tmp_path, ("pkg",), {})["ok"]
+
+
+def test_import_graph_flags_a_lower_layer_importing_an_upper_one(tmp_path):
+    tool = _import_graph()
+    _write(tmp_path, {"low/__init__.py": "", "low/k.py": "def f():\n    from high.t import x\n",
+                      "high/__init__.py": "", "high/t.py": "from low import k\nx = 1\n"})
+    res = tool.report(tmp_path, ("low", "high"), {"low": ("high",)})
+    assert res["violations"] == ["low.k -> high.t (line 2, function-level)"]
+    assert res["cycles"][0]["modules"] == ["high.t", "low.k"] and not res["ok"]
+    assert tool.report(tmp_path, ("low", "high"), {"high": ("low",)})["violations"] == ["high.t -> low.k (line 1)"]

@@ -15,7 +15,7 @@ fields, cut from a full TOFU copy so that every split keeps its role:
 It is a cheap check of the recipe on real data and the real model, not a reproduction: one forgotten author and a
 few dozen optimizer steps make every figure noisy.
 
-    python benchmarks/tofu_mini.py --data ../shared/data/tofu --out /tmp/tofu_mini
+    python -m tools.tofu_mini --data ../shared/data/tofu --out /tmp/tofu_mini
     bs-unlearn recipe --data /tmp/tofu_mini --out runs/tofu_mini --budget-s 100000 \\
         --finetune train.epochs=6 train.batch_size=16 train.warmup_steps=5 \\
         --unlearn train.epochs=5 train.batch_size=4 train.grad_accum=1 --lr-grid 1e-5,5e-5

@@ -5,24 +5,25 @@ This runs ``steps`` AdamW steps from one bf16-representable starting point with 
 bf16 weights, and each low-memory plan of ``TrainConfig.optimizer``, and reports each run's loss drop and the cosine
 between its weight update and the reference's. One JSON document on stdout:
 
-    python -m bs_train.optim_check --steps 200 --lr 1e-5 --out benchmarks/results/optim_cpu.json
+    python -m benchmarks.optim_check --steps 200 --lr 1e-5 --out benchmarks/results/optim_cpu.json
+
+``tests/test_optim.py`` holds the low-memory plans to it with the same ``start_model`` and ``train``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import warnings
 from pathlib import Path
 
 import torch
 
-from .config import load_config
-from .model import cast_parameters
-from .tiny import tiny_llama
-from .trainer import build_optimizer
+from benchmarks.common import environment, finish
+from bs_train.config import load_config
+from bs_train.model import cast_parameters
+from bs_train.tiny import tiny_llama
+from bs_train.trainer import build_optimizer
 
 PLANS = (("fp32", "adamw", torch.float32), ("bf16", "adamw", torch.bfloat16),
          ("bf16_stochastic_rounding", "adamw_bf16_sr", torch.bfloat16), ("bf16_8bit_states", "adamw8bit",
@@ -79,12 +80,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     rows = compare(args.steps, args.lr)
-    doc = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": "cpu",
-           "command": f"python -m bs_train.optim_check --steps {args.steps} --lr {args.lr:g}", "results": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(json.dumps(doc))
+    doc = {**environment("benchmarks.optim_check", argv), "device": "cpu", "results": rows}
+    finish(doc, args.out)
     return rows
 
 

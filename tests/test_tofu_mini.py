@@ -1,4 +1,4 @@
-"""tofu_mini.py on the local TOFU copy (skipped without one): every split keeps its role, and the recipe's
+"""tools/tofu_mini.py on the local TOFU copy (skipped without one): every split keeps its role, and the recipe's
 preflight and the project's loader accept the folder."""
 
 from __future__ import annotations
@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-from tofu_mini import main
 
 from bs_train.data import load_qa
 from bs_train.recipe import Recipe, preflight
+from tools.tofu_mini import main
 
-TOFU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+# the workplace's copy sits beside the checkout (../shared/data/tofu), or beside the folder of worktrees
+TOFU_DIR = next((p / "shared" / "data" / "tofu" for p in Path(__file__).resolve().parents[1:4]
+                 if (p / "shared" / "data" / "tofu").is_dir()), Path("../shared/data/tofu"))
 
 
 @pytest.mark.skipif(not TOFU_DIR.is_dir(), reason=f"no local TOFU copy at {TOFU_DIR}")

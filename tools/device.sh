@@ -2,24 +2,24 @@
 # The GPU work this project owes, for a lent GPU machine that is reached only by copying the repo over, at most
 # 64 MiB a call, 10 minutes a command, its disk kept only while it stays warm (this workplace's `device` tool).
 #
-#   bash benchmarks/device.sh prepare       HERE: what the machine lacks, in .carry/1 .. .carry/3 (git-ignored), each
+#   bash tools/device.sh prepare            HERE: what the machine lacks, in .carry/1 .. .carry/3 (git-ignored), each
 #                                           under 60 MiB: the small wheels (gguf, liger-kernel, torchao) whole in
 #                                           .carry/1; the SmolLM2 GGUF, the MiniLM judge and a TOFU copy as one
 #                                           bundle split in three, with its sha256.
-#   bash benchmarks/device.sh stage ...     THERE, first in every call: take in the parts this call carried
+#   bash tools/device.sh stage ...          THERE, first in every call: take in the parts this call carried
 #                                           (carry=[".carry/N"]): small wheels are installed at once; once the three
 #                                           parts are in, the bundle is checked and unpacked under $STATE. Then it
 #                                           runs the other words given:
 #        bench                              the GPU test tier and the loss, sampler and train-step benchmarks
-#                                           (benchmarks/gpu_session.sh), JSON under $OUT;
+#                                           (tools/gpu_session.sh), JSON under $OUT;
 #        tofu                               the TOFU recipe for $BUDGET_S seconds (default 480), resuming where the
 #                                           last call stopped; its small outputs go to $OUT/tofu_results.tar.gz.
 #
 # A session's calls, one after another (the machine forgets everything once idle for long):
-#   1. carry .carry/1: bash benchmarks/device.sh stage bench
-#   2. carry .carry/2: bash benchmarks/device.sh stage
-#   3. carry .carry/3: bash benchmarks/device.sh stage tofu
-#   4. ...           : bash benchmarks/device.sh stage tofu     (repeat until it prints "recipe: all done")
+#   1. carry .carry/1: bash tools/device.sh stage bench
+#   2. carry .carry/2: bash tools/device.sh stage
+#   3. carry .carry/3: bash tools/device.sh stage tofu
+#   4. ...           : bash tools/device.sh stage tofu     (repeat until it prints "recipe: all done")
 # State outside the repo copy (which each call replaces): $STATE, default $HOME/bs_state.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -90,7 +90,7 @@ use_state() {
 
 bench() {
   use_state
-  OUT="$OUT" bash benchmarks/gpu_session.sh
+  OUT="$OUT" bash tools/gpu_session.sh
 }
 
 tofu() {

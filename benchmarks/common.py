@@ -1,0 +1,107 @@
+"""What every benchmark script shares: the environment a result must name, JSON output, and the random-Llama presets.
+
+One place for it, so the scripts never import each other. A benchmark prints one JSON object per measured case
+(``emit``) and, as its last stdout line, all of them (``finish``), which ``--out`` also writes to a file under
+``benchmarks/results/``. Every row carries ``environment()``: the date, the torch / triton / Python versions and the
+command that reproduces it, as ``python -m benchmarks.<script> <arguments>`` run from the repository root.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+# Model shapes for the benchmarks that run a whole decoder (sampler, train step).
+MODEL_PRESETS = {
+    # Llama-3.1-8B
+    "gpu": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, dtype="bfloat16", prompts=32, n=3, new=200),
+    # ours: small enough for a 2-core CPU run of a few seconds, Llama's proportions kept
+    "cpu": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=4096, dtype="float32", prompts=4, n=3, new=32),
+}
+
+
+def pick_device() -> str:
+    """``"cuda"`` when a GPU is visible, else ``"cpu"``: the benchmarks pick their preset from it."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name(device: str) -> str:
+    """The GPU's name (e.g. "NVIDIA H100 80GB HBM3"), or ``"cpu"``."""
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work before reading a clock (a host sync, on CUDA only)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def environment(script: str, argv: list[str] | None) -> dict:
+    """What a committed result must name: date, versions, and the command that reproduces it.
+
+    ``script`` is the module name (``"benchmarks.bench_losses"``); ``argv`` the arguments given to its ``main`` (None:
+    the process's own, ``sys.argv[1:]``).
+    """
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    args = sys.argv[1:] if argv is None else list(argv)
+    return {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton_version,
+            "python": platform.python_version(),
+            "machine": platform.machine(), "command": " ".join(["python", "-m", script, *args])}
+
+
+def emit(row: dict, rows: list[dict], device: str) -> None:
+    """Print one case as a JSON line, keep it, and free what it left on the device."""
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def finish(rows: list[dict] | dict, out: Path | None) -> list[dict] | dict:
+    """Write all cases (or one result document) to ``out`` if given, and print them as the last stdout line."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+    print(json.dumps(rows))
+    return rows
+
+
+def random_llama(spec: dict, device: str):
+    """A Llama with random weights of ``spec``'s shape (a ``MODEL_PRESETS`` entry), built on the meta device and
+    materialised directly on ``device``: an 8B model needs no download and no second copy in host memory."""
+    import transformers  # lazily: bench_losses needs neither transformers nor bs_train
+
+    from bs_train.model import cast_parameters
+
+    cfg = transformers.LlamaConfig(**{k: spec[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                            "num_attention_heads", "num_key_value_heads",
+                                                            "vocab_size")},
+                                   max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+        for m in model.modules():
+            if "RMSNorm" in type(m).__name__:
+                m.weight.fill_(1.0)
+    with torch.device(device):  # to_empty left the rotary buffers uninitialised: rebuild them
+        model.model.rotary_emb = type(model.model.rotary_emb)(cfg)
+    return cast_parameters(model, getattr(torch, spec["dtype"])).eval()

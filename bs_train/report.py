@@ -1,0 +1,38 @@
+"""Report formatting: the markdown results table shared by ``bs-unlearn eval`` / ``compare``, the demo and the recipe.
+
+One row per model (its ``name`` first), one column per headline number: TOFU's (forget quality, model utility,
+forget probability / ROUGE-L / truth ratio), the memorisation and privacy numbers (ES, EM, PrivLeak), the judge's
+(similarity, fluency) and the BS paper's aggregates (Mem., Util., Agg.). Only the columns some row has are printed;
+a missing number reads ``n/a``. It sits below the CLI, the demo and the recipe, so none of them imports another for
+its table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# (result key, column title) of the markdown tables: the TOFU headline numbers, then the BS paper's aggregates.
+COLUMNS = [
+    ("forget_quality", "Forget quality"), ("model_utility", "Model utility"), ("forget_Q_A_Prob", "F. Prob"),
+    ("forget_Q_A_ROUGE", "F. ROUGE-L"), ("forget_truth_ratio", "F. TR"), ("extraction_strength", "ES"),
+    ("exact_memorization", "EM"), ("privleak", "PrivLeak"), ("similarity", "Sim. (diff)"), ("fluency", "Fluency"),
+    ("mem", "Mem."), ("util", "Util."), ("agg", "Agg."),
+]
+# what `bs-unlearn compare` adds from a run's training summary
+TRAIN_COLUMNS = [("steps", "Steps"), ("loss", "Final loss"), ("forget", "Forget term"), ("retain", "Retain term")]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """One markdown row per result dict (``name`` first), only the columns some row has."""
+    cols = [(k, t) for k, t in columns if any(r.get(k) is not None for r in rows)]
+    lines = ["| model | " + " | ".join(t for _, t in cols) + " |", "| --- |" + " --- |" * len(cols)]
+    lines += ["| " + " | ".join([str(r["name"])] + [_fmt(r.get(k)) for k, _ in cols]) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
