@@ -21,7 +21,7 @@ so gradient accumulation and FSDP2 (with its own gradient division switched off)
               mlp.down_proj of layers l-2..l by default (open-unlearning's RMU on TOFU: answer-token mask, mean
               over each sequence's answer tokens, then over sequences).
 Retain terms (``method.retain``): ``nll`` on retain answers (mean over tokens), or ``kl``: KL(p_init || p_theta)
-on retain answer tokens, computed in chunks under activation checkpointing so the logits are never all held.
+on retain answer tokens, on ``bs_kernels.linear_weighted_teacher_kl_sum`` so neither model's logits are all held.
 
 ``METHODS`` at the end is the method table: every method is declared there once, as one ``Method`` row naming its
 forget loss (``forget_*``), its retain term (none, the configured ``retain_*`` or its own), and what it needs: NPO
@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import bs_kernels as bk
 
@@ -214,27 +213,21 @@ def retain_nll(model, batch, st, n: Norms):
     return _weighted(model, batch, st, lambda y: _token_weights(y, n.retain_tokens))
 
 
-def _kl_chunk(h, w, h_ref, w_ref, mask):
-    logq = torch.log_softmax((h @ w.t()).float(), -1)
-    logp = torch.log_softmax((h_ref @ w_ref.t()).float(), -1)
-    return ((logp.exp() * (logp - logq)).sum(-1) * mask).sum()
-
-
-def retain_kl(model, batch, st, n: Norms, chunk: int = 256):
+def retain_kl(model, batch, st, n: Norms):
+    """KL(p_init || p_theta) summed over retain answer tokens / the global retain token count, on the fused teacher
+    KL of ``bs_kernels`` (teacher: the frozen reference's hidden states and lm_head): gradients in the forward, one
+    logits chunk per model, never either model's [N, V] logits."""
     with torch.no_grad():
         ref = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, w, _: (h, w))
 
     def fn(hidden, weight, _):
         h, w, y = _flat(hidden, weight, batch["labels"])
-        mask = (y.reshape(-1) != bk.IGNORE_INDEX).float()  # a weight, not a row selection: nonzero() syncs the host
+        y = y.reshape(-1)
         h_ref = ref[0].reshape(-1, ref[0].shape[-1]).to(h.dtype)
-        w_ref = ref[1].to(h.dtype)
-        total = h.new_zeros((), dtype=torch.float32)
-        for c0 in range(0, h.shape[0], chunk):  # checkpointed: backward recomputes each chunk's logits
-            c1 = c0 + chunk
-            total = total + checkpoint(_kl_chunk, h[c0:c1], w, h_ref[c0:c1], w_ref, mask[c0:c1],
-                                       use_reentrant=False)
-        return total / n.retain_tokens
+        token_weights = (y != bk.IGNORE_INDEX).float() / n.retain_tokens  # a weight, not a row selection: no sync
+        loss, _ = bk.linear_weighted_teacher_kl_sum(h, w, h_ref, ref[1].to(h.dtype), token_weights, y, kind="kl",
+                                                    impl=st.impl)
+        return loss
 
     return model(batch["input_ids"], batch["attention_mask"], fn)
 
