@@ -3,8 +3,8 @@ bit for bit) and tracks the fp32 loss curve within bf16's rounding; a combinatio
 
 The same property the GPU gives: autocast to bf16 with fp32 master weights changes the arithmetic, not the
 optimisation. The tolerance is ours: bf16 keeps 8 mantissa bits (relative rounding 2^-8 = 0.4%), and a few steps of
-training on a tiny model compound it to a few percent; measured on 2026-12-01 the largest relative difference over
-BS-T's / NPO's 4 steps was below 1%.
+training on a tiny model compound it; measured on 2026-12-01 (4 steps, relative to max(1, |fp32 value|)) the
+largest difference was 0.24% for BS-T and 1.2% for NPO (its forget term), so 5% leaves room for other CPUs' GEMMs.
 """
 
 from __future__ import annotations
