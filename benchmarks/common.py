@@ -2,15 +2,18 @@
 
 One place for it, so the scripts never import each other. A benchmark prints one JSON object per measured case
 (``emit``) and, as its last stdout line, all of them (``finish``), which ``--out`` also writes to a file under
-``benchmarks/results/``. Every row carries ``environment()``: the date, the torch / triton / Python versions and the
-command that reproduces it, as ``python -m benchmarks.<script> <arguments>`` run from the repository root.
+``benchmarks/results/``. Every row carries ``environment()``: the date, the torch / triton / transformers / Python
+versions, the CPU, its threads and load average at the time, and the command that reproduces it, as
+``python -m benchmarks.<script> <arguments>`` run from the repository root.
 """
 
 from __future__ import annotations
 
 import datetime
 import gc
+import importlib.metadata
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -61,9 +64,26 @@ def environment(script: str, argv: list[str] | None) -> dict:
     except ImportError:
         triton_version = None
     args = sys.argv[1:] if argv is None else list(argv)
+    try:  # the installed version, without importing it (bench_losses needs no transformers)
+        transformers_version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        transformers_version = None
     return {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton_version,
-            "python": platform.python_version(),
-            "machine": platform.machine(), "command": " ".join(["python", "-m", script, *args])}
+            "transformers": transformers_version, "python": platform.python_version(),
+            "machine": platform.machine(), "cpu": cpu_name(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+            "command": " ".join(["python", "-m", script, *args])}
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def emit(row: dict, rows: list[dict], device: str) -> None:
