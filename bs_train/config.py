@@ -211,7 +211,8 @@ class TrainConfig:
     seed: int = 0
     """Seed for data order, initial weights of the tiny model and RMU's random direction."""
     mixed_precision: str = "auto"
-    """``auto`` (bf16 compute on CUDA, fp32 on CPU), ``bf16`` or ``fp32``. Master weights stay in model.dtype."""
+    """``auto`` (bf16 compute on CUDA, fp32 on CPU), ``bf16`` (autocast, on the CPU too) or ``fp32``. Master weights
+    stay in model.dtype."""
     activation_checkpointing: bool = False
     """Recompute each decoder block's activations in backward."""
     checkpoint_every: int = 0

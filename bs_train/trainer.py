@@ -306,13 +306,18 @@ def train_step(head, optim, sched, state: MethodState, main_set, retain_set, f_i
 
 def _precision(cfg: RunConfig, device: torch.device, world: int):
     """(compute dtype or None for fp32, fused-loss implementation, autocast context): bf16 compute on CUDA unless
-    asked otherwise, through autocast in one process and FSDP2's mixed precision under torchrun."""
+    asked otherwise, and on the CPU when asked (``bf16``), through autocast in one process and FSDP2's mixed
+    precision under torchrun. The Triton interpreter has no bf16 arithmetic, so bf16 with ``impl=triton`` off a GPU
+    is refused here, before any work starts."""
     use_cuda = device.type == "cuda"
     mp = cfg.train.mixed_precision
     compute_dtype = torch.bfloat16 if (mp == "bf16" or (mp == "auto" and use_cuda)) else None
     impl = cfg.train.impl if cfg.train.impl != "auto" else ("triton" if use_cuda else "torch")
-    autocast = (torch.autocast("cuda", dtype=compute_dtype)
-                if use_cuda and compute_dtype is not None and world == 1 else nullcontext())
+    if compute_dtype is not None and impl == "triton" and not use_cuda:
+        raise ValueError(f"train.mixed_precision={mp} with train.impl=triton needs a GPU (the Triton interpreter "
+                         f"has no bf16 arithmetic); on {device.type} use train.impl=torch or mixed_precision=fp32")
+    autocast = (torch.autocast(device.type, dtype=compute_dtype)
+                if compute_dtype is not None and world == 1 else nullcontext())
     return compute_dtype, impl, autocast
 
 
