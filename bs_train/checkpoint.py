@@ -224,7 +224,7 @@ def save_checkpoint(run_dir: Path, step: int, head, optim, sched, sampler, rank:
         barrier()
         if rank == 0:
             write_manifest(tmp, step=step, world=world)
-    except (OSError, RuntimeError, CheckpointException) as e:
+    except (Exception, CheckpointException) as e:  # safetensors, torch's zip writer and dcp each say it their way
         if not _disk_full(e):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # only the partial folder this save wrote
@@ -235,7 +235,10 @@ def save_checkpoint(run_dir: Path, step: int, head, optim, sched, sampler, rank:
         fault_point("save:renamed")
         atomic_write_text(ckpt_root / "latest", final.name)
         fault_point("save:pointer")
-        for old in _step_dirs(ckpt_root)[2:]:  # keep the two newest
+        # Checkpoints of later steps than this one are those a resume skipped as damaged (a complete one would have
+        # been resumed from): they go, then all but the two newest.
+        later = [p for p in _step_dirs(ckpt_root) if int(p.name[5:]) > step]
+        for old in later + [p for p in _step_dirs(ckpt_root) if p not in later][2:]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in ckpt_root.glob("step_*.tmp"):  # cut-off saves of other steps
             shutil.rmtree(stale, ignore_errors=True)
@@ -364,7 +367,7 @@ def export_hf(head: LossHead, tokenizer, out: Path, rank: int) -> None:
             tokenizer.save_pretrained(tmp)
             fault_point("export:written")
             write_manifest(tmp)
-        except (OSError, RuntimeError) as e:
+        except Exception as e:
             if not _disk_full(e):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
@@ -392,7 +395,7 @@ def recover_export(out: Path, say: Callable[[str], None] = print) -> None:
             return
 
 
-def finished_summary(run_dir: Path, cfg: RunConfig) -> dict | None:
+def finished_summary(run_dir: Path, cfg: RunConfig, say: Callable[[str], None] | None = print) -> dict | None:
     """The summary of a finished run of this identity in ``run_dir`` (its summary.json, and a complete ``final/``
     when it exports), or None. A finished run of other settings is refused by name."""
     summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
@@ -405,7 +408,10 @@ def finished_summary(run_dir: Path, cfg: RunConfig) -> dict | None:
     if not isinstance(then, dict) or not isinstance(result, dict):
         return None
     check_same_run(then, cfg, run_dir)
-    if cfg.train.export and damage(run_dir / "final") is not None:
+    why = damage(run_dir / "final") if cfg.train.export else None
+    if why is not None:
+        if say is not None:
+            say(f"bs-unlearn: {run_dir} has a summary but its final/ is incomplete ({why}): training again")
         return None
     return {**result, "output_dir": str(run_dir)}
 

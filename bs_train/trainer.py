@@ -347,7 +347,7 @@ def _start_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, rank: int) -> tu
         run_dir.mkdir(parents=True, exist_ok=True)
         recover_export(run_dir / "final", say=_say)
     barrier()
-    done = finished_summary(run_dir, cfg) if resume else None
+    done = finished_summary(run_dir, cfg, say=_say if rank == 0 else None) if resume else None
     if done is not None:
         return None, done
     ckpt = latest_checkpoint(run_dir, say=_say if rank == 0 else None) if resume else None
