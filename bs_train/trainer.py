@@ -191,16 +191,20 @@ def prepare_method_state(state: MethodState, cfg: RunConfig, head, main_set, pad
         return
     ref_path = run_dir / "npo_ref_logp.pt"
     if resuming and ref_path.exists():
-        state.ref_logp = torch.load(ref_path, weights_only=True)
-        return
+        try:
+            state.ref_logp = torch.load(ref_path, weights_only=True)
+            return
+        except Exception as e:  # damaged: the model is still the initial one here, so it is recomputed exactly
+            print(f"bs-unlearn: {ref_path} is unreadable ({type(e).__name__}); computing it again", flush=True)
     loader = torch.utils.data.DataLoader(main_set, batch_size=cfg.train.batch_size,
                                          collate_fn=lambda b: collate(b, pad_id))
     with autocast:
         state.ref_logp = precompute_ref_logp(head, loader, state.impl, len(main_set), device)
     if hasattr(head, "reshard"):  # FSDP2: free the root's gathered parameters (no backward will)
         head.reshard()
-    if rank == 0:
-        torch.save(state.ref_logp, ref_path)
+    if rank == 0:  # beside, then renamed: a kill leaves the whole file or none
+        torch.save(state.ref_logp, ref_path.with_name(ref_path.name + ".tmp"))
+        os.replace(ref_path.with_name(ref_path.name + ".tmp"), ref_path)
 
 
 def _beliefs_due(cfg: RunConfig, step: int, position: dict, beliefs: BeliefSet | None) -> bool:
