@@ -18,6 +18,15 @@ the relearning plot.
 """
 
 from .config import ATTACKS, AttackConfig
-from .runner import run_attacks
 
 __all__ = ["ATTACKS", "AttackConfig", "run_attacks"]
+
+
+def __getattr__(name: str):
+    """``run_attacks`` is imported on first use: the CLI builds its parser from ``AttackConfig`` alone, without
+    torch and the models."""
+    if name == "run_attacks":
+        from .runner import run_attacks
+
+        return run_attacks
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
