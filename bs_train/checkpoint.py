@@ -2,14 +2,6 @@
 
 A checkpoint is ``torch.distributed.checkpoint`` of the model and optimizer state (sharded under FSDP2) plus, per
 rank, its RNG states and, on rank 0, the scheduler, data position, method extras (BS-S beliefs, the squeezing curve)
-<<<<<<< HEAD
-and the run's config. It is written to ``step_N.tmp`` and renamed, and ``latest`` is replaced atomically, so a
-checkpoint either exists whole or not at all; the two newest are kept. ``check_resumable`` lets a checkpoint resume
-only the run that wrote it; ``set_aside`` moves an old run away (never deletes it) for a fresh start; ``export_hf``
-gathers the full weights on rank 0 and writes safetensors. A LoRA run (``bs_train/lora.py``) checkpoints only its
-trainable parameters (the adapters; the frozen base is reloaded from ``model.path``) and exports the merged model
-plus the adapter alone in ``final/adapter/``.
-=======
 and the run's config. Every step of a save leaves a complete checkpoint on disk, whenever the process is killed:
 
 * it is written to ``step_N.tmp``; a ``manifest.json`` (size and sha256 of every file) is written *last*, so a folder
@@ -26,8 +18,9 @@ and the run's config. Every step of a save leaves a complete checkpoint on disk,
 name). ``check_resumable`` lets a checkpoint resume only a run with the same ``identity`` (the settings that change
 results: not the folder, so a copied or renamed run folder resumes); ``set_aside`` moves an old run away (never
 deletes it) for a fresh start; ``RunLock`` lets one process at a time write a run folder. ``fault_point`` marks the
-named points inside save and export where the fault tests kill the process.
->>>>>>> i19a-faults
+named points inside save and export where the fault tests kill the process. A LoRA run (``bs_train/lora.py``)
+checkpoints only its trainable parameters (the adapters; the frozen base is reloaded from ``model.path``) and exports
+the merged model plus the adapter alone in ``final/adapter/``.
 """
 
 from __future__ import annotations
@@ -221,21 +214,14 @@ def save_checkpoint(run_dir: Path, step: int, head, optim, sched, sampler, rank:
                     extra: dict | None = None, config: dict | None = None) -> Path:
     ckpt_root = run_dir / "checkpoints"
     final, tmp = ckpt_root / f"step_{step:07d}", ckpt_root / f"step_{step:07d}.tmp"
-    state = {"model": get_model_state_dict(head), "optim": get_optimizer_state_dict(head, optim)}
+    opts = _model_options(head)
+    state = {"model": get_model_state_dict(head, options=opts), "optim": get_optimizer_state_dict(head, optim)}
     device = next(head.parameters()).device
     need = _check_space(ckpt_root, _tensor_bytes(state), device)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save cut off before: never complete, never named by latest
         tmp.mkdir(parents=True)
     barrier()
-<<<<<<< HEAD
-    opts = _model_options(head)
-    state = {"model": get_model_state_dict(head, options=opts), "optim": get_optimizer_state_dict(head, optim)}
-    dcp.save(state, checkpoint_id=str(tmp))
-    torch.save({"rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               tmp / f"rng_rank{rank}.pt")
-=======
     try:
         fault_point("save:begin")
         dcp.save(state, checkpoint_id=str(tmp))
@@ -256,7 +242,6 @@ def save_checkpoint(run_dir: Path, step: int, head, optim, sched, sampler, rank:
         shutil.rmtree(tmp, ignore_errors=True)  # only the partial folder this save wrote
         raise DiskFull(ckpt_root, need) from None
     fault_point("save:manifest")
->>>>>>> i19a-faults
     if rank == 0:
         _install(tmp, final)
         fault_point("save:renamed")
@@ -361,19 +346,13 @@ def load_checkpoint(path: Path, head, optim, sched, sampler, rank: int, world: i
     meta = _load(path / "trainer_state.pt")
     if meta["world"] != world:
         raise ValueError(f"checkpoint {path} was written by {meta['world']} ranks; this run has {world}")
-<<<<<<< HEAD
     opts = _model_options(head)
     state = {"model": get_model_state_dict(head, options=opts), "optim": get_optimizer_state_dict(head, optim)}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(head, optim, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts)
-=======
-    state = {"model": get_model_state_dict(head), "optim": get_optimizer_state_dict(head, optim)}
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:
         raise ValueError(f"{path}: its weights cannot be read ({type(e).__name__})") from None
-    set_state_dict(head, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
->>>>>>> i19a-faults
+    set_state_dict(head, optim, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts)
     sched.load_state_dict(meta["sched"])
     sampler.load_state_dict(meta["sampler"])
     rng = _load(path / f"rng_rank{rank}.pt")
@@ -383,15 +362,11 @@ def load_checkpoint(path: Path, head, optim, sched, sampler, rank: int, world: i
     return int(meta["step"]), meta.get("extra", {})
 
 
-<<<<<<< HEAD
 def export_hf(head: LossHead, tokenizer, out: Path, rank: int, base_path: str = "") -> None:
-    """Gather the full weights on rank 0 and write a Hugging Face folder with safetensors. With LoRA: the merged
-    weights (a plain folder, no peft needed) and the adapter alone in ``adapter/`` (over ``base_path``)."""
-=======
-def export_hf(head: LossHead, tokenizer, out: Path, rank: int) -> None:
     """Gather the full weights on rank 0 and write a Hugging Face folder with safetensors, kill-safe: written to
-    ``final.tmp`` with a manifest, and a previous ``final/`` stays (as ``final.old``) until the new one is in place."""
->>>>>>> i19a-faults
+    ``final.tmp`` with a manifest, and a previous ``final/`` stays (as ``final.old``) until the new one is in place.
+    With LoRA: the merged weights (a plain folder, no peft needed) and the adapter alone in ``adapter/`` (over
+    ``base_path``)."""
     sd = get_model_state_dict(head, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         sd = {k.removeprefix("lm."): v for k, v in sd.items()}
@@ -401,16 +376,11 @@ def export_hf(head: LossHead, tokenizer, out: Path, rank: int) -> None:
         if free < need:
             raise DiskFull(out.parent, need, free)
         shutil.rmtree(tmp, ignore_errors=True)
-<<<<<<< HEAD
-        if has_adapters(head):
-            save_adapter(head.lm, sd, tmp / "adapter", base_path)
-            sd = merged_state_dict(sd, lora_scalings(head.lm))
-        head.lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-=======
         try:
             fault_point("export:begin")
+            if has_adapters(head):
+                save_adapter(head.lm, sd, tmp / "adapter", base_path)
+                sd = merged_state_dict(sd, lora_scalings(head.lm))
             head.lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             fault_point("export:written")
@@ -425,7 +395,6 @@ def export_hf(head: LossHead, tokenizer, out: Path, rank: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out, old)
             fault_point("export:old_aside")
->>>>>>> i19a-faults
         os.replace(tmp, out)
         fault_point("export:renamed")
         shutil.rmtree(old, ignore_errors=True)

@@ -1,17 +1,11 @@
 """The lean unlearning trainer: one loop for fine-tuning and every unlearning method, 1 process or FSDP2.
 
 ``run`` reads top to bottom as setup, loop, finish:
-<<<<<<< HEAD
-1. set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), the run folder (resume or set
-   aside), device and dtypes;
-2. load the model on the CPU (with ``model.lora_rank``, LoRA adapters injected and the base frozen: ``lora.py``) and
-   the data (forget / retain, or the train split), validating all of it before any GPU work;
-=======
 1. set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), take the run folder's lock,
    the run folder (a finished run returns its summary; resume from the newest complete checkpoint, or set aside),
    device and dtypes;
-2. the cheap checks first (model path, tokenizer, data, k <= V), then the model on the CPU, before any GPU work;
->>>>>>> i19a-faults
+2. the cheap checks first (model path, tokenizer, data, k <= V), then the model on the CPU (with
+   ``model.lora_rank``, LoRA adapters injected and the base frozen: ``lora.py``), before any GPU work;
 3. ``init_method_state``: what the method table (``methods.METHODS``) says the method needs of the initial model,
    built before the model moves: a frozen reference for KL / RMU / BS-S's NPO base after the first belief round
    (``frozen_reference``: compute dtype, its blocks sharded under torchrun; with LoRA none is copied, the reference
@@ -453,14 +447,9 @@ def _check_vocab(cfg: RunConfig, tokenizer) -> None:
 
 
 def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, progress: bool = True) -> dict:
-<<<<<<< HEAD
-    """Fine-tune or unlearn as configured; returns a summary dict (also written to summary.json)."""
-    rank, world, device = setup_distributed(single_group=cfg.train.cpu_offload)
-=======
     """Fine-tune or unlearn as configured; returns a summary dict (also written to summary.json). One process (rank
     0 of a torchrun job) holds the run folder's lock throughout; a second is refused naming the holder's PID."""
-    rank, world, device = setup_distributed()
->>>>>>> i19a-faults
+    rank, world, device = setup_distributed(single_group=cfg.train.cpu_offload)
     run_dir = Path(cfg.output_dir)
     check_model_path(cfg.model.path)  # a typo fails here, in a line, before the folder is touched
     if rank != 0:
@@ -487,15 +476,10 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
     _check_vocab(cfg, tokenizer)
     lm, tokenizer = load_model(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device="cpu",
                                attn_implementation=resolve_attention(cfg.model.attn_implementation, device),
-<<<<<<< HEAD
-                               trust_remote_code=cfg.model.trust_remote_code, use_liger=False, seed=cfg.train.seed)
-    if cfg.model.lora_rank:
-        apply_lora(lm, cfg.model)
-    main_set, retain_set = build_data(cfg, tokenizer, run_dir)
-=======
                                trust_remote_code=cfg.model.trust_remote_code, use_liger=False, seed=cfg.train.seed,
                                tokenizer=tokenizer)
->>>>>>> i19a-faults
+    if cfg.model.lora_rank:
+        apply_lora(lm, cfg.model)
     pad_id, liger = tokenizer.pad_token_id, cfg.model.use_liger and use_cuda
     state = init_method_state(cfg, lm, tokenizer, main_set.examples, device, compute_dtype, impl, liger)
     lm.to(device)
