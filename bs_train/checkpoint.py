@@ -18,9 +18,10 @@ and the run's config. Every step of a save leaves a complete checkpoint on disk,
 name). ``check_resumable`` lets a checkpoint resume only a run with the same ``identity`` (the settings that change
 results: not the folder, so a copied or renamed run folder resumes); ``set_aside`` moves an old run away (never
 deletes it) for a fresh start; ``RunLock`` lets one process at a time write a run folder. ``fault_point`` marks the
-named points inside save and export where the fault tests kill the process. A LoRA run (``bs_train/lora.py``)
-checkpoints only its trainable parameters (the adapters; the frozen base is reloaded from ``model.path``) and exports
-the merged model plus the adapter alone in ``final/adapter/``.
+named points inside save and export where the fault tests kill the process.
+
+A LoRA run (``bs_train/lora.py``) checkpoints only its trainable parameters (the adapters; the frozen base is
+reloaded from ``model.path``) and exports the merged model plus the adapter alone in ``final/adapter/``.
 """
 
 from __future__ import annotations
@@ -214,8 +215,8 @@ def save_checkpoint(run_dir: Path, step: int, head, optim, sched, sampler, rank:
                     extra: dict | None = None, config: dict | None = None) -> Path:
     ckpt_root = run_dir / "checkpoints"
     final, tmp = ckpt_root / f"step_{step:07d}", ckpt_root / f"step_{step:07d}.tmp"
-    opts = _model_options(head)
-    state = {"model": get_model_state_dict(head, options=opts), "optim": get_optimizer_state_dict(head, optim)}
+    state = {"model": get_model_state_dict(head, options=_model_options(head)),
+             "optim": get_optimizer_state_dict(head, optim)}
     device = next(head.parameters()).device
     need = _check_space(ckpt_root, _tensor_bytes(state), device)
     if rank == 0:
@@ -352,7 +353,8 @@ def load_checkpoint(path: Path, head, optim, sched, sampler, rank: int, world: i
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:
         raise ValueError(f"{path}: its weights cannot be read ({type(e).__name__})") from None
-    set_state_dict(head, optim, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts)
+    set_state_dict(head, optim, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=opts)
     sched.load_state_dict(meta["sched"])
     sampler.load_state_dict(meta["sampler"])
     rng = _load(path / f"rng_rank{rank}.pt")

@@ -4,8 +4,8 @@
 1. set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), take the run folder's lock,
    the run folder (a finished run returns its summary; resume from the newest complete checkpoint, or set aside),
    device and dtypes;
-2. the cheap checks first (model path, tokenizer, data, k <= V), then the model on the CPU (with
-   ``model.lora_rank``, LoRA adapters injected and the base frozen: ``lora.py``), before any GPU work;
+2. the cheap checks first (model path, tokenizer, data, k <= V), then the model on the CPU (with ``model.lora_rank``,
+   LoRA adapters injected and the base frozen: ``lora.py``), before any GPU work;
 3. ``init_method_state``: what the method table (``methods.METHODS``) says the method needs of the initial model,
    built before the model moves: a frozen reference for KL / RMU / BS-S's NPO base after the first belief round
    (``frozen_reference``: compute dtype, its blocks sharded under torchrun; with LoRA none is copied, the reference
