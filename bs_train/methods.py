@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import bs_kernels as bk
 
 from .data import encode_prompt
+from .lora import has_adapters, rmu_adapters
 from .model import LossHead
 
 @dataclass
@@ -251,13 +252,17 @@ RETAIN_TERMS: dict[str, Callable | None] = {"nll": retain_nll, "kl": retain_kl, 
 
 def rmu_trainable(lm: torch.nn.Module, method) -> list[str]:
     """Check ``method.rmu_layer`` against the model and, with ``rmu_params="down_proj"``, freeze every parameter but
-    ``mlp.down_proj.weight`` of decoder layers l-2..l (WMDP's and open-unlearning's choice). Returns the names of the
-    parameters left trainable."""
+    ``mlp.down_proj.weight`` of decoder layers l-2..l (WMDP's and open-unlearning's choice). With LoRA, the same
+    choice over adapters: those of ``mlp.down_proj`` in layers l-2..l, or every adapter (``all``). Returns the names
+    of the parameters left trainable."""
     n_layers, layer = lm.config.num_hidden_layers, method.rmu_layer
     # The last layer's output is only seen through the final norm (Hugging Face's hidden_states[-1] is normed).
     if layer > n_layers - 2:
         raise ValueError(f"method.rmu_layer={layer} but the model has {n_layers} decoder layers: steer one of "
                          f"0..{n_layers - 2}")
+    layers = list(range(max(0, layer - 2), layer + 1))
+    if has_adapters(lm):
+        return rmu_adapters(lm, None if method.rmu_params == "all" else layers)
     if method.rmu_params == "all":
         return [name for name, _ in lm.named_parameters()]
     pattern = re.compile(rf"(.*\.)?layers\.({'|'.join(str(i) for i in range(max(0, layer - 2), layer + 1))})"
@@ -367,6 +372,13 @@ def method_loss(model, forget: dict, retain: dict | None, st: MethodState, n: No
 
 def needs_retain(cfg) -> bool:
     return retain_term(cfg) is not None
+
+
+def needs_topk(cfg) -> bool:
+    """The forget loss draws on the model's top-k beliefs (BS-T, or BS-S on a BS-T base): ``bst_topk`` must be at
+    most the vocabulary size."""
+    base = _base(cfg)
+    return METHODS[cfg.name].forget is forget_bst or (base is not None and base.forget is forget_bst)
 
 
 def needs_ref_logp(cfg) -> bool:
