@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from bs_kernels import IGNORE_INDEX
 
-from .config import MethodConfig
 from .data import collate
 from .sampler import Sampler, SamplingConfig, gathered_parameters
+
+if TYPE_CHECKING:  # annotations only: config imports the method table, which builds BeliefSets (IdkDPO)
+    from .config import MethodConfig
 
 
 @dataclass

@@ -83,8 +83,8 @@ class DataConfig:
 @dataclass
 class MethodConfig:
     name: str = "bs_t"
-    """A method of the table ``methods.METHODS``: finetune, ga, graddiff, npo, simnpo, rmu, wga, bs_t, bs_s. The
-    default is the paper's BS-T."""
+    """A method of the table ``methods.METHODS``: finetune, ga, graddiff, npo, simnpo, rmu, wga, dpo, undial, ceu,
+    satimp, bs_t, bs_s. The default is the paper's BS-T."""
     gamma: float = 1.0
     """Weight of the forget loss."""
     alpha: float = 1.0
@@ -106,6 +106,20 @@ class MethodConfig:
     delta' taken from it."""
     wga_beta: float = 1.0
     """WGA: tokens weighted by the detached p(y_i)^beta."""
+    dpo_beta: float = 0.1
+    """IdkDPO inverse temperature beta (open-unlearning configs/trainer/DPO.yaml: 0.1)."""
+    undial_beta: float = 10.0
+    """UNDIAL: how far the label's logit is lowered in the initial model's target distribution (the paper's gamma,
+    Dong et al. 2024; open-unlearning configs/trainer/UNDIAL.yaml ``beta: 10``, which also sets alpha 0: no retain
+    term, as the paper: add ``method.retain=none`` to match it)."""
+    ceu_ignore_first: int = 1
+    """CE-U: answer tokens at the start of each answer left out of the loss (open-unlearning configs/trainer/CEU.yaml
+    ``ignore_first_n_answer_tokens: 1``, after the footnote of Yang et al. 2025, arXiv:2503.01224); 0, 1 or 2."""
+    satimp_beta1: float = 5.0
+    """SatImp: exponent of the saturation weight p(y_i)^beta1 (open-unlearning configs/trainer/SatImp.yaml: 5; that
+    config also sets gamma 0.1, lr 1e-5, 5 epochs)."""
+    satimp_beta2: float = 1.0
+    """SatImp: exponent of the importance weight (1 - p(y_i))^beta2 (open-unlearning configs/trainer/SatImp.yaml: 1)."""
     rmu_layer: int = 7
     """RMU: decoder layer (0-based, ``model.layers.{l}``) whose output activations are steered on the forget answers
     and held on the retain answers; open-unlearning's ``module_regex: model\\.layers\\.7``."""
@@ -142,7 +156,13 @@ class MethodConfig:
         _require(self.retain in RETAIN_TERMS, f"method.retain must be one of {RETAIN_TERMS}, got {self.retain!r}")
         _require(0.0 <= self.bst_lam <= 1.0, f"method.bst_lam must lie in [0, 1], got {self.bst_lam}")
         _require(self.bst_topk >= 1, f"method.bst_topk must be >= 1, got {self.bst_topk}")
-        for name in ("npo_beta", "simnpo_beta"):
+        # CE-U's global count of kept tokens is exact only while every answer (>= 1 token + EOS) has >= k tokens.
+        _require(0 <= self.ceu_ignore_first <= 2, f"method.ceu_ignore_first must be 0, 1 or 2, got "
+                 f"{self.ceu_ignore_first}")
+        _require(self.satimp_beta1 >= 0 and self.satimp_beta2 >= 0,
+                 f"method.satimp_beta1 and satimp_beta2 must be >= 0, got {self.satimp_beta1}, {self.satimp_beta2}")
+        _require(self.undial_beta >= 0, f"method.undial_beta must be >= 0, got {self.undial_beta}")
+        for name in ("npo_beta", "simnpo_beta", "dpo_beta"):
             _require(getattr(self, name) > 0, f"method.{name} must be > 0, got {getattr(self, name)}")
         _require(self.gamma >= 0 and self.alpha >= 0, "method.gamma and method.alpha must be >= 0")
         _require(self.rmu_layer >= 0, f"method.rmu_layer must be >= 0, got {self.rmu_layer}")

@@ -16,6 +16,15 @@ so gradient accumulation and FSDP2 (with its own gradient division switched off)
               sampled responses to each forget prompt (``beliefs.py``). With the NPO base, the beliefs' reference
               log-probs are the initial model's, as for the targets: round 1 is drawn by the initial model itself
               (its sampler log-probs serve), later rounds are scored by the frozen reference (``belief_ref_logp``).
+    dpo       IdkDPO: -(2/beta) log sigmoid(beta ((log pi(w|x) - log pi_ref(w|x)) - (log pi(y|x) - log pi_ref(y|x)))),
+              w an "I don't know" answer (``refusals.py``) preferred over the forget answer y; both reference
+              log-probs precomputed once (open-unlearning's DPO trainer on its idk data; Rafailov et al. 2023).
+    undial    UNDIAL: soft-target CE to the initial model's distribution with the label's logit lowered by beta,
+              mean over answer tokens (Dong et al. 2024), on the fused teacher KL: no logits held.
+    ceu       CE-U: soft-target CE to the model's own detached distribution with the label's logit removed, mean
+              over answer tokens but each answer's first n (Yang et al. 2025, arXiv:2503.01224).
+    satimp    SatImp: mean over answer tokens of w_i log p(y_i), w_i = sg[p^beta1 (1 - p)^beta2] (Yang et al. 2025,
+              arXiv:2505.11953).
     rmu       push the output activations of decoder layer l on the forget answers to c * u (u a fixed random
               unit vector) and keep them equal to the initial model's on the retain answers, training only
               mlp.down_proj of layers l-2..l by default (open-unlearning's RMU on TOFU: answer-token mask, mean
@@ -43,8 +52,10 @@ import torch.nn.functional as F
 
 import bs_kernels as bk
 
-from .data import encode_prompt
+from .beliefs import BeliefSet
+from .data import encode_prompt, encode_qa
 from .model import LossHead
+from .refusals import refusal_for
 
 @dataclass
 class Norms:
@@ -177,6 +188,77 @@ def forget_wga(model, batch, st, n: Norms):
     return per_seq.sum() / n.forget_seqs
 
 
+def forget_satimp(model, batch, st, n: Norms):
+    s, mask = _seq_scores(model, batch, st.impl)
+    p = s.exp().detach()
+    w = p ** st.cfg.satimp_beta1 * (1.0 - p) ** st.cfg.satimp_beta2 * mask
+    return (w * s).sum() / n.forget_tokens
+
+
+def _answer_logp(model, batch, impl: str):
+    """log pi(y|x) summed over each row's answer tokens [B], and which rows have any."""
+    s, mask = _seq_scores(model, batch, impl)
+    return (s * mask).sum(-1), mask.any(-1)
+
+
+def forget_dpo(model, batch, st, n: Norms, alternates: dict | None = None):
+    """DPO with the forget answer rejected and the example's alternate answer (IdkDPO: a refusal) preferred.
+    ``alternates`` holds one alternate per row of ``batch``, in the same order (``BeliefSet.batch``)."""
+    if alternates is None:
+        raise ValueError(f"method {st.cfg.name} needs the alternate-answer batch of its forget batch")
+    lose, keep = _answer_logp(model, batch, st.impl)
+    win, _ = _answer_logp(model, alternates, st.impl)
+    ref_lose = st.ref_logp.to(lose.device)[batch["index"]]
+    ref_win = st.beliefs.ref_logp.to(win.device)[alternates["index"]]
+    beta = st.cfg.dpo_beta
+    margin = (win - ref_win) - (lose - ref_lose)
+    return (-(2.0 / beta) * F.logsigmoid(beta * margin) * keep).sum() / n.forget_seqs
+
+
+def _soft_target_ce(model, batch, st, teacher, labels_fn, denominator, gamma: float):
+    """sum over kept answer tokens of -<p_t, log p_theta> / ``denominator``, p_t = softmax of the teacher's logits
+    with the label's lowered by ``gamma``, on the fused teacher KL. ``teacher(h, w)`` gives the teacher's (hidden,
+    weight) from the student's; ``labels_fn`` keeps the scored tokens of the shifted labels."""
+
+    def fn(hidden, weight, _):
+        h, w, y = _flat(hidden, weight, batch["labels"])
+        y = labels_fn(y).reshape(-1)
+        h_t, w_t = teacher(h, w)
+        token_weights = (y != bk.IGNORE_INDEX).float() / denominator  # a weight, not a row selection: no sync
+        loss, _ = bk.linear_weighted_teacher_kl_sum(h, w, h_t.to(h.dtype), w_t.to(h.dtype), token_weights, y,
+                                                    kind="ce", gamma=gamma, impl=st.impl)
+        return loss
+
+    return model(batch["input_ids"], batch["attention_mask"], fn)
+
+
+def forget_undial(model, batch, st, n: Norms):
+    with torch.no_grad():
+        h_ref, w_ref = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, w, _: (h, w))
+    return _soft_target_ce(model, batch, st, lambda h, w: (h_ref.reshape(-1, h_ref.shape[-1]), w_ref),
+                           lambda y: y, n.forget_tokens, st.cfg.undial_beta)
+
+
+CEU_MASK = 1e4
+"""CE-U's target sets the label's logit to -inf; the fused teacher KL takes a finite adjustment, and one of 1e4
+gives the label exp(-1e4) = 0 probability exactly in float32 for any logit range a model produces."""
+
+
+def drop_first_answer_tokens(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Shifted labels ``y`` [B, T] with each row's first ``k`` answer tokens set to ``IGNORE_INDEX``."""
+    active = y != bk.IGNORE_INDEX
+    return y.masked_fill(active & (active.cumsum(-1) <= k), bk.IGNORE_INDEX)
+
+
+def forget_ceu(model, batch, st, n: Norms):
+    """CE-U over the kept tokens. Their global count is forget_tokens - k * forget_seqs, exact because every answer
+    has at least k tokens (``ceu_ignore_first`` <= 2 and every answer is one token or more plus EOS)."""
+    k = st.cfg.ceu_ignore_first
+    return _soft_target_ce(model, batch, st, lambda h, w: (h.detach(), w.detach()),
+                           lambda y: drop_first_answer_tokens(y, k),
+                           (n.forget_tokens - k * n.forget_seqs).clamp_min(1), CEU_MASK)
+
+
 def _answer_mse(act: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, n_seqs: torch.Tensor):
     """RMU's activation loss: squared error averaged over the hidden dimension, then over each sequence's answer
     tokens (``labels != IGNORE_INDEX``, unshifted: the activations *of* the answer), summed over sequences /
@@ -278,6 +360,19 @@ def setup_rmu(st: MethodState, lm: torch.nn.Module, *, seed: int, device, **_) -
     st.rmu_direction = (u / u.norm()).to(device)
 
 
+def setup_dpo(st: MethodState, lm: torch.nn.Module, *, tokenizer, examples, seed: int, **_) -> None:
+    """IdkDPO: one refusal per forget example (``refusals.refusal_for``) as its preferred answer, held as a one-answer
+    ``BeliefSet``; the initial model's log-probs of them are filled in before training (the trainer's
+    ``prepare_method_state``)."""
+    prompts, answers = [], []
+    for i, ex in enumerate(examples):
+        prompt = encode_prompt(tokenizer, ex["question"])
+        enc = encode_qa(tokenizer, ex["question"], refusal_for(seed, i), max_length=len(prompt) + 1024)
+        prompts.append(prompt)
+        answers.append([enc["input_ids"][len(prompt):]])
+    st.beliefs = BeliefSet(prompts, answers, [[0.0] for _ in prompts], round=0)
+
+
 def setup_bss(st: MethodState, lm: torch.nn.Module, *, tokenizer, examples, **_) -> None:
     """BS-S: encode every forget prompt once; the beliefs are drawn for these (``beliefs.draw_beliefs``)."""
     st.prompts = [encode_prompt(tokenizer, ex["question"]) for ex in examples]
@@ -303,6 +398,9 @@ class Method:
     """Needs the frozen initial model in memory (beyond what its retain term and BS-S base need)."""
     beliefs: bool = False
     """Trains on the model's own sampled beliefs of every forget prompt (BS-S): the forget loss takes their batch."""
+    alternates: bool = False
+    """The forget loss takes one alternate answer per forget example (held in ``state.beliefs``, built by the setup
+    hook), whose initial-model log-probs are computed once before training (IdkDPO)."""
     bss_base: bool = False
     """May serve as BS-S's base forget loss (``method.bss_base``)."""
     setup: Callable | None = None
@@ -325,6 +423,10 @@ METHODS: dict[str, Method] = {
     "simnpo": Method(forget_simnpo),
     "rmu": Method(forget_rmu, retain=retain_rmu, reference=True, setup=setup_rmu),
     "wga": Method(forget_wga, bss_base=True),
+    "dpo": Method(forget_dpo, ref_logp=True, alternates=True, setup=setup_dpo),
+    "undial": Method(forget_undial, reference=True),
+    "ceu": Method(forget_ceu, retain=None),
+    "satimp": Method(forget_satimp),
     "bs_t": Method(forget_bst, bss_base=True, demo=True),
     "bs_s": Method(forget_bss, beliefs=True, setup=setup_bss, demo=True),
 }
@@ -350,11 +452,12 @@ def _base(cfg) -> Method | None:
 def method_loss(model, forget: dict, retain: dict | None, st: MethodState, n: Norms, beliefs: dict | None = None):
     """``(loss, {"forget": ..., "retain": ...})`` for one micro-batch; loss = gamma * forget + alpha * retain.
 
-    ``beliefs`` (methods with ``beliefs=True``) holds the beliefs of exactly the prompts in ``forget``
-    (``BeliefSet.batch``)."""
+    ``beliefs`` (methods with ``beliefs=True`` or ``alternates=True``) holds the beliefs or alternate answers of
+    exactly the prompts in ``forget`` (``BeliefSet.batch``)."""
     cfg = st.cfg
     row = METHODS[cfg.name]
-    forget_term = row.forget(model, forget, st, n, beliefs) if row.beliefs else row.forget(model, forget, st, n)
+    paired = row.beliefs or row.alternates
+    forget_term = row.forget(model, forget, st, n, beliefs) if paired else row.forget(model, forget, st, n)
     term = retain_term(cfg)
     retain_value = term(model, retain, st, n) if term is not None and retain is not None else forget_term.new_zeros(())
     gamma = cfg.gamma if row.scaled else 1.0

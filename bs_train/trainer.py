@@ -181,7 +181,13 @@ def init_method_state(cfg: RunConfig, lm: torch.nn.Module, tokenizer, examples: 
 def prepare_method_state(state: MethodState, cfg: RunConfig, head, main_set, pad_id: int, run_dir: Path,
                          resuming: bool, autocast, rank: int, device) -> None:
     """What needs the placed model, before a checkpoint is loaded: NPO's reference log-probs of the forget set under
-    the initial model (computed once and kept in the run folder, so a resumed run reads them back)."""
+    the initial model (computed once and kept in the run folder, so a resumed run reads them back), and those of the
+    alternate answers of an ``alternates`` row (IdkDPO; a resumed run reads them back from the checkpoint)."""
+    if METHODS[cfg.method.name].alternates:
+        with autocast:
+            state.beliefs.logp = belief_ref_logp(head, state.beliefs, state.impl, pad_id, device)
+        if hasattr(head, "reshard"):
+            head.reshard()
     if not needs_ref_logp(cfg.method):
         return
     ref_path = run_dir / "npo_ref_logp.pt"

@@ -47,6 +47,15 @@ def belief_set(forget) -> BeliefSet:
     return BeliefSet(prompts, answers, [[-5.0, -7.0], [-6.0, -4.0], [-9.0, -3.0]], round=1)
 
 
+def alternate_set(forget) -> BeliefSet:
+    """One alternate answer per forget prompt (IdkDPO's refusals stand-in), with its reference log-prob."""
+    g = torch.Generator().manual_seed(6)
+    order = forget["index"].argsort()
+    prompts = [forget["input_ids"][i, :PROMPT].tolist() for i in order]
+    answers = [[torch.randint(1, VOCAB, (2 + i,), generator=g).tolist()] for i in range(len(prompts))]
+    return BeliefSet(prompts, answers, [[-6.0], [-9.0], [-4.0]], round=0)
+
+
 def shifted_logp(model, b):
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()[:, :-1]
     y = b["labels"][:, 1:]
@@ -76,11 +85,39 @@ def answer_mse(act, target, labels):
     return ((((act - target) ** 2).mean(-1) * mask).sum(-1) / mask.sum(-1)).mean()
 
 
-def forget_direct(fn, model, b, cfg, ref_logp, u):
+def soft_target_ce(student_logits, target_logits, keep):
+    """-<softmax(target), log softmax(student)> averaged over the kept positions."""
+    ce = -(torch.softmax(target_logits, -1) * torch.log_softmax(student_logits, -1)).sum(-1)
+    return (ce * keep).sum() / keep.sum()
+
+
+def logits_of(model, b):
+    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()[:, :-1]
+
+
+def forget_direct(fn, model, b, cfg, ref_logp, u, ref_model=None, alt=None, alt_set=None):
     """The forget loss ``fn`` (a ``forget_*`` of the table) from its definition."""
     name = fn.__name__
     if name == "forget_rmu":
         return answer_mse(layer_output(model, b, cfg.rmu_layer), cfg.rmu_coeff * u, b["labels"])
+    if name == "forget_undial":  # open-unlearning's compute_undial_loss, on answer tokens
+        y = b["labels"][:, 1:]
+        with torch.no_grad():
+            teacher = logits_of(ref_model, b)
+        teacher = teacher - cfg.undial_beta * F.one_hot(y.clamp_min(0), VOCAB) * (y != IGNORE)[..., None]
+        return soft_target_ce(logits_of(model, b), teacher, y != IGNORE)
+    if name == "forget_ceu":  # open-unlearning's compute_batch_ceu: first n answer labels dropped, then shifted
+        labels = b["labels"]
+        valid = labels != IGNORE
+        labels = labels.masked_fill(valid & (valid.cumsum(-1) <= cfg.ceu_ignore_first), IGNORE)
+        y = labels[:, 1:]
+        logits = logits_of(model, b)
+        target = logits.detach().scatter(-1, y.clamp_min(0)[..., None], float("-inf"))
+        return soft_target_ce(logits, target, y != IGNORE)
+    if name == "forget_dpo":  # open-unlearning's compute_dpo_loss: the alternate wins, the forget answer loses
+        lose = shifted_logp(model, b)[1].sum(-1) - ref_logp[b["index"]]
+        win = shifted_logp(model, alt)[1].sum(-1) - alt_set.ref_logp[alt["index"]]
+        return (-(2 / cfg.dpo_beta) * F.logsigmoid(cfg.dpo_beta * (win - lose))).mean()
     logp_all, logp, mask, y = shifted_logp(model, b)
     if name == "forget_nll":
         return -logp.sum() / mask.sum()
@@ -97,6 +134,10 @@ def forget_direct(fn, model, b, cfg, ref_logp, u):
     if name == "forget_simnpo":
         return (-(2 / cfg.simnpo_beta) * F.logsigmoid(-cfg.simnpo_beta * seq_mean(logp, mask)
                                                        - cfg.simnpo_delta)).mean()
+    if name == "forget_satimp":  # open-unlearning's compute_satimp_loss
+        p = logp.exp().detach()
+        w = p ** cfg.satimp_beta1 * (1 - p) ** cfg.satimp_beta2
+        return (w * logp).sum() / mask.sum()
     if name == "forget_wga":
         return seq_mean(torch.exp(cfg.wga_beta * logp).detach() * logp, mask).mean()
     raise AssertionError(f"no direct version of {name}")
@@ -126,7 +167,7 @@ def direct(cfg, model, ref_model, f, r, bel, beliefs, ref_logp, u):
         forget = ((1 - cfg.bss_lam) * forget_direct(base, model, f, cfg, ref_logp, u)
                   + cfg.bss_lam * forget_direct(base, model, bel, cfg, beliefs.ref_logp, u))
     else:
-        forget = forget_direct(row.forget, model, f, cfg, ref_logp, u)
+        forget = forget_direct(row.forget, model, f, cfg, ref_logp, u, ref_model, bel, beliefs)
     loss = (cfg.gamma if row.scaled else 1.0) * forget
     term = methods.retain_term(cfg)
     return loss if term is None else loss + cfg.alpha * retain_direct(term, model, ref_model, r, cfg)
@@ -155,14 +196,15 @@ def grads_of(model):
 @pytest.mark.parametrize("name, retain, base", CASES)
 def test_table_entry_matches_full_logits(name, retain, base):
     cfg = MethodConfig(name=name, retain=retain, bss_base=base, bss_lam=0.3, bst_topk=5, gamma=0.7, alpha=1.3,
-                       simnpo_delta=0.5, wga_beta=0.5, rmu_layer=1, rmu_coeff=5.0)
+                       simnpo_delta=0.5, wga_beta=0.5, rmu_layer=1, rmu_coeff=5.0, dpo_beta=0.5, undial_beta=3.0,
+                       satimp_beta1=2.0, satimp_beta2=0.5)
     model = tiny_llama(VOCAB, num_layers=LAYERS, seed=1)
     ref_model = tiny_llama(VOCAB, num_layers=LAYERS, seed=2).eval()  # another "initial model": KL and RMU not 0
     f, r = batch(0), batch(1)
     ref_logp = torch.tensor([-30.0, -25.0, -41.0])
     u = F.normalize(torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(3)), dim=0)
     row = methods.METHODS[name]
-    beliefs = belief_set(f) if row.beliefs else None
+    beliefs = belief_set(f) if row.beliefs else alternate_set(f) if row.alternates else None
     bel = beliefs.batch(f["index"].tolist(), pad_id=0) if beliefs is not None else None
     st = methods.MethodState(cfg, "torch", ref_logp=ref_logp, reference=LossHead(ref_model), rmu_direction=u,
                              beliefs=beliefs)

@@ -224,7 +224,7 @@ def test_synthetic_data_follows_its_settings(tmp_path):
 @pytest.mark.parametrize("overrides, match", [
     (["train.lr=abc"], "train.lr must be float"),
     (["train.lr=-1"], "train.lr must be > 0"),
-    (["method.name=dpo"], "method.name must be one of"),
+    (["method.name=orpo"], "method.name must be one of"),
     (["method.bst_lam=1.5"], "bst_lam"),
     (["train.bogus=1"], r"unknown key\(s\) \['bogus'\] in section 'train'"),
     (["nonsense=1"], "unknown top-level key"),
