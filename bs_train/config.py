@@ -84,7 +84,7 @@ class DataConfig:
 class MethodConfig:
     name: str = "bs_t"
     """A method of the table ``methods.METHODS``: finetune, ga, graddiff, npo, simnpo, rmu, wga, dpo, undial, ceu,
-    satimp, bs_t, bs_s. The default is the paper's BS-T."""
+    satimp, pdu, bs_t, bs_s. The default is the paper's BS-T."""
     gamma: float = 1.0
     """Weight of the forget loss."""
     alpha: float = 1.0
@@ -120,6 +120,15 @@ class MethodConfig:
     config also sets gamma 0.1, lr 1e-5, 5 epochs)."""
     satimp_beta2: float = 1.0
     """SatImp: exponent of the importance weight (1 - p(y_i))^beta2 (open-unlearning configs/trainer/SatImp.yaml: 1)."""
+    pdu_retain_eps: float | None = None
+    """PDU: the bound eps of the retain constraint retain <= eps; required (open-unlearning configs/trainer/PDU.yaml
+    leaves it ``???``; its README: somewhat above the initial model's retain loss). The dual variable starts at
+    method.alpha (that README suggests 50 to 100 for its loss scale)."""
+    pdu_dual_step: float = 1.0
+    """PDU: step size eta of the dual ascent lambda <- max(0, lambda + eta (retain - eps)) after every optimizer step
+    (PDU.yaml ``dual_step_size: 1.0``, ``dual_update_upon: step``)."""
+    pdu_dual_warmup_epochs: int = 5
+    """PDU: epochs before the dual variable starts moving (PDU.yaml ``dual_warmup_epochs: 5``)."""
     rmu_layer: int = 7
     """RMU: decoder layer (0-based, ``model.layers.{l}``) whose output activations are steered on the forget answers
     and held on the retain answers; open-unlearning's ``module_regex: model\\.layers\\.7``."""
@@ -162,6 +171,14 @@ class MethodConfig:
         _require(self.satimp_beta1 >= 0 and self.satimp_beta2 >= 0,
                  f"method.satimp_beta1 and satimp_beta2 must be >= 0, got {self.satimp_beta1}, {self.satimp_beta2}")
         _require(self.undial_beta >= 0, f"method.undial_beta must be >= 0, got {self.undial_beta}")
+        if methods.METHODS[self.name].dual:
+            _require(self.pdu_retain_eps is not None, f"method.name={self.name} needs method.pdu_retain_eps, the "
+                     "bound of its retain constraint (a little above the initial model's retain loss)")
+            _require(self.retain != "none", f"method.name={self.name} constrains its retain term; method.retain "
+                     "must be nll or kl")
+        _require(self.pdu_dual_step >= 0, f"method.pdu_dual_step must be >= 0, got {self.pdu_dual_step}")
+        _require(self.pdu_dual_warmup_epochs >= 0,
+                 f"method.pdu_dual_warmup_epochs must be >= 0, got {self.pdu_dual_warmup_epochs}")
         for name in ("npo_beta", "simnpo_beta", "dpo_beta"):
             _require(getattr(self, name) > 0, f"method.{name} must be > 0, got {getattr(self, name)}")
         _require(self.gamma >= 0 and self.alpha >= 0, "method.gamma and method.alpha must be >= 0")

@@ -25,6 +25,11 @@ so gradient accumulation and FSDP2 (with its own gradient division switched off)
               over answer tokens but each answer's first n (Yang et al. 2025, arXiv:2503.01224).
     satimp    SatImp: mean over answer tokens of w_i log p(y_i), w_i = sg[p^beta1 (1 - p)^beta2] (Yang et al. 2025,
               arXiv:2505.11953).
+    pdu       PDU: logit-margin flattening (max_v z_v - mean_v z_v)^2, mean over answer tokens, with the retain term a
+              constraint retain <= eps: weighted by a dual variable lambda >= 0 stepped after every optimizer step
+              (``after_step``: lambda <- max(0, lambda + eta (retain - eps))) (Entesari et al. 2025,
+              arXiv:2506.05314; open-unlearning's ``pdu.py``). The max is taken over a chunked no-grad pass and
+              differentiated through its argmax row, the mean through the mean of the lm_head rows: no logits held.
     rmu       push the output activations of decoder layer l on the forget answers to c * u (u a fixed random
               unit vector) and keep them equal to the initial model's on the retain answers, training only
               mlp.down_proj of layers l-2..l by default (open-unlearning's RMU on TOFU: answer-token mask, mean
@@ -98,6 +103,7 @@ class MethodState:
     beliefs: object | None = None  # BS-S: the current beliefs.BeliefSet
     prompts: list[list[int]] | None = None  # BS-S: every forget prompt, encoded (the beliefs are drawn for these)
     sampler: object | None = None  # BS-S: the run's one belief sampler (beliefs.belief_sampler), built at first use
+    dual: torch.Tensor | None = None  # PDU: the dual variable (0-d, on the device) weighting the retain constraint
 
 
 def _cast(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,6 +265,30 @@ def forget_ceu(model, batch, st, n: Norms):
                            (n.forget_tokens - k * n.forget_seqs).clamp_min(1), CEU_MASK)
 
 
+MARGIN_CHUNK_BYTES = 96 * 2**20
+"""Byte budget of the no-grad logits chunk PDU's argmax pass holds (the same as ``bs_kernels``' default chunk)."""
+
+
+def logit_margin(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """max_v z_v - mean_v z_v [N] of z = h W^T, float32, differentiable, never holding [N, V]: the argmax comes from
+    a chunked no-grad pass, then max = <h, W[argmax]> (the max's gradient is its argmax logit's) and
+    mean = <h, mean of W's rows>."""
+    rows = max(1, MARGIN_CHUNK_BYTES // (w.shape[0] * w.element_size()))
+    with torch.no_grad():
+        idx = torch.cat([(h[i:i + rows] @ w.T).argmax(-1) for i in range(0, h.shape[0], rows)])
+    z_max = (h.float() * w[idx].float()).sum(-1)
+    return z_max - h.float() @ w.mean(0, dtype=torch.float32)
+
+
+def forget_pdu(model, batch, st, n: Norms):
+    def fn(hidden, weight, _):
+        h, w, y = _flat(hidden, weight, batch["labels"])
+        active = (y != bk.IGNORE_INDEX).reshape(-1).float()
+        return (logit_margin(h, w) ** 2 * active).sum() / n.forget_tokens
+
+    return model(batch["input_ids"], batch["attention_mask"], fn)
+
+
 def _answer_mse(act: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, n_seqs: torch.Tensor):
     """RMU's activation loss: squared error averaged over the hidden dimension, then over each sequence's answer
     tokens (``labels != IGNORE_INDEX``, unshifted: the activations *of* the answer), summed over sequences /
@@ -373,6 +403,18 @@ def setup_dpo(st: MethodState, lm: torch.nn.Module, *, tokenizer, examples, seed
     st.beliefs = BeliefSet(prompts, answers, [[0.0] for _ in prompts], round=0)
 
 
+def setup_pdu(st: MethodState, lm: torch.nn.Module, *, device, **_) -> None:
+    """PDU: the dual variable starts at ``method.alpha`` (open-unlearning's PDU: the retain preference)."""
+    st.dual = torch.tensor(float(st.cfg.alpha), dtype=torch.float32, device=device)
+
+
+def step_pdu(st: MethodState, retain: torch.Tensor, epoch: int) -> None:
+    """After an optimizer step with global retain loss ``retain`` (0-d): lambda <- max(0, lambda + eta (retain -
+    eps)), once ``pdu_dual_warmup_epochs`` epochs are over. On the device: no host sync."""
+    if epoch >= st.cfg.pdu_dual_warmup_epochs:
+        st.dual = (st.dual + st.cfg.pdu_dual_step * (retain.to(st.dual) - st.cfg.pdu_retain_eps)).clamp_min(0.0)
+
+
 def setup_bss(st: MethodState, lm: torch.nn.Module, *, tokenizer, examples, **_) -> None:
     """BS-S: encode every forget prompt once; the beliefs are drawn for these (``beliefs.draw_beliefs``)."""
     st.prompts = [encode_prompt(tokenizer, ex["question"]) for ex in examples]
@@ -403,6 +445,12 @@ class Method:
     hook), whose initial-model log-probs are computed once before training (IdkDPO)."""
     bss_base: bool = False
     """May serve as BS-S's base forget loss (``method.bss_base``)."""
+    dual: bool = False
+    """The retain term is a constraint retain <= ``method.pdu_retain_eps``: it enters the loss as lambda (retain -
+    eps) with lambda = ``state.dual`` instead of ``method.alpha`` (PDU)."""
+    after_step: Callable | None = None
+    """Hook ``step_*(state, retain, epoch)`` the trainer calls after every optimizer step with the step's global
+    retain value (0-d, on the device) and the 0-based epoch (PDU's dual step); ``state.dual`` is checkpointed."""
     setup: Callable | None = None
     """Hook ``setup_*(state, lm, *, tokenizer, examples, seed, device)`` run once on the CPU model, before it moves."""
     scaled: bool = True
@@ -427,6 +475,7 @@ METHODS: dict[str, Method] = {
     "undial": Method(forget_undial, reference=True),
     "ceu": Method(forget_ceu, retain=None),
     "satimp": Method(forget_satimp),
+    "pdu": Method(forget_pdu, dual=True, after_step=step_pdu, setup=setup_pdu, recipe=False),
     "bs_t": Method(forget_bst, bss_base=True, demo=True),
     "bs_s": Method(forget_bss, beliefs=True, setup=setup_bss, demo=True),
 }
@@ -461,7 +510,10 @@ def method_loss(model, forget: dict, retain: dict | None, st: MethodState, n: No
     term = retain_term(cfg)
     retain_value = term(model, retain, st, n) if term is not None and retain is not None else forget_term.new_zeros(())
     gamma = cfg.gamma if row.scaled else 1.0
-    loss = gamma * forget_term + cfg.alpha * retain_value
+    if row.dual:  # PDU: lambda (retain - eps), lambda the dual variable
+        loss = gamma * forget_term + st.dual * (retain_value - cfg.pdu_retain_eps)
+    else:
+        loss = gamma * forget_term + cfg.alpha * retain_value
     return loss, {"forget": forget_term.detach(), "retain": retain_value.detach()}
 
 

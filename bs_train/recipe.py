@@ -35,7 +35,7 @@ from .config import load_config
 from .methods import METHODS as TABLE
 
 STAGES = ("finetune", "select", "unlearn", "evaluate", "table")
-METHODS = tuple(name for name, m in TABLE.items() if m.recipe)  # the method table's recipe rows: all 8 unlearners
+METHODS = tuple(name for name, m in TABLE.items() if m.recipe)  # the method table's recipe rows: every unlearner
 # The paper's Table 1 (TOFU forget10, Llama-3.2-1B): Agg. / Mem. / Util.
 PAPER = {"retain": (0.64, 0.58, 0.71), "graddiff": (0.52, 0.49, 0.56), "npo": (0.58, 0.58, 0.58),
          "rmu": (0.58, 0.59, 0.57), "simnpo": (0.47, 0.35, 0.70), "wga": (0.53, 0.47, 0.62),

@@ -17,7 +17,8 @@
    run); then resume from the latest checkpoint (``checkpoint.py``), BS-S beliefs and the squeezing curve included;
 6. the loop: BS-S beliefs redrawn on their schedule, ``train_step`` (one optimizer step: micro-batches, global
    norms, backward, clipping, the non-finite flag, optimizer and scheduler step), metrics.jsonl, the squeezing
-   monitor, checkpoints (model, optimizer, scheduler, data position, RNG, step, method extras);
+   monitor, the row's ``after_step`` hook (PDU's dual step), checkpoints (model, optimizer, scheduler, data
+   position, RNG, step, method extras: beliefs, PDU's dual variable);
 7. finish: a last checkpoint, the Hugging Face export (safetensors), summary.json.
 The same code runs single-process on a CPU.
 """
@@ -319,6 +320,8 @@ def _extra(state: MethodState, regen_s: float, monitor) -> dict:
     extra = {"beliefs": state.beliefs.state_dict(), "regen_s": regen_s} if state.beliefs is not None else {}
     if monitor is not None:
         extra["squeezing"] = monitor.state_dict()
+    if state.dual is not None:
+        extra["dual"] = float(state.dual)  # host sync, at checkpoints only
     return extra
 
 
@@ -419,7 +422,10 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
     step, extra = load_checkpoint(ckpt, head, optim, sched, sampler, rank, world) if ckpt is not None else (0, {})
     if "beliefs" in extra:
         state.beliefs = BeliefSet.from_state_dict(extra["beliefs"])
+    if "dual" in extra:
+        state.dual = torch.tensor(extra["dual"], dtype=torch.float32, device=device)
     beliefs, regen_s = METHODS[cfg.method.name].beliefs, float(extra.get("regen_s", 0.0))
+    after_step = METHODS[cfg.method.name].after_step
     metrics_path = run_dir / "metrics.jsonl"
     last = _kept_metrics(metrics_path, step, rank)
     monitor = _squeezing_monitor(cfg, main_set, tokenizer, impl, extra, head, autocast)
@@ -446,6 +452,8 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
                                              autocast=autocast, max_grad_norm=cfg.train.max_grad_norm,
                                              nonfinite=nonfinite)
         step, tokens_seen = step + 1, tokens_seen + tokens
+        if after_step is not None:  # the method's own state after each optimizer step (PDU's dual variable)
+            after_step(state, sums[2], position["epoch"])
         checkpoint_due = bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0 and step < total
         if step % cfg.train.log_every == 0 or step == total or checkpoint_due:
             _stop_if_nonfinite(nonfinite, step, sums, grad_norm, run_dir)
@@ -459,6 +467,8 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
                     "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9), "elapsed_s": elapsed}  # host sync
             if beliefs:
                 last.update(belief_round=state.beliefs.round, belief_regen_s=regen_s)
+            if state.dual is not None:
+                last["dual"] = float(state.dual)
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(last) + "\n")
         if bar is not None:

@@ -24,6 +24,7 @@ from bs_train.model import LossHead
 from bs_train.tiny import tiny_llama
 
 VOCAB, B, T, LAYERS, PROMPT = 61, 3, 10, 3, 4
+DUAL = 0.8  # PDU's dual variable in the table walk
 IGNORE = -100  # written out: the direct versions do not borrow the library's constants
 
 
@@ -134,6 +135,9 @@ def forget_direct(fn, model, b, cfg, ref_logp, u, ref_model=None, alt=None, alt_
     if name == "forget_simnpo":
         return (-(2 / cfg.simnpo_beta) * F.logsigmoid(-cfg.simnpo_beta * seq_mean(logp, mask)
                                                        - cfg.simnpo_delta)).mean()
+    if name == "forget_pdu":  # logit-margin flattening, at the positions that predict answer tokens
+        logits = logits_of(model, b)
+        return (((logits.max(-1).values - logits.mean(-1)) ** 2) * mask).sum() / mask.sum()
     if name == "forget_satimp":  # open-unlearning's compute_satimp_loss
         p = logp.exp().detach()
         w = p ** cfg.satimp_beta1 * (1 - p) ** cfg.satimp_beta2
@@ -170,7 +174,11 @@ def direct(cfg, model, ref_model, f, r, bel, beliefs, ref_logp, u):
         forget = forget_direct(row.forget, model, f, cfg, ref_logp, u, ref_model, bel, beliefs)
     loss = (cfg.gamma if row.scaled else 1.0) * forget
     term = methods.retain_term(cfg)
-    return loss if term is None else loss + cfg.alpha * retain_direct(term, model, ref_model, r, cfg)
+    if term is None:
+        return loss
+    if row.dual:  # PDU: lambda (retain - eps)
+        return loss + DUAL * (retain_direct(term, model, ref_model, r, cfg) - cfg.pdu_retain_eps)
+    return loss + cfg.alpha * retain_direct(term, model, ref_model, r, cfg)
 
 
 def table_cases():
@@ -179,6 +187,8 @@ def table_cases():
     cases = []
     for name, row in methods.METHODS.items():
         retains = list(methods.RETAIN_TERMS) if row.retain == methods.CONFIGURED else ["nll"]
+        if row.dual:  # a constrained retain term cannot be none
+            retains.remove("none")
         if row.beliefs:
             cases += [(name, retains[i % len(retains)], base) for i, base in enumerate(BSS_BASES)]
         else:
@@ -197,7 +207,7 @@ def grads_of(model):
 def test_table_entry_matches_full_logits(name, retain, base):
     cfg = MethodConfig(name=name, retain=retain, bss_base=base, bss_lam=0.3, bst_topk=5, gamma=0.7, alpha=1.3,
                        simnpo_delta=0.5, wga_beta=0.5, rmu_layer=1, rmu_coeff=5.0, dpo_beta=0.5, undial_beta=3.0,
-                       satimp_beta1=2.0, satimp_beta2=0.5)
+                       satimp_beta1=2.0, satimp_beta2=0.5, pdu_retain_eps=0.5)
     model = tiny_llama(VOCAB, num_layers=LAYERS, seed=1)
     ref_model = tiny_llama(VOCAB, num_layers=LAYERS, seed=2).eval()  # another "initial model": KL and RMU not 0
     f, r = batch(0), batch(1)
@@ -207,7 +217,7 @@ def test_table_entry_matches_full_logits(name, retain, base):
     beliefs = belief_set(f) if row.beliefs else alternate_set(f) if row.alternates else None
     bel = beliefs.batch(f["index"].tolist(), pad_id=0) if beliefs is not None else None
     st = methods.MethodState(cfg, "torch", ref_logp=ref_logp, reference=LossHead(ref_model), rmu_direction=u,
-                             beliefs=beliefs)
+                             beliefs=beliefs, dual=torch.tensor(DUAL))
     retain_batch = r if methods.needs_retain(cfg) else None
 
     ours_model = copy.deepcopy(model)
@@ -228,7 +238,7 @@ def test_walk_covers_the_whole_table():
     """Every row, forget loss, retain term and BS-S base is among the cases above."""
     covered = {name for name, _, _ in CASES}
     assert covered == set(methods.METHODS)
-    retains = {methods.retain_term(MethodConfig(name=n, retain=r)) for n, r, _ in CASES} - {None}
+    retains = {methods.retain_term(MethodConfig(name=n, retain=r, pdu_retain_eps=1.0)) for n, r, _ in CASES} - {None}
     assert retains == {f for f in methods.RETAIN_TERMS.values() if f is not None} | \
         {row.retain for row in methods.METHODS.values() if callable(row.retain)}
     assert {b for n, _, b in CASES if methods.METHODS[n].beliefs} == set(BSS_BASES)
@@ -295,3 +305,40 @@ def test_counts_are_global_denominators():
     whole_norms = methods.Norms(*methods.local_counts(both_f, both_r).float().clamp_min(1).unbind())
     whole = methods.method_loss(model, both_f, both_r, st, whole_norms)[0]
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_pdu_dual_ascends_on_the_constraint_after_warm_up():
+    """lambda <- max(0, lambda + eta (retain - eps)) after each step, frozen during the warm-up epochs."""
+    cfg = MethodConfig(name="pdu", alpha=2.0, pdu_retain_eps=1.0, pdu_dual_step=0.5, pdu_dual_warmup_epochs=1)
+    st = methods.MethodState(cfg, "torch")
+    methods.setup_pdu(st, None, device="cpu")
+    assert float(st.dual) == 2.0
+    methods.step_pdu(st, torch.tensor(3.0), epoch=0)  # warm-up: no move
+    assert float(st.dual) == 2.0
+    methods.step_pdu(st, torch.tensor(3.0), epoch=1)  # violated by 2: up by eta * 2
+    assert float(st.dual) == 3.0
+    methods.step_pdu(st, torch.tensor(-9.0), epoch=1)  # satisfied by far: down, but never below 0
+    assert float(st.dual) == 0.0
+    with pytest.raises(ValueError, match="needs method.pdu_retain_eps"):
+        MethodConfig(name="pdu")
+    with pytest.raises(ValueError, match="constrains its retain term"):
+        MethodConfig(name="pdu", pdu_retain_eps=1.0, retain="none")
+
+
+def test_dpo_alternates_are_refusals_fixed_by_seed_and_index():
+    """IdkDPO's preferred answer of each forget example: one of our refusals plus EOS, after the same prompt as the
+    forget example, the same for the same (seed, index) and not all alike."""
+    from bs_train.data import encode_prompt
+    from bs_train.refusals import REFUSALS, refusal_for
+    from bs_train.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    examples = [{"question": f"Who wrote book {i}?", "answer": "Someone."} for i in range(12)]
+    st = methods.MethodState(MethodConfig(name="dpo"), "torch")
+    methods.setup_dpo(st, None, tokenizer=tok, examples=examples, seed=3)
+    alt = st.beliefs
+    assert alt.n == 1 and alt.prompts == [encode_prompt(tok, ex["question"]) for ex in examples]
+    texts = [tok.decode(a[0][:-1]) for a in alt.answers]
+    assert all(a[0][-1] == tok.eos_token_id for a in alt.answers)
+    assert texts == [refusal_for(3, i) for i in range(12)] and set(texts) <= set(REFUSALS) and len(set(texts)) > 1
+    assert len(set(REFUSALS)) == 20
