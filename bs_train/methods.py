@@ -39,7 +39,8 @@ on retain answer tokens, on ``bs_kernels.linear_weighted_teacher_kl_sum`` so nei
 
 ``METHODS`` at the end is the method table: every method is declared there once, as one ``Method`` row naming its
 forget loss (``forget_*``), its retain term (none, the configured ``retain_*`` or its own), and what it needs: NPO
-reference log-probs, a frozen reference model, beliefs, a setup hook, and whether the recipe and the demo run it.
+reference log-probs, a frozen reference model, beliefs or fixed alternate answers, a dual variable with its
+after-step hook, a setup hook, and whether the recipe and the demo run it.
 ``method_loss``, the ``needs_*`` predicates, config validation, the recipe, the demo and the trainer all read it,
 so adding a method is one function, one row and its config fields. This module imports nothing of the config, so
 the config can import the table.

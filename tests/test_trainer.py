@@ -72,7 +72,7 @@ def answer_nll_of_initial(original: Path) -> float:
     return answer_nll(path, original / "data", "full")
 
 
-METHODS = ["ga", "graddiff", "npo", "simnpo", "wga", "bs_t", "rmu", "dpo", "undial", "ceu", "satimp"]
+METHODS = ["ga", "graddiff", "npo", "simnpo", "wga", "bs_t", "rmu", "dpo", "undial", "ceu", "satimp", "pdu"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -80,7 +80,7 @@ def test_unlearning_lowers_forget_likelihood(original, method, tmp_path):
     data = original / "data"
     cfg = load_config(None, SMALL + [
         f"output_dir={tmp_path / method}", f"model.path={original / 'final'}", f"data.source={data}",
-        f"method.name={method}", "method.rmu_layer=0", "method.rmu_coeff=20",
+        f"method.name={method}", "method.rmu_layer=0", "method.rmu_coeff=20", "method.pdu_retain_eps=1.0",
         f"train.lr={5e-3 if method == 'rmu' else 5e-4}", "train.max_steps=6",
         "train.warmup_steps=0", "train.schedule=constant"], command="unlearn")
     run(cfg, progress=False)
@@ -118,8 +118,10 @@ def _unlearn_args(original: Path, out: Path, extra: list[str]) -> list[str]:
                                     ["method.name=graddiff", "method.retain=kl"],
                                     ["method.name=rmu", "method.rmu_layer=0"],
                                     ["method.name=dpo"], ["method.name=undial"], ["method.name=ceu"],
-                                    ["method.name=satimp"]],
-                         ids=["bs_t", "bs_s", "bs_s_npo", "kl_retain", "rmu", "dpo", "undial", "ceu", "satimp"])
+                                    ["method.name=satimp"],
+                                    ["method.name=pdu", "method.pdu_retain_eps=1.0",
+                                     "method.pdu_dual_warmup_epochs=0"]],
+                         ids=["bs_t", "bs_s", "bs_s_npo", "kl_retain", "rmu", "dpo", "undial", "ceu", "satimp", "pdu"])
 def test_fsdp2_two_ranks_match_one_process(original, tmp_path, method):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("TRITON_INTERPRET", None)
@@ -136,6 +138,8 @@ def test_fsdp2_two_ranks_match_one_process(original, tmp_path, method):
         for key in ("loss", "forget", "retain", "grad_norm"):
             assert abs(ma[key] - mb[key]) <= 1e-4 * max(1.0, abs(mb[key])), (key, ma, mb)
         assert ma.get("belief_round") == mb.get("belief_round")
+        assert ("dual" in ma) == ("dual" in mb) and abs(ma.get("dual", 0) - mb.get("dual", 0)) <= 1e-4 * max(
+            1.0, abs(mb.get("dual", 0))), (ma, mb)  # PDU's dual variable follows the same global retain loss
 
 
 def test_resume_reproduces_uninterrupted_curve(original, tmp_path):
