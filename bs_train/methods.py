@@ -60,6 +60,7 @@ import bs_kernels as bk
 
 from .beliefs import BeliefSet
 from .data import encode_prompt, encode_qa
+from .lora import has_adapters, rmu_adapters
 from .model import LossHead
 from .refusals import refusal_for
 
@@ -364,13 +365,17 @@ RETAIN_TERMS: dict[str, Callable | None] = {"nll": retain_nll, "kl": retain_kl, 
 
 def rmu_trainable(lm: torch.nn.Module, method) -> list[str]:
     """Check ``method.rmu_layer`` against the model and, with ``rmu_params="down_proj"``, freeze every parameter but
-    ``mlp.down_proj.weight`` of decoder layers l-2..l (WMDP's and open-unlearning's choice). Returns the names of the
-    parameters left trainable."""
+    ``mlp.down_proj.weight`` of decoder layers l-2..l (WMDP's and open-unlearning's choice). With LoRA, the same
+    choice over adapters: those of ``mlp.down_proj`` in layers l-2..l, or every adapter (``all``). Returns the names
+    of the parameters left trainable."""
     n_layers, layer = lm.config.num_hidden_layers, method.rmu_layer
     # The last layer's output is only seen through the final norm (Hugging Face's hidden_states[-1] is normed).
     if layer > n_layers - 2:
         raise ValueError(f"method.rmu_layer={layer} but the model has {n_layers} decoder layers: steer one of "
                          f"0..{n_layers - 2}")
+    layers = list(range(max(0, layer - 2), layer + 1))
+    if has_adapters(lm):
+        return rmu_adapters(lm, None if method.rmu_params == "all" else layers)
     if method.rmu_params == "all":
         return [name for name, _ in lm.named_parameters()]
     pattern = re.compile(rf"(.*\.)?layers\.({'|'.join(str(i) for i in range(max(0, layer - 2), layer + 1))})"
@@ -458,6 +463,9 @@ class Method:
     """The forget term is scaled by ``method.gamma`` (fine-tuning's NLL is the loss itself)."""
     command: str = "unlearn"
     """The run command the method belongs to: ``unlearn`` or ``finetune``."""
+    terms: tuple[str, ...] = ("forget", "retain")
+    """Names of the loss's parts in ``metrics.jsonl`` and the summary, in ``method_loss``'s order (forget, retain);
+    fine-tuning has one part, its NLL on the train split, and no forget set to name it after."""
     recipe: bool = True
     """Run by the TOFU recipe by default."""
     demo: bool = False
@@ -465,7 +473,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "finetune": Method(forget_nll, retain=None, scaled=False, command="finetune", recipe=False),
+    "finetune": Method(forget_nll, retain=None, scaled=False, command="finetune", recipe=False, terms=("train_nll",)),
     "ga": Method(forget_ga, retain=None, bss_base=True, demo=True),
     "graddiff": Method(forget_ga),
     "npo": Method(forget_npo, ref_logp=True, bss_base=True, demo=True),
@@ -520,6 +528,13 @@ def method_loss(model, forget: dict, retain: dict | None, st: MethodState, n: No
 
 def needs_retain(cfg) -> bool:
     return retain_term(cfg) is not None
+
+
+def needs_topk(cfg) -> bool:
+    """The forget loss draws on the model's top-k beliefs (BS-T, or BS-S on a BS-T base): ``bst_topk`` must be at
+    most the vocabulary size."""
+    base = _base(cfg)
+    return METHODS[cfg.name].forget is forget_bst or (base is not None and base.forget is forget_bst)
 
 
 def needs_ref_logp(cfg) -> bool:
