@@ -104,8 +104,8 @@ class DataConfig:
 @dataclass
 class MethodConfig:
     name: str = "bs_t"
-    """A method of the table ``methods.METHODS``: finetune, ga, graddiff, npo, simnpo, rmu, wga, dpo, undial, ceu,
-    satimp, pdu, bs_t, bs_s. The default is the paper's BS-T."""
+    """A method of the table ``methods.METHODS``: finetune, ga, graddiff, npo, simnpo, rmu, wga, dpo, altpo, undial,
+    ceu, satimp, pdu, bs_t, bs_s. The default is the paper's BS-T."""
     gamma: float = 1.0
     """Weight of the forget loss."""
     alpha: float = 1.0
@@ -128,7 +128,9 @@ class MethodConfig:
     wga_beta: float = 1.0
     """WGA: tokens weighted by the detached p(y_i)^beta."""
     dpo_beta: float = 0.1
-    """IdkDPO inverse temperature beta (open-unlearning configs/trainer/DPO.yaml: 0.1)."""
+    """IdkDPO's and AltPO's inverse temperature beta (open-unlearning configs/trainer/DPO.yaml: 0.1; its AltPO
+    recipe, community/methods/AltPO/run.sh, searches 0.05, 0.1, 0.5). AltPO's alternates are drawn with the
+    ``bss_*`` sampling settings (its generate.yaml: 5 samples, temperature 1, 200 new tokens)."""
     undial_beta: float = 10.0
     """UNDIAL: how far the label's logit is lowered in the initial model's target distribution (the paper's gamma,
     Dong et al. 2024; open-unlearning configs/trainer/UNDIAL.yaml ``beta: 10``, which also sets alpha 0: no retain

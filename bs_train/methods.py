@@ -30,6 +30,9 @@ so gradient accumulation and FSDP2 (with its own gradient division switched off)
               (``after_step``: lambda <- max(0, lambda + eta (retain - eps))) (Entesari et al. 2025,
               arXiv:2506.05314; open-unlearning's ``pdu.py``). The max is taken over a chunked no-grad pass and
               differentiated through its argmax row, the mean through the mean of the lm_head rows: no logits held.
+    altpo     AltPO: the dpo loss averaged over N alternates per forget prompt drawn once by the initial model with
+              the belief sampler (Mekala et al. 2024, arXiv:2409.13474; open-unlearning's community AltPO runs the
+              DPO trainer on such alternates; theirs are prompted for a different answer, ours are plain samples).
     rmu       push the output activations of decoder layer l on the forget answers to c * u (u a fixed random
               unit vector) and keep them equal to the initial model's on the retain answers, training only
               mlp.down_proj of layers l-2..l by default (open-unlearning's RMU on TOFU: answer-token mask, mean
@@ -210,8 +213,9 @@ def _answer_logp(model, batch, impl: str):
 
 
 def forget_dpo(model, batch, st, n: Norms, alternates: dict | None = None):
-    """DPO with the forget answer rejected and the example's alternate answer (IdkDPO: a refusal) preferred.
-    ``alternates`` holds one alternate per row of ``batch``, in the same order (``BeliefSet.batch``)."""
+    """DPO with the forget answer rejected and each of the example's alternate answers preferred (IdkDPO: one
+    refusal; AltPO: N sampled answers, the loss averaged over them). ``alternates`` holds the same number of
+    alternates for every row of ``batch``, grouped by row in the same order (``BeliefSet.batch``)."""
     if alternates is None:
         raise ValueError(f"method {st.cfg.name} needs the alternate-answer batch of its forget batch")
     lose, keep = _answer_logp(model, batch, st.impl)
@@ -219,8 +223,9 @@ def forget_dpo(model, batch, st, n: Norms, alternates: dict | None = None):
     ref_lose = st.ref_logp.to(lose.device)[batch["index"]]
     ref_win = st.beliefs.ref_logp.to(win.device)[alternates["index"]]
     beta = st.cfg.dpo_beta
-    margin = (win - ref_win) - (lose - ref_lose)
-    return (-(2.0 / beta) * F.logsigmoid(beta * margin) * keep).sum() / n.forget_seqs
+    margin = (win - ref_win).view(lose.shape[0], -1) - (lose - ref_lose)[:, None]  # [B, alternates per example]
+    per_example = (-(2.0 / beta) * F.logsigmoid(beta * margin)).mean(-1)
+    return (per_example * keep).sum() / n.forget_seqs
 
 
 def _soft_target_ce(model, batch, st, teacher, labels_fn, denominator, gamma: float):
@@ -447,8 +452,11 @@ class Method:
     beliefs: bool = False
     """Trains on the model's own sampled beliefs of every forget prompt (BS-S): the forget loss takes their batch."""
     alternates: bool = False
-    """The forget loss takes one alternate answer per forget example (held in ``state.beliefs``, built by the setup
-    hook), whose initial-model log-probs are computed once before training (IdkDPO)."""
+    """The forget loss takes alternate answers of every forget example (held in ``state.beliefs``): built by the
+    setup hook, their initial-model log-probs computed once before training (IdkDPO), or sampled (below)."""
+    sample_alternates: bool = False
+    """The alternates are N answers drawn once, before the first step, by the initial model with the belief sampler
+    (``method.bss_*`` sampling settings), their sampler log-probs the reference's (AltPO)."""
     bss_base: bool = False
     """May serve as BS-S's base forget loss (``method.bss_base``)."""
     dual: bool = False
@@ -481,6 +489,7 @@ METHODS: dict[str, Method] = {
     "rmu": Method(forget_rmu, retain=retain_rmu, reference=True, setup=setup_rmu),
     "wga": Method(forget_wga, bss_base=True),
     "dpo": Method(forget_dpo, ref_logp=True, alternates=True, setup=setup_dpo),
+    "altpo": Method(forget_dpo, ref_logp=True, alternates=True, sample_alternates=True, setup=setup_bss),
     "undial": Method(forget_undial, reference=True),
     "ceu": Method(forget_ceu, retain=None),
     "satimp": Method(forget_satimp),

@@ -208,7 +208,7 @@ def prepare_method_state(state: MethodState, cfg: RunConfig, head, main_set, pad
     the alternate answers of an ``alternates`` row (IdkDPO; a resumed run reads them back from the checkpoint)."""
     if needs_reference(cfg.method) and state.reference is None and has_adapters(head):
         state.reference = AdaptersOff(head)
-    if METHODS[cfg.method.name].alternates:
+    if METHODS[cfg.method.name].alternates and state.beliefs is not None:  # built by the setup hook (IdkDPO)
         with autocast:
             state.beliefs.logp = belief_ref_logp(head, state.beliefs, state.impl, pad_id, device)
         if hasattr(head, "reshard"):
@@ -238,6 +238,8 @@ def _beliefs_due(cfg: RunConfig, step: int, position: dict, beliefs: BeliefSet |
     m = cfg.method
     if beliefs is None:
         return True
+    if not METHODS[m.name].beliefs:  # sampled alternates (AltPO): drawn once, by the initial model
+        return False
     if m.bss_regen == "steps":
         return step % m.bss_regen_every == 0
     if m.bss_regen == "epochs":
@@ -506,7 +508,8 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
         state.beliefs = BeliefSet.from_state_dict(extra["beliefs"])
     if "dual" in extra:
         state.dual = torch.tensor(extra["dual"], dtype=torch.float32, device=device)
-    beliefs, regen_s = METHODS[cfg.method.name].beliefs, float(extra.get("regen_s", 0.0))
+    row = METHODS[cfg.method.name]
+    beliefs, regen_s = row.beliefs or row.sample_alternates, float(extra.get("regen_s", 0.0))
     after_step = METHODS[cfg.method.name].after_step
     metrics_path = run_dir / "metrics.jsonl"
     last = _kept_metrics(metrics_path, step, rank)

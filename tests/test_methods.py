@@ -118,7 +118,8 @@ def forget_direct(fn, model, b, cfg, ref_logp, u, ref_model=None, alt=None, alt_
     if name == "forget_dpo":  # open-unlearning's compute_dpo_loss: the alternate wins, the forget answer loses
         lose = shifted_logp(model, b)[1].sum(-1) - ref_logp[b["index"]]
         win = shifted_logp(model, alt)[1].sum(-1) - alt_set.ref_logp[alt["index"]]
-        return (-(2 / cfg.dpo_beta) * F.logsigmoid(cfg.dpo_beta * (win - lose))).mean()
+        win = win.view(len(lose), -1)  # AltPO: every alternate of an example against its forget answer
+        return (-(2 / cfg.dpo_beta) * F.logsigmoid(cfg.dpo_beta * (win - lose[:, None]))).mean()
     logp_all, logp, mask, y = shifted_logp(model, b)
     if name == "forget_nll":
         return -logp.sum() / mask.sum()
@@ -214,7 +215,7 @@ def test_table_entry_matches_full_logits(name, retain, base):
     ref_logp = torch.tensor([-30.0, -25.0, -41.0])
     u = F.normalize(torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(3)), dim=0)
     row = methods.METHODS[name]
-    beliefs = belief_set(f) if row.beliefs else alternate_set(f) if row.alternates else None
+    beliefs = belief_set(f) if row.beliefs or row.sample_alternates else alternate_set(f) if row.alternates else None
     bel = beliefs.batch(f["index"].tolist(), pad_id=0) if beliefs is not None else None
     st = methods.MethodState(cfg, "torch", ref_logp=ref_logp, reference=LossHead(ref_model), rmu_direction=u,
                              beliefs=beliefs, dual=torch.tensor(DUAL))
