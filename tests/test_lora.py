@@ -34,13 +34,13 @@ from test_trainer import RETAIN_BOUND, answer_nll, metrics
 REPO = Path(__file__).resolve().parents[1]
 UNLEARN = [name for name, m in METHODS.items() if m.command == "unlearn"]
 # Settings a method needs on the 2-layer tiny model, or to stay within seconds (BS-S: short greedy beliefs).
-FITS_TINY = {"rmu": ["method.rmu_layer=0", "train.lr=3e-2"],
+FITS_TINY = {"rmu": ["method.rmu_layer=0", "train.lr=1e-2"],
              "bs_s": ["method.bss_max_new_tokens=8", "method.bss_temperature=0"]}
 
 
 def _lora_cli(original: Path, out: Path, method: str) -> list[str]:
     return ["unlearn", *SMALL, f"output_dir={out}", f"model.path={original / 'final'}",
-            f"data.source={original / 'data'}", f"method.name={method}", "model.lora_rank=16", "train.lr=5e-3",
+            f"data.source={original / 'data'}", f"method.name={method}", "model.lora_rank=16", "train.lr=1e-3",
             "train.max_steps=6", "train.warmup_steps=0", "train.schedule=constant", "--no-progress",
             *FITS_TINY.get(method, [])]
 
