@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,11 +211,14 @@ class TrainConfig:
     seed: int = 0
     """Seed for data order, initial weights of the tiny model and RMU's random direction."""
     mixed_precision: str = "auto"
-    """``auto`` (bf16 compute on CUDA, fp32 on CPU), ``bf16`` or ``fp32``. Master weights stay in model.dtype."""
+    """``auto`` (bf16 compute on CUDA, fp32 on CPU), ``bf16`` (autocast, on the CPU too) or ``fp32``. Master weights
+    stay in model.dtype."""
     activation_checkpointing: bool = False
     """Recompute each decoder block's activations in backward."""
     checkpoint_every: int = 0
-    """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    """Save a resumable checkpoint every N optimizer steps (0: none while training). A run also checkpoints at its
+    end only when ``export`` is off (the checkpoint is then its output) or ``keep_checkpoints`` is on (ours: a
+    checkpoint nothing will resume from is 3x the weights of disk for nothing)."""
     log_every: int = 1
     """Write a metrics line every N optimizer steps."""
     squeezing_every: int = 0
@@ -235,6 +239,11 @@ class TrainConfig:
     memory_plan: str = "none"
     """A preset of the memory settings (``bs_train/memory.py`` ``PLANS``; the README's 8B plans): ``lora24``,
     ``offload40``, ``full80`` or ``none``. It fills in the settings it names that the config does not set itself."""
+    keep_checkpoints: bool = False
+    """Keep the run's checkpoints (weights, optimizer state, RNG) once ``final/`` is exported. Off by default: they
+    are deleted then, since only resuming needs them (ours: the GPU machine has a 64 GB disk, and a SmolLM2-135M
+    checkpoint with its AdamW state is 1.7 GB per run beside a 517 MB ``final/``). With ``export`` off they are the
+    run's output and always kept."""
 
     def __post_init__(self):
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
@@ -291,8 +300,27 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true / false (any case PyYAML's 1.1 rules allow) are booleans, so
+    ``yes`` / ``no`` / ``on`` / ``off`` / ``y`` / ``n`` stay strings and a boolean field refuses them by name."""
+
+
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _coerce(where: str, annotation: str, value: Any) -> Any:
@@ -307,7 +335,7 @@ def _coerce(where: str, annotation: str, value: Any) -> Any:
         if base == "bool":
             if isinstance(value, bool):
                 return value
-            raise TypeError
+            raise ValueError(f"{where} must be true or false, got {value!r}")
         if base == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
@@ -319,6 +347,8 @@ def _coerce(where: str, annotation: str, value: Any) -> Any:
         if base == "str":
             return str(value)
     except (TypeError, ValueError):
+        if base == "bool":
+            raise
         raise ValueError(f"{where} must be {annotation}, got {value!r}") from None
     return value
 
@@ -365,7 +395,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like section.key=value")
-        parsed = yaml.safe_load(value) if value != "" else None
+        parsed = _yaml(value) if value != "" else None
         parts = key.split(".")
         if len(parts) == 1:
             raw[parts[0]] = parsed
@@ -383,8 +413,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a YAML config (optional), apply overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+        try:
+            raw = _yaml(text) or {}
+        except yaml.MarkedYAMLError as e:  # file:line:column, as a compiler would say it
+            mark = e.problem_mark or e.context_mark
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            raise ValueError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: YAML error: {e}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a config file must hold a mapping, got {type(raw).__name__}")
     raw.update({k: v for k, v in top.items() if v is not None})

@@ -316,6 +316,9 @@ class Method:
     """The forget term is scaled by ``method.gamma`` (fine-tuning's NLL is the loss itself)."""
     command: str = "unlearn"
     """The run command the method belongs to: ``unlearn`` or ``finetune``."""
+    terms: tuple[str, ...] = ("forget", "retain")
+    """Names of the loss's parts in ``metrics.jsonl`` and the summary, in ``method_loss``'s order (forget, retain);
+    fine-tuning has one part, its NLL on the train split, and no forget set to name it after."""
     recipe: bool = True
     """Run by the TOFU recipe by default."""
     demo: bool = False
@@ -323,7 +326,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "finetune": Method(forget_nll, retain=None, scaled=False, command="finetune", recipe=False),
+    "finetune": Method(forget_nll, retain=None, scaled=False, command="finetune", recipe=False, terms=("train_nll",)),
     "ga": Method(forget_ga, retain=None, bss_base=True, demo=True),
     "graddiff": Method(forget_ga),
     "npo": Method(forget_npo, ref_logp=True, bss_base=True, demo=True),
@@ -369,6 +372,13 @@ def method_loss(model, forget: dict, retain: dict | None, st: MethodState, n: No
 
 def needs_retain(cfg) -> bool:
     return retain_term(cfg) is not None
+
+
+def needs_topk(cfg) -> bool:
+    """The forget loss draws on the model's top-k beliefs (BS-T, or BS-S on a BS-T base): ``bst_topk`` must be at
+    most the vocabulary size."""
+    base = _base(cfg)
+    return METHODS[cfg.name].forget is forget_bst or (base is not None and base.forget is forget_bst)
 
 
 def needs_ref_logp(cfg) -> bool:

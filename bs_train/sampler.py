@@ -8,9 +8,12 @@ with the host each token. This sampler, after gpt-fast:
 * left-pads the prompts (right-padded or ragged input is repacked), prefills each prompt **once** and copies its
   cache into the rows of its N samples;
 * decodes all rows together with per-row positions, per-row EOS and an early exit checked every ``sync_every``
-  tokens (the only host syncs), temperature / top-k / top-p / greedy, and samples without a host sync as
-  ``argmax(probs / Exponential(1))`` drawn from an explicit ``torch.Generator``;
-* on CUDA, can capture the decode step with CUDA graphs (``torch.compile(mode="reduce-overhead")``);
+  tokens (the only host syncs), temperature / top-k / top-p / greedy, and samples without a host sync by inverting
+  each row's CDF at one uniform draw from an explicit ``torch.Generator``;
+* eager (the CPU default), attends over the filled part of the cache only and pads each batch to its own longest
+  prompt; grouped-query attention folds the query heads onto their kv head instead of repeating K/V;
+* on CUDA, captures the decode step with CUDA graphs (``torch.compile(mode="reduce-overhead")``) over the whole
+  static cache, one fixed shape; on the CPU compiling is opt-in (``compile_decode=True``), see the benchmarks;
 * under FSDP2, all-gathers the parameters once per round (``unshard``) and reshards after, never per token.
 
 It runs the model's own submodules (projections, norms, MLP, rotary embedding), so it supports the Llama family
@@ -110,8 +113,9 @@ class _Runner:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.dec.layers]
         self.max_len = max_len
 
-    def _layer(self, i, layer, x, cos, sin, write_idx, mask, rows):
-        """One decoder block. ``write_idx`` [T] cache slots for the T new positions; ``rows`` cache rows or None."""
+    def _layer(self, i, layer, x, cos, sin, write_idx, mask, rows, end):
+        """One decoder block. ``write_idx`` [T] cache slots for the T new positions; ``rows`` cache rows (prefill)
+        or None (decode, one token per row, attending over cache slots ``[:end]``)."""
         attn = layer.self_attn
         b, t, _ = x.shape
         h = layer.input_layernorm(x)
@@ -125,7 +129,14 @@ class _Runner:
         if rows is None:
             self.k[i].index_copy_(2, write_idx, k.to(self.k[i].dtype))
             self.v[i].index_copy_(2, write_idx, v.to(self.v[i].dtype))
-            keys, values = self.k[i], self.v[i]
+            keys, values = self.k[i][:, :, :end], self.v[i][:, :, :end]
+            # one query per row: fold each kv head's query group into the query axis, [B, H_kv, H/H_kv, D], so
+            # grouped-query attention reads the cache as it is, with no repeated K/V per step
+            g = self.n_heads // self.n_kv
+            out = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, g, self.head_dim), keys.to(q.dtype),
+                                                 values.to(q.dtype), attn_mask=mask, scale=attn.scaling)
+            x = x + attn.o_proj(out.reshape(b, 1, -1))
+            return x + layer.mlp(layer.post_attention_layernorm(x))
         else:  # prefill: attend within the prompt, then copy each prompt's cache into its sample rows
             keys, values = k, v
             self.k[i][:, :, : k.shape[2]] = k.to(self.k[i].dtype).index_select(0, rows)
@@ -135,18 +146,23 @@ class _Runner:
         x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
-    def forward(self, ids, positions, write_idx, mask, rows=None):
+    def forward(self, ids, positions, write_idx, mask, rows=None, end=None):
         x = self.dec.embed_tokens(ids)
         cos, sin = self.dec.rotary_emb(x, positions)
         for i, layer in enumerate(self.dec.layers):
-            x = self._layer(i, layer, x, cos, sin, write_idx, mask, rows)
+            x = self._layer(i, layer, x, cos, sin, write_idx, mask, rows, end)
         h = self.dec.norm(x[:, -1])
         # F.linear, not an explicit .to(): under autocast the weight's bf16 copy is cached for the whole round
         return F.linear(h, self.model.get_output_embeddings().weight).float()
 
 
 def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from fp32 logits [B, V]: greedy, or temperature / top-k / top-p sampling, no host sync."""
+    """Next token per row from fp32 logits [B, V]: greedy, or temperature / top-k / top-p sampling, no host sync.
+
+    Sampling inverts each row's CDF at one uniform draw (``searchsorted``): B random numbers per step. The
+    exponential race of gpt-fast, ``argmax(probs / Exponential(1))``, draws B*V of them, and on the CPU drawing them
+    costs as much as a decoder layer's GEMMs at SmolLM2's vocabulary. A token of probability 0 is never drawn: the
+    first CDF entry above the draw always has a positive step."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
     z = logits / cfg.temperature
@@ -158,9 +174,9 @@ def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None
         cum = torch.softmax(sorted_z, -1).cumsum(-1)
         drop_sorted = (cum - torch.softmax(sorted_z, -1)) >= cfg.top_p  # keep the smallest set reaching top_p
         z = z.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
-    probs = torch.softmax(z, -1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=gen)
-    return (probs / race).argmax(-1)
+    cdf = torch.softmax(z, -1).cumsum_(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=gen) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max_(cdf.shape[-1] - 1)
 
 
 @contextmanager
@@ -260,18 +276,24 @@ class Sampler:
                 self._step = torch.compile(self._decode, mode="reduce-overhead", dynamic=False)
         return self._runner
 
-    def _decode(self, tok, write, row_pads):
-        """One token per row written at cache slot ``write`` ([1], a device tensor); returns fp32 logits."""
+    def _decode(self, tok, write, row_pads, end: int | None = None):
+        """One token per row written at cache slot ``write`` ([1], a device tensor); returns fp32 logits.
+
+        Attention reads cache slots ``[:end]`` (``end`` a host int, the filled part) or, compiled (``end=None``),
+        the whole cache under the mask: one fixed shape, so one graph for every step."""
         runner = self._runner
-        slots = torch.arange(runner.max_len, device=tok.device)
+        end = runner.max_len if end is None else end
+        slots = torch.arange(end, device=tok.device)
         pos = (write - row_pads)[:, None]
         valid = (slots[None] >= row_pads[:, None]) & (slots[None] <= write)
-        return runner.forward(tok[:, None], pos, write, valid[:, None, None, :])
+        return runner.forward(tok[:, None], pos, write, valid[:, None, None, :], end=end)
 
     def _sample(self, prompts: list[list[int]]) -> Samples:
         cfg, device = self.cfg, self.device
         runner = self._ensure_runner()
-        ids, pads = _left_pad(prompts, self.pad_id, device, width=self.width)
+        # compiled, every round pads to the one bucketed width (one graph); eager, to this batch's longest prompt, so
+        # neither the prefill nor any decode step computes over padding it does not need
+        ids, pads = _left_pad(prompts, self.pad_id, device, width=self.width if self.compile_decode else None)
         p, length = ids.shape
         rows = p * cfg.n
         row_of = torch.arange(p, device=device).repeat_interleave(cfg.n)
@@ -306,13 +328,14 @@ class Sampler:
                 break
             write = slots[length + t:length + t + 1]  # a view of a device tensor: no host-to-device copy
             try:
-                logits = self._step(tok, write, row_pads)
+                logits = self._step(tok, write, row_pads) if self.compile_decode else \
+                    self._step(tok, write, row_pads, length + t + 1)
             except Exception as e:  # noqa: BLE001 - a compiler failure must not lose a training run
                 if self._step == self._decode:
                     raise
                 warnings.warn(f"compiled decode step failed ({type(e).__name__}: {e}); continuing in eager mode")
                 self._step = self._decode
-                logits = self._decode(tok, write, row_pads)
+                logits = self._decode(tok, write, row_pads, length + t + 1)
         shape = (p, cfg.n, cfg.max_new_tokens)
         return Samples(tokens.view(shape), logprobs.view(shape), lengths.view(p, cfg.n))
 
