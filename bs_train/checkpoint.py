@@ -370,13 +370,11 @@ def export_hf(head: LossHead, tokenizer, out: Path, rank: int, base_path: str = 
     With LoRA: the merged weights (a plain folder, no peft needed) and the adapter alone in ``adapter/`` (over
     ``base_path``)."""
     sd = get_model_state_dict(head, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # every rank takes the same decision (only rank 0 holds the gathered weights), so none waits for a rank that quit
+    need = _check_space(out.parent, _tensor_bytes(sd) if rank == 0 else 0, next(head.parameters()).device)
     if rank == 0:
         sd = {k.removeprefix("lm."): v for k, v in sd.items()}
         tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
-        need = int(_tensor_bytes(sd) * 1.05) + (16 << 20)
-        free = _free_bytes(out.parent)
-        if free < need:
-            raise DiskFull(out.parent, need, free)
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             fault_point("export:begin")
