@@ -10,18 +10,30 @@ Providers (each skipped with a reason when unavailable):
   torch_compile         the same function under torch.compile
   liger_flce            Liger-Kernel fused linear cross-entropy (plain CE: the fastest fused CE we know)
   cce                   Cut Cross-Entropy (apple/ml-cross-entropy), plain CE
+  torch_lce             PyTorch's own chunked F.linear_cross_entropy(options=LinearCrossEntropyOptions()),
+                        torch >= 2.13, plain CE: run at the lam = 0 cases only
   gemm3                 the floor: the three GEMMs of the same shape (logits, dH, dW) and nothing else
 
     python -m benchmarks.bench_losses                      # GPU: D=4096, V=128256, N in {8192, 32768}, bf16, k=20
-    python -m benchmarks.bench_losses --preset cpu         # a small CPU shape (the tests' pytest-benchmark cases)
+    python -m benchmarks.bench_losses --preset cpu         # the SmolLM2 head (D=576, V=49152), N in {1024, 4096,
+                                                           # 16384}, fp32 and bf16, lam 0.2 and 0 (hours on 2 cores)
+    python -m benchmarks.bench_losses --preset tiny        # D=64, V=4096, N=256 (the tests' pytest-benchmark cases)
     python -m benchmarks.bench_losses --out benchmarks/results/losses_h100.json
+
+On the CPU every case runs in a fresh process, its providers interleaved rep by rep (so load drifts hit all of them
+alike), and peak memory is the peak RSS delta of each timed call: VmHWM reset through /proc/self/clear_refs before
+the call, minus VmRSS then (Linux; allocations of 4 MiB and more are mmapped, so RSS follows the live tensors). Each row records threads, load average before and after, and the CPU model.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +43,7 @@ import torch
 import bs_kernels as bk
 from benchmarks.common import device_name, emit, environment, finish, pick_device, sync
 
-PROVIDERS = ("bs_kernels", "bs_kernels_recompute", "torch", "torch_compile", "liger_flce", "cce", "gemm3")
+PROVIDERS = ("bs_kernels", "bs_kernels_recompute", "torch", "torch_compile", "liger_flce", "cce", "torch_lce", "gemm3")
 
 
 @dataclass(frozen=True)
@@ -46,7 +58,10 @@ class Case:
 
 PRESETS = {
     "gpu": [Case(8192, 4096, 128256), Case(32768, 4096, 128256)],
-    "cpu": [Case(256, 64, 4096, dtype="float32")],
+    # The SmolLM2-135M head (D = 576, V = 49152): BS-T (k = 20, lam = 0.2) and plain CE (lam = 0), issue 14.
+    "cpu": [Case(n, 576, 49152, 20, lam, dtype) for dtype in ("float32", "bfloat16") for n in (1024, 4096, 16384)
+            for lam in (0.2, 0.0)],
+    "tiny": [Case(256, 64, 4096, dtype="float32")],
 }
 
 
@@ -109,6 +124,15 @@ def build(provider: str, case: Case, device: str):
 
         def run(h, w, y):
             return grads(cce(h, w, y), h, w)
+    elif provider == "torch_lce":
+        if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            return f"torch {torch.__version__} has no chunked linear_cross_entropy (new in 2.13)"
+        if lam != 0:
+            return "plain cross-entropy: measured at the lam = 0 cases"
+        options = torch.nn.LinearCrossEntropyOptions()
+
+        def run(h, w, y):
+            return grads(torch.nn.functional.linear_cross_entropy(h, w, y, options=options), h, w)
     elif provider == "gemm3":
         def run(h, w, y):
             with torch.no_grad():
@@ -119,68 +143,142 @@ def build(provider: str, case: Case, device: str):
     return run
 
 
-def measure(provider: str, case: Case, device: str, warmup: int, reps: int) -> dict:
-    row = {"provider": provider, **asdict(case), "device": device_name(device)}
-    run = build(provider, case, device)
-    if isinstance(run, str):
-        return {**row, "skipped": run}
+def _rss_reset() -> int:
+    """Reset the process's peak RSS to its current RSS (Linux), and return that, in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return ""
+
+
+def measure(providers: list[str], case: Case, device: str, warmup: int, reps: int) -> list[dict]:
+    """Every provider on one setup, interleaved: warm-up rounds, then ``reps`` timed rounds of one call each."""
+    base = {**asdict(case), "device": device_name(device)}
+    if device == "cpu":
+        base.update(threads=torch.get_num_threads(), cpu=_cpu_model(), loadavg_before=os.getloadavg())
+    runs = {p: build(p, case, device) for p in providers}
+    rows = {p: {"provider": p, **base} for p in providers}
+    for p, run in runs.items():
+        if isinstance(run, str):
+            rows[p]["skipped"] = run
+    live = [p for p in providers if not isinstance(runs[p], str)]
     hidden, weight, labels = make_inputs(case, device)
     grad_bytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
-    try:
-        for _ in range(warmup):
-            out = run(hidden, weight, labels)
-            del out
-        sync(device)
+    times = {p: [] for p in live}
+    peaks = {p: [] for p in live}
+    losses = {}
+
+    def call(p: str, timed: bool) -> None:
         if device == "cuda":
+            sync(device)
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        times = []
-        for _ in range(reps):
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = run(hidden, weight, labels)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                out = run(hidden, weight, labels)
-                times.append((time.perf_counter() - t0) * 1e3)
-            loss = float(out[0])
-            del out
-    except torch.OutOfMemoryError:
-        return {**row, "skipped": "out of memory"}
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
-    row.update(ms_median=statistics.median(times), ms_p20=q[1], ms_p80=q[7], reps=reps, loss=loss)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-        row.update(peak_bytes_beyond_inputs=peak, peak_bytes_beyond_grads=peak - grad_bytes,
-                   peak_gib_beyond_inputs=round(peak / 2**30, 3))
-    return row
+            before = torch.cuda.memory_allocated()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = runs[p](hidden, weight, labels)
+            end.record()
+            torch.cuda.synchronize()
+            ms, peak = start.elapsed_time(end), torch.cuda.max_memory_allocated() - before
+        else:
+            gc.collect()
+            before = _rss_reset()
+            t0 = time.perf_counter()
+            out = runs[p](hidden, weight, labels)
+            ms = (time.perf_counter() - t0) * 1e3
+            peak = _status_bytes("VmHWM") - before
+        losses[p] = float(out[0])
+        del out
+        if timed:
+            times[p].append(ms)
+            peaks[p].append(peak)
+
+    for rnd in range(warmup + reps):
+        for p in list(live):
+            try:
+                call(p, timed=rnd >= warmup)
+            except torch.OutOfMemoryError:
+                rows[p]["skipped"] = "out of memory"
+                live.remove(p)
+    for p in live:
+        t = times[p]
+        q = statistics.quantiles(t, n=10) if len(t) > 1 else [t[0]] * 9
+        peak = max(peaks[p])
+        rows[p].update(ms_median=statistics.median(t), ms_p20=q[1], ms_p80=q[7], reps=reps, warmup=warmup,
+                       loss=losses[p], peak_bytes_beyond_inputs=peak, peak_bytes_beyond_grads=peak - grad_bytes,
+                       peak_gib_beyond_inputs=round(peak / 2**30, 3),
+                       memory=("peak RSS delta of the call" if device == "cpu" else "torch.cuda peak allocated"))
+    if device == "cpu":
+        for p in providers:
+            rows[p]["loadavg_after"] = os.getloadavg()
+    return [rows[p] for p in providers]
+
+
+def _fresh_process(case: Case, providers: list[str], warmup: int, reps: int) -> list[dict]:
+    """Run one case in a new Python process (nothing cached from other cases) and return its rows."""
+    spec = json.dumps(asdict(case))
+    cmd = [sys.executable, "-m", "benchmarks.bench_losses", "--one-case", spec, "--providers", ",".join(providers),
+           "--warmup", str(warmup), "--reps", str(reps)]
+    # Allocations of 4 MiB and more are mmapped, so freeing them returns them and RSS follows the live tensors
+    # (glibc's own threshold floats up to 32 MiB after warm-up and would hide reused heap memory).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu with CUDA, else cpu")
     p.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of " + ",".join(PROVIDERS))
-    p.add_argument("--n", type=int, nargs="*", help="override the preset's token counts")
+    p.add_argument("--n", type=int, nargs="*", help="keep only the preset's cases with these token counts")
+    p.add_argument("--dtype", nargs="*", help="keep only the preset's cases with these dtypes")
+    p.add_argument("--lam", type=float, nargs="*", help="keep only the preset's cases with these lambdas")
+    p.add_argument("--skip", nargs="*", default=[], metavar="PROVIDER:DTYPE:N",
+                   help="leave these provider/case pairs out (recorded as skipped), e.g. torch:bfloat16:16384")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--in-process", action="store_true", help="CPU: run the cases here, not one fresh process each")
+    p.add_argument("--one-case", help=argparse.SUPPRESS)  # JSON of one Case: what a fresh process is given
     p.add_argument("--out", type=Path, help="also write all cases (with the environment) to this JSON file")
     args = p.parse_args(argv)
     device = pick_device()
+    providers = args.providers.split(",")
+    if args.one_case:
+        print(json.dumps(measure(providers, Case(**json.loads(args.one_case)), device, args.warmup, args.reps)))
+        return []
     preset = args.preset or ("gpu" if device == "cuda" else "cpu")
-    cases = PRESETS[preset]
-    if args.n:
-        cases = [Case(n, c.d, c.v, c.k, c.lam, c.dtype) for n in args.n for c in cases[:1]]
+    cases = [c for c in PRESETS[preset] if (not args.n or c.n in args.n) and (not args.dtype or c.dtype in args.dtype)
+             and (args.lam is None or c.lam in args.lam)]
     env = environment("benchmarks.bench_losses", argv)
     rows = []
     for case in cases:
-        for provider in args.providers.split(","):
-            emit({**measure(provider, case, device, args.warmup, args.reps), **env}, rows, device)
+        skipped = {s.split(":")[0] for s in args.skip if s.split(":")[1:] == [case.dtype, str(case.n)]}
+        here = [q for q in providers if q not in skipped]
+        if device == "cpu" and not args.in_process:
+            measured = _fresh_process(case, here, args.warmup, args.reps)
+        else:
+            measured = measure(here, case, device, args.warmup, args.reps)
+        measured += [{"provider": q, **asdict(case), "device": device_name(device), "skipped": "--skip"}
+                     for q in providers if q in skipped]
+        for row in measured:
+            emit({**row, **env}, rows, device)
     return finish(rows, args.out)
 
 

@@ -6,6 +6,11 @@ with gradient checkpointing, full [B, T, V] logits through HF's own loss, torch 
 in the project's design brief: 8.2k tokens/s, 59.9 GiB after the optimizer step on an H100). Both see the same
 batch: a forget and a retain micro-batch of 16 x 256 tokens (200 answer tokens each); BS-S adds N beliefs of 200
 tokens per forget prompt.
+The LoRA cases (``lora_*``: ``train.memory_plan=lora24``, rank 16 on every linear layer over frozen bf16 weights, the
+24 GB plan) and the offload case (``offload_*``: ``train.memory_plan=offload40``, FSDP2 CPU offload of parameters,
+gradients and 8-bit optimizer states in a 1-rank process group, the 40 GB plan) run the trainer's own
+``parallelize``; their peak GPU memory is what the computed budgets (``python -m benchmarks.memory_budget``) owe a
+measurement of.
 BS-S's belief regeneration is timed apart (16 prompts x N x 200 tokens with the sampler) and amortised over its
 default schedule (every 2 epochs: each prompt's beliefs are redrawn every 2 passes over it).
 
@@ -32,7 +37,8 @@ from bs_train.beliefs import BeliefSet, draw_beliefs
 from bs_train.config import MethodConfig, load_config
 from bs_train.data import collate
 from bs_train.model import LossHead
-from bs_train.trainer import build_optimizer
+from bs_train.lora import apply_lora
+from bs_train.trainer import build_optimizer, parallelize, setup_distributed
 
 # Dense bf16 peak FLOP/s by device name, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -43,6 +49,10 @@ BATCH = {"gpu": dict(b=16, prompt=56, answer=200), "cpu": dict(b=2, prompt=8, an
 # (case label, method, its settings, whether it trains on sampled beliefs)
 CASES = [("ga", "ga", {}, False), ("npo", "npo", {}, False), ("bs_t", "bs_t", {}, False),
          ("bs_s_n3", "bs_s", {"bss_samples": 3}, True), ("bs_s_n8", "bs_s", {"bss_samples": 8}, True)]
+# (case label, memory plan, method, its settings, beliefs): the 24 GB and 40 GB plans of the README
+PLAN_CASES = [("lora_npo", "lora24", "npo", {}, False), ("lora_bs_t", "lora24", "bs_t", {}, False),
+              ("lora_bs_s_n3", "lora24", "bs_s", {"bss_samples": 3}, True),
+              ("offload_bs_t", "offload40", "bs_t", {}, False)]
 
 
 def qa_batch(b, prompt, answer, vocab, seed):
@@ -89,13 +99,15 @@ def bench_case(name, step_fn, model, tokens, seq, device, reps, extra=None):
     return row
 
 
-def ours(spec, shape, device, label, method, overrides, with_beliefs, reps):
+def ours(spec, shape, device, label, method, overrides, with_beliefs, reps, plan="full80"):
+    cfg = load_config(None, [f"train.memory_plan={plan}", "train.lr=1e-5"], command="unlearn")
     model = random_llama({**spec, "dtype": "bfloat16"}, device).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    head = LossHead(model)
-    cfg = load_config(None, ["model.dtype=bfloat16", "train.optimizer=adamw8bit", "train.lr=1e-5"],
-                      command="unlearn")
-    optim = build_optimizer(head.parameters(), cfg, use_cuda=device == "cuda")
+    if cfg.model.lora_rank:
+        apply_lora(model, cfg.model)
+    if cfg.train.cpu_offload:
+        setup_distributed(single_group=True)  # fully_shard needs a (1-rank) process group
+    head = parallelize(LossHead(model), cfg, 1, torch.bfloat16 if cfg.train.cpu_offload else None)
+    optim = build_optimizer([p for p in head.parameters() if p.requires_grad], cfg, use_cuda=device == "cuda")
     mcfg = MethodConfig(name=method, **overrides)
     impl = "triton" if device == "cuda" else "torch"
     vocab = spec["vocab_size"]
@@ -129,6 +141,7 @@ def ours(spec, shape, device, label, method, overrides, with_beliefs, reps):
     tokens = int(forget["attention_mask"].sum() + (retain["attention_mask"].sum() if use_retain else 0)
                  + (beliefs["attention_mask"].sum() if beliefs else 0))
     row = bench_case(f"ours_{label}", step, model, tokens, shape["prompt"] + shape["answer"], device, reps, extra)
+    row["memory_plan"] = plan
     return row
 
 
@@ -166,12 +179,15 @@ def main(argv=None) -> list[dict]:
     rows = []
     runs = [lambda: hf_stack(spec, shape, device, args.reps)]
     runs += [lambda c=c: ours(spec, shape, device, *c, args.reps) for c in CASES]
+    runs += [lambda c=c: ours(spec, shape, device, c[0], *c[2:], args.reps, plan=c[1]) for c in PLAN_CASES]
     for fn in runs:
         try:
             row = fn()
         except torch.OutOfMemoryError as e:
             row = {"case": "?", "skipped": f"out of memory: {str(e)[:200]}"}
         emit({**row, **env}, rows, device)
+    if torch.distributed.is_initialized():  # the offload case's 1-rank group
+        torch.distributed.destroy_process_group()
     return finish(rows, args.out)
 
 

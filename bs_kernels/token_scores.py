@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import torch_rows
+from . import torch_path, torch_rows
 from ._checks import IGNORE_INDEX, check_options, check_tensors
 
 # Default byte budget of the one logits buffer. With Llama-3 (V = 128256, bf16) this is C = 384 rows, so the whole
@@ -81,8 +81,12 @@ def _chunks(n: int, rows: int):
 def _forward(hidden, weight, labels, o: _Opts, *, token_weights=None, save_stats=False,
              need_dh=False, need_dw=False):
     """One streaming pass. With ``token_weights`` it also returns dL/dhidden and dL/dweight for L = sum w_i s_i."""
-    rows_mod = _rows_module(o.impl)
     n, vocab = hidden.shape[0], weight.shape[0]
+    if o.impl == "torch":
+        rows = _chunk_rows(n, vocab, torch_path.gemm_dtype(hidden.dtype, hidden.device), o.chunk_size)
+        return torch_path.forward(hidden, weight, labels, o, rows, token_weights=token_weights,
+                                  save_stats=save_stats, need_dh=need_dh, need_dw=need_dw)
+    rows_mod = _rows_module(o.impl)
     rows = _chunk_rows(n, vocab, hidden.dtype, o.chunk_size)
     buf = torch.empty(rows, vocab, device=hidden.device, dtype=hidden.dtype)
     acc = _acc_dtype(hidden.dtype)
@@ -114,9 +118,12 @@ def _forward(hidden, weight, labels, o: _Opts, *, token_weights=None, save_stats
 
 def _backward_from_stats(hidden, weight, labels, grad, stats, o: _Opts, need_dh: bool, need_dw: bool):
     """Recompute each logits chunk, overwrite it with dL/dz from the saved statistics, and apply two GEMMs."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    if o.impl == "torch":
+        rows = _chunk_rows(n, vocab, torch_path.gemm_dtype(hidden.dtype, hidden.device), o.chunk_size)
+        return torch_path.backward_from_stats(hidden, weight, labels, grad, stats, o, rows, need_dh, need_dw)
     rows_mod = _rows_module(o.impl)
     lse, topi, topq = stats
-    n, vocab = hidden.shape[0], weight.shape[0]
     rows = _chunk_rows(n, vocab, hidden.dtype, o.chunk_size)
     buf = torch.empty(rows, vocab, device=hidden.device, dtype=hidden.dtype)
     dh = torch.empty_like(hidden) if need_dh else None

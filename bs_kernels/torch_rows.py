@@ -1,9 +1,8 @@
 """Plain PyTorch row operations on one chunk of logits: the reference for the Triton kernels and the CPU path.
 
-The chunked driver in ``token_scores.py`` computes a chunk of logits ``z = h W^T`` with a GEMM and hands it to a row
-operation, which turns each row into its score and, when asked, overwrites the chunk in place with ``dL/dz``.
-This file holds the PyTorch version of those row operations; ``triton_rows.py`` holds the fused Triton version with
-the same contract, and the tests hold the two to each other.
+The chunked driver computes a chunk of logits ``z = h W^T`` with a GEMM and hands it to a row operation, which
+turns each row into its score and, when asked, overwrites the chunk in place with the gradient direction.
+``triton_rows.py`` holds the fused Triton version with the same contract, and the tests hold the two to each other.
 
 Per row i, with p = softmax(z_i), y = labels[i]:
     H_k   = the k largest entries of z_i; ties broken towards the lower vocabulary index (a stable order)
@@ -12,25 +11,80 @@ Per row i, with p = softmax(z_i), y = labels[i]:
     s_i   = <t, log p>  = (1 - lam) log p_y + lam sum_{j in H_k} q_j log p_j
     ds/dz = t - p        (t sums to one), so dL/dz_i = g_i (t - p)
 With lam = 0 (or topk = 0) the score is log p(y) and no top-k is computed.
+
+Like a fused kernel, a row op here holds nothing of the chunk's size but the chunk itself: every temporary is
+O(C k) (C rows, k beliefs), so the [C, V] buffer is read a few times and written once, in its own dtype:
+
+* top-k without a [C, V] scan of integers: ``stable_topk`` takes the maximum of every 64-wide block of the row,
+  keeps the k best blocks (the top-k can only live there, unless it ties with a block left out) and runs
+  ``torch.topk`` on those k * 64 candidates; only rows whose k-th value is tied (at the boundary or with a block
+  left out) are redone exactly, on those rows alone.
+* softmax in place (``aten._softmax.out`` with the buffer as both input and output), so the chunk becomes p;
+  log-sum-exp comes back from p at the argmax (lse = z_max - log p_max, p_max >= 1/V, so it is as exact as p),
+  or, for a bf16/fp16 buffer, from a float32 log-sum-exp over 16-row slices.
+* the target's k + 1 sparse entries are then overwritten with p_j - t_j computed in float32 from logits read
+  before the softmax, so nothing sparse is rounded twice. The chunk then holds ``p - t``: the driver folds the
+  scale -g into the [C, D] operands of its two GEMMs instead of spending a pass over [C, V] on it.
 """
 
 from __future__ import annotations
 
 import torch
 
+BLOCK = 64  # width of the blocks whose maxima pre-select the top-k candidates (ours: 768 blocks for V = 49152)
+_LSE_ROWS = 16  # rows per float32 slice when a low-precision buffer's log-sum-exp is accumulated in float32
 
-def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of each row of 2-D ``x``, ties broken towards the lower index (the rule the Triton kernel follows).
 
-    Returns ``(values, indices)`` [R, k] in ascending index order. Costs one ``topk`` for the k-th value, then
-    keeps everything above it plus the lowest-indexed entries equal to it: O(V) per row, no full sort.
-    """
+def _exact_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k with ties to the lower index, by a scan of the whole row: for the few rows with a tied k-th value."""
     kth = torch.topk(x, k, dim=-1).values[:, -1:]
     above = x > kth
     tied = x == kth
     sel = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+    ok = sel.sum(-1) == k
+    if not bool(ok.all()):  # a NaN compares false everywhere: keep torch.topk's (in-range) choice on that row
+        nan_rows = (~ok).nonzero()[:, 0]
+        sel[nan_rows] = torch.zeros_like(sel[nan_rows]).scatter_(1, torch.topk(x[nan_rows], k).indices, True)
     idx = sel.nonzero()[:, 1].view(x.shape[0], k)
     return x.gather(1, idx), idx
+
+
+def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of 2-D ``x``, ties broken towards the lower index (the rule the Triton kernel follows).
+
+    Returns ``(values, indices)`` [R, k] in no particular order. Temporaries are O(R k), plus [R', V] for the R'
+    rows whose k-th value is tied with an entry outside the chosen set (none in real LM rows; every row of an
+    all-equal input).
+    """
+    rows, vocab = x.shape
+    if k >= vocab:
+        idx = torch.arange(vocab, device=x.device).expand(rows, vocab)
+        return x.clone(), idx.contiguous()
+    nb = vocab // BLOCK
+    if nb <= k + 1:  # too few blocks for the pre-selection to save anything
+        cand_v, cand_i, bound = x, None, None
+    else:
+        blocks = x[:, : nb * BLOCK].view(rows, nb, BLOCK)
+        bmax, bidx = torch.topk(blocks.amax(-1), k + 1, dim=-1, sorted=True)
+        bound = bmax[:, k]  # largest block maximum left out: every entry outside the candidates is <= bound
+        pos = (bidx[:, :k, None] * BLOCK + torch.arange(BLOCK, device=x.device)).view(rows, k * BLOCK)
+        tail = torch.arange(nb * BLOCK, vocab, device=x.device).expand(rows, -1)
+        cand_i = torch.cat([pos, tail], 1)
+        cand_v = x.gather(1, cand_i)
+    v, i = torch.topk(cand_v, k + 1, dim=-1, sorted=True)
+    if cand_i is not None:
+        i = cand_i.gather(1, i)
+    kth = v[:, k - 1]
+    unique = kth > v[:, k]  # the (k+1)-th candidate is strictly smaller: no tie at the boundary among candidates
+    if bound is not None:
+        unique &= kth > bound  # and nothing left out reaches the k-th value
+    redo = ~unique & ~torch.isnan(kth)
+    v, i = v[:, :k].contiguous(), i[:, :k].contiguous()
+    if bool(redo.any()):
+        rows_redo = redo.nonzero()[:, 0]
+        rv, ri = _exact_topk(x[rows_redo], k)
+        v[rows_redo], i[rows_redo] = rv.to(v.dtype), ri
+    return v, i
 
 
 def _targets(labels: torch.Tensor, ignore_index: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,50 +95,116 @@ def _targets(labels: torch.Tensor, ignore_index: int, vocab: int) -> tuple[torch
     return active, y, out_of_range
 
 
-def scores_rows(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float, ignore_index: int,
-                grad: torch.Tensor | None = None, save_stats: bool = False):
-    """Scores of a chunk of logits ``z`` [C, V]; see the module docstring for the formula.
+def _softmax_(z: torch.Tensor) -> None:
+    """z <- softmax(z) over the last dim, in place (the CPU/CUDA kernels run row by row, so aliasing is safe)."""
+    torch.ops.aten._softmax.out(z, -1, False, out=z)
 
-    If ``grad`` [C] is given, ``z`` is overwritten with ``grad[:, None] * (t - p)`` (zero on ignored rows).
-    Returns ``(scores fp32 [C], lse fp32 [C] | None, top-k indices int32 [C, k] | None, q fp32 [C, k] | None)``;
-    the statistics are returned when ``save_stats`` and are what ``grad_rows_from_stats`` needs to rebuild t.
-    """
-    x = z.to(torch.promote_types(z.dtype, torch.float32))
-    use_topk = topk > 0 and lam > 0
-    active, y, bad = _targets(labels, ignore_index, x.shape[-1])
-    lse = torch.logsumexp(x, dim=-1)
-    logp_y = x.gather(1, y[:, None]).squeeze(1) - lse
-    topi = q = None
-    if use_topk:
-        topv, topi = stable_topk(x, topk)
-        q = torch.softmax(topv, dim=-1)
-        score = (1.0 - lam) * logp_y + lam * (q * (topv - lse[:, None])).sum(-1)
+
+def _lse_low_precision(z: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    out = torch.empty(z.shape[0], device=z.device, dtype=acc)
+    for r0 in range(0, z.shape[0], _LSE_ROWS):
+        out[r0:r0 + _LSE_ROWS] = torch.logsumexp(z[r0:r0 + _LSE_ROWS].to(acc), dim=-1)
+    return out
+
+
+def _exp_minus_(z: torch.Tensor, lse: torch.Tensor) -> None:
+    """z <- exp(z - lse) in place: p with the forward's log-sum-exp (float32 16-row slices for a bf16/fp16 z)."""
+    if z.dtype == lse.dtype:
+        z.sub_(lse[:, None]).exp_()
+        return
+    for r0 in range(0, z.shape[0], _LSE_ROWS):
+        sl = slice(r0, r0 + _LSE_ROWS)
+        z[sl] = torch.exp(z[sl].to(lse.dtype) - lse[sl, None])
+
+
+def _write_sparse(z, lse, y, zy, topi, topz, q, lam, active) -> None:
+    """Overwrite the target's support with p_j - t_j (float32 from saved logits) and zero the ignored rows."""
+    acc = lse.dtype
+    if topi is None:
+        z.scatter_(1, y[:, None], (torch.exp(zy - lse) - 1.0).to(z.dtype)[:, None])
     else:
-        score = logp_y
+        is_y = topi == y[:, None]
+        coef_top = lam * q + (1.0 - lam) * is_y.to(acc)
+        # If y is in H_k its own column repeats the value written there, so the two writes agree.
+        coef_y = (1.0 - lam) + lam * (q * is_y.to(acc)).sum(-1)
+        val = torch.cat([torch.exp(topz - lse[:, None]) - coef_top, (torch.exp(zy - lse) - coef_y)[:, None]], 1)
+        z.scatter_(1, torch.cat([topi, y[:, None]], 1), val.to(z.dtype))
+    if not bool(active.all()):
+        z.index_fill_(0, (~active).nonzero()[:, 0], 0.0)
+
+
+def rows_forward(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float, ignore_index: int):
+    """Scores of a chunk of logits ``z`` [C, V], which is overwritten with ``p - t`` (zero on ignored rows).
+
+    Returns ``(scores, lse, top-k indices int64 [C, k] | None, q [C, k] | None)``, float32 (float64 for float64
+    logits); a row with an out-of-range label scores NaN. ``dL/dz = -g (p - t)`` for upstream gradient g.
+    """
+    acc = torch.promote_types(z.dtype, torch.float32)
+    use_topk = topk > 0 and lam > 0
+    active, y, bad = _targets(labels, ignore_index, z.shape[-1])
+    zy = z.gather(1, y[:, None]).squeeze(1).to(acc)
+    if use_topk:
+        topz, topi = stable_topk(z, topk)
+        topz = topz.to(acc)
+        zmax, amax = topz.max(-1)
+        amax = topi.gather(1, amax[:, None]).squeeze(1)
+    else:
+        topz = topi = None
+        zmax, amax = z.max(-1)
+        zmax = zmax.to(acc)
+    lse = _lse_low_precision(z, acc) if z.dtype.itemsize < 4 else None
+    _softmax_(z)
+    if lse is None:
+        lse = zmax - torch.log(z.gather(1, amax[:, None]).squeeze(1))
+    score = zy - lse
+    q = None
+    if use_topk:
+        q = torch.softmax(topz, dim=-1)
+        score = (1.0 - lam) * score + lam * (q * (topz - lse[:, None])).sum(-1)
     score = torch.where(active, score, torch.zeros_like(score))
     score = torch.where(bad, torch.full_like(score, float("nan")), score)
+    _write_sparse(z, lse, y, zy, topi, topz, q, lam, active)
+    return score, lse, topi, q
+
+
+def rows_backward(z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, topi: torch.Tensor | None,
+                  q: torch.Tensor | None, *, lam: float, ignore_index: int) -> None:
+    """Overwrite recomputed logits ``z`` [C, V] with ``p - t``, t rebuilt from the saved statistics."""
+    acc = lse.dtype
+    active, y, _ = _targets(labels, ignore_index, z.shape[-1])
+    zy = z.gather(1, y[:, None]).squeeze(1).to(acc)
+    topz = None if topi is None else z.gather(1, topi).to(acc)
+    _exp_minus_(z, lse)
+    _write_sparse(z, lse, y, zy, topi, topz, q, lam, active)
+
+
+def _scale_rows(z: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
+    """z <- -g z: turns p - t into g (t - p); an out-of-range label makes its row NaN."""
+    _, _, bad = _targets(labels, ignore_index, z.shape[-1])
+    g = torch.where(bad, torch.full_like(grad, float("nan")), grad)
+    z.mul_((-g)[:, None].to(z.dtype))
+
+
+def scores_rows(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float, ignore_index: int,
+                grad: torch.Tensor | None = None, save_stats: bool = False):
+    """Scores of a chunk of logits ``z`` [C, V], the contract ``triton_rows.scores_rows`` shares.
+
+    If ``grad`` [C] is given, ``z`` is overwritten with ``grad[:, None] * (t - p)`` (zero on ignored rows);
+    otherwise ``z`` is left as it was. Returns ``(scores [C], lse [C] | None, top-k indices int32 [C, k] | None,
+    q [C, k] | None)``, float32 (float64 for float64 logits); the statistics are returned when ``save_stats`` and
+    are what ``grad_rows_from_stats`` needs to rebuild t. The chunked driver calls ``rows_forward`` directly.
+    """
+    work = z if grad is not None else z.clone()
+    score, lse, topi, q = rows_forward(work, labels, topk=topk, lam=lam, ignore_index=ignore_index)
     if grad is not None:
-        _write_grad(z, x, lse, y, active, grad, topi, q, lam, bad)
+        _scale_rows(z, grad.to(lse.dtype), labels, ignore_index)
     if not save_stats:
         return score, None, None, None
-    return score, lse, (topi.to(torch.int32) if use_topk else None), q
+    return score, lse, (None if topi is None else topi.to(torch.int32)), q
 
 
 def grad_rows_from_stats(z: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor, lse: torch.Tensor,
                          topi: torch.Tensor | None, q: torch.Tensor | None, *, lam: float, ignore_index: int) -> None:
     """Overwrite recomputed logits ``z`` [C, V] with ``grad[:, None] * (t - p)``, t rebuilt from saved statistics."""
-    active, y, bad = _targets(labels, ignore_index, z.shape[-1])
-    x = z.to(torch.promote_types(z.dtype, torch.float32))
-    _write_grad(z, x, lse, y, active, grad, None if topi is None else topi.long(), q, lam, bad)
-
-
-def _write_grad(z, x, lse, y, active, grad, topi, q, lam, bad=None) -> None:
-    g = torch.where(active, grad.to(x.dtype), torch.zeros_like(grad, dtype=x.dtype))
-    if bad is not None:  # out-of-range labels poison their gradient, as in the Triton kernel
-        g = torch.where(bad, torch.full_like(g, float("nan")), g)
-    t = torch.zeros_like(x)
-    t.scatter_(1, y[:, None], (1.0 - lam) if topi is not None else 1.0)
-    if topi is not None:
-        t.scatter_add_(1, topi, lam * q)
-    dz = g[:, None] * (t - torch.exp(x - lse[:, None]))
-    z.copy_(dz)
+    rows_backward(z, labels, lse, None if topi is None else topi.long(), q, lam=lam, ignore_index=ignore_index)
+    _scale_rows(z, grad.to(lse.dtype), labels, ignore_index)

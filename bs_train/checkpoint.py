@@ -5,7 +5,9 @@ rank, its RNG states and, on rank 0, the scheduler, data position, method extras
 and the run's config. It is written to ``step_N.tmp`` and renamed, and ``latest`` is replaced atomically, so a
 checkpoint either exists whole or not at all; the two newest are kept. ``check_resumable`` lets a checkpoint resume
 only the run that wrote it; ``set_aside`` moves an old run away (never deletes it) for a fresh start; ``export_hf``
-gathers the full weights on rank 0 and writes safetensors.
+gathers the full weights on rank 0 and writes safetensors. A LoRA run (``bs_train/lora.py``) checkpoints only its
+trainable parameters (the adapters; the frozen base is reloaded from ``model.path``) and exports the merged model
+plus the adapter alone in ``final/adapter/``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_state_dict)
 
 from .config import RunConfig
+from .lora import has_adapters, lora_scalings, merged_state_dict, save_adapter
 from .model import LossHead
+
+
+def _model_options(head) -> StateDictOptions:
+    """What a checkpoint holds of the model: every parameter, or with LoRA only the trainable ones (the adapters)."""
+    lora = has_adapters(head)
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
 
 def barrier() -> None:
@@ -40,7 +49,8 @@ def save_checkpoint(run_dir: Path, step: int, head, optim, sched, sampler, rank:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    state = {"model": get_model_state_dict(head), "optim": get_optimizer_state_dict(head, optim)}
+    opts = _model_options(head)
+    state = {"model": get_model_state_dict(head, options=opts), "optim": get_optimizer_state_dict(head, optim)}
     dcp.save(state, checkpoint_id=str(tmp))
     torch.save({"rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
@@ -113,9 +123,10 @@ def load_checkpoint(path: Path, head, optim, sched, sampler, rank: int, world: i
     meta = torch.load(path / "trainer_state.pt", weights_only=True)
     if meta["world"] != world:
         raise ValueError(f"checkpoint {path} was written by {meta['world']} ranks; this run has {world}")
-    state = {"model": get_model_state_dict(head), "optim": get_optimizer_state_dict(head, optim)}
+    opts = _model_options(head)
+    state = {"model": get_model_state_dict(head, options=opts), "optim": get_optimizer_state_dict(head, optim)}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(head, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(head, optim, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts)
     sched.load_state_dict(meta["sched"])
     sampler.load_state_dict(meta["sampler"])
     rng = torch.load(path / f"rng_rank{rank}.pt", weights_only=True)
@@ -125,13 +136,17 @@ def load_checkpoint(path: Path, head, optim, sched, sampler, rank: int, world: i
     return int(meta["step"]), meta.get("extra", {})
 
 
-def export_hf(head: LossHead, tokenizer, out: Path, rank: int) -> None:
-    """Gather the full weights on rank 0 and write a Hugging Face folder with safetensors."""
+def export_hf(head: LossHead, tokenizer, out: Path, rank: int, base_path: str = "") -> None:
+    """Gather the full weights on rank 0 and write a Hugging Face folder with safetensors. With LoRA: the merged
+    weights (a plain folder, no peft needed) and the adapter alone in ``adapter/`` (over ``base_path``)."""
     sd = get_model_state_dict(head, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:  # written beside, then renamed: a kill mid-export leaves no final/ that looks complete
         sd = {k.removeprefix("lm."): v for k, v in sd.items()}
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        if has_adapters(head):
+            save_adapter(head.lm, sd, tmp / "adapter", base_path)
+            sd = merged_state_dict(sd, lora_scalings(head.lm))
         head.lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)

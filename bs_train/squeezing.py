@@ -66,7 +66,7 @@ class SqueezingMonitor:
 
     def __init__(self, forget_examples: list[dict], tokenizer: Any, *, n_beliefs: int = 5, every: int = 10,
                  max_new_tokens: int = 64, seed: int = 0, impl: str = "torch", batch_size: int = 16,
-                 max_length: int = 512, temperature: float = 1.0) -> None:
+                 max_length: int = 512, temperature: float = 1.0, method: str | None = None) -> None:
         if not forget_examples:
             raise ValueError("SqueezingMonitor: forget_examples is empty")
         for name, v in (("n_beliefs", n_beliefs), ("every", every), ("max_new_tokens", max_new_tokens),
@@ -80,6 +80,7 @@ class SqueezingMonitor:
         self.examples, self.tokenizer = forget_examples, tokenizer
         self.n_beliefs, self.every, self.max_new_tokens, self.seed = n_beliefs, every, max_new_tokens, seed
         self.impl, self.batch_size, self.temperature = impl, batch_size, temperature
+        self.method = method  # named in the plot's title: plots of several runs side by side say which is which
         self.targets = [encode_qa(tokenizer, ex["question"], ex["answer"], max_length=max_length)
                         for ex in forget_examples]
         self.beliefs: list[dict[str, Any]] = []
@@ -192,7 +193,7 @@ class SqueezingMonitor:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         doc = {
-            "settings": {**self._settings(),
+            "settings": {**self._settings(), "method": self.method,
                          "buckets": "high = top 20%, mid = middle 60%, low = bottom 20% of initial belief log-prob"},
             "bucket_sizes": {k: len(v) for k, v in self.buckets.items()},
             "history": self.history,
@@ -200,7 +201,7 @@ class SqueezingMonitor:
         }
         json_path, png_path = out / "squeezing.json", out / "squeezing.png"
         json_path.write_text(json.dumps(doc, indent=1) + "\n")
-        plot_history(self.history, png_path)
+        plot_history(self.history, png_path, method=self.method)
         return json_path, png_path
 
 
@@ -208,8 +209,9 @@ _STYLE = {"target": ("target (forget answer)", "black", "-"), "high": ("high-lik
           "mid": ("mid-likelihood beliefs", "tab:orange", "--"), "low": ("low-likelihood beliefs", "tab:blue", ":")}
 
 
-def plot_history(history: list[dict[str, Any]], path: str | Path) -> Path:
-    """Two panels over steps: mean per-token log-prob of each curve, and its change since the first measurement."""
+def plot_history(history: list[dict[str, Any]], path: str | Path, *, method: str | None = None) -> Path:
+    """Two panels over steps: mean per-token log-prob of each curve, and its change since the first measurement;
+    ``method`` (the unlearning method) heads the figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -229,6 +231,8 @@ def plot_history(history: list[dict[str, Any]], path: str | Path) -> Path:
     ax_abs.set(xlabel="unlearning step", ylabel="mean log-prob per token", title="Probability dynamics")
     ax_delta.set(xlabel="unlearning step", ylabel="change since start", title="Squeezing: target down, beliefs up?")
     ax_delta.axhline(0.0, color="grey", linewidth=0.8)
+    if method:
+        fig.suptitle(f"Unlearning with {method}", fontsize=12)
     ax_abs.legend(fontsize=8, loc="best")
     for ax in (ax_abs, ax_delta):
         ax.grid(alpha=0.3)

@@ -3,14 +3,15 @@
 ``run`` reads top to bottom as setup, loop, finish:
 1. set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), the run folder (resume or set
    aside), device and dtypes;
-2. load the model on the CPU and the data (forget / retain, or the train split), validating all of it before any GPU
-   work;
+2. load the model on the CPU (with ``model.lora_rank``, LoRA adapters injected and the base frozen: ``lora.py``) and
+   the data (forget / retain, or the train split), validating all of it before any GPU work;
 3. ``init_method_state``: what the method table (``methods.METHODS``) says the method needs of the initial model,
    built before the model moves: a frozen reference for KL / RMU / BS-S's NPO base after the first belief round
-   (``frozen_reference``: compute dtype, its blocks sharded under torchrun) and the row's setup hook (RMU's trainable
+   (``frozen_reference``: compute dtype, its blocks sharded under torchrun; with LoRA none is copied, the reference
+   is the trained model with its adapters off, ``lora.AdaptersOff``, set in step 5) and the row's setup hook (RMU's trainable
    parameters and direction, BS-S's encoded prompts);
 4. ``parallelize``: activation checkpointing, then ``fully_shard`` per decoder block and at the root, in that order
-   (torchtitan's recipe), bf16 compute with fp32 gradient reduction. Every loss is already a sum divided by a
+   (torchtitan's recipe), bf16 compute with fp32 gradient reduction, CPU offload when asked. Every loss is already a sum divided by a
    global count (``methods.Norms``), so the backward pass scales it by the world size to cancel FSDP's averaging
    (switching the division off instead needs ReduceOp.PREMUL_SUM, which gloo lacks); then the optimizer;
 5. ``prepare_method_state``: what needs the placed model: NPO reference log-probs (computed once, kept beside the
@@ -35,11 +36,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import console
 from .beliefs import BeliefSet, belief_sampler, draw_beliefs
 from .checkpoint import barrier, check_resumable, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint, \
     set_aside
 from .config import RunConfig
 from .data import ForgetRetainSampler, QADataset, collate, load_qa
+from .lora import AdaptersOff, apply_lora, has_adapters
 from .methods import (METHODS, MethodState, Norms, belief_ref_logp, local_counts, method_loss, needs_belief_ref_logp,
                       needs_ref_logp, needs_reference, needs_retain, precompute_ref_logp)
 from .model import LossHead, apply_liger, cast_parameters, decoder_blocks, load_model, resolve_attention
@@ -56,10 +59,15 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient norm became NaN / inf. Raised before anything is saved from the corrupted weights."""
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    if "RANK" in os.environ and not dist.is_initialized():
+def setup_distributed(single_group: bool = False) -> tuple[int, int, torch.device]:
+    """(rank, world, device); a process group when launched by torchrun, or a 1-rank one when ``single_group``
+    (FSDP2's CPU offload needs ``fully_shard`` even on one GPU)."""
+    if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        elif single_group:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if torch.cuda.is_available():
@@ -96,17 +104,24 @@ def build_data(cfg: RunConfig, tokenizer, run_dir: Path):
 
 
 def parallelize(head: LossHead, cfg: RunConfig, world: int, compute_dtype: torch.dtype | None) -> LossHead:
-    """Activation checkpointing, then FSDP2 per decoder block and at the root (only under torchrun)."""
+    """Activation checkpointing, then FSDP2 per decoder block and at the root (under torchrun, or with CPU offload).
+
+    With LoRA the embeddings are frozen, so the embedding output does not require grad; reentrant checkpointing would
+    then give every recomputed block no gradient and the adapters would never train (open-unlearning #178).
+    ``enable_input_require_grads`` makes the embedding output require grad, whichever checkpointing is used."""
     if cfg.train.activation_checkpointing:
         head.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if has_adapters(head.lm):
+            head.lm.enable_input_require_grads()
     if not dist.is_initialized():
         return head
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.train.cpu_offload else OffloadPolicy()
     for block in decoder_blocks(head.lm):
-        fully_shard(block, mp_policy=mp)
-    fully_shard(head, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(block, mp_policy=mp, offload_policy=offload)
+    fully_shard(head, mp_policy=mp, reshard_after_forward=False, offload_policy=offload)
     return head
 
 
@@ -170,7 +185,7 @@ def init_method_state(cfg: RunConfig, lm: torch.nn.Module, tokenizer, examples: 
     """What the method needs of the initial model, built while ``lm`` is still on the CPU: the frozen reference
     (copied before the trained model reaches the device) and the table row's setup hook."""
     state = MethodState(cfg.method, impl)
-    if needs_reference(cfg.method):
+    if needs_reference(cfg.method) and not has_adapters(lm):  # with LoRA: the base itself (prepare_method_state)
         state.reference = frozen_reference(lm, device, compute_dtype, liger=liger)
     setup = METHODS[cfg.method.name].setup
     if setup is not None:
@@ -180,8 +195,11 @@ def init_method_state(cfg: RunConfig, lm: torch.nn.Module, tokenizer, examples: 
 
 def prepare_method_state(state: MethodState, cfg: RunConfig, head, main_set, pad_id: int, run_dir: Path,
                          resuming: bool, autocast, rank: int, device) -> None:
-    """What needs the placed model, before a checkpoint is loaded: NPO's reference log-probs of the forget set under
-    the initial model (computed once and kept in the run folder, so a resumed run reads them back)."""
+    """What needs the placed model, before a checkpoint is loaded: with LoRA, the reference (``AdaptersOff``: the
+    trained root with its adapters off, no second copy of the weights); NPO's reference log-probs of the forget set
+    under the initial model (computed once and kept in the run folder, so a resumed run reads them back)."""
+    if needs_reference(cfg.method) and state.reference is None and has_adapters(head):
+        state.reference = AdaptersOff(head)
     if not needs_ref_logp(cfg.method):
         return
     ref_path = run_dir / "npo_ref_logp.pt"
@@ -370,7 +388,7 @@ def _squeezing_monitor(cfg: RunConfig, main_set, tokenizer, impl: str, extra: di
 
     monitor = SqueezingMonitor(main_set.examples, tokenizer, n_beliefs=cfg.train.squeezing_beliefs,
                                every=cfg.train.squeezing_every, max_new_tokens=cfg.train.squeezing_max_new_tokens,
-                               seed=cfg.train.seed, impl=impl)
+                               seed=cfg.train.seed, impl=impl, method=cfg.method.name)
     if "squeezing" in extra:  # resumed: the same beliefs, and the curve so far
         monitor.load_state_dict(extra["squeezing"])
     else:
@@ -380,11 +398,10 @@ def _squeezing_monitor(cfg: RunConfig, main_set, tokenizer, impl: str, extra: di
 
 
 def _progress_bar(cfg: RunConfig, total: int, step: int, show: bool):
+    """tqdm on a terminal, a plain line every 30 s in a log (``bs_train/console.py``)."""
     if not show:
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=step, desc=f"{cfg.command} {cfg.method.name}", unit="step")
+    return console.progress(total, f"{cfg.command} {cfg.method.name}", unit="steps", initial=step)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -392,7 +409,7 @@ def _progress_bar(cfg: RunConfig, total: int, step: int, show: bool):
 
 def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, progress: bool = True) -> dict:
     """Fine-tune or unlearn as configured; returns a summary dict (also written to summary.json)."""
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(single_group=cfg.train.cpu_offload)
     run_dir = Path(cfg.output_dir)
     ckpt = _start_run_dir(cfg, run_dir, resume, rank)
     torch.manual_seed(cfg.train.seed)
@@ -402,6 +419,8 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
     lm, tokenizer = load_model(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device="cpu",
                                attn_implementation=resolve_attention(cfg.model.attn_implementation, device),
                                trust_remote_code=cfg.model.trust_remote_code, use_liger=False, seed=cfg.train.seed)
+    if cfg.model.lora_rank:
+        apply_lora(lm, cfg.model)
     main_set, retain_set = build_data(cfg, tokenizer, run_dir)
     pad_id, liger = tokenizer.pad_token_id, cfg.model.use_liger and use_cuda
     state = init_method_state(cfg, lm, tokenizer, main_set.examples, device, compute_dtype, impl, liger)
@@ -453,7 +472,8 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
                 monitor.maybe_log(step, head)
         if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
             elapsed = time.perf_counter() - t_start
-            last = {"step": step, "epoch": position["epoch"], **dict(zip(("loss", "forget", "retain"), sums.tolist())),
+            terms = ("loss", *METHODS[cfg.method.name].terms)  # fine-tuning logs train_nll, not "forget"
+            last = {"step": step, "epoch": position["epoch"], **dict(zip(terms, sums.tolist())),
                     "grad_norm": float(grad_norm), "lr": float(sched.get_last_lr()[0]),
                     "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9), "elapsed_s": elapsed}  # host sync
             if beliefs:
@@ -476,7 +496,7 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
     save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s, monitor),
                     cfg.to_dict())
     if cfg.train.export:
-        export_hf(head, tokenizer, run_dir / "final", rank)
+        export_hf(head, tokenizer, run_dir / "final", rank, base_path=cfg.model.path)
     summary = {"steps": step, "final": last, "output_dir": str(run_dir), "world_size": world, "impl": impl}
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

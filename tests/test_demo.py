@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bs_train.demo import METHODS, run_demo
+import yaml
+
+from bs_train.demo import LR_GRID_QUICK, METHODS, run_demo
 
 
 def test_quick_demo_runs_end_to_end(tmp_path):
@@ -18,6 +20,11 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     for row in rows.values():
         for key in ("forget_quality", "model_utility", "mem", "util", "agg"):
             assert 0.0 <= row[key] <= 1.0, (row["name"], key, row[key])
+    for method in METHODS:  # each method at the rate that scored best on the selection slice, not a shared one
+        sel = out["selection"][method]
+        assert len(sel["agg"]) == len(LR_GRID_QUICK) and sel["agg"][f"{sel['lr']:g}"] == max(sel["agg"].values())
+        assert rows[method]["lr"] == sel["lr"]
+        assert yaml.safe_load((tmp_path / method / "config.yaml").read_text())["train"]["lr"] == sel["lr"]
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n") == 2 + len(rows) and "Agg." in table
     assert (tmp_path / "results.json").exists()

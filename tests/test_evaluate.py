@@ -159,7 +159,7 @@ def test_cli_eval_and_compare(original, tmp_path, capsys):
     assert len(results) == 1 and results[0]["forget_quality"] == 1.0
     assert json.loads((original / "eval.json").read_text())["name"] == "original"
     table = md.read_text().splitlines()
-    assert table[0].startswith("| model | Forget quality | Model utility") and table[2].startswith("| original |")
+    assert table[0].startswith("| model | Forget quality ↑ | Model utility ↑") and table[2].startswith("| original |")
     # compare: one run with an eval.json, one with only its training logs
     bare = tmp_path / "bare"
     bare.mkdir()

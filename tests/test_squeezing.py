@@ -91,3 +91,18 @@ def test_monitor_refuses_bad_use(tmp_path):
     other = SqueezingMonitor([{"question": "q", "answer": "a"}], tok, n_beliefs=3)
     with pytest.raises(ValueError, match="saved monitor had settings"):
         other.load_state_dict({"settings": {"n_beliefs": 5}, "beliefs": [], "buckets": {}, "history": []})
+
+
+def test_plot_names_the_method_in_its_title(tmp_path):
+    """Plots of several runs side by side say which method each is: the title strip above the panels carries the
+    method's name (drawn only when one is given)."""
+    import matplotlib.image
+
+    from bs_train.squeezing import plot_history
+
+    history = [{"step": s, "target": -1.0 - s, "high": -2.0 + 0.1 * s, "mid": -3.0, "low": None} for s in range(3)]
+    bare = matplotlib.image.imread(str(plot_history(history, tmp_path / "bare.png")))[..., :3]
+    named = matplotlib.image.imread(str(plot_history(history, tmp_path / "named.png", method="bs_t")))[..., :3]
+    strip = slice(0, 12)  # the top eighth of an inch, above both panels' own titles (they start lower)
+    assert (bare[strip] > 0.9).all()  # nothing there without a method
+    assert (named[strip] < 0.5).any()  # text there with one

@@ -1,0 +1,138 @@
+"""The chunked driver of ``impl="torch"``: three (or four) GEMMs around the in-place row ops of ``torch_rows``.
+
+Per chunk of C rows: one GEMM fills the reused [C, V] buffer with logits, ``torch_rows.rows_forward`` turns it into
+``p - t`` in place (O(C k) temporaries), and the gradients take it from there with the scale ``-g`` folded into
+the small operands, so no pass over [C, V] is spent on it:
+
+    dL/dh_c  = -g * ((p - t) @ W)          ([C, D] result scaled row-wise after the GEMM)
+    dL/dW   += (p - t)^T @ (-g * h_c)      ([C, D] operand scaled before the GEMM, accumulated with addmm_)
+
+GEMM dtype. bf16 / fp16 inputs run their GEMMs natively on CUDA and on CPUs with bf16 (fp16) matrix instructions
+(``avx512_bf16`` / ``amx_bf16``, ``avx512_fp16`` / ``amx_fp16``). Elsewhere the CPU libraries emulate them: on this
+project's AVX2 machine a bf16 [256, 576] x [576, 8192] GEMM took 0.55-6.8 s depending on operand layout against
+0.04 s in float32 (measured 2026-12-01). There the driver converts the weight to float32 once per call, each
+hidden chunk as it goes, accumulates dL/dW in float32, and returns gradients in the input dtype; that costs
+2 V D float32 (the weight copy and the accumulator, 226 MB at the SmolLM2 head) on top of the [C, V] buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import torch_rows
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty elsewhere: then no low-precision GEMM is assumed native)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+_NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the torch path runs its GEMMs (and so its logits buffer) in for inputs of ``dtype``."""
+    if device.type != "cpu" or dtype not in _NATIVE_FLAGS:
+        return dtype
+    return dtype if any(f in _cpu_flags() for f in _NATIVE_FLAGS[dtype]) else torch.float32
+
+
+def _chunks(n: int, rows: int):
+    for c0 in range(0, n, rows):
+        yield c0, min(n, c0 + rows)
+
+
+def _neg_g(g: torch.Tensor, labels: torch.Tensor, ignore_index: int, vocab: int, dtype: torch.dtype):
+    """-g as a [C, 1] column in the GEMM dtype; NaN for an out-of-range label (it poisons its gradients)."""
+    _, _, bad = torch_rows._targets(labels, ignore_index, vocab)
+    g = torch.where(bad, torch.full_like(g, float("nan")), g)
+    return (-g).to(dtype)[:, None]
+
+
+def _apply_grads(z, hg, w, neg, dh, dw):
+    """dh <- neg * (z @ w) and dw += z^T (neg * hg), with z = p - t; dh may be in a wider dtype than dh's."""
+    if dh is not None:
+        if dh.dtype == z.dtype:
+            torch.mm(z, w, out=dh).mul_(neg)
+        else:
+            dh.copy_(torch.mm(z, w).mul_(neg))
+    if dw is not None:
+        dw.addmm_(z.t(), hg * neg)
+
+
+class _Setup:
+    """What both passes share: the GEMM dtype, the weight in it, the buffer, and the dW accumulator."""
+
+    def __init__(self, hidden, weight, rows, need_dw):
+        self.gd = gemm_dtype(hidden.dtype, hidden.device)
+        self.w = weight if weight.dtype == self.gd else weight.to(self.gd)
+        self.buf = torch.empty(rows, weight.shape[0], device=hidden.device, dtype=self.gd)
+        self.dw = self.dw_acc = None
+        if need_dw:
+            self.dw = torch.zeros_like(weight)
+            self.dw_acc = self.dw if self.gd == weight.dtype else torch.zeros_like(self.w)
+
+    def h(self, hidden, c0, c1):
+        h = hidden[c0:c1]
+        return h if h.dtype == self.gd else h.to(self.gd)
+
+    def finish(self):
+        if self.dw is not None and self.dw_acc is not self.dw:
+            self.dw.copy_(self.dw_acc)
+        return self.dw
+
+
+def forward(hidden, weight, labels, o, rows: int, *, token_weights=None, save_stats=False,
+            need_dh=False, need_dw=False):
+    """``token_scores._forward`` for ``impl="torch"``: scores, saved statistics, and (fused) dL/dh, dL/dW."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    fused = token_weights is not None
+    st = _Setup(hidden, weight, rows, fused and need_dw)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    scores = torch.empty(n, device=hidden.device, dtype=acc)
+    lse = torch.empty(n, device=hidden.device, dtype=acc) if save_stats else None
+    topi = (torch.empty(n, o.topk, device=hidden.device, dtype=torch.int32)
+            if save_stats and o.use_topk else None)
+    topq = torch.empty(n, o.topk, device=hidden.device, dtype=acc) if topi is not None else None
+    dh = torch.empty_like(hidden) if fused and need_dh else None
+    for c0, c1 in _chunks(n, rows):
+        h, z = st.h(hidden, c0, c1), st.buf[: c1 - c0]
+        torch.mm(h, st.w.t(), out=z)
+        s, l, ti, tq = torch_rows.rows_forward(z, labels[c0:c1], topk=o.topk, lam=o.lam,
+                                               ignore_index=o.ignore_index)
+        scores[c0:c1] = s
+        if save_stats:
+            lse[c0:c1] = l
+            if topi is not None:
+                topi[c0:c1], topq[c0:c1] = ti, tq
+        if fused:
+            neg = _neg_g(token_weights[c0:c1], labels[c0:c1], o.ignore_index, vocab, st.gd)
+            _apply_grads(z, h, st.w, neg, None if dh is None else dh[c0:c1], st.dw_acc)
+    return scores, (lse, topi, topq), dh, st.finish()
+
+
+def backward_from_stats(hidden, weight, labels, grad, stats, o, rows: int, need_dh: bool, need_dw: bool):
+    """``token_scores._backward_from_stats`` for ``impl="torch"``: recompute each chunk, then two GEMMs."""
+    lse, topi, topq = stats
+    n, vocab = hidden.shape[0], weight.shape[0]
+    st = _Setup(hidden, weight, rows, need_dw)
+    dh = torch.empty_like(hidden) if need_dh else None
+    grad = grad.to(lse.dtype).contiguous()
+    for c0, c1 in _chunks(n, rows):
+        h, z = st.h(hidden, c0, c1), st.buf[: c1 - c0]
+        torch.mm(h, st.w.t(), out=z)
+        torch_rows.rows_backward(z, labels[c0:c1], lse[c0:c1], None if topi is None else topi[c0:c1].long(),
+                                 None if topq is None else topq[c0:c1], lam=o.lam, ignore_index=o.ignore_index)
+        neg = _neg_g(grad[c0:c1], labels[c0:c1], o.ignore_index, vocab, st.gd)
+        _apply_grads(z, h, st.w, neg, None if dh is None else dh[c0:c1], st.dw_acc)
+    return dh, st.finish()

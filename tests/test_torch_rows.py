@@ -1,0 +1,181 @@
+"""The torch path's own machinery: its top-k tie rule, its in-place row ops, its memory bound and its bf16 error.
+
+``tests/test_token_scores.py`` holds the public ops to the naive reference; here are the parts that reference
+cannot see: ``stable_topk``'s block pre-selection against a literal stable sort at vocabularies large enough to
+use it (ties at the boundary, ties with a block left out, all-equal and -inf rows, k = V), the claim that a pass
+allocates nothing of the chunk's size but the one buffer, and bf16 error bounded by plain PyTorch's own bf16 error
+on both GEMM policies (float32 GEMMs where the CPU emulates bf16, bf16 GEMMs where it has bf16 instructions).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bs_kernels as bk
+from bs_kernels import torch_path, torch_rows
+
+V_BLOCKED = 40 * torch_rows.BLOCK + 17  # enough 64-wide blocks for the pre-selection, plus a ragged tail
+
+
+def literal_topk(row: torch.Tensor, k: int) -> list[int]:
+    """The k largest entries, ties to the lower index, by sorting (value desc, index asc), in index order."""
+    return sorted(sorted(range(row.numel()), key=lambda j: (-float(row[j]), j))[:k])
+
+
+def awkward_rows(v: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(v, generator=g, dtype=torch.float64) for _ in range(3)]
+    rows.append(torch.randint(-3, 4, (v,), generator=g).double())  # ties everywhere, the boundary included
+    tie_out = torch.randn(v, generator=g, dtype=torch.float64)
+    tie_out[torch.arange(0, 20 * 64, 64)] = 5.0  # 20 blocks whose max is 5.0 ...
+    tie_out[35 * 64 + 3] = 5.0  # ... and one more block left out by the block top-k, tying the k-th value
+    rows.append(tie_out)
+    rows.append(torch.zeros(v, dtype=torch.float64))  # all equal
+    rows.append(torch.arange(v, dtype=torch.float64).flip(0))  # descending: the best block is the first
+    tail = torch.randn(v, generator=g, dtype=torch.float64)
+    tail[-5:] = 9.0  # the top lives in the ragged tail
+    rows.append(tail)
+    few = torch.full((v,), float("-inf"), dtype=torch.float64)
+    few[[3, 700, 2000]] = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)  # fewer finite entries than k
+    rows.append(few)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("k", (1, 5, 20, 21))
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16))
+def test_stable_topk_equals_literal_rule(k, dtype):
+    x = awkward_rows(V_BLOCKED).to(dtype)
+    vals, idx = torch_rows.stable_topk(x, k)
+    for r in range(x.shape[0]):
+        want = literal_topk(x[r].double(), k)
+        assert sorted(idx[r].tolist()) == want, r
+        assert torch.equal(vals[r].sort().values, x[r, want].sort().values), r
+
+
+@pytest.mark.parametrize("k", (V_BLOCKED - 1, V_BLOCKED))
+def test_stable_topk_k_near_vocab(k):
+    x = awkward_rows(V_BLOCKED)[:4]
+    _, idx = torch_rows.stable_topk(x, k)
+    for r in range(x.shape[0]):
+        assert sorted(idx[r].tolist()) == literal_topk(x[r], k)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_stable_topk_nan_rows_stay_in_range():
+    x = torch.randn(3, V_BLOCKED)
+    x[1] = float("nan")
+    x[2, 100] = float("nan")
+    vals, idx = torch_rows.stable_topk(x, 20)
+    assert bool((idx >= 0).all() and (idx < V_BLOCKED).all())
+    assert sorted(idx[0].tolist()) == literal_topk(x[0], 20)
+
+
+def test_inplace_softmax_matches_torch():
+    """The row op's softmax aliases input and output; it must equal the out-of-place kernel exactly."""
+    z = torch.randn(33, V_BLOCKED) * 4
+    want = torch.softmax(z, -1)
+    torch_rows._softmax_(z)
+    assert torch.equal(z, want)
+
+
+def test_rows_forward_leaves_p_minus_t():
+    """After the row op the chunk holds p - t: rows sum to zero, ignored rows are exactly zero."""
+    z = torch.randn(6, V_BLOCKED, dtype=torch.float64) * 3
+    labels = torch.tensor([5, -100, 7, 2000, -100, 63])
+    p = torch.softmax(z, -1)
+    s, lse, topi, q = torch_rows.rows_forward(z, labels, topk=20, lam=0.2, ignore_index=-100)
+    active = labels != -100
+    assert torch.all(z[~active] == 0)
+    torch.testing.assert_close(z[active].sum(-1), torch.zeros(int(active.sum()), dtype=z.dtype), atol=1e-12, rtol=0)
+    t = p.clone().sub_(z)  # t = p - (p - t)
+    for r in torch.nonzero(active)[:, 0].tolist():
+        support = set(topi[r].tolist()) | {int(labels[r])}
+        outside = torch.ones(V_BLOCKED, dtype=torch.bool)
+        outside[list(support)] = False
+        assert torch.all(t[r, outside].abs() < 1e-15)
+    assert torch.all(s[~active] == 0)
+
+
+def _no_native_low_precision(monkeypatch):
+    monkeypatch.setattr(torch_path, "_cpu_flags", lambda: frozenset())
+
+
+def _native_low_precision(monkeypatch):
+    monkeypatch.setattr(torch_path, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+
+
+@pytest.mark.parametrize("policy", (_no_native_low_precision, _native_low_precision))
+@pytest.mark.parametrize("lam", (0.0, 0.2))
+def test_bf16_error_bounded_by_torch_bf16(policy, lam, monkeypatch):
+    """|ours bf16 - fp64 truth| <= |plain torch bf16 - fp64 truth| + tol, for the loss and both gradients."""
+    policy(monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    n, d, v = 48, 32, V_BLOCKED
+    hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=g, dtype=torch.float64) / d**0.5 * 3
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::7] = -100
+    w = torch.rand(n, generator=g, dtype=torch.float64)
+
+    def run(fn, dtype):
+        h = hidden.to(dtype).clone().requires_grad_()
+        wt = weight.to(dtype).clone().requires_grad_()
+        loss = fn(h, wt)
+        loss.backward()
+        return float(loss.detach()), h.grad.double(), wt.grad.double()
+
+    def naive(h, wt):
+        scores = bk.naive_token_scores(h, wt, labels, topk=20, lam=lam)
+        return (scores * w.to(scores.dtype)).sum()
+
+    def fused(h, wt):
+        return bk.linear_weighted_score_sum(h, wt, labels, w.float(), topk=20, lam=lam, impl="torch", chunk_size=16)[0]
+
+    def recompute(h, wt):
+        return (bk.linear_token_scores(h, wt, labels, topk=20, lam=lam, impl="torch", chunk_size=16) * w.float()).sum()
+
+    truth = run(naive, torch.float64)
+    plain = run(naive, torch.bfloat16)
+    for fn in (fused, recompute):
+        ours = run(fn, torch.bfloat16)
+        assert abs(ours[0] - truth[0]) <= abs(plain[0] - truth[0]) + 1e-2 * abs(truth[0])
+        for a, b, t in zip(ours[1:], plain[1:], truth[1:]):
+            scale = t.abs().max()
+            assert (a - t).abs().max() <= (b - t).abs().max() + 1e-2 * scale
+
+
+def test_one_chunk_sized_allocation_per_pass():
+    """Per pass, the only tensor of the chunk's size ever created is the one [C, V] buffer (the README's claim)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    n, d, chunk = 256, 16, 64
+    v = 64 * 64 + 37
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(n, d, generator=g, requires_grad=True)
+    weight = torch.randn(v, d, generator=g, requires_grad=True)
+    labels = torch.randint(0, v, (n,), generator=g)
+    big = chunk * v // 2
+    assert v * d < big and n * d < big
+
+    class Storages(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.kept = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() >= big:
+                    self.kept[t.untyped_storage().data_ptr()] = t  # held, so no address is reused
+            return out
+
+    for name, fn, passes in (
+        ("fused", lambda: bk.linear_weighted_score_sum(hidden, weight, labels, torch.ones(n), topk=20, lam=0.2,
+                                                       impl="torch", chunk_size=chunk)[0], 1),
+        ("recompute", lambda: bk.linear_token_scores(hidden, weight, labels, topk=20, lam=0.2, impl="torch",
+                                                     chunk_size=chunk).sum(), 2),
+    ):
+        with Storages() as mode:
+            fn().backward()
+        assert len(mode.kept) == passes, (name, [tuple(t.shape) for t in mode.kept.values()])
