@@ -65,11 +65,16 @@ def _load_jsonl_split(folder: Path, split: str) -> list[dict[str, Any]]:
             f"{', '.join(available) if available else '(none: the folder has no .jsonl files)'}"
         )
     rows: list[dict[str, Any]] = []
-    with file.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with file.open("rb") as f:  # bytes, decoded line by line: a bad byte is named with its line
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{file}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"load_qa: {where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}); JSON Lines files must be UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{file}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

@@ -374,6 +374,13 @@ def needs_retain(cfg) -> bool:
     return retain_term(cfg) is not None
 
 
+def needs_topk(cfg) -> bool:
+    """The forget loss draws on the model's top-k beliefs (BS-T, or BS-S on a BS-T base): ``bst_topk`` must be at
+    most the vocabulary size."""
+    base = _base(cfg)
+    return METHODS[cfg.name].forget is forget_bst or (base is not None and base.forget is forget_bst)
+
+
 def needs_ref_logp(cfg) -> bool:
     base = _base(cfg)
     return METHODS[cfg.name].ref_logp or (base is not None and base.ref_logp)

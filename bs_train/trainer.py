@@ -1,10 +1,11 @@
 """The lean unlearning trainer: one loop for fine-tuning and every unlearning method, 1 process or FSDP2.
 
 ``run`` reads top to bottom as setup, loop, finish:
-1. set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), the run folder (resume or set
-   aside), device and dtypes;
-2. load the model on the CPU (with ``model.lora_rank``, LoRA adapters injected and the base frozen: ``lora.py``) and
-   the data (forget / retain, or the train split), validating all of it before any GPU work;
+1. set up the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), take the run folder's lock,
+   the run folder (a finished run returns its summary; resume from the newest complete checkpoint, or set aside),
+   device and dtypes;
+2. the cheap checks first (model path, tokenizer, data, k <= V), then the model on the CPU (with ``model.lora_rank``,
+   LoRA adapters injected and the base frozen: ``lora.py``), before any GPU work;
 3. ``init_method_state``: what the method table (``methods.METHODS``) says the method needs of the initial model,
    built before the model moves: a frozen reference for KL / RMU / BS-S's NPO base after the first belief round
    (``frozen_reference``: compute dtype, its blocks sharded under torchrun; with LoRA none is copied, the reference
@@ -19,7 +20,8 @@
 6. the loop: BS-S beliefs redrawn on their schedule, ``train_step`` (one optimizer step: micro-batches, global
    norms, backward, clipping, the non-finite flag, optimizer and scheduler step), metrics.jsonl, the squeezing
    monitor, checkpoints (model, optimizer, scheduler, data position, RNG, step, method extras);
-7. finish: a last checkpoint, the Hugging Face export (safetensors), summary.json.
+7. finish: a last checkpoint only when asked (``train.export`` off or ``train.keep_checkpoints`` on), the kill-safe
+   Hugging Face export (safetensors), summary.json, and the checkpoints deleted unless kept.
 The same code runs single-process on a CPU.
 """
 
@@ -29,23 +31,27 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from . import console
 from .beliefs import BeliefSet, belief_sampler, draw_beliefs
-from .checkpoint import barrier, check_resumable, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint, \
-    set_aside
+from .checkpoint import (RunLock, atomic_write_text, barrier, check_resumable, export_hf, finished_summary,
+                         latest_checkpoint, load_checkpoint, named_checkpoint, recover_export, save_checkpoint,
+                         set_aside)
 from .config import RunConfig
 from .data import ForgetRetainSampler, QADataset, collate, load_qa
 from .lora import AdaptersOff, apply_lora, has_adapters
 from .methods import (METHODS, MethodState, Norms, belief_ref_logp, local_counts, method_loss, needs_belief_ref_logp,
-                      needs_ref_logp, needs_reference, needs_retain, precompute_ref_logp)
-from .model import LossHead, apply_liger, cast_parameters, decoder_blocks, load_model, resolve_attention
+                      needs_ref_logp, needs_reference, needs_retain, needs_topk, precompute_ref_logp)
+from .model import (LossHead, apply_liger, cast_parameters, check_model_path, decoder_blocks, load_model,
+                    load_tokenizer, resolve_attention)
 
 
 # ---- setup ------------------------------------------------------------------------------------------------------
@@ -204,16 +210,20 @@ def prepare_method_state(state: MethodState, cfg: RunConfig, head, main_set, pad
         return
     ref_path = run_dir / "npo_ref_logp.pt"
     if resuming and ref_path.exists():
-        state.ref_logp = torch.load(ref_path, weights_only=True)
-        return
+        try:
+            state.ref_logp = torch.load(ref_path, weights_only=True)
+            return
+        except Exception as e:  # damaged: the model is still the initial one here, so it is recomputed exactly
+            print(f"bs-unlearn: {ref_path} is unreadable ({type(e).__name__}); computing it again", flush=True)
     loader = torch.utils.data.DataLoader(main_set, batch_size=cfg.train.batch_size,
                                          collate_fn=lambda b: collate(b, pad_id))
     with autocast:
         state.ref_logp = precompute_ref_logp(head, loader, state.impl, len(main_set), device)
     if hasattr(head, "reshard"):  # FSDP2: free the root's gathered parameters (no backward will)
         head.reshard()
-    if rank == 0:
-        torch.save(state.ref_logp, ref_path)
+    if rank == 0:  # beside, then renamed: a kill leaves the whole file or none
+        torch.save(state.ref_logp, ref_path.with_name(ref_path.name + ".tmp"))
+        os.replace(ref_path.with_name(ref_path.name + ".tmp"), ref_path)
 
 
 def _beliefs_due(cfg: RunConfig, step: int, position: dict, beliefs: BeliefSet | None) -> bool:
@@ -342,7 +352,7 @@ def _extra(state: MethodState, regen_s: float, monitor) -> dict:
 def _stop_if_nonfinite(flag: torch.Tensor, step: int, sums: torch.Tensor, grad_norm, run_dir: Path) -> None:
     if not bool(flag):  # host sync, only on steps that log or checkpoint
         return
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = named_checkpoint(run_dir)
     raise NonFiniteError(
         f"non-finite loss or gradient by step {step} (now: loss {float(sums[0]):.4g}, gradient norm "
         f"{float(grad_norm):.4g}); stopped without saving the corrupted weights. The last good checkpoint is "
@@ -350,22 +360,31 @@ def _stop_if_nonfinite(flag: torch.Tensor, step: int, sums: torch.Tensor, grad_n
         f"a run with a changed config needs a new output_dir")
 
 
-def _start_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, rank: int) -> Path | None:
-    """Set the old run aside (fresh start) or find its latest checkpoint (resume), check it belongs to this config,
-    and save the config. Returns the checkpoint to resume from, or None."""
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _start_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, rank: int) -> tuple[Path | None, dict | None]:
+    """Set the old run aside (fresh start) or find its newest complete checkpoint (resume), check it belongs to this
+    config, and save the config. Returns (the checkpoint to resume from or None, the summary of a finished run of
+    this config or None)."""
     if rank == 0:
         moved = None if resume else set_aside(run_dir)
         if moved is not None:
             print(f"bs-unlearn: starting over in {run_dir}; what was there is now in {moved}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
+        recover_export(run_dir / "final", say=_say)
     barrier()
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    done = finished_summary(run_dir, cfg, say=_say if rank == 0 else None) if resume else None
+    if done is not None:
+        return None, done
+    ckpt = latest_checkpoint(run_dir, say=_say if rank == 0 else None) if resume else None
     saved_cfg = run_dir / "config.yaml"
     if ckpt is not None:
         check_resumable(ckpt, cfg, saved_cfg)
     if rank == 0:
-        cfg.save(saved_cfg)
-    return ckpt
+        atomic_write_text(saved_cfg, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return ckpt, None
 
 
 def _kept_metrics(metrics_path: Path, step: int, rank: int) -> dict:
@@ -373,10 +392,23 @@ def _kept_metrics(metrics_path: Path, step: int, rank: int) -> dict:
     that has no steps left reports it, not an empty result)."""
     if rank != 0:
         return {}
-    kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() and step else [])
-            if json.loads(ln)["step"] <= step]
-    metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    return json.loads(kept[-1]) if kept else {}
+    kept, unreadable = [], 0
+    lines = metrics_path.read_bytes().decode("utf-8", "replace").splitlines() if metrics_path.exists() and step else []
+    for ln in lines:  # a line a kill cut short, or damaged, is dropped (and said), not a reason to refuse resuming
+        try:
+            row = json.loads(ln)
+            if not isinstance(row["step"], int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            unreadable += bool(ln.strip())
+            continue
+        if row["step"] <= step and (not kept or row["step"] > kept[-1]["step"]):
+            kept.append(row)
+    if unreadable:
+        print(f"bs-unlearn: {metrics_path}: dropped {unreadable} unreadable line(s) (a write cut off by a kill)",
+              flush=True)
+    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept[-1] if kept else {}
 
 
 def _squeezing_monitor(cfg: RunConfig, main_set, tokenizer, impl: str, extra: dict, head, autocast):
@@ -407,21 +439,47 @@ def _progress_bar(cfg: RunConfig, total: int, step: int, show: bool):
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 
+def _check_vocab(cfg: RunConfig, tokenizer) -> None:
+    vocab = len(tokenizer)
+    if needs_topk(cfg.method) and cfg.method.bst_topk > vocab:
+        raise ValueError(f"method.bst_topk={cfg.method.bst_topk} exceeds the vocabulary of {cfg.model.path} "
+                         f"({vocab} tokens)")
+
+
 def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, progress: bool = True) -> dict:
-    """Fine-tune or unlearn as configured; returns a summary dict (also written to summary.json)."""
+    """Fine-tune or unlearn as configured; returns a summary dict (also written to summary.json). One process (rank
+    0 of a torchrun job) holds the run folder's lock throughout; a second is refused naming the holder's PID."""
     rank, world, device = setup_distributed(single_group=cfg.train.cpu_offload)
     run_dir = Path(cfg.output_dir)
-    ckpt = _start_run_dir(cfg, run_dir, resume, rank)
+    check_model_path(cfg.model.path)  # a typo fails here, in a line, before the folder is touched
+    if rank != 0:
+        return _run(cfg, rank, world, device, run_dir, resume, stop_after, progress)
+    with RunLock(run_dir, say=_say):
+        return _run(cfg, rank, world, device, run_dir, resume, stop_after, progress)
+
+
+def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: Path, resume: bool,
+         stop_after: int | None, progress: bool) -> dict:
+    ckpt, done = _start_run_dir(cfg, run_dir, resume, rank)
+    if done is not None:
+        print(f"bs-unlearn: {run_dir} already finished this run ({done['steps']} steps); its summary stands",
+              flush=True)
+        _drop_checkpoints(cfg, run_dir, rank)  # a kill may have come between the summary and this
+        return done
     torch.manual_seed(cfg.train.seed)
     use_cuda = device.type == "cuda"
     compute_dtype, impl, autocast = _precision(cfg, device, world)
-    # Load on the CPU and validate all data before anything touches the GPU: a malformed example fails in seconds.
+    # The cheap checks first (tokenizer, every data row, k <= V), then the model on the CPU, all before anything
+    # touches the GPU: a malformed example or a bad path fails in seconds, not after the model has loaded.
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    main_set, retain_set = build_data(cfg, tokenizer, run_dir)
+    _check_vocab(cfg, tokenizer)
     lm, tokenizer = load_model(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device="cpu",
                                attn_implementation=resolve_attention(cfg.model.attn_implementation, device),
-                               trust_remote_code=cfg.model.trust_remote_code, use_liger=False, seed=cfg.train.seed)
+                               trust_remote_code=cfg.model.trust_remote_code, use_liger=False, seed=cfg.train.seed,
+                               tokenizer=tokenizer)
     if cfg.model.lora_rank:
         apply_lora(lm, cfg.model)
-    main_set, retain_set = build_data(cfg, tokenizer, run_dir)
     pad_id, liger = tokenizer.pad_token_id, cfg.model.use_liger and use_cuda
     state = init_method_state(cfg, lm, tokenizer, main_set.examples, device, compute_dtype, impl, liger)
     lm.to(device)
@@ -493,11 +551,19 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
         bar.close()
     if monitor is not None and rank == 0:
         monitor.finish(run_dir)
-    save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s, monitor),
-                    cfg.to_dict())
+    if not cfg.train.export or cfg.train.keep_checkpoints:  # asked for (or the run's only output)
+        save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s, monitor),
+                        cfg.to_dict())
     if cfg.train.export:
         export_hf(head, tokenizer, run_dir / "final", rank, base_path=cfg.model.path)
     summary = {"steps": step, "final": last, "output_dir": str(run_dir), "world_size": world, "impl": impl}
     if rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    _drop_checkpoints(cfg, run_dir, rank)
     return summary
+
+
+def _drop_checkpoints(cfg: RunConfig, run_dir: Path, rank: int) -> None:
+    """Once final/ is exported and the summary written, the checkpoints only cost disk (``train.keep_checkpoints``)."""
+    if rank == 0 and cfg.train.export and not cfg.train.keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
