@@ -161,8 +161,8 @@ def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None
 
     Sampling inverts each row's CDF at one uniform draw (``searchsorted``): B random numbers per step. The
     exponential race of gpt-fast, ``argmax(probs / Exponential(1))``, draws B*V of them: on the CPU, at SmolLM2's
-    vocabulary, a third of the time of one decoder layer's GEMMs (profiled at 24 rows). A token of probability 0 is never drawn: the
-    first CDF entry above the draw always has a positive step."""
+    vocabulary, a third of the time of one decoder layer's GEMMs (profiled at 24 rows). A token of probability 0 is
+    never drawn: the first CDF entry above the draw always has a positive step."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
     z = logits / cfg.temperature
