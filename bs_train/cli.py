@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import load_config
+from .config import PRESETS, load_config
 from .report import COLUMNS, TRAIN_COLUMNS, markdown_table
 
 
@@ -42,12 +42,14 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["finetune", "unlearn"])
     p.add_argument("--config", help="YAML config file (optional; defaults are the paper's)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="open-unlearning: the reference trainers' reductions and settings (methods.PRESETS)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in output_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 method.name=npo")
     args = p.parse_intermixed_args(argv)  # overrides may come before or after the flags
     try:
-        cfg = load_config(args.config, args.overrides, command=args.command)
+        cfg = load_config(args.config, args.overrides, command=args.command, preset=args.preset)
     except (ValueError, OSError) as e:
         print(f"bs-unlearn: config error: {e}", file=sys.stderr)
         return 2
@@ -77,6 +79,7 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--retain-model", help="model trained on the retain split only: forget quality, privleak")
     p.add_argument("--judge", default="embedding", help="none | embedding (offline) | chat model path or Hub id")
     p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--protocol", default="exact", help="exact (ours) | open-unlearning (its inputs, mask and epsilon)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", default="results.json", help="JSON with every metric of every model")
@@ -84,7 +87,7 @@ def eval_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from .data import resolve_data
+    from .data import check_protocol, resolve_data
     from .evaluate import evaluate_model, reference_statistics
     from .judge import make_judge
 
@@ -92,7 +95,7 @@ def eval_main(argv: list[str]) -> int:
         data = resolve_data(args.data, args.models[0])
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         load_kw = {"device": device, "dtype": "auto"}
-        kw = {"batch_size": args.batch_size, "max_length": 512}
+        kw = {"batch_size": args.batch_size, "max_length": 512, "protocol": check_protocol(args.protocol)}
         ref = reference_statistics(args.retain_model, data, args.forget_split, load_kw, **kw)
         judge = make_judge(args.judge, device=device)
     except ValueError as e:
@@ -102,7 +105,8 @@ def eval_main(argv: list[str]) -> int:
     for spec in args.models:
         try:
             res = evaluate_model(spec, data, forget_split=args.forget_split, retain_model=ref, judge=judge,
-                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device)
+                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device,
+                                 protocol=args.protocol)
         except ValueError as e:
             print(f"bs-unlearn eval: {spec}: {e}", file=sys.stderr)
             return 2
@@ -189,13 +193,16 @@ def recipe_main(argv: list[str]) -> int:
                    help="forget10 answer probability and greedy ROUGE-L the original must reach before unlearning")
     p.add_argument("--finetune", nargs="*", default=[],
                    help="fine-tuning settings (key=value), applied after the recipe's own (recipe.FINETUNE)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="config preset of every unlearning run")
+    p.add_argument("--protocol", default="exact", help="evaluation protocol: exact | open-unlearning")
     p.add_argument("--unlearn", nargs="*", default=[],
                    help="unlearning settings (key=value), applied after the recipe's own (recipe.UNLEARN)")
     args = p.parse_args(argv)
     try:
         recipe = Recipe(args.out, args.data, model=args.model, methods=tuple(args.methods.split(",")),
                         lr_grid=tuple(float(x) for x in args.lr_grid.split(",")), max_new_tokens=args.max_new_tokens,
-                        budget_s=args.budget_s, probe_bar=args.probe_bar, finetune=[*FINETUNE, *args.finetune],
+                        budget_s=args.budget_s, probe_bar=args.probe_bar, preset=args.preset, protocol=args.protocol,
+                        finetune=[*FINETUNE, *args.finetune],
                         unlearn=[*UNLEARN, *args.unlearn])
     except ValueError as e:
         print(f"bs-unlearn recipe: {e}", file=sys.stderr)
