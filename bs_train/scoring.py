@@ -115,5 +115,5 @@ def score_answers(model: torch.nn.Module, tokenizer: Any, questions: Sequence[st
     if len(questions) != len(answers):
         raise ValueError(f"score_answers: {len(questions)} questions but {len(answers)} answers")
     items = [encode_qa(tokenizer, q, a, max_length=max_length, protocol=protocol) for q, a in zip(questions, answers)]
-    return score_encoded(model, items, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                         mask_pad_tokens=protocol == "open-unlearning", **kwargs)
+    kwargs.setdefault("mask_pad_tokens", protocol == "open-unlearning")  # a caller may measure the mask alone
+    return score_encoded(model, items, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, **kwargs)
