@@ -8,7 +8,8 @@ function of these scores. Depends on torch and triton only; importing it changes
 
 from ._checks import IGNORE_INDEX
 from .losses import bst_loss, ga_loss, linear_cross_entropy, sequence_mean_weights, shift_labels
-from .reference import naive_token_scores
+from .reference import naive_teacher_kl, naive_token_scores
+from .teacher_kl import linear_teacher_kl, linear_weighted_teacher_kl_sum
 from .token_scores import linear_token_scores, linear_weighted_score_sum
 
 __all__ = [
@@ -16,8 +17,11 @@ __all__ = [
     "bst_loss",
     "ga_loss",
     "linear_cross_entropy",
+    "linear_teacher_kl",
     "linear_token_scores",
     "linear_weighted_score_sum",
+    "linear_weighted_teacher_kl_sum",
+    "naive_teacher_kl",
     "naive_token_scores",
     "sequence_mean_weights",
     "shift_labels",

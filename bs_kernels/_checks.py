@@ -91,3 +91,91 @@ def check_tensors(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"labels[{i}]={int(labels[i])} is outside [0, V={weight.shape[0]}) "
                              f"and is not ignore_index={ignore_index}")
+
+
+# ---- the teacher-KL primitive (teacher_kl.py) -------------------------------------------------------------------
+
+TEACHER_KINDS = ("kl", "ce")
+
+
+def _is_real(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float))
+
+
+def check_teacher_options(*, kind: str, gamma: float, temperature: float, ignore_index: int, impl: str,
+                          has_labels: bool) -> None:
+    """Validate the scalar options of a teacher-KL computation (``has_labels``: whether ``labels`` was given)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
+    if kind not in TEACHER_KINDS:
+        raise ValueError(f"kind must be one of {TEACHER_KINDS}, got kind={kind!r}")
+    if not _is_real(gamma) or not abs(float(gamma)) < float("inf"):  # also rejects NaN
+        raise ValueError(f"gamma must be a finite float, got gamma={gamma!r}")
+    if gamma != 0 and not has_labels:
+        raise ValueError(f"gamma={gamma} adjusts the teacher's logit at the label, so labels must be given")
+    if not _is_real(temperature) or not 0.0 < float(temperature) < float("inf"):
+        raise ValueError(f"temperature must be a finite float > 0, got temperature={temperature!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got ignore_index={ignore_index!r}")
+
+
+def _check_head(hname: str, h, wname: str, w) -> None:
+    for name, t in ((hname, h), (wname, w)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if h.dim() != 2:
+        raise ValueError(f"{hname} must be 2-D [N, D], got shape {tuple(h.shape)}")
+    if w.dim() != 2:
+        raise ValueError(f"{wname} must be 2-D [V, D], got shape {tuple(w.shape)}")
+    if h.shape[1] != w.shape[1]:
+        raise ValueError(f"{hname} has D={h.shape[1]} but {wname} has D={w.shape[1]} "
+                         f"(shapes {tuple(h.shape)} and {tuple(w.shape)})")
+
+
+def check_teacher_tensors(hidden, weight, teacher_hidden, teacher_weight, labels, *, impl: str, ignore_index: int,
+                          token_weights=None) -> None:
+    """Validate student hidden [N, D] / weight [V, D], teacher hidden [N, D_t] / weight [V, D_t], optional labels [N]
+    and token weights [N]: one dtype and one device for all four float tensors, one V, one N."""
+    _check_head("hidden", hidden, "weight", weight)
+    _check_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
+    if teacher_hidden.shape[0] != hidden.shape[0]:
+        raise ValueError(f"teacher_hidden has N={teacher_hidden.shape[0]} rows but hidden has N={hidden.shape[0]}")
+    if teacher_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"teacher_weight has V={teacher_weight.shape[0]} but weight has V={weight.shape[0]}: "
+                         f"the two heads must share the vocabulary")
+    allowed = TRITON_DTYPES if impl == "triton" else TORCH_DTYPES
+    if hidden.dtype not in allowed:
+        raise ValueError(f"hidden dtype {hidden.dtype} is not supported by impl={impl!r} (supported: {allowed})")
+    for name, t in (("weight", weight), ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+        if t.dtype != hidden.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} must equal hidden dtype {hidden.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    n = hidden.shape[0]
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise ValueError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape [N]=({n},) to match hidden, got {tuple(labels.shape)}")
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels must be int64 or int32, got dtype {labels.dtype}")
+        if labels.device != hidden.device:
+            raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
+    if token_weights is not None:
+        if not isinstance(token_weights, torch.Tensor):
+            raise ValueError(f"token_weights must be a torch.Tensor, got {type(token_weights).__name__}")
+        if token_weights.shape != (n,):
+            raise ValueError(f"token_weights must have shape ({n},), got {tuple(token_weights.shape)}")
+        if token_weights.device != hidden.device:
+            raise ValueError(f"token_weights is on {token_weights.device} but hidden is on {hidden.device}")
+        if not token_weights.is_floating_point():
+            raise ValueError(f"token_weights must be floating point, got dtype {token_weights.dtype}")
+    if impl == "triton" and hidden.device.type != "cuda" and not triton_interpret():
+        raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton for "
+                         f"the CPU interpreter); hidden is on {hidden.device}. Use impl='torch' on the CPU.")
+    if labels is not None and labels.device.type == "cpu" and labels.numel():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"labels[{i}]={int(labels[i])} is outside [0, V={weight.shape[0]}) "
+                             f"and is not ignore_index={ignore_index}")

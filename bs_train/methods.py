@@ -25,7 +25,7 @@ so gradient accumulation and FSDP2 (with its own gradient division switched off)
 Retain terms (``method.retain``): ``nll`` on retain answers (mean over tokens), or ``kl``: KL(p_init || p_theta)
 on retain answer tokens (``method.kl_positions=answer``) or on every one of the B x T positions, prompt and padding
 included (``all``: open-unlearning's ``compute_kl_divergence``, ``kl_div(..., reduction="batchmean")`` over the
-flattened logits), computed in chunks under activation checkpointing so the logits are never all held.
+flattened logits), on ``bs_kernels.linear_weighted_teacher_kl_sum`` so neither model's logits are all held.
 
 Each option is a change of the token weights over the same fused scores: ``reduction=token`` divides every answer
 token's score by the step's answer-token count instead of its sequence's count times the sequence count, and
@@ -54,7 +54,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import bs_kernels as bk
 
@@ -241,30 +240,24 @@ def retain_nll(model, batch, st, n: Norms):
     return _weighted(model, batch, st, lambda y: _token_weights(y, n.retain_tokens))
 
 
-def _kl_chunk(h, w, h_ref, w_ref, mask):
-    logq = torch.log_softmax((h @ w.t()).float(), -1)
-    logp = torch.log_softmax((h_ref @ w_ref.t()).float(), -1)
-    return ((logp.exp() * (logp - logq)).sum(-1) * mask).sum()
-
-
-def retain_kl(model, batch, st, n: Norms, chunk: int = 256):
+def retain_kl(model, batch, st, n: Norms):
+    """KL(p_init || p_theta) summed over retain answer tokens / the global retain token count, on the fused teacher
+    KL of ``bs_kernels`` (teacher: the frozen reference's hidden states and lm_head): gradients in the forward, one
+    logits chunk per model, never either model's [N, V] logits."""
     with torch.no_grad():
         ref = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, w, _: (h, w))
 
     def fn(hidden, weight, _):
         h, w, y = _flat(hidden, weight, batch["labels"])
-        if st.cfg.kl_positions == "all":  # every B x T position, over the step's count of them
-            mask, count = torch.ones(y.numel(), device=h.device), n.retain_positions
-        else:  # a weight, not a row selection: nonzero() syncs the host
-            mask, count = (y.reshape(-1) != bk.IGNORE_INDEX).float(), n.retain_tokens
+        y = y.reshape(-1)
         h_ref = ref[0].reshape(-1, ref[0].shape[-1]).to(h.dtype)
-        w_ref = ref[1].to(h.dtype)
-        total = h.new_zeros((), dtype=torch.float32)
-        for c0 in range(0, h.shape[0], chunk):  # checkpointed: backward recomputes each chunk's logits
-            c1 = c0 + chunk
-            total = total + checkpoint(_kl_chunk, h[c0:c1], w, h_ref[c0:c1], w_ref, mask[c0:c1],
-                                       use_reentrant=False)
-        return total / count
+        if st.cfg.kl_positions == "all":  # every B x T position, over the step's count of them
+            token_weights, labels = torch.ones_like(y, dtype=torch.float32) / n.retain_positions, None
+        else:  # a weight, not a row selection: no sync
+            token_weights, labels = (y != bk.IGNORE_INDEX).float() / n.retain_tokens, y
+        loss, _ = bk.linear_weighted_teacher_kl_sum(h, w, h_ref, ref[1].to(h.dtype), token_weights, labels, kind="kl",
+                                                    impl=st.impl)
+        return loss
 
     return model(batch["input_ids"], batch["attention_mask"], fn)
 

@@ -1,0 +1,199 @@
+"""Triton row kernels of the teacher KL: values, log-sum-exps and ``dL/dz_s`` of one chunk of row pairs.
+
+The same contract as ``teacher_kl.kl_rows`` / ``kl_grad_rows_from_stats`` (read ``teacher_kl.py``'s docstring for
+the formula), fused so that each row pair (student row of the [C, V] student chunk, teacher row of the teacher
+chunk) is read at most twice and only the student row is written:
+
+* pass 1 streams both rows in ``BLOCK_V`` tiles and keeps, in registers, an online log-sum-exp of the student's
+  tempered logits b, and for the teacher's adjusted, tempered logits a an online max m, sum ``l = sum e^(a - m)``
+  and ``x = sum e^(a - m) c`` with ``c = a - b`` (KL) or ``c = b`` (CE), all three rescaled together whenever m
+  grows. Then ``<p_t, c> = x / l``, and KL = x / l + lse(b) - lse(a), CE = lse(b) - x / l.
+  The label's adjustment is one ``where`` on the tile that holds it; nothing sparse is written.
+* pass 2 (``WRITE_GRAD``) overwrites the student row with ``g (p_s - p_t) / T``, a dense elementwise map of the two
+  rows (the teacher row is only read).
+
+Layers, as in Liger-Kernel: ``@triton.jit`` kernels, then the Python launchers that the chunked driver calls.
+Launchers never read tensor values on the host. A label outside [0, V) that is not ``ignore_index`` yields a NaN
+value and NaN gradients for its row instead of an out-of-bounds read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import triton_interpret
+
+
+@triton.jit
+def _teacher_tile(zt_row, offs, mask, y, gamma, inv_temp, HAS_GAMMA: tl.constexpr):
+    """The teacher's adjusted, tempered logits of one tile (0 past the end of the row: the caller masks)."""
+    a = tl.load(zt_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GAMMA:
+        a = tl.where(offs == y, a - gamma, a)
+    return a * inv_temp
+
+
+@triton.jit
+def _write_grad_row(zs_row, zt_row, V, y, gamma, inv_temp, lse_s, lse_t, g, BLOCK_V: tl.constexpr,
+                    HAS_GAMMA: tl.constexpr):
+    """Overwrite the student row with g * (p_s - p_t); ``g`` already carries the 1/T."""
+    # Pass 1 (or the caller) read this row; order every overwrite after all of its threads' reads.
+    tl.debug_barrier()
+    for start in tl.range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        b = tl.load(zs_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        a = _teacher_tile(zt_row, offs, mask, y, gamma, inv_temp, HAS_GAMMA)
+        dz = g * (tl.exp(b - lse_s) - tl.exp(a - lse_t))  # lanes past the row's end are finite and not stored
+        tl.store(zs_row + offs, dz.to(zs_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _zero_row(row_ptr, V, BLOCK_V: tl.constexpr):
+    for start in tl.range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        tl.store(row_ptr + offs, tl.zeros([BLOCK_V], dtype=row_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _kl_kernel(
+    zs_ptr, stride_s, zt_ptr, stride_t, labels_ptr, grad_ptr,
+    out_ptr, lse_s_ptr, lse_t_ptr,
+    V, gamma, inv_temp, ignore_index,
+    BLOCK_V: tl.constexpr, KIND_KL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GAMMA: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, SAVE_STATS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    zs_row = zs_ptr + row * stride_s
+    zt_row = zt_ptr + row * stride_t
+    y = -1  # never an offset: no adjustment
+    ok = row >= 0  # true; a tensor, so that both HAS_LABELS variants use it the same way
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        if label == ignore_index:
+            tl.store(out_ptr + row, 0.0)
+            if SAVE_STATS:
+                tl.store(lse_s_ptr + row, 0.0)
+                tl.store(lse_t_ptr + row, 0.0)
+            if WRITE_GRAD:
+                _zero_row(zs_row, V, BLOCK_V)
+            return
+        ok = (label >= 0) & (label < V)
+        y = tl.where(ok, label, -1)
+
+    # ---- pass 1: online log-sum-exp of b; online (max, sum, <e^(a - m), c>) of a ----
+    m_s = float("-inf")
+    l_s = 0.0
+    m_t = float("-inf")
+    l_t = 0.0
+    x = 0.0
+    for start in tl.range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        # Loaded as 0 past the end of the row, so that c stays finite there; the reductions mask with -inf.
+        b = tl.load(zs_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        a = _teacher_tile(zt_row, offs, mask, y, gamma, inv_temp, HAS_GAMMA)
+        b_in = tl.where(mask, b, float("-inf"))
+        a_in = tl.where(mask, a, float("-inf"))
+        m_s_new = tl.maximum(m_s, tl.max(b_in, 0))
+        l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(b_in - m_s_new), 0)
+        m_s = m_s_new
+        m_t_new = tl.maximum(m_t, tl.max(a_in, 0))
+        scale = tl.exp(m_t - m_t_new)
+        w = tl.exp(a_in - m_t_new)
+        if KIND_KL:
+            c = a - b
+        else:
+            c = b
+        x = x * scale + tl.sum(tl.where(w > 0, w * c, 0.0), 0)  # 0 log 0 = 0 at a -inf teacher logit
+        l_t = l_t * scale + tl.sum(w, 0)
+        m_t = m_t_new
+    lse_s = m_s + tl.log(l_s)
+    lse_t = m_t + tl.log(l_t)
+    if KIND_KL:
+        value = x / l_t + lse_s - lse_t
+    else:
+        value = lse_s - x / l_t
+    value = tl.where(ok, value, float("nan"))
+    tl.store(out_ptr + row, value)
+    if SAVE_STATS:
+        tl.store(lse_s_ptr + row, lse_s)
+        tl.store(lse_t_ptr + row, lse_t)
+
+    # ---- pass 2: overwrite the student row with g (p_s - p_t) / T ----
+    if WRITE_GRAD:
+        g = tl.load(grad_ptr + row).to(tl.float32)
+        g = tl.where(ok, g, float("nan")) * inv_temp  # a bad label poisons its gradient too, not only the value
+        _write_grad_row(zs_row, zt_row, V, y, gamma, inv_temp, lse_s, lse_t, g, BLOCK_V, HAS_GAMMA)
+
+
+@triton.jit
+def _kl_grad_from_stats_kernel(
+    zs_ptr, stride_s, zt_ptr, stride_t, labels_ptr, grad_ptr, lse_s_ptr, lse_t_ptr,
+    V, gamma, inv_temp, ignore_index,
+    BLOCK_V: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GAMMA: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    zs_row = zs_ptr + row * stride_s
+    zt_row = zt_ptr + row * stride_t
+    y = -1
+    ok = row >= 0  # true; a tensor, so that both HAS_LABELS variants use it the same way
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        if label == ignore_index:
+            _zero_row(zs_row, V, BLOCK_V)
+            return
+        ok = (label >= 0) & (label < V)
+        y = tl.where(ok, label, -1)
+    g = tl.where(ok, tl.load(grad_ptr + row).to(tl.float32), float("nan")) * inv_temp
+    lse_s = tl.load(lse_s_ptr + row)
+    lse_t = tl.load(lse_t_ptr + row)
+    _write_grad_row(zs_row, zt_row, V, y, gamma, inv_temp, lse_s, lse_t, g, BLOCK_V, HAS_GAMMA)
+
+
+def _block_v(vocab: int, block_v: int | None) -> int:
+    if block_v is not None:
+        return block_v
+    # Interpreter: one tile per row keeps CPU tests fast. GPU: 4096 fp32 values per row and tile over 8 warps
+    # (16 per thread and row, two rows live); untuned on hardware yet.
+    return triton.next_power_of_2(vocab) if triton_interpret() else min(4096, triton.next_power_of_2(vocab))
+
+
+def kl_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None, *, kind: str, gamma: float,
+            inv_temp: float, ignore_index: int, grad: torch.Tensor | None = None, save_stats: bool = False,
+            block_v: int | None = None):
+    """Triton twin of ``teacher_kl.kl_rows``: same arguments and returns; ``zt`` is only read.
+
+    Ignored rows store 0 as their log-sum-exps (the backward kernel never reads them)."""
+    rows, vocab = zs.shape
+    dev = zs.device
+    values = torch.empty(rows, device=dev, dtype=torch.float32)
+    lse_s = torch.empty(rows, device=dev, dtype=torch.float32) if save_stats else None
+    lse_t = torch.empty(rows, device=dev, dtype=torch.float32) if save_stats else None
+    if rows:
+        _kl_kernel[(rows,)](
+            zs, zs.stride(0), zt, zt.stride(0), values if labels is None else labels,
+            values if grad is None else grad, values,
+            values if lse_s is None else lse_s, values if lse_t is None else lse_t,
+            vocab, float(gamma), float(inv_temp), ignore_index,
+            BLOCK_V=_block_v(vocab, block_v), KIND_KL=kind == "kl", HAS_LABELS=labels is not None,
+            HAS_GAMMA=labels is not None and gamma != 0, WRITE_GRAD=grad is not None, SAVE_STATS=save_stats,
+            num_warps=8,
+        )
+    return values, lse_s, lse_t
+
+
+def kl_grad_rows_from_stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None, grad: torch.Tensor,
+                            lse_s: torch.Tensor, lse_t: torch.Tensor, *, gamma: float, inv_temp: float,
+                            ignore_index: int, block_v: int | None = None) -> None:
+    """Triton twin of ``teacher_kl.kl_grad_rows_from_stats``."""
+    rows, vocab = zs.shape
+    if rows:
+        _kl_grad_from_stats_kernel[(rows,)](
+            zs, zs.stride(0), zt, zt.stride(0), grad if labels is None else labels, grad, lse_s, lse_t,
+            vocab, float(gamma), float(inv_temp), ignore_index,
+            BLOCK_V=_block_v(vocab, block_v), HAS_LABELS=labels is not None,
+            HAS_GAMMA=labels is not None and gamma != 0, num_warps=8,
+        )
