@@ -5,12 +5,13 @@ the micro-batch divided by a global count for the whole optimizer step (all micr
 so gradient accumulation and FSDP2 (with its own gradient division switched off) give the gradient of one batch.
 
     finetune  NLL of the answers (mean over tokens).
-    ga        gradient ascent: mean over sequences of the mean answer log-likelihood.
+    ga        gradient ascent: mean over sequences of the mean answer log-likelihood (``method.reduction=sequence``),
+              or one mean over the step's answer tokens (``token``: open-unlearning's ``-model(**forget).loss``).
     graddiff  ga + alpha * retain term.
     npo       -(2/beta) log sigmoid(-beta (log pi(y|x) - log pi_ref(y|x))), log pi summed over answer tokens;
               reference log-probs precomputed once (``precompute_ref_logp``) so no second model is held.
     simnpo    -(2/beta) log sigmoid(-(beta/|y|) log pi(y|x) - delta): length-normalised, no reference.
-    wga       ga with each token weighted by the detached p(y_i)^beta.
+    wga       ga with each token weighted by the detached p(y_i)^beta (``method.reduction`` as for ga).
     bs_t      the BS-T forget loss: soft target (1 - lam) e_y + lam sg[q] over the model's top-k beliefs.
     bs_s      BS-S: (1 - lam_S) L(D_u) + lam_S L(D^_u), with L in {ga, npo, wga, bs_t} and D^_u the model's own
               sampled responses to each forget prompt (``beliefs.py``). With the NPO base, the beliefs' reference
@@ -34,11 +35,24 @@ so gradient accumulation and FSDP2 (with its own gradient division switched off)
               the belief sampler (Mekala et al. 2024, arXiv:2409.13474; open-unlearning's community AltPO runs the
               DPO trainer on such alternates; theirs are prompted for a different answer, ours are plain samples).
     rmu       push the output activations of decoder layer l on the forget answers to c * u (u a fixed random
-              unit vector) and keep them equal to the initial model's on the retain answers, training only
-              mlp.down_proj of layers l-2..l by default (open-unlearning's RMU on TOFU: answer-token mask, mean
-              over each sequence's answer tokens, then over sequences).
+              unit vector) and keep them equal to the initial model's on the retain answers (answer-token mask,
+              mean over each sequence's answer tokens, then over sequences), training every parameter by default
+              (open-unlearning's configs/trainer/RMU.yaml: ``trainable_params_regex: .*``) or, with
+              ``rmu_params=down_proj``, mlp.down_proj of layers l-2..l (WMDP's choice, RMU.py's class default).
 Retain terms (``method.retain``): ``nll`` on retain answers (mean over tokens), or ``kl``: KL(p_init || p_theta)
-on retain answer tokens, on ``bs_kernels.linear_weighted_teacher_kl_sum`` so neither model's logits are all held.
+on retain answer tokens (``method.kl_positions=answer``) or on every one of the B x T positions, prompt and padding
+included (``all``: open-unlearning's ``compute_kl_divergence``, ``kl_div(..., reduction="batchmean")`` over the
+flattened logits), on ``bs_kernels.linear_weighted_teacher_kl_sum`` so neither model's logits are all held.
+
+Each option is a change of the token weights over the same fused scores: ``reduction=token`` divides every answer
+token's score by the step's answer-token count instead of its sequence's count times the sequence count, and
+``kl_positions=all`` sets the KL weight of every position to 1 / (the step's B x T positions). The reference divides
+by its micro-batch's counts and averages micro-batches; ours divides by the whole step's (``Norms``), the same number
+when an optimizer step is one micro-batch.
+
+``PRESETS`` holds the config overrides of each preset (``open-unlearning``: the settings with which every method's
+loss is that of the reference trainers, open-unlearning ``src/trainer/unlearn/*.py`` and, for BS-T / BS-S, the
+authors' fork kemoulee/open-unlearning branch dev); the per-method part is the row's ``open_unlearning`` field.
 
 ``METHODS`` at the end is the method table: every method is declared there once, as one ``Method`` row naming its
 forget loss (``forget_*``), its retain term (none, the configured ``retain_*`` or its own), and what it needs: NPO
@@ -77,6 +91,8 @@ class Norms:
     retain_tokens: torch.Tensor
     belief_seqs: torch.Tensor
     belief_tokens: torch.Tensor
+    retain_positions: torch.Tensor
+    """Every B x T position of the retain batches, padding included (the KL retain term with kl_positions=all)."""
 
     def for_beliefs(self) -> Norms:
         """These norms with the belief counts in the forget slots, to run a base forget loss on beliefs."""
@@ -84,7 +100,7 @@ class Norms:
 
 
 def local_counts(forget: dict | None, retain: dict | None, beliefs: dict | None = None) -> torch.Tensor:
-    """[6] counts of one micro-batch in ``Norms`` field order (computed on the host from CPU batches); the trainer
+    """[7] counts of one micro-batch in ``Norms`` field order (computed on the host from CPU batches); the trainer
     sums them over micro-batches and ranks."""
     out = []
     for batch in (forget, retain, beliefs):
@@ -93,6 +109,7 @@ def local_counts(forget: dict | None, retain: dict | None, beliefs: dict | None 
             continue
         active = bk.shift_labels(batch["labels"], bk.IGNORE_INDEX) != bk.IGNORE_INDEX
         out += [int((active.sum(-1) > 0).sum()), int(active.sum())]
+    out.append(retain["labels"].numel() if retain is not None else 0)
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -131,6 +148,14 @@ def _seq_weights(y: torch.Tensor, n_seqs: torch.Tensor) -> torch.Tensor:
     return (active / active.sum(-1, keepdim=True).clamp_min(1) / n_seqs).reshape(-1)
 
 
+def _mean_weights(y: torch.Tensor, n: Norms, reduction: str) -> torch.Tensor:
+    """Token weights of a forget loss's mean over answer tokens: per sequence then over sequences (``sequence``), or
+    one mean over the step's answer tokens (``token``)."""
+    if reduction == "token":
+        return (y != bk.IGNORE_INDEX).float().reshape(-1) / n.forget_tokens
+    return _seq_weights(y, n.forget_seqs)
+
+
 def _token_weights(y: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
     """Token weights of the NLL "mean over all answer tokens" (negative: the fused sum is of log-likelihoods)."""
     return -(y != bk.IGNORE_INDEX).float().reshape(-1) / n_tokens
@@ -167,11 +192,11 @@ def forget_nll(model, batch, st, n: Norms):
 
 
 def forget_ga(model, batch, st, n: Norms):
-    return _weighted(model, batch, st, lambda y: _seq_weights(y, n.forget_seqs))
+    return _weighted(model, batch, st, lambda y: _mean_weights(y, n, st.cfg.reduction))
 
 
 def forget_bst(model, batch, st, n: Norms):
-    return _weighted(model, batch, st, lambda y: _seq_weights(y, n.forget_seqs), topk=st.cfg.bst_topk,
+    return _weighted(model, batch, st, lambda y: _mean_weights(y, n, st.cfg.reduction), topk=st.cfg.bst_topk,
                      lam=st.cfg.bst_lam)
 
 
@@ -195,6 +220,8 @@ def forget_simnpo(model, batch, st, n: Norms):
 def forget_wga(model, batch, st, n: Norms):
     s, mask = _seq_scores(model, batch, st.impl)
     w = torch.exp(st.cfg.wga_beta * s).detach() * mask
+    if st.cfg.reduction == "token":
+        return (w * s).sum() / n.forget_tokens
     per_seq = (w * s).sum(-1) / mask.sum(-1).clamp_min(1)
     return per_seq.sum() / n.forget_seqs
 
@@ -343,8 +370,11 @@ def retain_kl(model, batch, st, n: Norms):
         h, w, y = _flat(hidden, weight, batch["labels"])
         y = y.reshape(-1)
         h_ref = ref[0].reshape(-1, ref[0].shape[-1]).to(h.dtype)
-        token_weights = (y != bk.IGNORE_INDEX).float() / n.retain_tokens  # a weight, not a row selection: no sync
-        loss, _ = bk.linear_weighted_teacher_kl_sum(h, w, h_ref, ref[1].to(h.dtype), token_weights, y, kind="kl",
+        if st.cfg.kl_positions == "all":  # every B x T position, over the step's count of them
+            token_weights, labels = torch.ones_like(y, dtype=torch.float32) / n.retain_positions, None
+        else:  # a weight, not a row selection: no sync
+            token_weights, labels = (y != bk.IGNORE_INDEX).float() / n.retain_tokens, y
+        loss, _ = bk.linear_weighted_teacher_kl_sum(h, w, h_ref, ref[1].to(h.dtype), token_weights, labels, kind="kl",
                                                     impl=st.impl)
         return loss
 
@@ -370,9 +400,9 @@ RETAIN_TERMS: dict[str, Callable | None] = {"nll": retain_nll, "kl": retain_kl, 
 
 def rmu_trainable(lm: torch.nn.Module, method) -> list[str]:
     """Check ``method.rmu_layer`` against the model and, with ``rmu_params="down_proj"``, freeze every parameter but
-    ``mlp.down_proj.weight`` of decoder layers l-2..l (WMDP's and open-unlearning's choice). With LoRA, the same
-    choice over adapters: those of ``mlp.down_proj`` in layers l-2..l, or every adapter (``all``). Returns the names
-    of the parameters left trainable."""
+    ``mlp.down_proj.weight`` of decoder layers l-2..l (WMDP's choice and open-unlearning RMU.py's class default; its
+    TOFU config RMU.yaml trains all). With LoRA, the same choice over adapters: those of ``mlp.down_proj`` in
+    layers l-2..l, or every adapter (``all``). Returns the names of the parameters left trainable."""
     n_layers, layer = lm.config.num_hidden_layers, method.rmu_layer
     # The last layer's output is only seen through the final norm (Hugging Face's hidden_states[-1] is normed).
     if layer > n_layers - 2:
@@ -478,26 +508,62 @@ class Method:
     """Run by the TOFU recipe by default."""
     demo: bool = False
     """Run by the offline demo by default."""
+    open_unlearning: tuple[str, ...] = ()
+    """Config overrides (``method.key=value``) under which this method's loss is its reference trainer's, each with
+    its source: the ``open-unlearning`` preset (``PRESETS``) applies them after the preset's common ones."""
 
 
+# The open-unlearning preset's per-method settings. Sources: locuslab/open-unlearning (main, d3d7cf9)
+# configs/trainer/{GradAscent,GradDiff,NPO,SimNPO,RMU,WGA}.yaml and src/trainer/unlearn/*.py (GA, GradDiff and WGA
+# take one token mean over the batch: ``-model(**forget).loss`` / ``compute_wga_loss``'s ``[mask].mean()``); the
+# authors' fork kemoulee/open-unlearning (dev, 1c278ec) configs/trainer/{BST,BSS}.yaml and src/trainer/unlearn/
+# {bst,bss}.py (BS-T: mean per sequence then over sequences; BS-S: GA with the batch token mean on targets and
+# beliefs, beliefs drawn by HF ``generate(do_sample=True, top_p=None, max_new_tokens=200)``, i.e. generate's
+# default top_k=50).
+_TOKEN_MEAN = ("method.reduction=token",)
 METHODS: dict[str, Method] = {
     "finetune": Method(forget_nll, retain=None, scaled=False, command="finetune", recipe=False, terms=("train_nll",)),
-    "ga": Method(forget_ga, retain=None, bss_base=True, demo=True),
-    "graddiff": Method(forget_ga),
-    "npo": Method(forget_npo, ref_logp=True, bss_base=True, demo=True),
-    "simnpo": Method(forget_simnpo),
-    "rmu": Method(forget_rmu, retain=retain_rmu, reference=True, setup=setup_rmu),
-    "wga": Method(forget_wga, bss_base=True),
+    "ga": Method(forget_ga, retain=None, bss_base=True, demo=True, open_unlearning=_TOKEN_MEAN),
+    "graddiff": Method(forget_ga, open_unlearning=(*_TOKEN_MEAN, "method.gamma=1", "method.alpha=1")),
+    "npo": Method(forget_npo, ref_logp=True, bss_base=True, demo=True,
+                  open_unlearning=("method.npo_beta=0.1", "method.gamma=1", "method.alpha=1")),
+    "simnpo": Method(forget_simnpo, open_unlearning=("method.simnpo_beta=4.5", "method.simnpo_delta=0",
+                                                     "method.gamma=0.125", "method.alpha=1")),
+    "rmu": Method(forget_rmu, retain=retain_rmu, reference=True, setup=setup_rmu,
+                  open_unlearning=("method.rmu_coeff=2", "method.rmu_layer=7", "method.rmu_params=all",
+                                   "method.gamma=1", "method.alpha=1")),
+    "wga": Method(forget_wga, bss_base=True, open_unlearning=(*_TOKEN_MEAN, "method.wga_beta=1", "method.gamma=1",
+                                                              "method.alpha=1")),
     "dpo": Method(forget_dpo, ref_logp=True, alternates=True, setup=setup_dpo),
     "altpo": Method(forget_dpo, ref_logp=True, alternates=True, sample_alternates=True, setup=setup_bss),
     "undial": Method(forget_undial, reference=True),
     "ceu": Method(forget_ceu, retain=None),
     "satimp": Method(forget_satimp),
     "pdu": Method(forget_pdu, dual=True, after_step=step_pdu, setup=setup_pdu, recipe=False),
-    "bs_t": Method(forget_bst, bss_base=True, demo=True),
-    "bs_s": Method(forget_bss, beliefs=True, setup=setup_bss, demo=True),
+    "bs_t": Method(forget_bst, bss_base=True, demo=True,
+                   open_unlearning=("method.reduction=sequence", "method.bst_lam=0.2", "method.bst_topk=20")),
+    "bs_s": Method(forget_bss, beliefs=True, setup=setup_bss, demo=True,
+                   open_unlearning=("method.bss_base=ga", *_TOKEN_MEAN, "method.bss_lam=0.5", "method.bss_samples=3",
+                                    "method.bss_temperature=1", "method.bss_top_k=50", "method.bss_top_p=1",
+                                    "method.bss_max_new_tokens=200", "method.bss_regen=epochs",
+                                    "method.bss_regen_every=2")),
 }
 """The method table: every method, declared once (see the module docstring)."""
+
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "open-unlearning": ("method.kl_positions=all",),  # open-unlearning's compute_kl_divergence: all B x T positions
+}
+"""Config presets: their common overrides; each method's own are its row's ``open_unlearning`` field."""
+
+
+def preset_overrides(preset: str, method: str) -> list[str]:
+    """The ``method.key=value`` overrides of ``preset`` for ``method``: the common ones, then the row's."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    if method not in METHODS:
+        raise ValueError(f"method.name must be one of {tuple(METHODS)}, got {method!r}")
+    return [*PRESETS[preset], *METHODS[method].open_unlearning]
 
 
 def method_for(command: str) -> str:

@@ -277,11 +277,11 @@ def test_no_method_name_compared_outside_the_table():
 
 def test_rmu_trains_down_proj_of_three_layers():
     model = tiny_llama(VOCAB, num_layers=4)
-    keep = methods.rmu_trainable(model, MethodConfig(name="rmu", rmu_layer=2))
+    keep = methods.rmu_trainable(model, MethodConfig(name="rmu", rmu_layer=2, rmu_params="down_proj"))
     assert keep == [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1, 2)]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == keep
     early = tiny_llama(VOCAB, num_layers=4)
-    assert methods.rmu_trainable(early, MethodConfig(name="rmu", rmu_layer=0)) == \
+    assert methods.rmu_trainable(early, MethodConfig(name="rmu", rmu_layer=0, rmu_params="down_proj")) == \
         ["model.layers.0.mlp.down_proj.weight"]
     everything = tiny_llama(VOCAB, num_layers=4)
     assert len(methods.rmu_trainable(everything, MethodConfig(name="rmu", rmu_layer=2, rmu_params="all"))) == \

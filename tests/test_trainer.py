@@ -86,7 +86,8 @@ def test_unlearning_lowers_forget_likelihood(original, method, tmp_path):
     data = original / "data"
     cfg = load_config(None, SMALL + [
         f"output_dir={tmp_path / method}", f"model.path={original / 'final'}", f"data.source={data}",
-        f"method.name={method}", "method.rmu_layer=0", "method.rmu_coeff=20", *EXTRA.get(method, ()),
+        f"method.name={method}", "method.rmu_layer=0", "method.rmu_coeff=20", "method.rmu_params=down_proj",
+        *EXTRA.get(method, ()),
         f"train.lr={5e-3 if method == 'rmu' else 5e-4}", "train.max_steps=6",
         "train.warmup_steps=0", "train.schedule=constant"], command="unlearn")
     run(cfg, progress=False)
