@@ -4,7 +4,8 @@ BS-S draws N responses per forget prompt over and over during training. The refe
 brief, H100): HF ``generate`` on an 8B model, 32 prompts x 3 samples x 200 new tokens, 7.4 s (2.6k tokens/s), while
 reading the weights once per decode step bounds it near 1 s. Both providers here sample at temperature 1 with EOS
 disabled, so every row decodes exactly ``--new`` tokens. One JSON object per provider and dtype on stdout, a ratio
-row per dtype; the last line is a JSON list of them all. Providers are interleaved rep by rep, the warm-up excluded, the median reported.
+row per dtype; the last line is a JSON list of them all. Providers are interleaved rep by rep, the warm-up
+excluded, the median reported.
 
     python -m benchmarks.bench_sampler                    # GPU: Llama-3.1-8B shapes, random bf16 weights
     python -m benchmarks.bench_sampler --preset cpu       # SmolLM2-135M shapes on the CPU, fp32 and bf16

@@ -17,7 +17,8 @@ default schedule (every 2 epochs: each prompt's beliefs are redrawn every 2 pass
 Random weights, no download. One JSON object per case; the last line is a JSON list.
 
     python -m benchmarks.bench_train_step                     # GPU preset (needs torchao and ~80 GB)
-    python -m benchmarks.bench_train_step --preset cpu        # a tiny shape on the CPU
+    python -m benchmarks.bench_train_step --preset cpu        # SmolLM2-135M's shape on the CPU, a small batch
+    python -m benchmarks.bench_train_step --preset smoke      # a tiny shape (seconds)
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ from bs_train.trainer import build_optimizer, parallelize, setup_distributed
 
 # Dense bf16 peak FLOP/s by device name, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-BATCH = {"gpu": dict(b=16, prompt=56, answer=200), "cpu": dict(b=2, prompt=8, answer=24)}
+# rows per micro-batch and tokens per row (ours). The cpu preset runs SmolLM2-135M's shape at the smoke preset's small
+# batch: issue 14's TOFU batch of 8 + 8 rows at real lengths is not built yet.
+BATCH = {"gpu": dict(b=16, prompt=56, answer=200), "cpu": dict(b=2, prompt=8, answer=24),
+         "smoke": dict(b=2, prompt=8, answer=24)}
 # (case label, method, its settings, whether it trains on sampled beliefs)
 CASES = [("ga", "ga", {}, False), ("npo", "npo", {}, False), ("bs_t", "bs_t", {}, False),
          ("bs_s_n3", "bs_s", {"bss_samples": 3}, True), ("bs_s_n8", "bs_s", {"bss_samples": 8}, True)]
@@ -163,7 +167,7 @@ def hf_stack(spec, shape, device, reps):
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["gpu", "cpu"], default=None, help="default: gpu with CUDA, else cpu")
+    p.add_argument("--preset", choices=sorted(BATCH), default=None, help="default: gpu with CUDA, else cpu")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)

@@ -8,13 +8,14 @@ import json
 
 import pytest
 
-from benchmarks import bench_sampler, bench_train_step
+from benchmarks import bench_sampler, bench_train_step, memory_budget
 
 
 @pytest.mark.parametrize("script, key, want", [
     (bench_sampler, "provider", ["bs_sampler", "hf_generate"]),
     (bench_train_step, "case", ["hf_stack_graddiff", "ours_ga", "ours_npo", "ours_bs_t", "ours_bs_s_n3",
-                                "ours_bs_s_n8"]),
+                                "ours_bs_s_n8", "ours_lora_npo", "ours_lora_bs_t", "ours_lora_bs_s_n3",
+                                "ours_offload_bs_t"]),
 ], ids=["sampler", "train_step"])
 def test_cpu_preset_runs_every_case(script, key, want, tmp_path):
     out = tmp_path / "result.json"
@@ -25,3 +26,16 @@ def test_cpu_preset_runs_every_case(script, key, want, tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["device"] == "cpu" for r in cases)
     assert all(r["date"] and r["torch"] and r["command"] for r in cases)
     assert json.loads(out.read_text()) == rows
+
+
+def test_memory_budget_fits_each_plan_on_its_gpu(tmp_path):
+    """The computed budgets at Llama-3.1-8B's shapes: 8.03 B parameters; each plan's peak within its GPU; LoRA keeps
+    only 16-bit base weights resident; the offload plan holds the optimizer states in host memory and says so."""
+    rows = memory_budget.main(["--out", str(tmp_path / "b.json")])
+    by = {r["case"]: r for r in rows}
+    assert all(r["computed"] and r["fits"] for r in rows)
+    assert round(by["lora24_bs_s"]["params"] / 1e9, 2) == 8.03
+    assert by["lora24_bs_s"]["peak_gib"] < 24 * 1e9 / 2**30 - 2  # >= 2 GiB of a 24 GB card left
+    assert by["offload40_bs_s"]["host_gib"] > by["offload40_bs_s"]["peak_train_gib"]
+    assert 0 < by["offload40_graddiff"]["time"]["tokens_per_s_grad_accum_4"] \
+        < by["offload40_graddiff"]["time"]["tokens_per_s_on_gpu_same_compute"]

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from bs_kernels import IGNORE_INDEX
 
-from .config import MethodConfig
 from .data import collate
 from .sampler import Sampler, SamplingConfig, gathered_parameters
 
@@ -59,7 +59,9 @@ class BeliefSet:
         return cls(state["prompts"], state["answers"], state["logp"], int(state["round"]))
 
 
-def sampling_config(cfg: MethodConfig) -> SamplingConfig:
+# ``cfg`` below is a ``config.MethodConfig``, not imported: the config imports the method table, which builds
+# BeliefSets (IdkDPO's alternates).
+def sampling_config(cfg: Any) -> SamplingConfig:
     return SamplingConfig(n=cfg.bss_samples, max_new_tokens=cfg.bss_max_new_tokens, temperature=cfg.bss_temperature,
                           top_k=cfg.bss_top_k, top_p=cfg.bss_top_p)
 
@@ -68,7 +70,7 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def belief_sampler(lm: torch.nn.Module, prompts: list[list[int]], cfg: MethodConfig, *, eos_id: int,
+def belief_sampler(lm: torch.nn.Module, prompts: list[list[int]], cfg: Any, *, eos_id: int,
                    pad_id: int) -> Sampler:
     """One sampler for a whole run: shapes fixed by the longest forget prompt, so every round reuses its cache and
     compiled decode step."""
@@ -76,7 +78,7 @@ def belief_sampler(lm: torch.nn.Module, prompts: list[list[int]], cfg: MethodCon
                    prompt_width=max(map(len, prompts)), eos_id=eos_id, pad_id=pad_id)
 
 
-def draw_beliefs(root: torch.nn.Module, lm: torch.nn.Module, prompts: list[list[int]], cfg: MethodConfig, *,
+def draw_beliefs(root: torch.nn.Module, lm: torch.nn.Module, prompts: list[list[int]], cfg: Any, *,
                  eos_id: int, pad_id: int, seed: int, round_: int, rank: int = 0, world: int = 1,
                  sampler: Sampler | None = None) -> BeliefSet:
     """Sample N beliefs for every prompt with the current weights of ``lm`` (``root`` is the FSDP root holding it).

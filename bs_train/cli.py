@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import load_config
+from .config import PRESETS, load_config
 from .console import quiet_third_party
 from .report import COLUMNS, TRAIN_COLUMNS, markdown_table
 
@@ -38,6 +38,8 @@ COMMANDS = ("finetune", "unlearn", "config", "eval", "compare", "demo", "recipe"
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (optional; defaults are the paper's)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="open-unlearning: the reference trainers' reductions and settings (methods.PRESETS)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 method.name=npo")
 
 
@@ -69,6 +71,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s.add_argument("--retain-model", help="model trained on the retain split only: forget quality, privleak")
     s.add_argument("--judge", default="embedding", help="none | embedding (offline) | chat model path or Hub id")
     s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--protocol", default="exact", help="exact (ours) | open-unlearning (its inputs, mask and epsilon)")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--max-rows", type=int, help="use only the first N rows of every split (a quick, bounded look)")
     s.add_argument("--splits", help="utility splits to evaluate, comma-separated, from retain_perturbed, "
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def config_main(command: str, args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.config, args.overrides, command=args.run_command)
+        cfg = load_config(args.config, args.overrides, command=args.run_command, preset=args.preset)
     except (ValueError, OSError) as e:
         print(f"bs-unlearn config: config error: {e}", file=sys.stderr)
         return 2
@@ -136,7 +139,7 @@ def config_main(command: str, args: argparse.Namespace) -> int:
 
 def train_main(command: str, args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.config, args.overrides, command=command)
+        cfg = load_config(args.config, args.overrides, command=command, preset=args.preset)
     except (ValueError, OSError) as e:
         print(f"bs-unlearn: config error: {e}", file=sys.stderr)
         return 2
@@ -181,7 +184,7 @@ def eval_main(command: str, args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    from .data import resolve_data
+    from .data import check_protocol, resolve_data
     from .evaluate import UTILITY_SPLITS, evaluate_model, first_rows, reference_statistics
     from .judge import make_judge
 
@@ -199,7 +202,7 @@ def eval_main(command: str, args: argparse.Namespace) -> int:
         data = first_rows(resolve_data(args.data, args.models[0]), args.max_rows)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         load_kw = {"device": device, "dtype": "auto"}
-        kw = {"batch_size": args.batch_size, "max_length": 512}
+        kw = {"batch_size": args.batch_size, "max_length": 512, "protocol": check_protocol(args.protocol)}
         if args.retain_model is None:
             say("no --retain-model: forget quality is not computed, and PrivLeak is measured against AUC 0.5 "
                 "instead of a retain model (train one with `bs-unlearn finetune data.train_split=retain90`)")
@@ -215,7 +218,8 @@ def eval_main(command: str, args: argparse.Namespace) -> int:
             res = evaluate_model(spec, data, forget_split=args.forget_split, retain_model=ref, judge=judge,
                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device,
                                  utility_splits=utility, progress=not args.no_progress,
-                                 estimate_models=len(args.models) if i == 0 else 0, report=say)
+                                 estimate_models=len(args.models) if i == 0 else 0, report=say,
+                                 protocol=args.protocol)
         except ValueError as e:
             say(f"{spec}: {e}")
             return 2
@@ -304,6 +308,8 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
                    help="forget10 answer probability and greedy ROUGE-L the original must reach before unlearning")
     p.add_argument("--finetune", nargs="*", default=[],
                    help="fine-tuning settings (key=value), applied after the recipe's own (recipe.FINETUNE)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="config preset of every unlearning run")
+    p.add_argument("--protocol", default="exact", help="evaluation protocol: exact | open-unlearning")
     p.add_argument("--unlearn", nargs="*", default=[],
                    help="unlearning settings (key=value), applied after the recipe's own (recipe.UNLEARN)")
 
@@ -315,7 +321,8 @@ def recipe_main(command: str, args: argparse.Namespace) -> int:
     try:
         recipe = Recipe(args.out, args.data, model=args.model, methods=tuple(args.methods.split(",")),
                         lr_grid=tuple(float(x) for x in args.lr_grid.split(",")), max_new_tokens=args.max_new_tokens,
-                        budget_s=args.budget_s, probe_bar=args.probe_bar, finetune=[*FINETUNE, *args.finetune],
+                        budget_s=args.budget_s, probe_bar=args.probe_bar, preset=args.preset, protocol=args.protocol,
+                        finetune=[*FINETUNE, *args.finetune],
                         unlearn=[*UNLEARN, *args.unlearn])
     except ValueError as e:
         print(f"bs-unlearn recipe: {e}", file=sys.stderr)

@@ -3,7 +3,10 @@
 A run is described by a ``RunConfig`` built from a YAML file plus ``key=value`` overrides (``train.lr=1e-4``,
 ``method.name=npo``); the resolved config is written beside the run's outputs (``config.yaml``), so every result
 can be traced to the exact settings that produced it. Defaults follow the paper's code: lr 1e-5, 10 epochs on TOFU,
-effective batch 32, lambda_BST 0.2, k 20, gamma = alpha = 1.
+effective batch 32, lambda_BST 0.2, k 20, gamma = alpha = 1. Every method default names its source: "paper" is the
+BS paper (LLM Unlearning with LLM Beliefs, ICLR 2026), "fork" the authors' kemoulee/open-unlearning (branch dev)
+configs/trainer/{BST,BSS}.yaml, "OU" locuslab/open-unlearning configs/trainer/<Method>.yaml; "ours" says why.
+``load_config(..., preset="open-unlearning")`` applies ``methods.PRESETS`` (the references' reductions and settings).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ BSS_BASES = tuple(name for name, m in methods.METHODS.items() if m.bss_base)
 RETAIN_TERMS = tuple(methods.RETAIN_TERMS)
 BSS_REGEN = ("epochs", "steps", "never")
 RMU_PARAMS = ("down_proj", "all")
+REDUCTIONS = ("sequence", "token")
+KL_POSITIONS = ("answer", "all")
+PRESETS = tuple(methods.PRESETS)
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw_bf16_sr", "adamw8bit")
 MEMORY_PLANS = ("none", *memory.PLANS)
@@ -104,66 +110,120 @@ class DataConfig:
 @dataclass
 class MethodConfig:
     name: str = "bs_t"
-    """A method of the table ``methods.METHODS``: finetune, ga, graddiff, npo, simnpo, rmu, wga, bs_t, bs_s. The
-    default is the paper's BS-T."""
+    """A method of the table ``methods.METHODS``: finetune, ga, graddiff, npo, simnpo, rmu, wga, dpo, altpo, undial,
+    ceu, satimp, pdu, bs_t, bs_s. The default is the paper's BS-T."""
     gamma: float = 1.0
-    """Weight of the forget loss."""
+    """Weight of the forget loss (paper; OU GradDiff.yaml and every trainer but SimNPO.yaml's 0.125)."""
     alpha: float = 1.0
-    """Weight of the retain term."""
+    """Weight of the retain term (paper; OU GradDiff.yaml, NPO.yaml, SimNPO.yaml, RMU.yaml, WGA.yaml)."""
     retain: str = "nll"
-    """Retain term: ``nll`` on retain answers, ``kl`` to the initial model on retain answers, or ``none``.
+    """Retain term: ``nll`` on retain answers, ``kl`` to the initial model, or ``none`` (paper and OU: NLL).
     ``ga`` ignores it (pure gradient ascent); ``rmu`` uses its own activation-matching retain term."""
+    reduction: str = "sequence"
+    """Mean over answer tokens of ga, graddiff, wga and bs_t: ``sequence`` (per sequence, then over sequences: the
+    paper's formula and the fork's BS-T) or ``token`` (one mean over the step's answer tokens: OU's GA, GradDiff and
+    WGA code and the fork's BS-S). NPO / SimNPO / RMU are per-sequence losses in both."""
+    kl_positions: str = "answer"
+    """KL retain term's positions: ``answer`` (retain answer tokens, ours: the prompt is not what is retained and
+    padding is no text) or ``all`` (every B x T position incl. prompt and padding, as OU's compute_kl_divergence)."""
     bst_lam: float = 0.2
-    """BS-T: mass lambda moved from the label onto the model's top-k beliefs."""
+    """BS-T: mass lambda moved from the label onto the model's top-k beliefs (paper; fork BST.yaml lambda_bst)."""
     bst_topk: int = 20
-    """BS-T: size k of the belief set."""
+    """BS-T: size k of the belief set (paper; fork BST.yaml top_k)."""
     npo_beta: float = 0.1
-    """NPO inverse temperature."""
-    simnpo_beta: float = 2.5
-    """SimNPO inverse temperature."""
+    """NPO inverse temperature (NPO paper, Zhang et al. 2024; OU NPO.yaml beta)."""
+    simnpo_beta: float = 4.5
+    """SimNPO inverse temperature (OU SimNPO.yaml beta 4.5, from OPTML-Group/Unlearn-Simple TOFU/config/forget.yaml;
+    it pairs with gamma 0.125 there, which the recipe and the preset set)."""
     simnpo_delta: float = 0.0
     """SimNPO reward margin delta, as in the paper's loss -(2/beta) log sigmoid(-(beta/|y|) log pi(y|x) - delta). The
     official code writes the margin inside the scaling, beta (NLL/|y| - delta'): use delta = beta * delta' to match a
-    delta' taken from it."""
+    delta' taken from it. Default 0: OU SimNPO.yaml delta 0.0."""
     wga_beta: float = 1.0
-    """WGA: tokens weighted by the detached p(y_i)^beta."""
+    """WGA: tokens weighted by the detached p(y_i)^beta (OU WGA.yaml beta 1.0)."""
+    dpo_beta: float = 0.1
+    """IdkDPO's and AltPO's inverse temperature beta (open-unlearning configs/trainer/DPO.yaml: 0.1; its AltPO
+    recipe, community/methods/AltPO/run.sh, searches 0.05, 0.1, 0.5). AltPO's alternates are drawn with the
+    ``bss_*`` sampling settings (its generate.yaml: 5 samples, temperature 1, 200 new tokens)."""
+    undial_beta: float = 10.0
+    """UNDIAL: how far the label's logit is lowered in the initial model's target distribution (the paper's gamma,
+    Dong et al. 2024; open-unlearning configs/trainer/UNDIAL.yaml ``beta: 10``, which also sets alpha 0: no retain
+    term, as the paper: add ``method.retain=none`` to match it)."""
+    ceu_ignore_first: int = 1
+    """CE-U: answer tokens at the start of each answer left out of the loss (open-unlearning configs/trainer/CEU.yaml
+    ``ignore_first_n_answer_tokens: 1``, after the footnote of Yang et al. 2025, arXiv:2503.01224); 0, 1 or 2."""
+    satimp_beta1: float = 5.0
+    """SatImp: exponent of the saturation weight p(y_i)^beta1 (open-unlearning configs/trainer/SatImp.yaml: 5; that
+    config also sets gamma 0.1, lr 1e-5, 5 epochs)."""
+    satimp_beta2: float = 1.0
+    """SatImp: exponent of the importance weight (1 - p(y_i))^beta2 (open-unlearning configs/trainer/SatImp.yaml: 1)."""
+    pdu_retain_eps: float | None = None
+    """PDU: the bound eps of the retain constraint retain <= eps; required (open-unlearning configs/trainer/PDU.yaml
+    leaves it ``???``; its README: somewhat above the initial model's retain loss). The dual variable starts at
+    method.alpha (that README suggests 50 to 100 for its loss scale)."""
+    pdu_dual_step: float = 1.0
+    """PDU: step size eta of the dual ascent lambda <- max(0, lambda + eta (retain - eps)) after every optimizer step
+    (PDU.yaml ``dual_step_size: 1.0``, ``dual_update_upon: step``)."""
+    pdu_dual_warmup_epochs: int = 5
+    """PDU: epochs before the dual variable starts moving (PDU.yaml ``dual_warmup_epochs: 5``)."""
     rmu_layer: int = 7
     """RMU: decoder layer (0-based, ``model.layers.{l}``) whose output activations are steered on the forget answers
-    and held on the retain answers; open-unlearning's ``module_regex: model\\.layers\\.7``."""
-    rmu_coeff: float = 20.0
-    """RMU: scale c of the fixed random unit direction that forget activations are pushed to (open-unlearning's
-    default; its TOFU config uses 300 with alpha 1000)."""
-    rmu_params: str = "down_proj"
-    """RMU: parameters trained: ``down_proj`` (``mlp.down_proj.weight`` of layers l-2..l, as WMDP and
-    open-unlearning) or ``all``."""
+    and held on the retain answers (OU RMU.yaml ``module_regex: model\\.layers\\.7``)."""
+    rmu_coeff: float = 2.0
+    """RMU: scale c of the fixed random unit direction that forget activations are pushed to (OU RMU.yaml
+    steering_coeff 2; the RMU class default is 20, WMDP's is larger and model-specific)."""
+    rmu_params: str = "all"
+    """RMU: parameters trained: ``all`` (OU RMU.yaml ``trainable_params_regex: .*``) or ``down_proj``
+    (``mlp.down_proj.weight`` of layers l-2..l: WMDP's choice and OU RMU.py's class default)."""
     bss_lam: float = 0.5
-    """BS-S: weight lambda_S of the loss on the model's own beliefs; forget = (1 - lambda_S) L(D_u) + lambda_S L(D^_u)."""
+    """BS-S: weight lambda_S of the loss on the model's own beliefs; forget = (1 - lambda_S) L(D_u) + lambda_S L(D^_u)
+    (paper; fork BSS.yaml lambda_bss)."""
     bss_base: str = "bs_t"
-    """BS-S: base forget loss L applied to both the targets and the beliefs: ga, npo, wga or bs_t."""
+    """BS-S: base forget loss L applied to both the targets and the beliefs: ga, npo, wga or bs_t (paper: BS-T is the
+    strongest base; the fork's code always uses GA with the token mean, which the open-unlearning preset sets)."""
     bss_samples: int = 3
-    """BS-S: beliefs N drawn per forget prompt."""
+    """BS-S: beliefs N drawn per forget prompt (paper; fork BSS.yaml n_samples)."""
     bss_temperature: float = 1.0
-    """BS-S: sampling temperature (0 = greedy)."""
-    bss_top_k: int = 0
-    """BS-S: top-k truncation when sampling (0 = off)."""
+    """BS-S: sampling temperature, 0 = greedy (paper; fork BSS.yaml temperature)."""
+    bss_top_k: int = 50
+    """BS-S: top-k truncation when sampling, 0 = off. 50 is what the fork's beliefs are sampled with: its bss.py calls
+    HF ``generate(do_sample=True, top_p=None, ...)`` without top_k, so generate's default top_k=50 applies."""
     bss_top_p: float = 1.0
-    """BS-S: nucleus truncation when sampling (1 = off)."""
+    """BS-S: nucleus truncation when sampling, 1 = off (fork bss.py: ``top_p=None``)."""
     bss_max_new_tokens: int = 200
-    """BS-S: longest belief, in generated tokens."""
+    """BS-S: longest belief, in generated tokens (paper; fork bss.py ``max_new_tokens=200``)."""
     bss_regen: str = "epochs"
     """BS-S: regenerate beliefs every ``bss_regen_every`` epochs or steps ("on-policy"), or never: drawn once before
-    training ("off-policy")."""
+    training ("off-policy") (paper; fork BSS.yaml regeneration_epochs)."""
     bss_regen_every: int = 2
-    """BS-S: the regeneration period, in the unit of ``bss_regen``."""
+    """BS-S: the regeneration period, in the unit of ``bss_regen`` (paper; fork BSS.yaml regeneration_epochs 2)."""
     bss_prompts_per_round: int = 32
-    """BS-S: prompts sampled together (each with its N samples) per sampler call."""
+    """BS-S: prompts sampled together (each with its N samples) per sampler call (ours: a batch size that only sets
+    speed and memory, never the result's distribution)."""
 
     def __post_init__(self):
         _require(self.name in METHODS, f"method.name must be one of {METHODS}, got {self.name!r}")
         _require(self.retain in RETAIN_TERMS, f"method.retain must be one of {RETAIN_TERMS}, got {self.retain!r}")
+        _require(self.reduction in REDUCTIONS, f"method.reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        _require(self.kl_positions in KL_POSITIONS,
+                 f"method.kl_positions must be one of {KL_POSITIONS}, got {self.kl_positions!r}")
         _require(0.0 <= self.bst_lam <= 1.0, f"method.bst_lam must lie in [0, 1], got {self.bst_lam}")
         _require(self.bst_topk >= 1, f"method.bst_topk must be >= 1, got {self.bst_topk}")
-        for name in ("npo_beta", "simnpo_beta"):
+        # CE-U's global count of kept tokens is exact only while every answer (>= 1 token + EOS) has >= k tokens.
+        _require(0 <= self.ceu_ignore_first <= 2, f"method.ceu_ignore_first must be 0, 1 or 2, got "
+                 f"{self.ceu_ignore_first}")
+        _require(self.satimp_beta1 >= 0 and self.satimp_beta2 >= 0,
+                 f"method.satimp_beta1 and satimp_beta2 must be >= 0, got {self.satimp_beta1}, {self.satimp_beta2}")
+        _require(self.undial_beta >= 0, f"method.undial_beta must be >= 0, got {self.undial_beta}")
+        if methods.METHODS[self.name].dual:
+            _require(self.pdu_retain_eps is not None, f"method.name={self.name} needs method.pdu_retain_eps, the "
+                     "bound of its retain constraint (a little above the initial model's retain loss)")
+            _require(self.retain != "none", f"method.name={self.name} constrains its retain term; method.retain "
+                     "must be nll or kl")
+        _require(self.pdu_dual_step >= 0, f"method.pdu_dual_step must be >= 0, got {self.pdu_dual_step}")
+        _require(self.pdu_dual_warmup_epochs >= 0,
+                 f"method.pdu_dual_warmup_epochs must be >= 0, got {self.pdu_dual_warmup_epochs}")
+        for name in ("npo_beta", "simnpo_beta", "dpo_beta"):
             _require(getattr(self, name) > 0, f"method.{name} must be > 0, got {getattr(self, name)}")
         _require(self.gamma >= 0 and self.alpha >= 0, "method.gamma and method.alpha must be >= 0")
         _require(self.rmu_layer >= 0, f"method.rmu_layer must be >= 0, got {self.rmu_layer}")
@@ -409,8 +469,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **top) -> RunConfig:
-    """Read a YAML config (optional), apply overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, preset: str | None = None,
+                **top) -> RunConfig:
+    """Read a YAML config (optional), apply a preset's overrides (``methods.PRESETS``, for the method the file and
+    ``overrides`` name), then ``overrides``, validate. The user's overrides win over the preset's."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -428,4 +490,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a config file must hold a mapping, got {type(raw).__name__}")
     raw.update({k: v for k, v in top.items() if v is not None})
+    if preset is not None:
+        named = apply_overrides(raw, overrides or [])
+        name = (named.get("method") or {}).get("name", MethodConfig.name)
+        rows = [n for n, m in methods.METHODS.items() if m.command == named.get("command", RunConfig.command)]
+        if name not in rows and len(rows) == 1:  # a command with one method (finetune) runs that one
+            name = rows[0]
+        raw = apply_overrides(raw, methods.preset_overrides(preset, str(name)))
     return build_config(apply_overrides(raw, overrides or []))

@@ -10,7 +10,12 @@ Unlearning trains on two sets of question/answer pairs, a forget set and a retai
   folder, a Hub id or an in-memory ``{split: rows}`` mapping) and its optional splits; ``check_perturbed`` and
   ``wrong_answers`` check and read the wrong answers of the ``_perturbed`` / real-authors / world-facts rows;
 * ``encode_qa`` tokenises one pair as prompt + answer + EOS with labels on the answer tokens and EOS only (the
-  prompt is the tokenizer's chat template when it has one); labels are unshifted, Hugging Face style;
+  prompt is the tokenizer's chat template when it has one); labels are unshifted, Hugging Face style. With
+  ``protocol="open-unlearning"`` it builds open-unlearning's inputs instead (``src/data/utils.py``
+  ``preprocess_chat_instance``): its template arguments per chat family (``OU_TEMPLATE_ARGS``), the whole chat
+  tokenised at once and labels on everything after the prompt (for ChatML: answer + ``<|im_end|>\\n<|im_end|>``);
+  ``collate(..., mask_pad_tokens=True)`` then gives its attention mask ``input_ids != pad`` (with pad == eos every
+  EOS in the text is masked: open-unlearning issue #128);
 * ``QADataset`` and ``collate`` turn rows into right-padded ``[B, T]`` int64 batches;
 * ``ForgetRetainSampler`` yields paired (forget, retain) index batches from explicit seeded generators, with a
   ``state_dict`` so a resumed run sees exactly the index sequence of an uninterrupted one.
@@ -193,24 +198,94 @@ def wrong_answers(row: dict[str, Any]) -> list[str]:
 CHAT_DATE = "26 Jul 2024"
 
 
-def format_prompt(tokenizer: Any, question: str) -> str:
+PROTOCOLS = ("exact", "open-unlearning")
+"""Input constructions: ``exact`` (ours: no system prompt, labels = answer + EOS) or ``open-unlearning``'s."""
+
+# open-unlearning's template arguments (locuslab/open-unlearning configs/model/*.yaml ``template_args``), per chat
+# family: Llama-3.x (Llama-3.2-1B-Instruct.yaml, Llama-3.1-8B-Instruct.yaml) and ChatML (Qwen2.5-*-Instruct.yaml;
+# open-unlearning has no SmolLM2 config, so ChatML models get the Qwen2.5 configs' arguments).
+OU_TEMPLATE_ARGS = {
+    "llama3": {"system_prompt": "You are a helpful assistant.", "date_string": "10 Apr 2025"},
+    "chatml": {"system_prompt": "You are a helpful assistant."},
+}
+
+
+def check_protocol(protocol: str) -> str:
+    """``protocol`` if it is one of ``PROTOCOLS``, else a ``ValueError`` naming it."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return protocol
+
+
+def chat_family(tokenizer: Any) -> str | None:
+    """``llama3`` / ``chatml`` from the chat template's turn markers; None without a template or for another one."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if not isinstance(template, str):
+        return None
+    if "<|start_header_id|>" in template:
+        return "llama3"
+    if "<|im_start|>" in template:
+        return "chatml"
+    return None
+
+
+def _ou_chat(tokenizer: Any, question: str, answer: str | None) -> tuple[list[dict[str, str]], dict[str, str]]:
+    args = OU_TEMPLATE_ARGS.get(chat_family(tokenizer), {})
+    chat = [{"role": "system", "content": args["system_prompt"]}] if args.get("system_prompt") else []
+    chat.append({"role": "user", "content": question})
+    if answer is not None:
+        chat.append({"role": "assistant", "content": answer})
+    return chat, ({"date_string": args["date_string"]} if "date_string" in args else {})
+
+
+def format_prompt(tokenizer: Any, question: str, protocol: str = "exact") -> str:
     """The prompt text for ``question``: the tokenizer's chat template (one user turn plus the assistant header,
-    ``date_string`` fixed to ``CHAT_DATE``) when it has one, else ``"Question: {question}\\nAnswer: "``."""
+    ``date_string`` fixed to ``CHAT_DATE``) when it has one, else ``"Question: {question}\\nAnswer: "`` (also
+    open-unlearning's tags without a template, phi-1_5.yaml). With ``protocol="open-unlearning"``, the chat template
+    with open-unlearning's arguments (``OU_TEMPLATE_ARGS``)."""
     if getattr(tokenizer, "chat_template", None):
+        if check_protocol(protocol) == "open-unlearning":
+            chat, extra = _ou_chat(tokenizer, question, None)
+            return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False, **extra)
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False,
             date_string=CHAT_DATE,
         )
+    check_protocol(protocol)
     return f"Question: {question}\nAnswer: "
 
 
-def encode_prompt(tokenizer: Any, question: str) -> list[int]:
+def _special(tokenizer: Any, protocol: str) -> bool:
+    """open-unlearning tokenises tag prompts (no chat template) with the tokenizer's special tokens (its BOS)."""
+    return protocol == "open-unlearning" and not getattr(tokenizer, "chat_template", None)
+
+
+def encode_prompt(tokenizer: Any, question: str, protocol: str = "exact") -> list[int]:
     """Token ids of the prompt alone (what generation starts from); the same ids ``encode_qa`` puts first."""
-    return list(tokenizer(format_prompt(tokenizer, question), add_special_tokens=False)["input_ids"])
+    text = format_prompt(tokenizer, question, protocol)
+    return list(tokenizer(text, add_special_tokens=_special(tokenizer, protocol))["input_ids"])
 
 
-def encode_qa(tokenizer: Any, question: str, answer: str, *, max_length: int) -> dict[str, list[int]]:
-    """``input_ids = prompt + answer + [eos]`` and ``labels = [-100] * len(prompt) + answer + [eos]``.
+def _encode_qa_ou(tokenizer: Any, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """open-unlearning's (input_ids, labels): the whole chat tokenised at once, EOS appended unless it ends with one,
+    labels on every token after the prompt (``preprocess_chat_instance``)."""
+    prompt_ids = encode_prompt(tokenizer, question, "open-unlearning")
+    if getattr(tokenizer, "chat_template", None):
+        chat, extra = _ou_chat(tokenizer, question, answer)
+        text = tokenizer.apply_chat_template(chat, add_generation_prompt=False, tokenize=False, **extra)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    else:
+        text = format_prompt(tokenizer, question, "open-unlearning") + answer
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+    return ids, [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
+
+
+def encode_qa(tokenizer: Any, question: str, answer: str, *, max_length: int,
+              protocol: str = "exact") -> dict[str, list[int]]:
+    """``input_ids = prompt + answer + [eos]`` and ``labels = [-100] * len(prompt) + answer + [eos]``; with
+    ``protocol="open-unlearning"`` that protocol's ids and labels (``_encode_qa_ou``).
 
     Labels are not shifted (the loss shifts them, as in Hugging Face). Raises ``ValueError`` if the answer encodes
     to no tokens or the example is longer than ``max_length`` tokens.
@@ -220,6 +295,11 @@ def encode_qa(tokenizer: Any, question: str, answer: str, *, max_length: int) ->
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("encode_qa: the tokenizer has no eos_token; set one (answers end with it)")
+    if check_protocol(protocol) == "open-unlearning":
+        input_ids, labels = _encode_qa_ou(tokenizer, question, answer)
+        if len(input_ids) > max_length:
+            raise ValueError(f"encode_qa: example is {len(input_ids)} tokens, longer than max_length={max_length}")
+        return {"input_ids": input_ids, "labels": labels}
     prompt_ids = encode_prompt(tokenizer, question)
     answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
     if not answer_ids:
@@ -261,9 +341,10 @@ class QADataset(torch.utils.data.Dataset):
         return {"input_ids": enc["input_ids"], "labels": enc["labels"], "index": i}
 
 
-def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(items: list[dict[str, Any]], pad_id: int, *, mask_pad_tokens: bool = False) -> dict[str, torch.Tensor]:
     """Right-pad items to the longest: ``input_ids`` (``pad_id``), ``attention_mask`` (0 on padding), ``labels``
-    (-100 on padding), all ``[B, T]`` int64, and ``index`` ``[B]`` int64."""
+    (-100 on padding), all ``[B, T]`` int64, and ``index`` ``[B]`` int64. ``mask_pad_tokens``: the attention mask is
+    ``input_ids != pad_id`` instead (open-unlearning's collator: with pad == eos it masks every EOS in the text)."""
     if not items:
         raise ValueError("collate: empty batch")
     lengths = [len(it["input_ids"]) for it in items]
@@ -279,6 +360,8 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
         attention_mask[j, :n] = 1
         labels[j, :n] = torch.tensor(it["labels"], dtype=torch.int64)
     index = torch.tensor([int(it["index"]) for it in items], dtype=torch.int64)
+    if mask_pad_tokens:
+        attention_mask = (input_ids != pad_id).to(torch.int64)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}
 
 

@@ -10,6 +10,11 @@ otherwise), ``bs_train/judge.py`` for similarity and fluency, and turns them int
 * ``forget_statistics`` / ``reference_statistics``: the forget-set numbers that need no generation, for this model
   or for a retain model used as the reference of forget quality and PrivLeak.
 
+``protocol="exact"`` (default) builds the inputs our way; ``"open-unlearning"`` as open-unlearning's evaluator does
+(``bs_train/data.py``: its template arguments, labels and pad-token attention mask; greedy answers through HF
+``generate`` with that mask; 1e-10 in the truth ratio and forget quality). Both report forget quality as the
+p-value (``forget_quality``) and its natural log (``forget_quality_log``, what the BS authors' fork reports).
+
 Splits read: ``{forget}`` (+ ``{forget}_perturbed``), ``holdout{NN}``, ``retain_perturbed``, ``real_authors`` /
 ``world_facts`` (+ ``_perturbed``). Splits that do not exist are skipped and named in ``notes``; model utility is
 computed over the splits present (``utility_splits``; the caller may ask for fewer). ``first_rows(data, n)`` bounds
@@ -31,7 +36,7 @@ import torch
 
 from . import metrics
 from .console import progress as progress_bar
-from .data import check_perturbed, load_split, resolve_data, wrong_answers
+from .data import check_perturbed, check_protocol, load_split, resolve_data, wrong_answers
 from .generation import generate_text
 from .judge import make_judge
 from .model import load_model, model_device, resolve_model_path
@@ -175,10 +180,16 @@ def _nll_lists(model, tok, questions: Sequence[str], answer_lists: Sequence[Sequ
     return [nll[bounds[i]:bounds[i + 1]] for i in range(len(answer_lists))]
 
 
+def _eps(protocol: str) -> float:
+    """The truth-ratio epsilon of a protocol: open-unlearning's 1e-10, none in ours."""
+    return metrics.OU_EPS if check_protocol(protocol) == "open-unlearning" else 0.0
+
+
 def forget_statistics(model: torch.nn.Module, tokenizer: Any, data: Any, *, forget_split: str = "forget10",
-                      mia_k: float = metrics.MIN_K_DEFAULT, **kw: Any) -> dict[str, Any]:
+                      mia_k: float = metrics.MIN_K_DEFAULT, protocol: str = "exact", **kw: Any) -> dict[str, Any]:
     """Everything about the forget set that needs no generation: probabilities, truth ratios, ES, EM and the MIA
     scores/AUCs against the holdout split. Also what a retain model contributes as the reference."""
+    eps, kw = _eps(protocol), {**kw, "protocol": protocol}
     forget = _split(data, forget_split)
     res: dict[str, Any] = {"notes": []}
     q, a = [r["question"] for r in forget], [r["answer"] for r in forget]
@@ -194,10 +205,10 @@ def forget_statistics(model: torch.nn.Module, tokenizer: Any, data: Any, *, forg
         pq = [r["question"] for r in pert]
         para = _nll_lists(model, tokenizer, pq, [[r["paraphrased_answer"]] for r in pert], **kw)
         wrong = _nll_lists(model, tokenizer, pq, [r["perturbed_answer"] for r in pert], **kw)
-        trs = [metrics.truth_ratio(p[0], w) for p, w in zip(para, wrong)]
+        trs = [metrics.truth_ratio(p[0], w, eps) for p, w in zip(para, wrong)]
         res["forget_Q_A_PARA_Prob"] = float(np.mean([metrics.probability(p)[0] for p in para]))
         res["forget_Q_A_PERT_Prob"] = float(np.mean([metrics.probability(w).mean() for w in wrong]))
-        res["forget_truth_ratio"] = metrics.truth_ratio_forget(trs)
+        res["forget_truth_ratio"] = metrics.truth_ratio_forget(trs, eps)
         res["forget_truth_ratio_pc"] = metrics.truth_ratio_pc(trs)
         res["forget_truth_ratios"] = trs
     else:
@@ -268,7 +279,9 @@ def _utility_block(model, tok, rows: list[dict[str, Any]], prefix: str, *, kind:
                    batch_size: int, on_batch: Callable[[int], None] | None = None, **kw: Any) -> dict[str, float]:
     check_perturbed(rows, prefix, paraphrase=kind == "retain")
     q = [r["question"] for r in rows]
-    gens = generate_text(model, tok, q, max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch)
+    protocol = kw.get("protocol", "exact")
+    gens = generate_text(model, tok, q, max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch,
+                         protocol=protocol)
     kw["on_batch"] = on_batch
     out = {f"{prefix}_Q_A_ROUGE": float(np.mean(metrics.rouge_l_recall(gens, [r["answer"] for r in rows])))}
     if kind == "retain":  # TOFU retain_perturbed: paraphrased vs perturbed answers
@@ -282,7 +295,7 @@ def _utility_block(model, tok, rows: list[dict[str, Any]], prefix: str, *, kind:
     if kind != "retain":
         out[f"{prefix}_Q_A_Prob_normalised"] = float(np.mean(
             [metrics.normalised_option_probability(p[0], w) for p, w in zip(para, wrong)]))
-    ratios = [metrics.truth_ratio(p[0], w) for p, w in zip(para, wrong)]
+    ratios = [metrics.truth_ratio(p[0], w, _eps(protocol)) for p, w in zip(para, wrong)]
     out[f"{prefix}_Truth_Ratio"] = metrics.truth_ratio_retain(ratios)
     return out
 
@@ -292,12 +305,12 @@ def evaluate_loaded(model: torch.nn.Module, tokenizer: Any, data: Any, *, forget
                     batch_size: int = 16, impl: str = "auto", mia_k: float = metrics.MIN_K_DEFAULT,
                     max_length: int = 512, original_model: Any = None, load_kw: dict | None = None,
                     utility_splits: Sequence[str] = UTILITY_SPLITS, progress: bool = False,
-                    name: str = "model") -> dict[str, Any]:
+                    name: str = "model", protocol: str = "exact") -> dict[str, Any]:
     """The full suite for an already loaded model; see ``evaluate_model`` for the arguments and the result."""
     bad = sorted(set(utility_splits) - set(UTILITY_SPLITS))
     if bad:
         raise ValueError(f"utility_splits: {bad} is not one of {UTILITY_SPLITS}")
-    kw = {"batch_size": batch_size, "impl": impl, "max_length": max_length}
+    kw = {"batch_size": batch_size, "impl": impl, "max_length": max_length, "protocol": check_protocol(protocol)}
     judge_obj = make_judge(judge, device=model_device(model))  # fails fast on a bad judge, before any scoring
     data = first_rows(data, data.max_rows if isinstance(data, FirstRows) else None)  # each split read once
     forget = _split(data, forget_split)
@@ -310,7 +323,7 @@ def evaluate_loaded(model: torch.nn.Module, tokenizer: Any, data: Any, *, forget
         notes: list[str] = res.pop("notes")
         questions, answers = [r["question"] for r in forget], [r["answer"] for r in forget]
         gens = generate_text(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             on_batch=tick)
+                             on_batch=tick, protocol=protocol)
         rouge = metrics.rouge_l_recall(gens, answers)
         res["forget_Q_A_ROUGE"] = float(np.mean(rouge))
         per = {"forget_generations": gens, "forget_rouge": rouge,
@@ -335,9 +348,11 @@ def evaluate_loaded(model: torch.nn.Module, tokenizer: Any, data: Any, *, forget
         notes.append(str(e))
 
     if ref is not None and ref.get("forget_truth_ratios") and per["forget_truth_ratios"]:
-        res["forget_quality"] = metrics.forget_quality(per["forget_truth_ratios"], ref["forget_truth_ratios"])
+        res["forget_quality"] = metrics.forget_quality(per["forget_truth_ratios"], ref["forget_truth_ratios"],
+                                                       _eps(protocol))
+        res["forget_quality_log"] = float(np.log(max(res["forget_quality"], np.finfo(float).tiny)))
     else:
-        res["forget_quality"] = None
+        res["forget_quality"] = res["forget_quality_log"] = None
         notes.append("forget quality not computed: it needs a retain model" if ref is None or not
                      ref.get("forget_truth_ratios") else f"forget quality not computed: no {forget_split}_perturbed "
                      "split (truth ratios)")
@@ -368,6 +383,7 @@ def evaluate_loaded(model: torch.nn.Module, tokenizer: Any, data: Any, *, forget
     have_agg = res["mem"] is not None and res["util"] is not None
     res["agg"] = metrics.agg_score(res["mem"], res["util"]) if have_agg else None
     res["forget_split"] = forget_split
+    res["protocol"] = protocol
     res["notes"] = notes
     res["per_example"] = per
     return res
@@ -398,7 +414,7 @@ def evaluate_model(model_dir_or_name: str | os.PathLike[str], data_source: Any =
                    impl: str = "auto", mia_k: float = metrics.MIN_K_DEFAULT, max_length: int = 512,
                    original_model: Any = None, utility_splits: Sequence[str] = UTILITY_SPLITS,
                    progress: bool = False, estimate_models: int = 0,
-                   report: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   report: Callable[[str], None] | None = None, protocol: str = "exact") -> dict[str, Any]:
     """Evaluate one model; returns a flat dict of every metric and writes nothing.
 
     ``model_dir_or_name``: a run folder (its ``final/``), a model folder, ``smollm2-135m``, ``tiny`` or a Hub id.
@@ -410,9 +426,11 @@ def evaluate_model(model_dir_or_name: str | os.PathLike[str], data_source: Any =
     ``utility_splits``: which of ``UTILITY_SPLITS`` model utility uses (those present). ``progress``: a bar per
     split. ``estimate_models``: when > 0, time one batch of each kind once the model is loaded (``estimate``) and
     pass ``report`` (default: print) one line with the expected time for that many models like this one.
+    ``protocol``: ``"exact"`` (ours) or ``"open-unlearning"`` (its input construction, mask and epsilon; the README
+    lists every difference with its size); a ``retain_model`` path is scored under the same protocol.
 
     Keys: OpenUnlearning's names (``forget_Q_A_Prob``, ``forget_Q_A_ROUGE``, ``forget_truth_ratio``,
-    ``forget_quality``, ``retain_Q_A_Prob`` ..., ``model_utility``, ``extraction_strength``, ``exact_memorization``,
+    ``forget_quality`` (p) and ``forget_quality_log`` (ln p), ``retain_Q_A_Prob`` ..., ``model_utility``, ``extraction_strength``, ``exact_memorization``,
     ``mia_loss`` / ``mia_zlib`` / ``mia_min_k`` / ``mia_min_k_plus_plus`` (AUCs), ``privleak``), plus ``similarity``
     and ``fluency`` (judge), ``mem``, ``util``, ``agg``, ``utility_splits``, ``notes`` and ``per_example``.
     """
@@ -431,11 +449,12 @@ def evaluate_model(model_dir_or_name: str | os.PathLike[str], data_source: Any =
     res = evaluate_loaded(model, tok, data, forget_split=forget_split, retain_model=retain_model, judge=judge,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, impl=impl, mia_k=mia_k,
                           max_length=max_length, original_model=original_model, load_kw=load_kw,
-                          utility_splits=utility_splits, progress=progress, name=name)
+                          utility_splits=utility_splits, progress=progress, name=name,
+                          protocol=protocol)
     res["model"] = str(model_dir_or_name)
     res["settings"] = {"max_new_tokens": max_new_tokens, "judge": judge if isinstance(judge, str) else
                        type(judge).__name__, "impl": resolve_impl(impl, model_device(model)), "mia_k": mia_k,
                        "data": data_source if isinstance(data_source, (str, type(None))) else "in-memory",
                        "max_rows": data.max_rows if isinstance(data, FirstRows) else None,
-                       "utility_splits_asked": list(utility_splits)}
+                       "utility_splits_asked": list(utility_splits), "protocol": protocol}
     return res

@@ -5,27 +5,59 @@ the micro-batch divided by a global count for the whole optimizer step (all micr
 so gradient accumulation and FSDP2 (with its own gradient division switched off) give the gradient of one batch.
 
     finetune  NLL of the answers (mean over tokens).
-    ga        gradient ascent: mean over sequences of the mean answer log-likelihood.
+    ga        gradient ascent: mean over sequences of the mean answer log-likelihood (``method.reduction=sequence``),
+              or one mean over the step's answer tokens (``token``: open-unlearning's ``-model(**forget).loss``).
     graddiff  ga + alpha * retain term.
     npo       -(2/beta) log sigmoid(-beta (log pi(y|x) - log pi_ref(y|x))), log pi summed over answer tokens;
               reference log-probs precomputed once (``precompute_ref_logp``) so no second model is held.
     simnpo    -(2/beta) log sigmoid(-(beta/|y|) log pi(y|x) - delta): length-normalised, no reference.
-    wga       ga with each token weighted by the detached p(y_i)^beta.
+    wga       ga with each token weighted by the detached p(y_i)^beta (``method.reduction`` as for ga).
     bs_t      the BS-T forget loss: soft target (1 - lam) e_y + lam sg[q] over the model's top-k beliefs.
     bs_s      BS-S: (1 - lam_S) L(D_u) + lam_S L(D^_u), with L in {ga, npo, wga, bs_t} and D^_u the model's own
               sampled responses to each forget prompt (``beliefs.py``). With the NPO base, the beliefs' reference
               log-probs are the initial model's, as for the targets: round 1 is drawn by the initial model itself
               (its sampler log-probs serve), later rounds are scored by the frozen reference (``belief_ref_logp``).
+    dpo       IdkDPO: -(2/beta) log sigmoid(beta ((log pi(w|x) - log pi_ref(w|x)) - (log pi(y|x) - log pi_ref(y|x)))),
+              w an "I don't know" answer (``refusals.py``) preferred over the forget answer y; both reference
+              log-probs precomputed once (open-unlearning's DPO trainer on its idk data; Rafailov et al. 2023).
+    undial    UNDIAL: soft-target CE to the initial model's distribution with the label's logit lowered by beta,
+              mean over answer tokens (Dong et al. 2024), on the fused teacher KL: no logits held.
+    ceu       CE-U: soft-target CE to the model's own detached distribution with the label's logit removed, mean
+              over answer tokens but each answer's first n (Yang et al. 2025, arXiv:2503.01224).
+    satimp    SatImp: mean over answer tokens of w_i log p(y_i), w_i = sg[p^beta1 (1 - p)^beta2] (Yang et al. 2025,
+              arXiv:2505.11953).
+    pdu       PDU: logit-margin flattening (max_v z_v - mean_v z_v)^2, mean over answer tokens, with the retain term a
+              constraint retain <= eps: weighted by a dual variable lambda >= 0 stepped after every optimizer step
+              (``after_step``: lambda <- max(0, lambda + eta (retain - eps))) (Entesari et al. 2025,
+              arXiv:2506.05314; open-unlearning's ``pdu.py``). The max is taken over a chunked no-grad pass and
+              differentiated through its argmax row, the mean through the mean of the lm_head rows: no logits held.
+    altpo     AltPO: the dpo loss averaged over N alternates per forget prompt drawn once by the initial model with
+              the belief sampler (Mekala et al. 2024, arXiv:2409.13474; open-unlearning's community AltPO runs the
+              DPO trainer on such alternates; theirs are prompted for a different answer, ours are plain samples).
     rmu       push the output activations of decoder layer l on the forget answers to c * u (u a fixed random
-              unit vector) and keep them equal to the initial model's on the retain answers, training only
-              mlp.down_proj of layers l-2..l by default (open-unlearning's RMU on TOFU: answer-token mask, mean
-              over each sequence's answer tokens, then over sequences).
+              unit vector) and keep them equal to the initial model's on the retain answers (answer-token mask,
+              mean over each sequence's answer tokens, then over sequences), training every parameter by default
+              (open-unlearning's configs/trainer/RMU.yaml: ``trainable_params_regex: .*``) or, with
+              ``rmu_params=down_proj``, mlp.down_proj of layers l-2..l (WMDP's choice, RMU.py's class default).
 Retain terms (``method.retain``): ``nll`` on retain answers (mean over tokens), or ``kl``: KL(p_init || p_theta)
-on retain answer tokens, on ``bs_kernels.linear_weighted_teacher_kl_sum`` so neither model's logits are all held.
+on retain answer tokens (``method.kl_positions=answer``) or on every one of the B x T positions, prompt and padding
+included (``all``: open-unlearning's ``compute_kl_divergence``, ``kl_div(..., reduction="batchmean")`` over the
+flattened logits), on ``bs_kernels.linear_weighted_teacher_kl_sum`` so neither model's logits are all held.
+
+Each option is a change of the token weights over the same fused scores: ``reduction=token`` divides every answer
+token's score by the step's answer-token count instead of its sequence's count times the sequence count, and
+``kl_positions=all`` sets the KL weight of every position to 1 / (the step's B x T positions). The reference divides
+by its micro-batch's counts and averages micro-batches; ours divides by the whole step's (``Norms``), the same number
+when an optimizer step is one micro-batch.
+
+``PRESETS`` holds the config overrides of each preset (``open-unlearning``: the settings with which every method's
+loss is that of the reference trainers, open-unlearning ``src/trainer/unlearn/*.py`` and, for BS-T / BS-S, the
+authors' fork kemoulee/open-unlearning branch dev); the per-method part is the row's ``open_unlearning`` field.
 
 ``METHODS`` at the end is the method table: every method is declared there once, as one ``Method`` row naming its
 forget loss (``forget_*``), its retain term (none, the configured ``retain_*`` or its own), and what it needs: NPO
-reference log-probs, a frozen reference model, beliefs, a setup hook, and whether the recipe and the demo run it.
+reference log-probs, a frozen reference model, beliefs or fixed alternate answers, a dual variable with its
+after-step hook, a setup hook, and whether the recipe and the demo run it.
 ``method_loss``, the ``needs_*`` predicates, config validation, the recipe, the demo and the trainer all read it,
 so adding a method is one function, one row and its config fields. This module imports nothing of the config, so
 the config can import the table.
@@ -43,9 +75,11 @@ import torch.nn.functional as F
 
 import bs_kernels as bk
 
-from .data import encode_prompt
+from .beliefs import BeliefSet
+from .data import encode_prompt, encode_qa
 from .lora import has_adapters, rmu_adapters
 from .model import LossHead
+from .refusals import refusal_for
 
 @dataclass
 class Norms:
@@ -57,6 +91,8 @@ class Norms:
     retain_tokens: torch.Tensor
     belief_seqs: torch.Tensor
     belief_tokens: torch.Tensor
+    retain_positions: torch.Tensor
+    """Every B x T position of the retain batches, padding included (the KL retain term with kl_positions=all)."""
 
     def for_beliefs(self) -> Norms:
         """These norms with the belief counts in the forget slots, to run a base forget loss on beliefs."""
@@ -64,7 +100,7 @@ class Norms:
 
 
 def local_counts(forget: dict | None, retain: dict | None, beliefs: dict | None = None) -> torch.Tensor:
-    """[6] counts of one micro-batch in ``Norms`` field order (computed on the host from CPU batches); the trainer
+    """[7] counts of one micro-batch in ``Norms`` field order (computed on the host from CPU batches); the trainer
     sums them over micro-batches and ranks."""
     out = []
     for batch in (forget, retain, beliefs):
@@ -73,6 +109,7 @@ def local_counts(forget: dict | None, retain: dict | None, beliefs: dict | None 
             continue
         active = bk.shift_labels(batch["labels"], bk.IGNORE_INDEX) != bk.IGNORE_INDEX
         out += [int((active.sum(-1) > 0).sum()), int(active.sum())]
+    out.append(retain["labels"].numel() if retain is not None else 0)
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -88,6 +125,7 @@ class MethodState:
     beliefs: object | None = None  # BS-S: the current beliefs.BeliefSet
     prompts: list[list[int]] | None = None  # BS-S: every forget prompt, encoded (the beliefs are drawn for these)
     sampler: object | None = None  # BS-S: the run's one belief sampler (beliefs.belief_sampler), built at first use
+    dual: torch.Tensor | None = None  # PDU: the dual variable (0-d, on the device) weighting the retain constraint
 
 
 def _cast(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +146,14 @@ def _seq_weights(y: torch.Tensor, n_seqs: torch.Tensor) -> torch.Tensor:
     """Token weights of "mean over answer tokens per sequence, summed, divided by the global sequence count"."""
     active = (y != bk.IGNORE_INDEX).float()
     return (active / active.sum(-1, keepdim=True).clamp_min(1) / n_seqs).reshape(-1)
+
+
+def _mean_weights(y: torch.Tensor, n: Norms, reduction: str) -> torch.Tensor:
+    """Token weights of a forget loss's mean over answer tokens: per sequence then over sequences (``sequence``), or
+    one mean over the step's answer tokens (``token``)."""
+    if reduction == "token":
+        return (y != bk.IGNORE_INDEX).float().reshape(-1) / n.forget_tokens
+    return _seq_weights(y, n.forget_seqs)
 
 
 def _token_weights(y: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
@@ -146,11 +192,11 @@ def forget_nll(model, batch, st, n: Norms):
 
 
 def forget_ga(model, batch, st, n: Norms):
-    return _weighted(model, batch, st, lambda y: _seq_weights(y, n.forget_seqs))
+    return _weighted(model, batch, st, lambda y: _mean_weights(y, n, st.cfg.reduction))
 
 
 def forget_bst(model, batch, st, n: Norms):
-    return _weighted(model, batch, st, lambda y: _seq_weights(y, n.forget_seqs), topk=st.cfg.bst_topk,
+    return _weighted(model, batch, st, lambda y: _mean_weights(y, n, st.cfg.reduction), topk=st.cfg.bst_topk,
                      lam=st.cfg.bst_lam)
 
 
@@ -174,8 +220,107 @@ def forget_simnpo(model, batch, st, n: Norms):
 def forget_wga(model, batch, st, n: Norms):
     s, mask = _seq_scores(model, batch, st.impl)
     w = torch.exp(st.cfg.wga_beta * s).detach() * mask
+    if st.cfg.reduction == "token":
+        return (w * s).sum() / n.forget_tokens
     per_seq = (w * s).sum(-1) / mask.sum(-1).clamp_min(1)
     return per_seq.sum() / n.forget_seqs
+
+
+def forget_satimp(model, batch, st, n: Norms):
+    s, mask = _seq_scores(model, batch, st.impl)
+    p = s.exp().detach()
+    w = p ** st.cfg.satimp_beta1 * (1.0 - p) ** st.cfg.satimp_beta2 * mask
+    return (w * s).sum() / n.forget_tokens
+
+
+def _answer_logp(model, batch, impl: str):
+    """log pi(y|x) summed over each row's answer tokens [B], and which rows have any."""
+    s, mask = _seq_scores(model, batch, impl)
+    return (s * mask).sum(-1), mask.any(-1)
+
+
+def forget_dpo(model, batch, st, n: Norms, alternates: dict | None = None):
+    """DPO with the forget answer rejected and each of the example's alternate answers preferred (IdkDPO: one
+    refusal; AltPO: N sampled answers, the loss averaged over them). ``alternates`` holds the same number of
+    alternates for every row of ``batch``, grouped by row in the same order (``BeliefSet.batch``)."""
+    if alternates is None:
+        raise ValueError(f"method {st.cfg.name} needs the alternate-answer batch of its forget batch")
+    lose, keep = _answer_logp(model, batch, st.impl)
+    win, _ = _answer_logp(model, alternates, st.impl)
+    ref_lose = st.ref_logp.to(lose.device)[batch["index"]]
+    ref_win = st.beliefs.ref_logp.to(win.device)[alternates["index"]]
+    beta = st.cfg.dpo_beta
+    margin = (win - ref_win).view(lose.shape[0], -1) - (lose - ref_lose)[:, None]  # [B, alternates per example]
+    per_example = (-(2.0 / beta) * F.logsigmoid(beta * margin)).mean(-1)
+    return (per_example * keep).sum() / n.forget_seqs
+
+
+def _soft_target_ce(model, batch, st, teacher, labels_fn, denominator, gamma: float):
+    """sum over kept answer tokens of -<p_t, log p_theta> / ``denominator``, p_t = softmax of the teacher's logits
+    with the label's lowered by ``gamma``, on the fused teacher KL. ``teacher(h, w)`` gives the teacher's (hidden,
+    weight) from the student's; ``labels_fn`` keeps the scored tokens of the shifted labels."""
+
+    def fn(hidden, weight, _):
+        h, w, y = _flat(hidden, weight, batch["labels"])
+        y = labels_fn(y).reshape(-1)
+        h_t, w_t = teacher(h, w)
+        token_weights = (y != bk.IGNORE_INDEX).float() / denominator  # a weight, not a row selection: no sync
+        loss, _ = bk.linear_weighted_teacher_kl_sum(h, w, h_t.to(h.dtype), w_t.to(h.dtype), token_weights, y,
+                                                    kind="ce", gamma=gamma, impl=st.impl)
+        return loss
+
+    return model(batch["input_ids"], batch["attention_mask"], fn)
+
+
+def forget_undial(model, batch, st, n: Norms):
+    with torch.no_grad():
+        h_ref, w_ref = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, w, _: (h, w))
+    return _soft_target_ce(model, batch, st, lambda h, w: (h_ref.reshape(-1, h_ref.shape[-1]), w_ref),
+                           lambda y: y, n.forget_tokens, st.cfg.undial_beta)
+
+
+CEU_MASK = 1e4
+"""CE-U's target sets the label's logit to -inf; the fused teacher KL takes a finite adjustment, and one of 1e4
+gives the label exp(-1e4) = 0 probability exactly in float32 for any logit range a model produces."""
+
+
+def drop_first_answer_tokens(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Shifted labels ``y`` [B, T] with each row's first ``k`` answer tokens set to ``IGNORE_INDEX``."""
+    active = y != bk.IGNORE_INDEX
+    return y.masked_fill(active & (active.cumsum(-1) <= k), bk.IGNORE_INDEX)
+
+
+def forget_ceu(model, batch, st, n: Norms):
+    """CE-U over the kept tokens. Their global count is forget_tokens - k * forget_seqs, exact because every answer
+    has at least k tokens (``ceu_ignore_first`` <= 2 and every answer is one token or more plus EOS)."""
+    k = st.cfg.ceu_ignore_first
+    return _soft_target_ce(model, batch, st, lambda h, w: (h.detach(), w.detach()),
+                           lambda y: drop_first_answer_tokens(y, k),
+                           (n.forget_tokens - k * n.forget_seqs).clamp_min(1), CEU_MASK)
+
+
+MARGIN_CHUNK_BYTES = 96 * 2**20
+"""Byte budget of the no-grad logits chunk PDU's argmax pass holds (the same as ``bs_kernels``' default chunk)."""
+
+
+def logit_margin(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """max_v z_v - mean_v z_v [N] of z = h W^T, float32, differentiable, never holding [N, V]: the argmax comes from
+    a chunked no-grad pass, then max = <h, W[argmax]> (the max's gradient is its argmax logit's) and
+    mean = <h, mean of W's rows>."""
+    rows = max(1, MARGIN_CHUNK_BYTES // (w.shape[0] * w.element_size()))
+    with torch.no_grad():
+        idx = torch.cat([(h[i:i + rows] @ w.T).argmax(-1) for i in range(0, h.shape[0], rows)])
+    z_max = (h.float() * w[idx].float()).sum(-1)
+    return z_max - h.float() @ w.mean(0, dtype=torch.float32)
+
+
+def forget_pdu(model, batch, st, n: Norms):
+    def fn(hidden, weight, _):
+        h, w, y = _flat(hidden, weight, batch["labels"])
+        active = (y != bk.IGNORE_INDEX).reshape(-1).float()
+        return (logit_margin(h, w) ** 2 * active).sum() / n.forget_tokens
+
+    return model(batch["input_ids"], batch["attention_mask"], fn)
 
 
 def _answer_mse(act: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, n_seqs: torch.Tensor):
@@ -225,8 +370,11 @@ def retain_kl(model, batch, st, n: Norms):
         h, w, y = _flat(hidden, weight, batch["labels"])
         y = y.reshape(-1)
         h_ref = ref[0].reshape(-1, ref[0].shape[-1]).to(h.dtype)
-        token_weights = (y != bk.IGNORE_INDEX).float() / n.retain_tokens  # a weight, not a row selection: no sync
-        loss, _ = bk.linear_weighted_teacher_kl_sum(h, w, h_ref, ref[1].to(h.dtype), token_weights, y, kind="kl",
+        if st.cfg.kl_positions == "all":  # every B x T position, over the step's count of them
+            token_weights, labels = torch.ones_like(y, dtype=torch.float32) / n.retain_positions, None
+        else:  # a weight, not a row selection: no sync
+            token_weights, labels = (y != bk.IGNORE_INDEX).float() / n.retain_tokens, y
+        loss, _ = bk.linear_weighted_teacher_kl_sum(h, w, h_ref, ref[1].to(h.dtype), token_weights, labels, kind="kl",
                                                     impl=st.impl)
         return loss
 
@@ -252,9 +400,9 @@ RETAIN_TERMS: dict[str, Callable | None] = {"nll": retain_nll, "kl": retain_kl, 
 
 def rmu_trainable(lm: torch.nn.Module, method) -> list[str]:
     """Check ``method.rmu_layer`` against the model and, with ``rmu_params="down_proj"``, freeze every parameter but
-    ``mlp.down_proj.weight`` of decoder layers l-2..l (WMDP's and open-unlearning's choice). With LoRA, the same
-    choice over adapters: those of ``mlp.down_proj`` in layers l-2..l, or every adapter (``all``). Returns the names
-    of the parameters left trainable."""
+    ``mlp.down_proj.weight`` of decoder layers l-2..l (WMDP's choice and open-unlearning RMU.py's class default; its
+    TOFU config RMU.yaml trains all). With LoRA, the same choice over adapters: those of ``mlp.down_proj`` in
+    layers l-2..l, or every adapter (``all``). Returns the names of the parameters left trainable."""
     n_layers, layer = lm.config.num_hidden_layers, method.rmu_layer
     # The last layer's output is only seen through the final norm (Hugging Face's hidden_states[-1] is normed).
     if layer > n_layers - 2:
@@ -283,6 +431,31 @@ def setup_rmu(st: MethodState, lm: torch.nn.Module, *, seed: int, device, **_) -
     st.rmu_direction = (u / u.norm()).to(device)
 
 
+def setup_dpo(st: MethodState, lm: torch.nn.Module, *, tokenizer, examples, seed: int, **_) -> None:
+    """IdkDPO: one refusal per forget example (``refusals.refusal_for``) as its preferred answer, held as a one-answer
+    ``BeliefSet``; the initial model's log-probs of them are filled in before training (the trainer's
+    ``prepare_method_state``)."""
+    prompts, answers = [], []
+    for i, ex in enumerate(examples):
+        prompt = encode_prompt(tokenizer, ex["question"])
+        enc = encode_qa(tokenizer, ex["question"], refusal_for(seed, i), max_length=len(prompt) + 1024)
+        prompts.append(prompt)
+        answers.append([enc["input_ids"][len(prompt):]])
+    st.beliefs = BeliefSet(prompts, answers, [[0.0] for _ in prompts], round=0)
+
+
+def setup_pdu(st: MethodState, lm: torch.nn.Module, *, device, **_) -> None:
+    """PDU: the dual variable starts at ``method.alpha`` (open-unlearning's PDU: the retain preference)."""
+    st.dual = torch.tensor(float(st.cfg.alpha), dtype=torch.float32, device=device)
+
+
+def step_pdu(st: MethodState, retain: torch.Tensor, epoch: int) -> None:
+    """After an optimizer step with global retain loss ``retain`` (0-d): lambda <- max(0, lambda + eta (retain -
+    eps)), once ``pdu_dual_warmup_epochs`` epochs are over. On the device: no host sync."""
+    if epoch >= st.cfg.pdu_dual_warmup_epochs:
+        st.dual = (st.dual + st.cfg.pdu_dual_step * (retain.to(st.dual) - st.cfg.pdu_retain_eps)).clamp_min(0.0)
+
+
 def setup_bss(st: MethodState, lm: torch.nn.Module, *, tokenizer, examples, **_) -> None:
     """BS-S: encode every forget prompt once; the beliefs are drawn for these (``beliefs.draw_beliefs``)."""
     st.prompts = [encode_prompt(tokenizer, ex["question"]) for ex in examples]
@@ -308,8 +481,20 @@ class Method:
     """Needs the frozen initial model in memory (beyond what its retain term and BS-S base need)."""
     beliefs: bool = False
     """Trains on the model's own sampled beliefs of every forget prompt (BS-S): the forget loss takes their batch."""
+    alternates: bool = False
+    """The forget loss takes alternate answers of every forget example (held in ``state.beliefs``): built by the
+    setup hook, their initial-model log-probs computed once before training (IdkDPO), or sampled (below)."""
+    sample_alternates: bool = False
+    """The alternates are N answers drawn once, before the first step, by the initial model with the belief sampler
+    (``method.bss_*`` sampling settings), their sampler log-probs the reference's (AltPO)."""
     bss_base: bool = False
     """May serve as BS-S's base forget loss (``method.bss_base``)."""
+    dual: bool = False
+    """The retain term is a constraint retain <= ``method.pdu_retain_eps``: it enters the loss as lambda (retain -
+    eps) with lambda = ``state.dual`` instead of ``method.alpha`` (PDU)."""
+    after_step: Callable | None = None
+    """Hook ``step_*(state, retain, epoch)`` the trainer calls after every optimizer step with the step's global
+    retain value (0-d, on the device) and the 0-based epoch (PDU's dual step); ``state.dual`` is checkpointed."""
     setup: Callable | None = None
     """Hook ``setup_*(state, lm, *, tokenizer, examples, seed, device)`` run once on the CPU model, before it moves."""
     scaled: bool = True
@@ -323,20 +508,62 @@ class Method:
     """Run by the TOFU recipe by default."""
     demo: bool = False
     """Run by the offline demo by default."""
+    open_unlearning: tuple[str, ...] = ()
+    """Config overrides (``method.key=value``) under which this method's loss is its reference trainer's, each with
+    its source: the ``open-unlearning`` preset (``PRESETS``) applies them after the preset's common ones."""
 
 
+# The open-unlearning preset's per-method settings. Sources: locuslab/open-unlearning (main, d3d7cf9)
+# configs/trainer/{GradAscent,GradDiff,NPO,SimNPO,RMU,WGA}.yaml and src/trainer/unlearn/*.py (GA, GradDiff and WGA
+# take one token mean over the batch: ``-model(**forget).loss`` / ``compute_wga_loss``'s ``[mask].mean()``); the
+# authors' fork kemoulee/open-unlearning (dev, 1c278ec) configs/trainer/{BST,BSS}.yaml and src/trainer/unlearn/
+# {bst,bss}.py (BS-T: mean per sequence then over sequences; BS-S: GA with the batch token mean on targets and
+# beliefs, beliefs drawn by HF ``generate(do_sample=True, top_p=None, max_new_tokens=200)``, i.e. generate's
+# default top_k=50).
+_TOKEN_MEAN = ("method.reduction=token",)
 METHODS: dict[str, Method] = {
     "finetune": Method(forget_nll, retain=None, scaled=False, command="finetune", recipe=False, terms=("train_nll",)),
-    "ga": Method(forget_ga, retain=None, bss_base=True, demo=True),
-    "graddiff": Method(forget_ga),
-    "npo": Method(forget_npo, ref_logp=True, bss_base=True, demo=True),
-    "simnpo": Method(forget_simnpo),
-    "rmu": Method(forget_rmu, retain=retain_rmu, reference=True, setup=setup_rmu),
-    "wga": Method(forget_wga, bss_base=True),
-    "bs_t": Method(forget_bst, bss_base=True, demo=True),
-    "bs_s": Method(forget_bss, beliefs=True, setup=setup_bss, demo=True),
+    "ga": Method(forget_ga, retain=None, bss_base=True, demo=True, open_unlearning=_TOKEN_MEAN),
+    "graddiff": Method(forget_ga, open_unlearning=(*_TOKEN_MEAN, "method.gamma=1", "method.alpha=1")),
+    "npo": Method(forget_npo, ref_logp=True, bss_base=True, demo=True,
+                  open_unlearning=("method.npo_beta=0.1", "method.gamma=1", "method.alpha=1")),
+    "simnpo": Method(forget_simnpo, open_unlearning=("method.simnpo_beta=4.5", "method.simnpo_delta=0",
+                                                     "method.gamma=0.125", "method.alpha=1")),
+    "rmu": Method(forget_rmu, retain=retain_rmu, reference=True, setup=setup_rmu,
+                  open_unlearning=("method.rmu_coeff=2", "method.rmu_layer=7", "method.rmu_params=all",
+                                   "method.gamma=1", "method.alpha=1")),
+    "wga": Method(forget_wga, bss_base=True, open_unlearning=(*_TOKEN_MEAN, "method.wga_beta=1", "method.gamma=1",
+                                                              "method.alpha=1")),
+    "dpo": Method(forget_dpo, ref_logp=True, alternates=True, setup=setup_dpo),
+    "altpo": Method(forget_dpo, ref_logp=True, alternates=True, sample_alternates=True, setup=setup_bss),
+    "undial": Method(forget_undial, reference=True),
+    "ceu": Method(forget_ceu, retain=None),
+    "satimp": Method(forget_satimp),
+    "pdu": Method(forget_pdu, dual=True, after_step=step_pdu, setup=setup_pdu, recipe=False),
+    "bs_t": Method(forget_bst, bss_base=True, demo=True,
+                   open_unlearning=("method.reduction=sequence", "method.bst_lam=0.2", "method.bst_topk=20")),
+    "bs_s": Method(forget_bss, beliefs=True, setup=setup_bss, demo=True,
+                   open_unlearning=("method.bss_base=ga", *_TOKEN_MEAN, "method.bss_lam=0.5", "method.bss_samples=3",
+                                    "method.bss_temperature=1", "method.bss_top_k=50", "method.bss_top_p=1",
+                                    "method.bss_max_new_tokens=200", "method.bss_regen=epochs",
+                                    "method.bss_regen_every=2")),
 }
 """The method table: every method, declared once (see the module docstring)."""
+
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "open-unlearning": ("method.kl_positions=all",),  # open-unlearning's compute_kl_divergence: all B x T positions
+}
+"""Config presets: their common overrides; each method's own are its row's ``open_unlearning`` field."""
+
+
+def preset_overrides(preset: str, method: str) -> list[str]:
+    """The ``method.key=value`` overrides of ``preset`` for ``method``: the common ones, then the row's."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    if method not in METHODS:
+        raise ValueError(f"method.name must be one of {tuple(METHODS)}, got {method!r}")
+    return [*PRESETS[preset], *METHODS[method].open_unlearning]
 
 
 def method_for(command: str) -> str:
@@ -358,15 +585,19 @@ def _base(cfg) -> Method | None:
 def method_loss(model, forget: dict, retain: dict | None, st: MethodState, n: Norms, beliefs: dict | None = None):
     """``(loss, {"forget": ..., "retain": ...})`` for one micro-batch; loss = gamma * forget + alpha * retain.
 
-    ``beliefs`` (methods with ``beliefs=True``) holds the beliefs of exactly the prompts in ``forget``
-    (``BeliefSet.batch``)."""
+    ``beliefs`` (methods with ``beliefs=True`` or ``alternates=True``) holds the beliefs or alternate answers of
+    exactly the prompts in ``forget`` (``BeliefSet.batch``)."""
     cfg = st.cfg
     row = METHODS[cfg.name]
-    forget_term = row.forget(model, forget, st, n, beliefs) if row.beliefs else row.forget(model, forget, st, n)
+    paired = row.beliefs or row.alternates
+    forget_term = row.forget(model, forget, st, n, beliefs) if paired else row.forget(model, forget, st, n)
     term = retain_term(cfg)
     retain_value = term(model, retain, st, n) if term is not None and retain is not None else forget_term.new_zeros(())
     gamma = cfg.gamma if row.scaled else 1.0
-    loss = gamma * forget_term + cfg.alpha * retain_value
+    if row.dual:  # PDU: lambda (retain - eps), lambda the dual variable
+        loss = gamma * forget_term + st.dual * (retain_value - cfg.pdu_retain_eps)
+    else:
+        loss = gamma * forget_term + cfg.alpha * retain_value
     return loss, {"forget": forget_term.detach(), "retain": retain_value.detach()}
 
 

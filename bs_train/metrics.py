@@ -51,6 +51,8 @@ from typing import Any
 import numpy as np
 
 MIN_K_DEFAULT = 0.4  # OpenUnlearning / MUSE default fraction for min-k% and min-k%++
+OU_EPS = 1e-10  # open-unlearning's epsilon in the truth ratio, its aggregates and forget quality (memorization.py,
+# utils.py get_forget_quality); the ``eps=`` of the functions below, 0 in the exact protocol
 _EPS = 1e-10  # the epsilon OpenUnlearning adds to the privleak denominator
 _MAX_LOG_TR = 700.0  # |log tr| beyond this would overflow a float64; reached only by a destroyed model
 
@@ -109,22 +111,25 @@ def normalised_option_probability(correct_nll: float, wrong_nlls: Sequence[float
     return float(1.0 / (1.0 + np.sum(np.exp(float(correct_nll) - wrong))))
 
 
-def truth_ratio(para_nll: float, pert_nlls: Sequence[float]) -> float:
+def truth_ratio(para_nll: float, pert_nlls: Sequence[float], eps: float = 0.0) -> float:
     """Per-example truth ratio ``P_pert / P_para`` from mean answer NLLs; ``P_pert`` is the geometric mean of the
-    perturbed answers' normalised probabilities, so lists of any length compare on one scale."""
+    perturbed answers' normalised probabilities, so lists of any length compare on one scale. ``eps > 0``:
+    ``P_pert / (P_para + eps)``, as open-unlearning computes it."""
     pert = _finite(pert_nlls, "truth_ratio")
     if pert.size == 0:
         raise ValueError("truth_ratio: the perturbed-answer list is empty")
+    if eps > 0:
+        return float(math.exp(-float(pert.mean())) / (math.exp(-float(para_nll)) + eps))
     log_tr = float(para_nll) - float(pert.mean())
     return float(math.exp(min(max(log_tr, -_MAX_LOG_TR), _MAX_LOG_TR)))  # clipped so the ratio stays finite
 
 
-def truth_ratio_forget(ratios: Sequence[float]) -> float:
-    """Forget-set aggregate ``mean min(tr, 1/tr)``: 1 when true and false answers are equally likely."""
+def truth_ratio_forget(ratios: Sequence[float], eps: float = 0.0) -> float:
+    """Forget-set aggregate ``mean min(tr, 1/(tr + eps))``: 1 when true and false answers are equally likely."""
     tr = _finite(ratios, "truth_ratio_forget")
-    if tr.size == 0 or np.any(tr <= 0):
+    if tr.size == 0 or np.any(tr < 0) or (eps == 0 and np.any(tr == 0)):
         raise ValueError(f"truth_ratio_forget: need positive ratios, got {tr.tolist()!r:.200}")
-    return float(np.mean(np.minimum(tr, 1.0 / tr)))
+    return float(np.mean(np.minimum(tr, 1.0 / (tr + eps))))
 
 
 def truth_ratio_retain(ratios: Sequence[float]) -> float:
@@ -136,20 +141,25 @@ def truth_ratio_retain(ratios: Sequence[float]) -> float:
 
 
 def truth_ratio_pc(ratios: Sequence[float]) -> float:
-    """The BS paper's forget-set TR: ``mean P_c / (P_c + P_w)`` = ``mean 1 / (1 + tr)`` per example."""
+    """The BS paper's forget-set TR: ``mean P_c / (P_c + P_w)`` = ``mean 1 / (1 + tr)`` per example (from
+    ``eps=0`` ratios; open-unlearning's ``prob_mean`` adds 1e-10 to a sum of probabilities of order 1)."""
     tr = _finite(ratios, "truth_ratio_pc")
     if tr.size == 0:
         raise ValueError("truth_ratio_pc: no ratios")
     return float(np.mean(1.0 / (1.0 + tr)))
 
 
-def forget_quality(unlearned_ratios: Sequence[float], retain_ratios: Sequence[float]) -> float:
-    """TOFU forget quality: ``scipy.stats.ks_2samp`` p-value of the two per-example forget truth-ratio samples."""
+def forget_quality(unlearned_ratios: Sequence[float], retain_ratios: Sequence[float], eps: float = 0.0) -> float:
+    """TOFU forget quality: ``scipy.stats.ks_2samp`` p-value of the two per-example forget truth-ratio samples
+    (``eps > 0``: of ``1 / (tr + eps)``, open-unlearning's get_forget_quality; the same p-value unless eps makes ties).
+    The p-value itself; the BS authors' fork reports its natural log (src/evals/metrics/privacy.py ``np.log``)."""
     from scipy.stats import ks_2samp
 
     a, b = _finite(unlearned_ratios, "forget_quality"), _finite(retain_ratios, "forget_quality")
     if a.size == 0 or b.size == 0:
         raise ValueError(f"forget_quality: both samples must be non-empty, got sizes {a.size} and {b.size}")
+    if eps > 0:
+        a, b = 1.0 / (a + eps), 1.0 / (b + eps)
     return float(ks_2samp(a, b).pvalue)
 
 

@@ -56,6 +56,13 @@ def _fix_chat_eos(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def stop_token_ids(generation_eos, tokenizer) -> int | list[int]:
+    """The tokenizer's EOS id followed by the generation config's EOS id(s) not already named; an int when only one."""
+    extra = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    ids = list(dict.fromkeys([i for i in [tokenizer.eos_token_id, *extra] if i is not None]))
+    return ids[0] if len(ids) == 1 else ids
+
+
 def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast the floating-point parameters to ``dtype`` and leave the buffers alone, as ``from_pretrained(dtype=...)``
     does. ``Module.to(dtype)`` would also round RoPE's ``inv_freq`` to bf16, moving every rotary angle by up to
@@ -178,7 +185,9 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device: torch.d
         if gguf is not None:
             _forget_gguf_origin(model)
     _fix_chat_eos(tokenizer)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # The tokenizer's EOS first, then the checkpoint's own stop tokens (Llama-3.2-Instruct's generation_config.json
+    # also stops at 128001 <|end_of_text|> and 128008 <|eom_id|>): generation stops at any of them.
+    model.generation_config.eos_token_id = stop_token_ids(model.generation_config.eos_token_id, tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
     lm_head_weight(model)  # refuse models whose logits are not h W^T before any training starts

@@ -16,9 +16,11 @@ Stages, in order (``--stage`` runs one; the default runs every stage that still 
 
 Every run lives in its own folder and is skipped once finished (its ``final/`` or ``eval.json`` exists); a run cut
 off mid-way resumes from its last checkpoint. To fit a small disk, a finished run's checkpoints are deleted (the
-trainer's ``train.keep_checkpoints`` default), and so are a selection run's weights once scored (its metrics,
-config and ``eval.json`` stay). Before starting new work, a stage checks the time used against ``--budget-s`` and
-stops cleanly, so each command ends inside the device's 10-minute limit. ``stages.jsonl`` records every piece of work: what ran, where (device, host), when and for how long.
+trainer's ``train.keep_checkpoints`` default), and so are a selection run's weights once scored (its metrics, config and ``eval.json`` stay). Before starting new work, a
+stage checks the time used against ``--budget-s`` and stops cleanly, so each command ends inside the device's
+10-minute limit. ``--preset open-unlearning`` trains every method with the reference trainers' reductions and settings
+(``methods.PRESETS``) and ``--protocol open-unlearning`` evaluates with open-unlearning's inputs. ``stages.jsonl`` records
+every piece of work: what ran, where (device, host), when and for how long.
 """
 
 from __future__ import annotations
@@ -35,21 +37,27 @@ from .config import load_config
 from .methods import METHODS as TABLE
 
 STAGES = ("finetune", "select", "unlearn", "evaluate", "table")
-METHODS = tuple(name for name, m in TABLE.items() if m.recipe)  # the method table's recipe rows: all 8 unlearners
+METHODS = tuple(name for name, m in TABLE.items() if m.recipe)  # the method table's recipe rows: every unlearner
 # The paper's Table 1 (TOFU forget10, Llama-3.2-1B): Agg. / Mem. / Util.
 PAPER = {"retain": (0.64, 0.58, 0.71), "graddiff": (0.52, 0.49, 0.56), "npo": (0.58, 0.58, 0.58),
          "rmu": (0.58, 0.59, 0.57), "simnpo": (0.47, 0.35, 0.70), "wga": (0.53, 0.47, 0.62),
          "bs_t": (0.59, 0.56, 0.62), "bs_s": (0.61, 0.59, 0.63)}
 
 # Settings of every fine-tuning and every unlearning run (key=value overrides; extra ones from the CLI come after).
+# Fine-tuning (ours): SmolLM2-135M must memorise TOFU's full split before unlearning means anything (the probe bar
+# below); lr 3e-4, cosine, 12 epochs is what reached it here (benchmarks/results/tofu_mini_cpu/README.md).
+# Unlearning: the fork's configs/trainer/finetune.yaml, which every unlearning trainer inherits: 10 epochs, batch 8 x 4
+# accumulation = 32 (lr 1e-5 is TrainConfig's default and the grid's first rate); warm-up 1 step and a linear decay
+# are ours (HF's default schedule is linear with no warm-up).
 FINETUNE = ("train.lr=3e-4", "train.epochs=12", "train.batch_size=32", "train.grad_accum=1", "train.warmup_steps=20",
             "train.schedule=cosine", "train.checkpoint_every=100")
 UNLEARN = ("train.epochs=10", "train.batch_size=8", "train.grad_accum=4", "train.warmup_steps=1",
            "train.schedule=linear", "train.checkpoint_every=50")
-# Per-method settings that are not the learning rate, fixed rather than selected. RMU's follow open-unlearning's TOFU
-# config (configs/trainer/RMU.yaml: retain weight 1000, steering coefficient 300, down_proj of layers l-2..l), with
-# the steered layer at a third of SmolLM2's 30 (its output norm there is about 145, so c = 300 is twice it).
-METHOD_ARGS = {"rmu": ("method.rmu_layer=10", "method.rmu_coeff=300", "method.alpha=1000")}
+# Per-method settings that are not the learning rate, fixed rather than selected; every other setting is the config
+# default, whose docstring names its source. SimNPO: open-unlearning configs/trainer/SimNPO.yaml gamma 0.125 (its
+# beta 4.5 and delta 0 are the defaults). RMU runs at its defaults, open-unlearning configs/trainer/RMU.yaml
+# (steering_coeff 2, alpha 1, gamma 1, layer 7, all parameters trainable).
+METHOD_ARGS = {"simnpo": ("method.gamma=0.125",)}
 # Splits the recipe reads; checked before any work. The utility splits (retain_perturbed, real_authors, world_facts
 # and their _perturbed) are used when present, and results.json names those that were.
 REQUIRED_SPLITS = ("full", "retain90", "forget10", "forget10_perturbed", "forget05", "forget05_perturbed", "retain95")
@@ -66,7 +74,9 @@ class Recipe:
     unlearn: list[str] = field(default_factory=lambda: list(UNLEARN))
     max_new_tokens: int = 200
     budget_s: float = 540.0
-    probe_bar: float = 0.9  # the original must reach this forget10 answer probability and greedy ROUGE-L
+    probe_bar: float = 0.9  # ours: the original must reach this forget10 answer probability and greedy ROUGE-L
+    preset: str | None = None  # a config preset of every unlearning run (methods.PRESETS), e.g. open-unlearning
+    protocol: str = "exact"  # the evaluation protocol (bs_train.data.PROTOCOLS)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -75,6 +85,12 @@ class Recipe:
             raise ValueError(f"unknown method(s) {unknown}; the recipe runs {METHODS}")
         if not self.lr_grid:
             raise ValueError("lr_grid must hold at least one learning rate")
+        from .data import check_protocol
+        from .methods import PRESETS
+
+        check_protocol(self.protocol)
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
 
 
 class _Clock:
@@ -106,7 +122,8 @@ def _train(recipe: Recipe, stage: str, name: str, command: str, args: list[str])
     if (run_dir / "final" / "config.json").exists():
         return
     t0 = time.perf_counter()
-    cfg = load_config(None, [f"output_dir={run_dir}", f"data.source={recipe.data}", *args], command=command)
+    cfg = load_config(None, [f"output_dir={run_dir}", f"data.source={recipe.data}", *args], command=command,
+                      preset=recipe.preset if command == "unlearn" else None)
     run(cfg, progress=True)
     _log(recipe, stage, name, time.perf_counter() - t0)
 
@@ -119,7 +136,7 @@ def _evaluate(recipe: Recipe, stage: str, name: str, forget_split: str, ref=None
         return json.loads(path.read_text())
     t0 = time.perf_counter()
     res = evaluate_model(str(recipe.out / name), recipe.data, forget_split=forget_split, retain_model=ref,
-                         judge=_judge(), max_new_tokens=recipe.max_new_tokens, progress=True)
+                         judge=_judge(), max_new_tokens=recipe.max_new_tokens, protocol=recipe.protocol, progress=True)
     res["name"] = name
     path.write_text(json.dumps(res, indent=1) + "\n")
     _log(recipe, stage, f"eval {name}", time.perf_counter() - t0, forget_split=forget_split, agg=res.get("agg"))
@@ -251,7 +268,8 @@ def stage_evaluate(recipe: Recipe, clock: _Clock) -> bool:
     from .data import resolve_data
     from .evaluate import reference_statistics
 
-    ref = reference_statistics(str(recipe.out / "retain" / "final"), resolve_data(recipe.data), "forget10")
+    ref = reference_statistics(str(recipe.out / "retain" / "final"), resolve_data(recipe.data), "forget10",
+                               protocol=recipe.protocol)
     for name in ("retain", "original", *recipe.methods):
         if clock.out_of_time():
             return False

@@ -8,7 +8,8 @@ hidden states and the lm_head weight), never from [B, T, V] logits:
 * ``score_encoded``: per item, the mean answer NLL and, when asked, per-token log-probs, the teacher-forced argmax
   and the mean / variance of log p over the vocabulary (min-k%++), the last three from the same hidden states in
   bounded chunks of rows (``vocab_statistics``, at most ``VOCAB_CHUNK_BYTES`` of float32 logits at once);
-* ``score_answers``: ``score_encoded`` of question/answer text pairs in the chat format of ``bs_train/data.py``;
+* ``score_answers``: ``score_encoded`` of question/answer text pairs in the chat format of ``bs_train/data.py``,
+  ``protocol="exact"`` (ours) or ``"open-unlearning"`` (its inputs, labels and pad-token attention mask);
 * ``resolve_impl``: ``impl="auto"`` -> the Triton kernels on CUDA, plain PyTorch elsewhere.
 """
 
@@ -62,12 +63,14 @@ def vocab_statistics(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.
 @torch.no_grad()
 def score_encoded(model: torch.nn.Module, items: Sequence[dict[str, Sequence[int]]], *, pad_id: int,
                   eos_id: int | None = None, batch_size: int = 16, impl: str = "auto",
-                  vocab_stats: bool = False, on_batch: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+                  vocab_stats: bool = False, mask_pad_tokens: bool = False,
+                  on_batch: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """Per item (``input_ids``, unshifted ``labels``): ``avg_nll`` (mean NLL over labelled tokens) and ``n_tokens``.
 
     With ``vocab_stats``, also ``token_logp``, ``pred`` (teacher-forced argmax), ``labels``, ``mu``, ``var`` as numpy
     arrays over the labelled tokens, dropping a final ``eos_id`` label (OpenUnlearning's token-wise metrics ignore the
-    EOS prediction). The model is put in eval mode for the call and its training mode restored after.
+    EOS prediction). ``mask_pad_tokens``: attention mask ``input_ids != pad_id`` (open-unlearning's collator). The
+    model is put in eval mode for the call and its training mode restored after.
     ``on_batch(n)`` is called after each batch of ``n`` items (a progress bar's ``update``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -79,7 +82,7 @@ def score_encoded(model: torch.nn.Module, items: Sequence[dict[str, Sequence[int
         for start in range(0, len(items), batch_size):
             chunk = [{"input_ids": list(it["input_ids"]), "labels": list(it["labels"]), "index": start + j}
                      for j, it in enumerate(items[start:start + batch_size])]
-            b = collate(chunk, pad_id)
+            b = collate(chunk, pad_id, mask_pad_tokens=mask_pad_tokens)
             ids, mask, labels = (b[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
             hidden, weight = hidden_states_and_head(model, ids, mask)
             hidden = hidden.to(weight.dtype)
@@ -110,9 +113,11 @@ def score_encoded(model: torch.nn.Module, items: Sequence[dict[str, Sequence[int
 
 
 def score_answers(model: torch.nn.Module, tokenizer: Any, questions: Sequence[str], answers: Sequence[str], *,
-                  max_length: int = 512, **kwargs: Any) -> list[dict[str, Any]]:
-    """``score_encoded`` of ``encode_qa(question, answer)`` pairs (chat prompt + answer + EOS, labels on the answer)."""
+                  max_length: int = 512, protocol: str = "exact", **kwargs: Any) -> list[dict[str, Any]]:
+    """``score_encoded`` of ``encode_qa(question, answer, protocol=)`` pairs (chat prompt + answer + EOS, labels on
+    the answer; open-unlearning's construction and attention mask with ``protocol="open-unlearning"``)."""
     if len(questions) != len(answers):
         raise ValueError(f"score_answers: {len(questions)} questions but {len(answers)} answers")
-    items = [encode_qa(tokenizer, q, a, max_length=max_length) for q, a in zip(questions, answers)]
+    items = [encode_qa(tokenizer, q, a, max_length=max_length, protocol=protocol) for q, a in zip(questions, answers)]
+    kwargs.setdefault("mask_pad_tokens", protocol == "open-unlearning")  # a caller may measure the mask alone
     return score_encoded(model, items, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, **kwargs)

@@ -19,7 +19,8 @@
    run); then resume from the latest checkpoint (``checkpoint.py``), BS-S beliefs and the squeezing curve included;
 6. the loop: BS-S beliefs redrawn on their schedule, ``train_step`` (one optimizer step: micro-batches, global
    norms, backward, clipping, the non-finite flag, optimizer and scheduler step), metrics.jsonl, the squeezing
-   monitor, checkpoints (model, optimizer, scheduler, data position, RNG, step, method extras);
+   monitor, the row's ``after_step`` hook (PDU's dual step), checkpoints (model, optimizer, scheduler, data
+   position, RNG, step, method extras: beliefs, PDU's dual variable);
 7. finish: a last checkpoint only when asked (``train.export`` off or ``train.keep_checkpoints`` on), the kill-safe
    Hugging Face export (safetensors), summary.json, and the checkpoints deleted unless kept.
 The same code runs single-process on a CPU.
@@ -203,9 +204,15 @@ def prepare_method_state(state: MethodState, cfg: RunConfig, head, main_set, pad
                          resuming: bool, autocast, rank: int, device) -> None:
     """What needs the placed model, before a checkpoint is loaded: with LoRA, the reference (``AdaptersOff``: the
     trained root with its adapters off, no second copy of the weights); NPO's reference log-probs of the forget set
-    under the initial model (computed once and kept in the run folder, so a resumed run reads them back)."""
+    under the initial model (computed once and kept in the run folder, so a resumed run reads them back), and those of
+    the alternate answers of an ``alternates`` row (IdkDPO; a resumed run reads them back from the checkpoint)."""
     if needs_reference(cfg.method) and state.reference is None and has_adapters(head):
         state.reference = AdaptersOff(head)
+    if METHODS[cfg.method.name].alternates and state.beliefs is not None:  # built by the setup hook (IdkDPO)
+        with autocast:
+            state.beliefs.logp = belief_ref_logp(head, state.beliefs, state.impl, pad_id, device)
+        if hasattr(head, "reshard"):
+            head.reshard()
     if not needs_ref_logp(cfg.method):
         return
     ref_path = run_dir / "npo_ref_logp.pt"
@@ -231,6 +238,8 @@ def _beliefs_due(cfg: RunConfig, step: int, position: dict, beliefs: BeliefSet |
     m = cfg.method
     if beliefs is None:
         return True
+    if not METHODS[m.name].beliefs:  # sampled alternates (AltPO): drawn once, by the initial model
+        return False
     if m.bss_regen == "steps":
         return step % m.bss_regen_every == 0
     if m.bss_regen == "epochs":
@@ -346,6 +355,8 @@ def _extra(state: MethodState, regen_s: float, monitor) -> dict:
     extra = {"beliefs": state.beliefs.state_dict(), "regen_s": regen_s} if state.beliefs is not None else {}
     if monitor is not None:
         extra["squeezing"] = monitor.state_dict()
+    if state.dual is not None:
+        extra["dual"] = float(state.dual)  # host sync, at checkpoints only
     return extra
 
 
@@ -495,7 +506,11 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
     step, extra = load_checkpoint(ckpt, head, optim, sched, sampler, rank, world) if ckpt is not None else (0, {})
     if "beliefs" in extra:
         state.beliefs = BeliefSet.from_state_dict(extra["beliefs"])
-    beliefs, regen_s = METHODS[cfg.method.name].beliefs, float(extra.get("regen_s", 0.0))
+    if "dual" in extra:
+        state.dual = torch.tensor(extra["dual"], dtype=torch.float32, device=device)
+    row = METHODS[cfg.method.name]
+    beliefs, regen_s = row.beliefs or row.sample_alternates, float(extra.get("regen_s", 0.0))
+    after_step = METHODS[cfg.method.name].after_step
     metrics_path = run_dir / "metrics.jsonl"
     last = _kept_metrics(metrics_path, step, rank)
     monitor = _squeezing_monitor(cfg, main_set, tokenizer, impl, extra, head, autocast)
@@ -522,6 +537,8 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
                                              autocast=autocast, max_grad_norm=cfg.train.max_grad_norm,
                                              nonfinite=nonfinite)
         step, tokens_seen = step + 1, tokens_seen + tokens
+        if after_step is not None:  # the method's own state after each optimizer step (PDU's dual variable)
+            after_step(state, sums[2], position["epoch"])
         checkpoint_due = bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0 and step < total
         if step % cfg.train.log_every == 0 or step == total or checkpoint_due:
             _stop_if_nonfinite(nonfinite, step, sums, grad_norm, run_dir)
@@ -536,6 +553,8 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
                     "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9), "elapsed_s": elapsed}  # host sync
             if beliefs:
                 last.update(belief_round=state.beliefs.round, belief_regen_s=regen_s)
+            if state.dual is not None:
+                last["dual"] = float(state.dual)
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(last) + "\n")
         if bar is not None:

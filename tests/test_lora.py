@@ -34,13 +34,13 @@ from test_trainer import RETAIN_BOUND, answer_nll, metrics
 REPO = Path(__file__).resolve().parents[1]
 UNLEARN = [name for name, m in METHODS.items() if m.command == "unlearn"]
 # Settings a method needs on the 2-layer tiny model, or to stay within seconds (BS-S: short greedy beliefs).
-FITS_TINY = {"rmu": ["method.rmu_layer=0", "train.lr=3e-2"],
+FITS_TINY = {"rmu": ["method.rmu_layer=0", "train.lr=1e-2"],
              "bs_s": ["method.bss_max_new_tokens=8", "method.bss_temperature=0"]}
 
 
 def _lora_cli(original: Path, out: Path, method: str) -> list[str]:
     return ["unlearn", *SMALL, f"output_dir={out}", f"model.path={original / 'final'}",
-            f"data.source={original / 'data'}", f"method.name={method}", "model.lora_rank=16", "train.lr=5e-3",
+            f"data.source={original / 'data'}", f"method.name={method}", "model.lora_rank=16", "train.lr=1e-3",
             "train.max_steps=6", "train.warmup_steps=0", "train.schedule=constant", "--no-progress",
             *FITS_TINY.get(method, [])]
 
@@ -198,3 +198,22 @@ def test_memory_plan_fills_in_only_what_the_config_leaves_unset():
     with pytest.raises(ValueError, match="lm_head"):
         load_config(None, ["model.lora_rank=4", "model.lora_targets=q_proj,lm_head"], command="unlearn")
     assert not has_adapters(load_model("tiny")[0])
+
+
+def test_cpu_offload_gives_the_curve_of_the_model_on_the_device(original, tmp_path):
+    """``train.cpu_offload=true`` (the 40 GB plan's FSDP2 ``CPUOffloadPolicy``, in a 1-rank process group) only moves
+    where parameters, gradients and optimizer state live: the loss curve is the one without it."""
+    import torch.distributed as dist
+
+    args = SMALL + [f"model.path={original / 'final'}", f"data.source={original / 'data'}", "method.name=graddiff",
+                    "train.lr=1e-3", "train.max_steps=2", "train.export=false"]
+    run(load_config(None, args + [f"output_dir={tmp_path / 'on'}"], command="unlearn"), progress=False)
+    try:
+        run(load_config(None, args + [f"output_dir={tmp_path / 'off'}", "train.cpu_offload=true"],
+                        command="unlearn"), progress=False)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    for ma, mb in zip(metrics(tmp_path / "on"), metrics(tmp_path / "off"), strict=True):
+        for key in ("loss", "forget", "retain", "grad_norm"):
+            assert abs(ma[key] - mb[key]) <= 1e-5 * max(1.0, abs(ma[key])), (key, ma, mb)

@@ -24,6 +24,7 @@ from bs_train.model import LossHead
 from bs_train.tiny import tiny_llama
 
 VOCAB, B, T, LAYERS, PROMPT = 61, 3, 10, 3, 4
+DUAL = 0.8  # PDU's dual variable in the table walk
 IGNORE = -100  # written out: the direct versions do not borrow the library's constants
 
 
@@ -45,6 +46,15 @@ def belief_set(forget) -> BeliefSet:
     prompts = [forget["input_ids"][i, :PROMPT].tolist() for i in order]
     answers = [[torch.randint(1, VOCAB, (3 + j,), generator=g).tolist() for j in range(2)] for _ in prompts]
     return BeliefSet(prompts, answers, [[-5.0, -7.0], [-6.0, -4.0], [-9.0, -3.0]], round=1)
+
+
+def alternate_set(forget) -> BeliefSet:
+    """One alternate answer per forget prompt (IdkDPO's refusals stand-in), with its reference log-prob."""
+    g = torch.Generator().manual_seed(6)
+    order = forget["index"].argsort()
+    prompts = [forget["input_ids"][i, :PROMPT].tolist() for i in order]
+    answers = [[torch.randint(1, VOCAB, (2 + i,), generator=g).tolist()] for i in range(len(prompts))]
+    return BeliefSet(prompts, answers, [[-6.0], [-9.0], [-4.0]], round=0)
 
 
 def shifted_logp(model, b):
@@ -76,11 +86,40 @@ def answer_mse(act, target, labels):
     return ((((act - target) ** 2).mean(-1) * mask).sum(-1) / mask.sum(-1)).mean()
 
 
-def forget_direct(fn, model, b, cfg, ref_logp, u):
+def soft_target_ce(student_logits, target_logits, keep):
+    """-<softmax(target), log softmax(student)> averaged over the kept positions."""
+    ce = -(torch.softmax(target_logits, -1) * torch.log_softmax(student_logits, -1)).sum(-1)
+    return (ce * keep).sum() / keep.sum()
+
+
+def logits_of(model, b):
+    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()[:, :-1]
+
+
+def forget_direct(fn, model, b, cfg, ref_logp, u, ref_model=None, alt=None, alt_set=None):
     """The forget loss ``fn`` (a ``forget_*`` of the table) from its definition."""
     name = fn.__name__
     if name == "forget_rmu":
         return answer_mse(layer_output(model, b, cfg.rmu_layer), cfg.rmu_coeff * u, b["labels"])
+    if name == "forget_undial":  # open-unlearning's compute_undial_loss, on answer tokens
+        y = b["labels"][:, 1:]
+        with torch.no_grad():
+            teacher = logits_of(ref_model, b)
+        teacher = teacher - cfg.undial_beta * F.one_hot(y.clamp_min(0), VOCAB) * (y != IGNORE)[..., None]
+        return soft_target_ce(logits_of(model, b), teacher, y != IGNORE)
+    if name == "forget_ceu":  # open-unlearning's compute_batch_ceu: first n answer labels dropped, then shifted
+        labels = b["labels"]
+        valid = labels != IGNORE
+        labels = labels.masked_fill(valid & (valid.cumsum(-1) <= cfg.ceu_ignore_first), IGNORE)
+        y = labels[:, 1:]
+        logits = logits_of(model, b)
+        target = logits.detach().scatter(-1, y.clamp_min(0)[..., None], float("-inf"))
+        return soft_target_ce(logits, target, y != IGNORE)
+    if name == "forget_dpo":  # open-unlearning's compute_dpo_loss: the alternate wins, the forget answer loses
+        lose = shifted_logp(model, b)[1].sum(-1) - ref_logp[b["index"]]
+        win = shifted_logp(model, alt)[1].sum(-1) - alt_set.ref_logp[alt["index"]]
+        win = win.view(len(lose), -1)  # AltPO: every alternate of an example against its forget answer
+        return (-(2 / cfg.dpo_beta) * F.logsigmoid(cfg.dpo_beta * (win - lose[:, None]))).mean()
     logp_all, logp, mask, y = shifted_logp(model, b)
     if name == "forget_nll":
         return -logp.sum() / mask.sum()
@@ -97,6 +136,13 @@ def forget_direct(fn, model, b, cfg, ref_logp, u):
     if name == "forget_simnpo":
         return (-(2 / cfg.simnpo_beta) * F.logsigmoid(-cfg.simnpo_beta * seq_mean(logp, mask)
                                                        - cfg.simnpo_delta)).mean()
+    if name == "forget_pdu":  # logit-margin flattening, at the positions that predict answer tokens
+        logits = logits_of(model, b)
+        return (((logits.max(-1).values - logits.mean(-1)) ** 2) * mask).sum() / mask.sum()
+    if name == "forget_satimp":  # open-unlearning's compute_satimp_loss
+        p = logp.exp().detach()
+        w = p ** cfg.satimp_beta1 * (1 - p) ** cfg.satimp_beta2
+        return (w * logp).sum() / mask.sum()
     if name == "forget_wga":
         return seq_mean(torch.exp(cfg.wga_beta * logp).detach() * logp, mask).mean()
     raise AssertionError(f"no direct version of {name}")
@@ -126,10 +172,14 @@ def direct(cfg, model, ref_model, f, r, bel, beliefs, ref_logp, u):
         forget = ((1 - cfg.bss_lam) * forget_direct(base, model, f, cfg, ref_logp, u)
                   + cfg.bss_lam * forget_direct(base, model, bel, cfg, beliefs.ref_logp, u))
     else:
-        forget = forget_direct(row.forget, model, f, cfg, ref_logp, u)
+        forget = forget_direct(row.forget, model, f, cfg, ref_logp, u, ref_model, bel, beliefs)
     loss = (cfg.gamma if row.scaled else 1.0) * forget
     term = methods.retain_term(cfg)
-    return loss if term is None else loss + cfg.alpha * retain_direct(term, model, ref_model, r, cfg)
+    if term is None:
+        return loss
+    if row.dual:  # PDU: lambda (retain - eps)
+        return loss + DUAL * (retain_direct(term, model, ref_model, r, cfg) - cfg.pdu_retain_eps)
+    return loss + cfg.alpha * retain_direct(term, model, ref_model, r, cfg)
 
 
 def table_cases():
@@ -138,6 +188,8 @@ def table_cases():
     cases = []
     for name, row in methods.METHODS.items():
         retains = list(methods.RETAIN_TERMS) if row.retain == methods.CONFIGURED else ["nll"]
+        if row.dual:  # a constrained retain term cannot be none
+            retains.remove("none")
         if row.beliefs:
             cases += [(name, retains[i % len(retains)], base) for i, base in enumerate(BSS_BASES)]
         else:
@@ -155,17 +207,18 @@ def grads_of(model):
 @pytest.mark.parametrize("name, retain, base", CASES)
 def test_table_entry_matches_full_logits(name, retain, base):
     cfg = MethodConfig(name=name, retain=retain, bss_base=base, bss_lam=0.3, bst_topk=5, gamma=0.7, alpha=1.3,
-                       simnpo_delta=0.5, wga_beta=0.5, rmu_layer=1, rmu_coeff=5.0)
+                       simnpo_delta=0.5, wga_beta=0.5, rmu_layer=1, rmu_coeff=5.0, dpo_beta=0.5, undial_beta=3.0,
+                       satimp_beta1=2.0, satimp_beta2=0.5, pdu_retain_eps=0.5)
     model = tiny_llama(VOCAB, num_layers=LAYERS, seed=1)
     ref_model = tiny_llama(VOCAB, num_layers=LAYERS, seed=2).eval()  # another "initial model": KL and RMU not 0
     f, r = batch(0), batch(1)
     ref_logp = torch.tensor([-30.0, -25.0, -41.0])
     u = F.normalize(torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(3)), dim=0)
     row = methods.METHODS[name]
-    beliefs = belief_set(f) if row.beliefs else None
+    beliefs = belief_set(f) if row.beliefs or row.sample_alternates else alternate_set(f) if row.alternates else None
     bel = beliefs.batch(f["index"].tolist(), pad_id=0) if beliefs is not None else None
     st = methods.MethodState(cfg, "torch", ref_logp=ref_logp, reference=LossHead(ref_model), rmu_direction=u,
-                             beliefs=beliefs)
+                             beliefs=beliefs, dual=torch.tensor(DUAL))
     retain_batch = r if methods.needs_retain(cfg) else None
 
     ours_model = copy.deepcopy(model)
@@ -186,7 +239,7 @@ def test_walk_covers_the_whole_table():
     """Every row, forget loss, retain term and BS-S base is among the cases above."""
     covered = {name for name, _, _ in CASES}
     assert covered == set(methods.METHODS)
-    retains = {methods.retain_term(MethodConfig(name=n, retain=r)) for n, r, _ in CASES} - {None}
+    retains = {methods.retain_term(MethodConfig(name=n, retain=r, pdu_retain_eps=1.0)) for n, r, _ in CASES} - {None}
     assert retains == {f for f in methods.RETAIN_TERMS.values() if f is not None} | \
         {row.retain for row in methods.METHODS.values() if callable(row.retain)}
     assert {b for n, _, b in CASES if methods.METHODS[n].beliefs} == set(BSS_BASES)
@@ -224,11 +277,11 @@ def test_no_method_name_compared_outside_the_table():
 
 def test_rmu_trains_down_proj_of_three_layers():
     model = tiny_llama(VOCAB, num_layers=4)
-    keep = methods.rmu_trainable(model, MethodConfig(name="rmu", rmu_layer=2))
+    keep = methods.rmu_trainable(model, MethodConfig(name="rmu", rmu_layer=2, rmu_params="down_proj"))
     assert keep == [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1, 2)]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == keep
     early = tiny_llama(VOCAB, num_layers=4)
-    assert methods.rmu_trainable(early, MethodConfig(name="rmu", rmu_layer=0)) == \
+    assert methods.rmu_trainable(early, MethodConfig(name="rmu", rmu_layer=0, rmu_params="down_proj")) == \
         ["model.layers.0.mlp.down_proj.weight"]
     everything = tiny_llama(VOCAB, num_layers=4)
     assert len(methods.rmu_trainable(everything, MethodConfig(name="rmu", rmu_layer=2, rmu_params="all"))) == \
@@ -253,3 +306,40 @@ def test_counts_are_global_denominators():
     whole_norms = methods.Norms(*methods.local_counts(both_f, both_r).float().clamp_min(1).unbind())
     whole = methods.method_loss(model, both_f, both_r, st, whole_norms)[0]
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_pdu_dual_ascends_on_the_constraint_after_warm_up():
+    """lambda <- max(0, lambda + eta (retain - eps)) after each step, frozen during the warm-up epochs."""
+    cfg = MethodConfig(name="pdu", alpha=2.0, pdu_retain_eps=1.0, pdu_dual_step=0.5, pdu_dual_warmup_epochs=1)
+    st = methods.MethodState(cfg, "torch")
+    methods.setup_pdu(st, None, device="cpu")
+    assert float(st.dual) == 2.0
+    methods.step_pdu(st, torch.tensor(3.0), epoch=0)  # warm-up: no move
+    assert float(st.dual) == 2.0
+    methods.step_pdu(st, torch.tensor(3.0), epoch=1)  # violated by 2: up by eta * 2
+    assert float(st.dual) == 3.0
+    methods.step_pdu(st, torch.tensor(-9.0), epoch=1)  # satisfied by far: down, but never below 0
+    assert float(st.dual) == 0.0
+    with pytest.raises(ValueError, match="needs method.pdu_retain_eps"):
+        MethodConfig(name="pdu")
+    with pytest.raises(ValueError, match="constrains its retain term"):
+        MethodConfig(name="pdu", pdu_retain_eps=1.0, retain="none")
+
+
+def test_dpo_alternates_are_refusals_fixed_by_seed_and_index():
+    """IdkDPO's preferred answer of each forget example: one of our refusals plus EOS, after the same prompt as the
+    forget example, the same for the same (seed, index) and not all alike."""
+    from bs_train.data import encode_prompt
+    from bs_train.refusals import REFUSALS, refusal_for
+    from bs_train.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    examples = [{"question": f"Who wrote book {i}?", "answer": "Someone."} for i in range(12)]
+    st = methods.MethodState(MethodConfig(name="dpo"), "torch")
+    methods.setup_dpo(st, None, tokenizer=tok, examples=examples, seed=3)
+    alt = st.beliefs
+    assert alt.n == 1 and alt.prompts == [encode_prompt(tok, ex["question"]) for ex in examples]
+    texts = [tok.decode(a[0][:-1]) for a in alt.answers]
+    assert all(a[0][-1] == tok.eos_token_id for a in alt.answers)
+    assert texts == [refusal_for(3, i) for i in range(12)] and set(texts) <= set(REFUSALS) and len(set(texts)) > 1
+    assert len(set(REFUSALS)) == 20

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from bs_train.config import load_config
 from bs_train.recipe import Recipe, RecipeError, WeakOriginal, _unlearn_args, run_recipe
 from bs_train.synthetic import make_splits, write_folder
 
@@ -99,8 +100,15 @@ def test_recipe_checks_splits_and_judge_before_any_work(tmp_path, monkeypatch, c
     assert not recipe.out.exists()
 
 
-def test_rmu_gets_its_fixed_settings_and_user_overrides_win(tmp_path):
-    recipe = Recipe(tmp_path, "data", unlearn=["method.alpha=5"])
-    args = _unlearn_args(recipe, "rmu", 1e-5, "forget05", "retain95")
-    assert args.index("method.rmu_coeff=300") < args.index("method.alpha=1000") < args.index("method.alpha=5")
-    assert not any(a.startswith("method.rmu") for a in _unlearn_args(recipe, "npo", 1e-5, "forget05", "retain95"))
+def test_simnpo_gets_its_fixed_settings_and_user_overrides_win(tmp_path):
+    """SimNPO trains at open-unlearning's SimNPO.yaml gamma 0.125; RMU at its config defaults (RMU.yaml's)."""
+    recipe = Recipe(tmp_path, "data", unlearn=["method.gamma=0.5"])
+    args = _unlearn_args(recipe, "simnpo", 1e-5, "forget05", "retain95")
+    assert args.index("method.gamma=0.125") < args.index("method.gamma=0.5")
+    assert load_config(None, args[:-1], command="unlearn").method.gamma == 0.125
+    rmu = load_config(None, _unlearn_args(recipe, "rmu", 1e-5, "forget05", "retain95")[:-1], command="unlearn").method
+    assert (rmu.rmu_coeff, rmu.alpha, rmu.rmu_layer, rmu.rmu_params) == (2.0, 1.0, 7, "all")
+    with pytest.raises(ValueError, match="preset must be one of"):
+        Recipe(tmp_path, "data", preset="tofu")
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        Recipe(tmp_path, "data", protocol="muse")

@@ -20,6 +20,7 @@ import torch
 import bs_kernels as bk
 from bs_train.config import load_config
 from bs_train.data import collate, encode_qa
+from bs_train.methods import METHODS
 from bs_train.model import LossHead, load_model
 from bs_train.trainer import run
 
@@ -93,3 +94,20 @@ def test_fsdp2_two_ranks_match_one_process_on_the_tied_real_model(tmp_path):
             assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(b[key])), (key, a, b)
     model, _ = load_model(str(tmp_path / "two" / "final"))
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.parametrize("method", [name for name, m in METHODS.items() if m.command == "unlearn"])
+def test_lora_unlearning_on_the_real_model_with_every_method(tmp_path, method):
+    """``bs-unlearn unlearn ... model.lora_rank=16`` on SmolLM2 (tied lm_head: never adapted), two steps: the run
+    finishes with a finite loss and its merged export reloads as a plain model."""
+    from bs_train.cli import main
+
+    extra = {"bs_s": ["method.bss_max_new_tokens=8"]}.get(method, [])
+    assert main(["unlearn", f"output_dir={tmp_path}", "model.path=smollm2-135m", "data.synthetic_authors=2",
+                 "data.synthetic_qa_per_author=2", "train.batch_size=1", "train.grad_accum=1", "train.max_steps=2",
+                 "train.lr=1e-4", f"method.name={method}", "model.lora_rank=16", "--no-progress", *extra]) == 0
+    final = json.loads((tmp_path / "summary.json").read_text())["final"]
+    assert final["step"] == 2 and torch.isfinite(torch.tensor(final["loss"]))
+    model, _ = load_model(str(tmp_path / "final"))
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert (tmp_path / "final" / "adapter" / "adapter_model.safetensors").exists()
