@@ -68,7 +68,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,130 +77,29 @@ import bs_kernels as bk
 from .beliefs import BeliefSet
 from .data import encode_prompt, encode_qa
 from .lora import has_adapters, rmu_adapters
+from .method_base import (MethodState, Norms, flat_shifted, local_counts, mean_weights, nll_weights,  # noqa: F401
+                          seq_weights, token_logp, weighted_score_sum)
 from .model import LossHead
 from .refusals import refusal_for
-
-@dataclass
-class Norms:
-    """Global denominators for one optimizer step (0-d tensors; all-reduced across ranks by the trainer)."""
-
-    forget_seqs: torch.Tensor
-    forget_tokens: torch.Tensor
-    retain_seqs: torch.Tensor
-    retain_tokens: torch.Tensor
-    belief_seqs: torch.Tensor
-    belief_tokens: torch.Tensor
-    retain_positions: torch.Tensor
-    """Every B x T position of the retain batches, padding included (the KL retain term with kl_positions=all)."""
-
-    def for_beliefs(self) -> Norms:
-        """These norms with the belief counts in the forget slots, to run a base forget loss on beliefs."""
-        return replace(self, forget_seqs=self.belief_seqs, forget_tokens=self.belief_tokens)
-
-
-def local_counts(forget: dict | None, retain: dict | None, beliefs: dict | None = None) -> torch.Tensor:
-    """[7] counts of one micro-batch in ``Norms`` field order (computed on the host from CPU batches); the trainer
-    sums them over micro-batches and ranks."""
-    out = []
-    for batch in (forget, retain, beliefs):
-        if batch is None:
-            out += [0, 0]
-            continue
-        active = bk.shift_labels(batch["labels"], bk.IGNORE_INDEX) != bk.IGNORE_INDEX
-        out += [int((active.sum(-1) > 0).sum()), int(active.sum())]
-    out.append(retain["labels"].numel() if retain is not None else 0)
-    return torch.tensor(out, dtype=torch.float64)
-
-
-@dataclass
-class MethodState:
-    """Everything a method needs beyond the batch, built once before training (``cfg`` is a ``MethodConfig``)."""
-
-    cfg: Any
-    impl: str
-    ref_logp: torch.Tensor | None = None  # [n_forget] NPO reference log pi_ref(y|x), indexed by example
-    reference: LossHead | None = None  # frozen initial model for the KL retain term and RMU
-    rmu_direction: torch.Tensor | None = None  # [D] unit vector
-    beliefs: object | None = None  # BS-S: the current beliefs.BeliefSet
-    prompts: list[list[int]] | None = None  # BS-S: every forget prompt, encoded (the beliefs are drawn for these)
-    sampler: object | None = None  # BS-S: the run's one belief sampler (beliefs.belief_sampler), built at first use
-    dual: torch.Tensor | None = None  # PDU: the dual variable (0-d, on the device) weighting the retain constraint
-
-
-def _cast(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bring hidden states and head weight to one dtype: the autocast dtype when autocast is on."""
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        return hidden.to(dtype), weight.to(dtype)
-    return hidden.to(weight.dtype), weight
-
-
-def _flat(hidden, weight, labels):
-    h, w = _cast(hidden, weight)
-    y = bk.shift_labels(labels, bk.IGNORE_INDEX)
-    return h.reshape(-1, h.shape[-1]), w, y
-
-
-def _seq_weights(y: torch.Tensor, n_seqs: torch.Tensor) -> torch.Tensor:
-    """Token weights of "mean over answer tokens per sequence, summed, divided by the global sequence count"."""
-    active = (y != bk.IGNORE_INDEX).float()
-    return (active / active.sum(-1, keepdim=True).clamp_min(1) / n_seqs).reshape(-1)
-
-
-def _mean_weights(y: torch.Tensor, n: Norms, reduction: str) -> torch.Tensor:
-    """Token weights of a forget loss's mean over answer tokens: per sequence then over sequences (``sequence``), or
-    one mean over the step's answer tokens (``token``)."""
-    if reduction == "token":
-        return (y != bk.IGNORE_INDEX).float().reshape(-1) / n.forget_tokens
-    return _seq_weights(y, n.forget_seqs)
-
-
-def _token_weights(y: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
-    """Token weights of the NLL "mean over all answer tokens" (negative: the fused sum is of log-likelihoods)."""
-    return -(y != bk.IGNORE_INDEX).float().reshape(-1) / n_tokens
-
-
-def _weighted(model, batch, st: MethodState, token_weights_fn, *, topk=0, lam=0.0):
-    """sum_i w_i s_i on the fused three-GEMM path; ``token_weights_fn(y)`` builds the weights from shifted labels."""
-
-    def fn(hidden, weight, _):
-        h, w, y = _flat(hidden, weight, batch["labels"])
-        loss, _ = bk.linear_weighted_score_sum(h, w, y.reshape(-1), token_weights_fn(y).to(h.device),
-                                               topk=topk, lam=lam, impl=st.impl)
-        return loss
-
-    return model(batch["input_ids"], batch["attention_mask"], fn)
-
-
-def _seq_scores(model, batch, impl: str):
-    """Per-token log p(y_i) [B, T-shifted] (recompute path: any upstream gradient) and the answer mask."""
-
-    def fn(hidden, weight, _):
-        h, w, y = _flat(hidden, weight, batch["labels"])
-        s = bk.linear_token_scores(h, w, y.reshape(-1), impl=impl).view(y.shape)
-        return s, y != bk.IGNORE_INDEX
-
-    return model(batch["input_ids"], batch["attention_mask"], fn)
-
 
 # ---- forget losses: forget_<method>(model, forget batch, state, norms) -----------------------------------------
 
 
 def forget_nll(model, batch, st, n: Norms):
-    return _weighted(model, batch, st, lambda y: _token_weights(y, n.forget_tokens))
+    return weighted_score_sum(model, batch, st, lambda y: nll_weights(y, n.forget_tokens))
 
 
 def forget_ga(model, batch, st, n: Norms):
-    return _weighted(model, batch, st, lambda y: _mean_weights(y, n, st.cfg.reduction))
+    return weighted_score_sum(model, batch, st, lambda y: mean_weights(y, n, st.cfg.reduction))
 
 
 def forget_bst(model, batch, st, n: Norms):
-    return _weighted(model, batch, st, lambda y: _mean_weights(y, n, st.cfg.reduction), topk=st.cfg.bst_topk,
+    return weighted_score_sum(model, batch, st, lambda y: mean_weights(y, n, st.cfg.reduction), topk=st.cfg.bst_topk,
                      lam=st.cfg.bst_lam)
 
 
 def forget_npo(model, batch, st, n: Norms):
-    s, mask = _seq_scores(model, batch, st.impl)
+    s, mask = token_logp(model, batch, st.impl)
     logp = (s * mask).sum(-1)
     ref = st.ref_logp.to(logp.device)[batch["index"]]
     beta = st.cfg.npo_beta
@@ -210,7 +108,7 @@ def forget_npo(model, batch, st, n: Norms):
 
 
 def forget_simnpo(model, batch, st, n: Norms):
-    s, mask = _seq_scores(model, batch, st.impl)
+    s, mask = token_logp(model, batch, st.impl)
     mean_logp = (s * mask).sum(-1) / mask.sum(-1).clamp_min(1)
     beta, delta = st.cfg.simnpo_beta, st.cfg.simnpo_delta
     keep = mask.any(-1)
@@ -218,7 +116,7 @@ def forget_simnpo(model, batch, st, n: Norms):
 
 
 def forget_wga(model, batch, st, n: Norms):
-    s, mask = _seq_scores(model, batch, st.impl)
+    s, mask = token_logp(model, batch, st.impl)
     w = torch.exp(st.cfg.wga_beta * s).detach() * mask
     if st.cfg.reduction == "token":
         return (w * s).sum() / n.forget_tokens
@@ -227,7 +125,7 @@ def forget_wga(model, batch, st, n: Norms):
 
 
 def forget_satimp(model, batch, st, n: Norms):
-    s, mask = _seq_scores(model, batch, st.impl)
+    s, mask = token_logp(model, batch, st.impl)
     p = s.exp().detach()
     w = p ** st.cfg.satimp_beta1 * (1.0 - p) ** st.cfg.satimp_beta2 * mask
     return (w * s).sum() / n.forget_tokens
@@ -235,7 +133,7 @@ def forget_satimp(model, batch, st, n: Norms):
 
 def _answer_logp(model, batch, impl: str):
     """log pi(y|x) summed over each row's answer tokens [B], and which rows have any."""
-    s, mask = _seq_scores(model, batch, impl)
+    s, mask = token_logp(model, batch, impl)
     return (s * mask).sum(-1), mask.any(-1)
 
 
@@ -261,7 +159,7 @@ def _soft_target_ce(model, batch, st, teacher, labels_fn, denominator, gamma: fl
     weight) from the student's; ``labels_fn`` keeps the scored tokens of the shifted labels."""
 
     def fn(hidden, weight, _):
-        h, w, y = _flat(hidden, weight, batch["labels"])
+        h, w, y = flat_shifted(hidden, weight, batch["labels"])
         y = labels_fn(y).reshape(-1)
         h_t, w_t = teacher(h, w)
         token_weights = (y != bk.IGNORE_INDEX).float() / denominator  # a weight, not a row selection: no sync
@@ -316,7 +214,7 @@ def logit_margin(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def forget_pdu(model, batch, st, n: Norms):
     def fn(hidden, weight, _):
-        h, w, y = _flat(hidden, weight, batch["labels"])
+        h, w, y = flat_shifted(hidden, weight, batch["labels"])
         active = (y != bk.IGNORE_INDEX).reshape(-1).float()
         return (logit_margin(h, w) ** 2 * active).sum() / n.forget_tokens
 
@@ -356,7 +254,7 @@ def forget_bss(model, batch, st, n: Norms, beliefs: dict | None = None):
 
 
 def retain_nll(model, batch, st, n: Norms):
-    return _weighted(model, batch, st, lambda y: _token_weights(y, n.retain_tokens))
+    return weighted_score_sum(model, batch, st, lambda y: nll_weights(y, n.retain_tokens))
 
 
 def retain_kl(model, batch, st, n: Norms):
@@ -367,7 +265,7 @@ def retain_kl(model, batch, st, n: Norms):
         ref = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, w, _: (h, w))
 
     def fn(hidden, weight, _):
-        h, w, y = _flat(hidden, weight, batch["labels"])
+        h, w, y = flat_shifted(hidden, weight, batch["labels"])
         y = y.reshape(-1)
         h_ref = ref[0].reshape(-1, ref[0].shape[-1]).to(h.dtype)
         if st.cfg.kl_positions == "all":  # every B x T position, over the step's count of them
@@ -647,6 +545,6 @@ def precompute_ref_logp(model: LossHead, loader, impl: str, n_examples: int, dev
     out = torch.zeros(n_examples, dtype=torch.float32)
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        s, mask = _seq_scores(model, batch, impl)
+        s, mask = token_logp(model, batch, impl)
         out[batch["index"].cpu()] = (s * mask).sum(-1).float().cpu()
     return out

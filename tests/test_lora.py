@@ -192,7 +192,7 @@ def test_memory_plan_fills_in_only_what_the_config_leaves_unset():
     assert (cfg.model.lora_rank, cfg.model.dtype, cfg.train.activation_checkpointing) == (16, "bfloat16", True)
     assert cfg.train.batch_size == 2 and cfg.train.grad_accum == 8  # set wins; unset comes from the plan
     off = load_config(None, ["train.memory_plan=offload40"], command="unlearn")
-    assert off.train.cpu_offload and off.train.optimizer == "adamw8bit" and off.model.lora_rank == 0
+    assert off.train.cpu_offload and off.train.optimizer == "adamw_bf16_sr" and off.model.lora_rank == 0
     with pytest.raises(ValueError, match="train.memory_plan must be one of"):
         load_config(None, ["train.memory_plan=lora12"], command="unlearn")
     with pytest.raises(ValueError, match="lm_head"):
