@@ -429,10 +429,11 @@ def evaluate_model(model_dir_or_name: str | os.PathLike[str], data_source: Any =
     ``protocol``: ``"exact"`` (ours) or ``"open-unlearning"`` (its input construction, mask and epsilon; the README
     lists every difference with its size); a ``retain_model`` path is scored under the same protocol.
 
-    Keys: OpenUnlearning's names (``forget_Q_A_Prob``, ``forget_Q_A_ROUGE``, ``forget_truth_ratio``,
-    ``forget_quality`` (p) and ``forget_quality_log`` (ln p), ``retain_Q_A_Prob`` ..., ``model_utility``, ``extraction_strength``, ``exact_memorization``,
-    ``mia_loss`` / ``mia_zlib`` / ``mia_min_k`` / ``mia_min_k_plus_plus`` (AUCs), ``privleak``), plus ``similarity``
-    and ``fluency`` (judge), ``mem``, ``util``, ``agg``, ``utility_splits``, ``notes`` and ``per_example``.
+    Keys: OpenUnlearning's names (``forget_Q_A_Prob``, ``forget_Q_A_ROUGE``, ``forget_truth_ratio``, ``forget_quality``
+    (p) and ``forget_quality_log`` (ln p), ``retain_Q_A_Prob`` ..., ``model_utility``, ``extraction_strength``,
+    ``exact_memorization``, ``mia_loss`` / ``mia_zlib`` / ``mia_min_k`` / ``mia_min_k_plus_plus`` (AUCs), ``privleak``),
+    plus ``similarity`` and ``fluency`` (judge), ``mem``, ``util``, ``agg``, ``utility_splits``, ``notes`` and
+    ``per_example``.
     """
     load_kw = {"device": device, "dtype": dtype}
     data = resolve_data(data_source, model_dir_or_name)

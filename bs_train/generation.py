@@ -2,10 +2,11 @@
 
 ``generate(model, tokenizer, prompts, ...)`` returns, for each prompt (token ids), ``num_samples`` continuations as
 token-id lists cut after the first stop token: the tokenizer's EOS or any EOS id of the model's generation config
-(``stop_ids``: Llama-3.2-Instruct also stops at 128001 and 128008). Llama-family models (what ``bs_train.sampler.check_supported`` accepts) go
-through the KV-cached sampler of ``bs_train/sampler.py``, held token for token to HF greedy decoding by the tests;
-any other model goes through Hugging Face ``generate`` (``hf_generate``: left padding, a KV cache, the same
-arguments). ``generate_text`` is the greedy answers to questions in the chat format of ``bs_train/data.py``, as text;
+(``stop_ids``: Llama-3.2-Instruct also stops at 128001 and 128008). Llama-family models (what
+``bs_train.sampler.check_supported`` accepts) go through the KV-cached sampler of ``bs_train/sampler.py``, held token
+for token to HF greedy decoding by the tests; any other model goes through Hugging Face ``generate`` (``hf_generate``:
+left padding, a KV cache, the same arguments). ``generate_text`` is the greedy answers to questions in the chat format
+of ``bs_train/data.py``, as text;
 with ``protocol="open-unlearning"`` the prompts are open-unlearning's and go through HF ``generate`` with its
 attention mask (``input_ids != pad``: with pad == eos, every EOS of the prompt is masked, as its collator does).
 

@@ -14,13 +14,14 @@ Stages, in order (``--stage`` runs one; the default runs every stage that still 
 5. ``table``: ``results.json`` and ``results.md`` (ours beside the paper's Table 1), with each run's worst-case
    attack recovery once ``bs-unlearn attack`` has written its ``attacks.json``.
 
-Every run lives in its own folder and is skipped once finished (its ``final/`` or ``eval.json`` exists); a run cut
-off mid-way resumes from its last checkpoint. To fit a small disk, a finished run's checkpoints are deleted (the
-trainer's ``train.keep_checkpoints`` default), and so are a selection run's weights once scored (its metrics, config and ``eval.json`` stay). Before starting new work, a
-stage checks the time used against ``--budget-s`` and stops cleanly, so each command ends inside the device's
-10-minute limit. ``--preset open-unlearning`` trains every method with the reference trainers' reductions and settings
-(``methods.PRESETS``) and ``--protocol open-unlearning`` evaluates with open-unlearning's inputs. ``stages.jsonl`` records
-every piece of work: what ran, where (device, host), when and for how long.
+Every run lives in its own folder and is skipped once finished (its ``final/`` or ``eval.json`` exists); a run cut off
+mid-way resumes from its last checkpoint. To fit a small disk, a finished run's checkpoints are deleted (the trainer's
+``train.keep_checkpoints`` default), and so are a selection run's weights once scored (its metrics, config and
+``eval.json`` stay). Before starting new work, a stage checks the time used against ``--budget-s`` and stops cleanly, so
+each command ends inside the device's 10-minute limit. ``--preset open-unlearning`` trains every method with the
+reference trainers' reductions and settings (``methods.PRESETS``) and ``--protocol open-unlearning`` evaluates with
+open-unlearning's inputs. ``stages.jsonl`` records every piece of work: what ran, where (device, host), when and for how
+long.
 """
 
 from __future__ import annotations

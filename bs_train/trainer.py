@@ -8,13 +8,12 @@
    LoRA adapters injected and the base frozen: ``lora.py``), before any GPU work;
 3. ``init_method_state``: what the method table (``methods.METHODS``) says the method needs of the initial model,
    built before the model moves: a frozen reference for KL / RMU / BS-S's NPO base after the first belief round
-   (``frozen_reference``: compute dtype, its blocks sharded under torchrun; with LoRA none is copied, the reference
-   is the trained model with its adapters off, ``lora.AdaptersOff``, set in step 5) and the row's setup hook (RMU's trainable
-   parameters and direction, BS-S's encoded prompts);
-4. ``parallelize``: activation checkpointing, then ``fully_shard`` per decoder block and at the root, in that order
-   (torchtitan's recipe), bf16 compute with fp32 gradient reduction, CPU offload when asked. Every loss is already a sum divided by a
-   global count (``methods.Norms``), so the backward pass scales it by the world size to cancel FSDP's averaging
-   (switching the division off instead needs ReduceOp.PREMUL_SUM, which gloo lacks); then the optimizer;
+   (``frozen_reference``: compute dtype, its blocks sharded under torchrun; with LoRA none is copied, the
+   reference is the trained model with its adapters off, ``lora.AdaptersOff``, set in step 5) and the row's setup
+   hook (RMU's trainable parameters and direction, BS-S's encoded prompts);
+4. ``parallelize``: activation checkpointing, then ``fully_shard`` per decoder block and at the root (torchtitan's
+   order), bf16 compute, fp32 gradient reduction, CPU offload when asked. Losses are sums over global counts
+   (``methods.Norms``): backward scales by the world size to cancel FSDP's mean (gloo lacks PREMUL_SUM); the optimizer;
 5. ``prepare_method_state``: what needs the placed model: NPO reference log-probs (computed once, kept beside the
    run); then resume from the latest checkpoint (``checkpoint.py``), BS-S beliefs and the squeezing curve included;
 6. the loop: BS-S beliefs redrawn on their schedule, ``train_step`` (one optimizer step: micro-batches, global
@@ -469,6 +468,21 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
         return _run(cfg, rank, world, device, run_dir, resume, stop_after, progress)
 
 
+def _log_metrics(path: Path, cfg: RunConfig, state: MethodState, step: int, epoch: int, sums: torch.Tensor,
+                 grad_norm, sched, tokens_per_s: float, elapsed: float, regen_s: float | None) -> dict:
+    """Append one step's line to metrics.jsonl (a host sync: only on logged steps) and return it."""
+    terms = ("loss", *METHODS[cfg.method.name].terms)  # fine-tuning logs train_nll, not "forget"
+    line = {"step": step, "epoch": epoch, **dict(zip(terms, sums.tolist())), "grad_norm": float(grad_norm),
+            "lr": float(sched.get_last_lr()[0]), "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
+    if regen_s is not None:  # BS-S / AltPO: the belief round and the time spent drawing beliefs
+        line.update(belief_round=state.beliefs.round, belief_regen_s=regen_s)
+    if state.dual is not None:
+        line["dual"] = float(state.dual)
+    with path.open("a") as fh:
+        fh.write(json.dumps(line) + "\n")
+    return line
+
+
 def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: Path, resume: bool,
          stop_after: int | None, progress: bool) -> dict:
     ckpt, done = _start_run_dir(cfg, run_dir, resume, rank)
@@ -509,8 +523,8 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
     if "dual" in extra:
         state.dual = torch.tensor(extra["dual"], dtype=torch.float32, device=device)
     row = METHODS[cfg.method.name]
-    beliefs, regen_s = row.beliefs or row.sample_alternates, float(extra.get("regen_s", 0.0))
-    after_step = METHODS[cfg.method.name].after_step
+    beliefs, after_step = row.beliefs or row.sample_alternates, row.after_step
+    regen_s = float(extra.get("regen_s", 0.0))
     metrics_path = run_dir / "metrics.jsonl"
     last = _kept_metrics(metrics_path, step, rank)
     monitor = _squeezing_monitor(cfg, main_set, tokenizer, impl, extra, head, autocast)
@@ -533,8 +547,8 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
                 refresh_beliefs(state, cfg, head, lm, tokenizer, rank, world, device)
             regen_s += time.perf_counter() - t0
         sums, grad_norm, tokens = train_step(head, optim, sched, state, main_set, retain_set, f_idx, r_idx,
-                                             pad_id=pad_id, micro=cfg.train.grad_accum, rank=rank, world=world, device=device,
-                                             autocast=autocast, max_grad_norm=cfg.train.max_grad_norm,
+                                             pad_id=pad_id, micro=cfg.train.grad_accum, rank=rank, world=world,
+                                             device=device, autocast=autocast, max_grad_norm=cfg.train.max_grad_norm,
                                              nonfinite=nonfinite)
         step, tokens_seen = step + 1, tokens_seen + tokens
         if after_step is not None:  # the method's own state after each optimizer step (PDU's dual variable)
@@ -546,17 +560,9 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
             with autocast:
                 monitor.maybe_log(step, head)
         if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
-            elapsed = time.perf_counter() - t_start
-            terms = ("loss", *METHODS[cfg.method.name].terms)  # fine-tuning logs train_nll, not "forget"
-            last = {"step": step, "epoch": position["epoch"], **dict(zip(terms, sums.tolist())),
-                    "grad_norm": float(grad_norm), "lr": float(sched.get_last_lr()[0]),
-                    "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9), "elapsed_s": elapsed}  # host sync
-            if beliefs:
-                last.update(belief_round=state.beliefs.round, belief_regen_s=regen_s)
-            if state.dual is not None:
-                last["dual"] = float(state.dual)
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps(last) + "\n")
+            last = _log_metrics(metrics_path, cfg, state, step, position["epoch"], sums, grad_norm, sched,
+                                tokens_seen * world / max(time.perf_counter() - t_start, 1e-9),
+                                time.perf_counter() - t_start, regen_s if beliefs else None)
         if bar is not None:
             bar.update(1)
             if last:
@@ -573,6 +579,12 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
     if not cfg.train.export or cfg.train.keep_checkpoints:  # asked for (or the run's only output)
         save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s, monitor),
                         cfg.to_dict())
+    return _finish(cfg, head, tokenizer, run_dir, rank, world, step, last, impl)
+
+
+def _finish(cfg: RunConfig, head, tokenizer, run_dir: Path, rank: int, world: int, step: int, last: dict,
+            impl: str) -> dict:
+    """Export ``final/``, write summary.json, then drop the checkpoints nobody asked to keep."""
     if cfg.train.export:
         export_hf(head, tokenizer, run_dir / "final", rank, base_path=cfg.model.path)
     summary = {"steps": step, "final": last, "output_dir": str(run_dir), "world_size": world, "impl": impl}
