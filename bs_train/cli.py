@@ -34,6 +34,7 @@ from .console import quiet_third_party
 from .report import COLUMNS, TRAIN_COLUMNS, markdown_table
 
 COMMANDS = ("finetune", "unlearn", "config", "eval", "compare", "demo", "recipe", "attack")
+WITH_OVERRIDES = ("finetune", "unlearn", "config")  # the commands that take section.key=value overrides anywhere
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)
         return 2
     # overrides may come before or after the flags
-    args = subs[command].parse_intermixed_args(argv[1:]) if command in ("finetune", "unlearn", "config") \
+    args = subs[command].parse_intermixed_args(argv[1:]) if command in WITH_OVERRIDES \
         else subs[command].parse_args(argv[1:])
     return {"finetune": train_main, "unlearn": train_main, "config": config_main, "eval": eval_main,
             "compare": compare_main, "demo": demo_main, "recipe": recipe_main,

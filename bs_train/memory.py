@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .methods import METHODS
+
 GIB = 2**30
 
 PLANS: dict[str, dict] = {
@@ -101,14 +103,19 @@ class Workload:
     prompt_len: int = 56
     new_tokens: int = 200
 
+    @property
+    def samples(self) -> bool:
+        """Whether the method draws beliefs with the sampler (its table row's ``beliefs``: BS-S)."""
+        return METHODS[self.method].beliefs
+
     def tokens_in_graph(self) -> int:
         """Tokens whose block-boundary activations are alive at once: forget + retain (+ N beliefs per prompt for
         BS-S): ``method_loss`` builds every term's graph before one backward."""
-        rows = 2 * self.batch + (self.beliefs * self.batch if self.method == "bs_s" else 0)
+        rows = 2 * self.batch + (self.beliefs * self.batch if self.samples else 0)
         return rows * self.seq
 
     def largest_forward_tokens(self) -> int:
-        rows = self.beliefs * self.batch if self.method == "bs_s" else self.batch
+        rows = self.beliefs * self.batch if self.samples else self.batch
         return rows * self.seq
 
 
@@ -156,8 +163,8 @@ def budget(shape: Shape, plan: str, work: Workload = Workload(), *, pcie_gbps: f
     train = {"block-boundary activations (checkpointed), bf16": boundary,
              "one block recomputed in backward, bf16": recompute,
              "fused loss: one logits chunk": loss_chunk_bytes}
-    sampling = {"BS-S sampler KV cache, bf16": kv if work.method == "bs_s" else 0,
-                "BS-S sampler logits, fp32": sampler_logits if work.method == "bs_s" else 0}
+    sampling = {"BS-S sampler KV cache, bf16": kv if work.samples else 0,
+                "BS-S sampler logits, fp32": sampler_logits if work.samples else 0}
     static = sum(comp.values())
     if plan == "lora24":  # gradients exist only during the step; the sampler runs between steps
         static_sampling = static - comp["adapter gradients, fp32"]

@@ -63,7 +63,7 @@ def test_recipe_stops_at_its_budget(tmp_path):
 
 def test_recipe_rejects_unknown_methods(tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
-        Recipe(tmp_path, "data", methods=("ga", "dpo"))
+        Recipe(tmp_path, "data", methods=("ga", "orpo"))
 
 
 def test_recipe_refuses_to_unlearn_from_an_original_that_does_not_know_forget10(tmp_path, capsys):
