@@ -102,7 +102,8 @@ def test_lora_unlearning_on_the_real_model_with_every_method(tmp_path, method):
     finishes with a finite loss and its merged export reloads as a plain model."""
     from bs_train.cli import main
 
-    extra = {"bs_s": ["method.bss_max_new_tokens=8"]}.get(method, [])
+    short = ["method.bss_max_new_tokens=8"]  # BS-S's beliefs and AltPO's alternates: short samples
+    extra = {"bs_s": short, "altpo": short, "pdu": ["method.pdu_retain_eps=3.0"]}.get(method, [])
     assert main(["unlearn", f"output_dir={tmp_path}", "model.path=smollm2-135m", "data.synthetic_authors=2",
                  "data.synthetic_qa_per_author=2", "train.batch_size=1", "train.grad_accum=1", "train.max_steps=2",
                  "train.lr=1e-4", f"method.name={method}", "model.lora_rank=16", "--no-progress", *extra]) == 0
