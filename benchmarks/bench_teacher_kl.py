@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 import weakref
@@ -39,7 +38,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 import bs_kernels as bk
-from benchmarks.common import emit, environment, finish
+from benchmarks.common import cpu_name, emit, environment, finish
 
 PROVIDERS = ("bs_kernels", "bs_kernels_recompute", "naive", "torch_checkpoint")
 
@@ -155,16 +154,6 @@ def measure(provider: str, n: int, d: int, dt: int, v: int, chunk: int, warmup: 
             "full_logits_bytes_one_head": n * v * 4}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[512, 2048, 8192])
@@ -181,7 +170,7 @@ def main(argv=None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = {**environment("benchmarks.bench_teacher_kl", argv), "device": "cpu",
-           "cpu": f"{_cpu_model()} ({os.cpu_count()} cores)", "threads": torch.get_num_threads()}
+           "cpu": f"{cpu_name()} ({os.cpu_count()} cores)", "threads": torch.get_num_threads()}
     rows = []
     for n in args.n:
         for provider in args.providers.split(","):
