@@ -58,15 +58,15 @@ def split_forget(rows: list[dict[str, Any]], fraction: float, seed: int, *, rele
 class Matcher:
     """``recovered(answers, rows)``: per answer, whether it says the row's forgotten answer (see the module)."""
 
-    def __init__(self, kind: str, threshold: float, *, device: str | torch.device = "cpu"):
+    def __init__(self, kind: str, threshold: float, *, device: str | torch.device = "cpu", judge: Any = None):
+        if kind not in ("embedding", "rouge"):
+            raise ValueError(f"judge must be embedding or rouge, got {kind!r}")
         self.kind, self.threshold = kind, float(threshold)
-        self.judge = None
-        if kind == "embedding":
+        self.judge = judge if kind == "embedding" else None  # an EmbeddingJudge already loaded, or one made here
+        if kind == "embedding" and self.judge is None:
             from ..judge import EmbeddingJudge
 
             self.judge = EmbeddingJudge(device=device)
-        elif kind != "rouge":
-            raise ValueError(f"judge must be embedding or rouge, got {kind!r}")
 
     @property
     def rule(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,10 @@ def load(spec: str, device: torch.device):
 
 
 def _free() -> None:
-    gc.collect()
+    """Return a dropped model's memory to CUDA. On the CPU, reference counting frees it already and a full
+    ``gc.collect`` (about 0.5 s with torch and transformers loaded) would cost more than it gives back."""
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -150,13 +153,15 @@ def _run_dir(spec: str) -> Path | None:
 
 
 def run_attacks(models: list[str], *, original: str | None = None, retain: str | None = None, data: Any = None,
-                cfg: AttackConfig | None = None, out: str | Path = "attacks", progress: bool = True
-                ) -> dict[str, Any]:
+                cfg: AttackConfig | None = None, out: str | Path = "attacks", progress: bool = True,
+                judge: Any = None) -> dict[str, Any]:
     """Attack ``models`` (plus the references given) and write ``out/attacks.json``, ``out/attacks.md`` and
     ``out/relearn_<name>.png``; a run folder among ``models`` also gets ``attacks.json`` and ``relearn.png``.
 
     ``original`` defaults to the model a run was unlearned from (its config.yaml's ``model.path``); without it and
-    ``retain`` recovery is None and only the raw numbers are reported. Returns the written dict."""
+    ``retain`` recovery is None and only the raw numbers are reported. ``judge``: an ``EmbeddingJudge`` already
+    loaded (the demo's), reused when ``cfg.judge`` is "embedding" instead of loading a second one. Returns the written
+    dict."""
     cfg = cfg or AttackConfig()
     if not models and original is None and retain is None:
         raise ValueError("nothing to attack: give at least one model")
@@ -174,7 +179,7 @@ def run_attacks(models: list[str], *, original: str | None = None, retain: str |
     retain_rows = load_split(data, cfg.retain_split, required=False) or []  # without it: forget numbers only
     rows["retain"] = list(retain_rows[:cfg.max_retain_rows])
     lr = cfg.relearn_lr or relearn.default_lr(original)
-    matcher = measure.Matcher(cfg.judge, cfg.threshold, device=_device(cfg.device))
+    matcher = measure.Matcher(cfg.judge, cfg.threshold, device=_device(cfg.device), judge=judge)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     specs = [(role, s) for role, s in zip(ROLES, (original, retain)) if s is not None]
@@ -202,14 +207,18 @@ def run_attacks(models: list[str], *, original: str | None = None, retain: str |
     asked = {_key(s) for s in models}
     for res in results:
         curves = [r for r in results if r["role"] in ROLES or r is res]
+        plot = None
         if "relearn" in cfg.attacks and (res["role"] == "unlearned" or len(results) == len(refs)):
-            plot_relearn(curves, out / f"relearn_{res['name']}.png", focus=res["name"])
+            plot = plot_relearn(curves, out / f"relearn_{res['name']}.png", focus=res["name"])
         run_dir = _run_dir(res["model"])
         if run_dir is not None and _key(res["model"]) in asked:
             own = {**doc, "results": curves, "summary": res["summary"], "name": res["name"]}
             (run_dir / "attacks.json").write_text(json.dumps(own, indent=1) + "\n")
-            if "relearn" in cfg.attacks:
-                plot_relearn(curves, run_dir / "relearn.png", focus=res["name"])
+            if "relearn" in cfg.attacks:  # the same curves and focus: the same figure, copied rather than redrawn
+                if plot is None:
+                    plot_relearn(curves, run_dir / "relearn.png", focus=res["name"])
+                else:
+                    shutil.copyfile(plot, run_dir / "relearn.png")
     doc["table"] = table
     return doc
 
