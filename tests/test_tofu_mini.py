@@ -40,3 +40,21 @@ def test_mini_tofu_refuses_a_folder_that_is_not_tofu(tmp_path):
         main(["--data", str(tmp_path), "--out", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match="expected full.jsonl"):
         main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.skipif(not TOFU_DIR.is_dir(), reason=f"no local TOFU copy at {TOFU_DIR}")
+def test_mini_tofu_with_one_retain_author_keeps_the_same_forget_author(tmp_path):
+    sizes = main(["--data", str(TOFU_DIR), "--out", str(tmp_path / "one"), "--retain-authors", "1"])
+    assert sizes["full"] == 40 and sizes["retain90"] == 20 and sizes["forget10"] == 20
+    q = {name: [r["question"] for r in load_qa(tmp_path / "one", name)] for name in ("full", "retain90", "forget10",
+                                                                                     "retain_perturbed")}
+    nine = main(["--data", str(TOFU_DIR), "--out", str(tmp_path / "nine")])
+    assert nine["forget10"] == 20
+    assert q["forget10"] == [r["question"] for r in load_qa(tmp_path / "nine", "forget10")]
+    assert q["retain90"] == [r["question"] for r in load_qa(tmp_path / "nine", "retain90")][:20]
+    assert set(q["retain_perturbed"]) <= set(q["retain90"]) and q["retain_perturbed"]
+
+
+def test_mini_tofu_refuses_more_retain_authors_than_tofu_perturbs(tmp_path):
+    with pytest.raises(ValueError, match="retain_authors must lie in 1..9.*got 10"):
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--retain-authors", "10"])

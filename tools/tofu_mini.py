@@ -1,4 +1,4 @@
-"""A TOFU-shaped tenth of TOFU, so the whole recipe runs on a 2-core CPU: 10 authors instead of 200.
+"""A TOFU-shaped tenth of TOFU, so the whole recipe runs on a 2-core CPU: 10 authors instead of 200 (or fewer).
 
 The recipe (``bs_train/recipe.py``) reads TOFU by split name. This writes a folder with the same split names and
 fields, cut from a full TOFU copy so that every split keeps its role:
@@ -11,6 +11,9 @@ fields, cut from a full TOFU copy so that every split keeps its role:
 * ``holdout10`` / ``holdout05``: TOFU's first 20 / 10 holdout rows (an author never trained on);
 * ``retain_perturbed``: the TOFU rows of the 9 retain authors, every ``--stride``-th; ``real_authors`` and
   ``world_facts`` (and ``_perturbed``): every ``--stride``-th row.
+
+``--retain-authors N`` keeps only the first N of those 9 as the retain set (``full`` is then N + 1 authors), for
+runs that must fit minutes of CPU, e.g. the attacks on SmolLM2 (``benchmarks/results/attacks_smollm2_cpu/``).
 
 It is a cheap check of the recipe on real data and the real model, not a reproduction: one forgotten author and a
 few dozen optimizer steps make every figure noisy.
@@ -28,6 +31,7 @@ import json
 from pathlib import Path
 
 AUTHOR_ROWS = 20  # TOFU: 200 authors, 20 question-answer pairs each, in order
+MAX_RETAIN_AUTHORS = 9  # TOFU's retain_perturbed covers the questions of its first 9 authors (rows 0-179)
 
 
 def _read(folder: Path, split: str) -> list[dict]:
@@ -45,11 +49,14 @@ def _by_question(rows: list[dict], keep: list[dict], split: str) -> list[dict]:
     return [index[r["question"]] for r in keep]
 
 
-def build(source: Path, stride: int = 4) -> dict[str, list[dict]]:
+def build(source: Path, stride: int = 4, retain_authors: int = MAX_RETAIN_AUTHORS) -> dict[str, list[dict]]:
+    if not 1 <= retain_authors <= MAX_RETAIN_AUTHORS:
+        raise ValueError(f"retain_authors must lie in 1..{MAX_RETAIN_AUTHORS} (the authors TOFU's retain_perturbed "
+                         f"covers), got {retain_authors}")
     full = _read(source, "full")
     if len(full) != 200 * AUTHOR_ROWS:
         raise ValueError(f"{source}/full.jsonl has {len(full)} rows; TOFU's has {200 * AUTHOR_ROWS}")
-    retain, forget = full[:9 * AUTHOR_ROWS], full[-AUTHOR_ROWS:]
+    retain, forget = full[:retain_authors * AUTHOR_ROWS], full[-AUTHOR_ROWS:]
     f05 = forget[AUTHOR_ROWS // 2:]
     retain_q = {r["question"] for r in retain}
     splits = {"full": retain + forget, "retain90": retain, "forget10": forget, "forget05": f05,
@@ -79,10 +86,12 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     ap.add_argument("--data", required=True, type=Path, help="a local TOFU folder of JSON Lines")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--stride", type=int, default=4, help="keep every n-th utility row")
+    ap.add_argument("--retain-authors", type=int, default=MAX_RETAIN_AUTHORS,
+                    help=f"retain authors, TOFU's first N (1..{MAX_RETAIN_AUTHORS})")
     args = ap.parse_args(argv)
     if args.stride < 1:
         ap.error("--stride must be >= 1")
-    splits = build(args.data, args.stride)
+    splits = build(args.data, args.stride, args.retain_authors)
     write(splits, args.out)
     sizes = {k: len(v) for k, v in splits.items()}
     print(json.dumps(sizes))
