@@ -89,7 +89,7 @@ def test_the_real_gguf_halves_fit_a_call():
 def test_bench_dry_run_runs_every_stage_and_its_cap(tmp_path):
     both = gpu_job.dry_run(tmp_path, ("bench",))
     res = both["bench"]
-    assert res["completed"] == ["env", "gpu_tests", "loss_sweep", "losses"], res
+    assert res["completed"] == ["env", "gpu_tests", "loss_sweep", "losses", "sampler", "train_step"], res
     assert res["timed_out"] == ["cap_check"]  # the deliberately hanging stage is cut at its 1 s cap
     rows = _lines(tmp_path / "out_bench" / "bench.jsonl")
     sweep = next(r for r in rows if r.get("stage") == "loss_sweep")["rows"]

@@ -133,7 +133,9 @@ def run_stages(job: str, stages: list[Stage], out: Path, work: Path, deadline_s:
         status = status or ("completed" if rc == 0 else "failed")
         summary[status].append(st.name)
         row = {"stage": st.name, "status": status, "rc": rc, "seconds": round(time.monotonic() - s0, 1),
-               "cap_s": round(cap, 1), "command": " ".join(argv), "rows": _rows_of(result)}
+               "cap_s": round(cap, 1), "command": " ".join(argv),
+               # a stage cut off before writing its result file still printed a JSON line per finished case
+               "rows": _rows_of(result) or [r for r in _rows_of(log) or [] if isinstance(r, dict)] or None}
         if status != "completed":
             row["log_tail"] = log.read_text(errors="replace")[-2000:]
         _append(lines, row)
@@ -165,6 +167,10 @@ def bench_stages(dry_run: bool) -> list[Stage]:
                 Stage("losses", [py, "-m", "benchmarks.bench_losses", "--preset", "tiny", "--in-process", "--reps",
                                  "1", "--warmup", "0", "--providers", "bs_kernels,torch,gemm3", "--out", "{result}"],
                       60),
+                Stage("sampler", [py, "-m", "benchmarks.bench_sampler", "--preset", "smoke", "--reps", "1",
+                                  "--new", "4", "--out", "{result}"], 90),
+                Stage("train_step", [py, "-m", "benchmarks.bench_train_step", "--preset", "smoke", "--reps", "1",
+                                     "--out", "{result}"], 120),
                 Stage("cap_check", [py, "-c", "import time; time.sleep(60)"], 1)]
     return [Stage("env", ["bash", "-c", 'nvidia-smi; "$@"', "env", *env_probe], 20),
             Stage("gpu_tests", tests, 90),
