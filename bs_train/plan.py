@@ -162,7 +162,7 @@ class PlanData:
                 n, mean = TOFU_STATS[name]
                 wrong = ["x"] * (PERTURBED_PER_ROW if name.endswith("_perturbed") else 0)
                 rows = [{"question": "", "answer": "", "tokens": round(mean), "perturbed_answer": wrong,
-                         "paraphrased_answer": "", **{f"option{i}": f"o{i}" for i in range(1, OPTIONS_PER_ROW + 2)}}
+                         "paraphrased_answer": "", **{f"option{i}": f"o{i}" for i in range(1, OPTIONS_PER_ROW + 1)}}
                         for _ in range(n)]
             self.rows[name] = rows
         return self.rows[name]
