@@ -61,6 +61,9 @@ def test_tofu_handoff_reassembles_the_exact_bytes_and_refuses_damage(tmp_path):
     shutil.copytree(carry / "tofu2", call2 / ".carry" / "tofu2")
     with pytest.raises(ValueError, match="no manifest"):
         unpack_tofu(state)
+    with pytest.raises(ValueError, match="no manifest"):  # a call 2 without call 1 says so in $OUT as well
+        gpu_job.run_tofu(call2 / "empty", tmp_path / "state0", tmp_path / "out0", [], 10, 20)
+    assert _lines(tmp_path / "out0" / "tofu.jsonl")[0]["status"] == "failed"
     stage_tofu(call1, state)
     with pytest.raises(ValueError, match="gguf.part1 is missing"):
         unpack_tofu(state)

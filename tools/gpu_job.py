@@ -294,7 +294,12 @@ def run_tofu(repo: Path, state: Path, out: Path, recipe_args: list[str], cap_s: 
     pack its outputs into ``out``. Run again at once (the machine keeps its disk for 30 s) and the recipe resumes."""
     t0 = time.monotonic()
     print(stage_tofu(repo, state), flush=True)
-    got = unpack_tofu(state)
+    try:
+        got = unpack_tofu(state)
+    except ValueError as e:  # said in $OUT too: the reply's output tail may be all that is read
+        out.mkdir(parents=True, exist_ok=True)
+        _append(out / "tofu.jsonl", {"stage": "unpack", "status": "failed", "error": str(e)})
+        raise
     runs = state / "runs" / "tofu"
     py = sys.executable
     argv = [py, "-m", "bs_train.cli", "recipe", "--data", data or got["data"], "--out", str(runs),
@@ -448,6 +453,8 @@ def main(argv=None) -> int:
             print(json.dumps(prepare_tofu(REPO / ".carry", args.tofu, args.gguf or smollm2_gguf(), wheels), indent=1))
             return 0
         if args.verb == "stage":
+            if args.job != "tofu":
+                raise ValueError("only the tofu job has a staging call (bench is one call: run bench)")
             print(stage_tofu(REPO, args.state))
             return 0
         if args.job == "tofu":
