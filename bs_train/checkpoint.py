@@ -307,6 +307,8 @@ def check_same_run(then: dict | None, cfg: RunConfig, where: Path) -> None:
     if then is None:
         return
     a, b = identity(then), identity(cfg.to_dict())
+    # a setting newer than the saved run (absent there) had its default then: a run from before it still resumes
+    a = {**{k: v for k, v in identity(RunConfig().to_dict()).items() if k not in a}, **a}
     diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diff:
         raise ValueError(f"{where} was written by a run with other settings ({'; '.join(diff)}); use a new "
