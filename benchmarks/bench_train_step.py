@@ -181,14 +181,15 @@ def main(argv=None) -> list[dict]:
     cpu.add_argument("--warmup", type=int, default=1)
     cpu.add_argument("--threads", type=int, default=1, help="torch threads of each measuring process")
     cpu.add_argument("--tiny", action="store_true", help="a 2-layer model and short rows (the script's test)")
+    cpu.add_argument("--in-process", action="store_true", help="measure here, not in a fresh process per method")
     args = p.parse_args(argv)
     device = pick_device()
     preset = args.preset or ("gpu" if device == "cuda" else "cpu")
     if preset == "cpu":
         env = {**environment("benchmarks.bench_train_step", argv), "device": "cpu"}
         rows = train_step_cpu.run(data=args.data, methods_=args.methods, dtypes=args.dtypes, warmup=args.warmup,
-                           reps=args.reps, threads=args.threads, tiny=args.tiny, env=env,
-                           emit=lambda row: emit(row, [], "cpu"))
+                                  reps=args.reps, threads=args.threads, tiny=args.tiny, env=env,
+                                  emit=lambda row: emit(row, [], "cpu"), in_process=args.in_process)
         return finish(rows, args.out)
     spec, shape = MODEL_PRESETS[preset], BATCH[preset]
     env = {**environment("benchmarks.bench_train_step", argv), "device": device_name(device),

@@ -288,8 +288,9 @@ def _child() -> None:
 
 
 def run(*, data: Path | None, methods_: list[str], dtypes: list[str], warmup: int, reps: int, threads: int,
-        tiny: bool, env: dict, emit) -> list[dict]:
-    """Every (dtype, method) in its own process; ``emit(row)`` prints and keeps each row."""
+        tiny: bool, env: dict, emit, in_process: bool = False) -> list[dict]:
+    """Every (dtype, method) in its own process (``in_process``: here, for the script's test; its RSS then includes
+    what earlier cases left); ``emit(row)`` prints and keeps each row."""
     if tiny:
         spec = MODEL_PRESETS["smoke"]
         config = {"hidden_size": spec["hidden_size"], "intermediate_size": spec["intermediate_size"],
@@ -312,7 +313,9 @@ def run(*, data: Path | None, methods_: list[str], dtypes: list[str], warmup: in
         for name in methods_:
             spec = {"method": name, "dtype": dtype, "rows": rows, "pad_id": pad_id, "config": config,
                     "warmup": warmup, "reps": reps, "threads": threads}
-            for row in fresh_process(spec, threads):
+            measured = (measure(name, dtype, rows, pad_id, config, warmup, reps) if in_process
+                        else fresh_process(spec, threads))
+            for row in measured:
                 row = {**row, "model_config": source, "rows": row_source, "shape": shape, **env, "threads": threads}
                 emit(row)
                 out.append(row)
