@@ -28,9 +28,11 @@ the call, minus VmRSS then (Linux; allocations of 4 MiB and more are mmapped, so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -166,8 +168,35 @@ def _cpu_model() -> str:
         return ""
 
 
-def measure(providers: list[str], case: Case, device: str, warmup: int, reps: int) -> list[dict]:
-    """Every provider on one setup, interleaved: warm-up rounds, then ``reps`` timed rounds of one call each."""
+class CallTimeout(Exception):
+    """A provider's call ran past ``--call-timeout-s``."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """Raise CallTimeout in this (main) thread once ``seconds`` have passed. Python runs the handler between ATen
+    calls, so a long single op (a GEMM, a whole autograd backward) finishes first: the stop can come late, and the
+    row records when it came."""
+    if not seconds:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise CallTimeout
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def measure(providers: list[str], case: Case, device: str, warmup: int, reps: int,
+            call_timeout_s: float | None = None) -> list[dict]:
+    """Every provider on one setup, interleaved: warm-up rounds, then ``reps`` timed rounds of one call each. On the
+    CPU a provider whose call runs past ``call_timeout_s`` is stopped and dropped, its row saying when."""
     base = {**asdict(case), "device": device_name(device)}
     if device == "cpu":
         base.update(threads=torch.get_num_threads(), cpu=_cpu_model(), loadavg_before=os.getloadavg())
@@ -200,7 +229,11 @@ def measure(providers: list[str], case: Case, device: str, warmup: int, reps: in
             gc.collect()
             before = _rss_reset()
             t0 = time.perf_counter()
-            out = runs[p](hidden, weight, labels)
+            try:
+                with _time_limit(call_timeout_s):
+                    out = runs[p](hidden, weight, labels)
+            except CallTimeout:
+                raise CallTimeout(time.perf_counter() - t0) from None
             ms = (time.perf_counter() - t0) * 1e3
             peak = _status_bytes("VmHWM") - before
         losses[p] = float(out[0])
@@ -216,6 +249,10 @@ def measure(providers: list[str], case: Case, device: str, warmup: int, reps: in
             except torch.OutOfMemoryError:
                 rows[p]["skipped"] = "out of memory"
                 live.remove(p)
+            except CallTimeout as e:
+                rows[p]["skipped"] = (f"stopped: a call ({'warm-up' if rnd < warmup else 'timed'}) was still running "
+                                      f"after {e.args[0]:.0f} s (--call-timeout-s {call_timeout_s:g})")
+                live.remove(p)
     for p in live:
         t = times[p]
         q = statistics.quantiles(t, n=10) if len(t) > 1 else [t[0]] * 9
@@ -230,11 +267,14 @@ def measure(providers: list[str], case: Case, device: str, warmup: int, reps: in
     return [rows[p] for p in providers]
 
 
-def _fresh_process(case: Case, providers: list[str], warmup: int, reps: int) -> list[dict]:
+def _fresh_process(case: Case, providers: list[str], warmup: int, reps: int,
+                   call_timeout_s: float | None = None) -> list[dict]:
     """Run one case in a new Python process (nothing cached from other cases) and return its rows."""
     spec = json.dumps(asdict(case))
     cmd = [sys.executable, "-m", "benchmarks.bench_losses", "--one-case", spec, "--providers", ",".join(providers),
            "--warmup", str(warmup), "--reps", str(reps)]
+    if call_timeout_s:
+        cmd += ["--call-timeout-s", str(call_timeout_s)]
     # Allocations of 4 MiB and more are mmapped, so freeing them returns them and RSS follows the live tensors
     # (glibc's own threshold floats up to 32 MiB after warm-up and would hide reused heap memory).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
@@ -254,6 +294,9 @@ def main(argv=None) -> list[dict]:
                    help="leave these provider/case pairs out (recorded as skipped), e.g. torch:bfloat16:16384")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--call-timeout-s", type=float, default=None,
+                   help="CPU: stop a provider whose call runs longer than this and record it as stopped (ours: off; "
+                        "for bf16 naive on CPUs that emulate bf16 GEMMs, which can take many minutes a call)")
     p.add_argument("--in-process", action="store_true", help="CPU: run the cases here, not one fresh process each")
     p.add_argument("--one-case", help=argparse.SUPPRESS)  # JSON of one Case: what a fresh process is given
     p.add_argument("--out", type=Path, help="also write all cases (with the environment) to this JSON file")
@@ -261,7 +304,8 @@ def main(argv=None) -> list[dict]:
     device = pick_device()
     providers = args.providers.split(",")
     if args.one_case:
-        print(json.dumps(measure(providers, Case(**json.loads(args.one_case)), device, args.warmup, args.reps)))
+        print(json.dumps(measure(providers, Case(**json.loads(args.one_case)), device, args.warmup, args.reps,
+                                 args.call_timeout_s)))
         return []
     preset = args.preset or ("gpu" if device == "cuda" else "cpu")
     cases = [c for c in PRESETS[preset] if (not args.n or c.n in args.n) and (not args.dtype or c.dtype in args.dtype)
@@ -272,9 +316,9 @@ def main(argv=None) -> list[dict]:
         skipped = {s.split(":")[0] for s in args.skip if s.split(":")[1:] == [case.dtype, str(case.n)]}
         here = [q for q in providers if q not in skipped]
         if device == "cpu" and not args.in_process:
-            measured = _fresh_process(case, here, args.warmup, args.reps)
+            measured = _fresh_process(case, here, args.warmup, args.reps, args.call_timeout_s)
         else:
-            measured = measure(here, case, device, args.warmup, args.reps)
+            measured = measure(here, case, device, args.warmup, args.reps, args.call_timeout_s)
         measured += [{"provider": q, **asdict(case), "device": device_name(device), "skipped": "--skip"}
                      for q in providers if q in skipped]
         for row in measured:

@@ -15,9 +15,11 @@ BS-S's belief regeneration is timed apart (16 prompts x N x 200 tokens with the 
 default schedule (every 2 epochs: each prompt's beliefs are redrawn every 2 passes over it).
 
 Random weights, no download. One JSON object per case; the last line is a JSON list.
+``--preset cpu`` is a different benchmark: bs_train's real ``train_step`` against the plain Hugging Face loop at
+SmolLM2-135M's architecture and a TOFU batch, GradDiff / NPO / BS-T / BS-S, fp32 and bf16 (``train_step_cpu.py``).
 
     python -m benchmarks.bench_train_step                     # GPU preset (needs torchao and ~80 GB)
-    python -m benchmarks.bench_train_step --preset cpu        # SmolLM2-135M's shape on the CPU, a small batch
+    python -m benchmarks.bench_train_step --preset cpu --data ../shared/data/tofu   # ours vs the HF loop, CPU
     python -m benchmarks.bench_train_step --preset smoke      # a tiny shape (seconds)
 """
 
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import train_step_cpu
 from benchmarks.common import MODEL_PRESETS, device_name, emit, environment, finish, pick_device, random_llama, sync
 from bs_kernels import IGNORE_INDEX
 from bs_train import methods
@@ -42,10 +45,9 @@ from bs_train.trainer import build_optimizer, parallelize, setup_distributed
 
 # Dense bf16 peak FLOP/s by device name, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-# rows per micro-batch and tokens per row (ours). The cpu preset runs SmolLM2-135M's shape at the smoke preset's small
-# batch: issue 14's TOFU batch of 8 + 8 rows at real lengths is not built yet.
-BATCH = {"gpu": dict(b=16, prompt=56, answer=200), "cpu": dict(b=2, prompt=8, answer=24),
-         "smoke": dict(b=2, prompt=8, answer=24)}
+# rows per micro-batch and tokens per row (ours); the cpu preset's batch is TOFU's (train_step_cpu.py)
+BATCH = {"gpu": dict(b=16, prompt=56, answer=200), "smoke": dict(b=2, prompt=8, answer=24)}
+PRESETS = ("cpu", "gpu", "smoke")
 # (case label, method, its settings, whether it trains on sampled beliefs)
 CASES = [("ga", "ga", {}, False), ("npo", "npo", {}, False), ("bs_t", "bs_t", {}, False),
          ("bs_s_n3", "bs_s", {"bss_samples": 3}, True), ("bs_s_n8", "bs_s", {"bss_samples": 8}, True)]
@@ -167,12 +169,28 @@ def hf_stack(spec, shape, device, reps):
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(BATCH), default=None, help="default: gpu with CUDA, else cpu")
+    p.add_argument("--preset", choices=PRESETS, default=None, help="default: gpu with CUDA, else cpu")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", type=Path)
+    cpu = p.add_argument_group("--preset cpu (ours vs the HF loop)")
+    cpu.add_argument("--data", type=Path, help="TOFU folder (forget10, retain90, forget10_perturbed .jsonl); "
+                     "without it, random ids of the same token lengths")
+    cpu.add_argument("--methods", nargs="*", default=list(train_step_cpu.METHOD_NAMES),
+                     choices=train_step_cpu.METHOD_NAMES)
+    cpu.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    cpu.add_argument("--warmup", type=int, default=1)
+    cpu.add_argument("--threads", type=int, default=1, help="torch threads of each measuring process")
+    cpu.add_argument("--tiny", action="store_true", help="a 2-layer model and short rows (the script's test)")
+    cpu.add_argument("--in-process", action="store_true", help="measure here, not in a fresh process per method")
     args = p.parse_args(argv)
     device = pick_device()
     preset = args.preset or ("gpu" if device == "cuda" else "cpu")
+    if preset == "cpu":
+        env = {**environment("benchmarks.bench_train_step", argv), "device": "cpu"}
+        rows = train_step_cpu.run(data=args.data, methods_=args.methods, dtypes=args.dtypes, warmup=args.warmup,
+                                  reps=args.reps, threads=args.threads, tiny=args.tiny, env=env,
+                                  emit=lambda row: emit(row, [], "cpu"), in_process=args.in_process)
+        return finish(rows, args.out)
     spec, shape = MODEL_PRESETS[preset], BATCH[preset]
     env = {**environment("benchmarks.bench_train_step", argv), "device": device_name(device),
            "shape": {k: spec[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}, "batch": shape}

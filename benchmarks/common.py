@@ -131,3 +131,27 @@ def random_llama(spec: dict, device: str):
     with torch.device(device):  # to_empty left the rotary buffers uninitialised: rebuild them
         model.model.rotary_emb = type(model.model.rotary_emb)(cfg)
     return cast_parameters(model, getattr(torch, spec["dtype"])).eval()
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def rss_reset() -> int:
+    """Reset this process's peak RSS (VmHWM) to its current RSS and return that, in bytes (Linux).
+
+    With ``peak_rss_delta`` after the measured call, the peak RSS the call added. Run the process with
+    ``MALLOC_MMAP_THRESHOLD_`` set (e.g. 4 MiB) so freed tensors leave the RSS and it follows the live ones."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_bytes("VmRSS")
+
+
+def peak_rss_delta(before: int) -> int:
+    """Bytes the peak RSS rose above ``before`` (``rss_reset``'s value) since that reset."""
+    return _status_bytes("VmHWM") - before

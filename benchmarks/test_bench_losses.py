@@ -37,3 +37,16 @@ def test_loss_provider(benchmark, provider):
         want = bk.naive_token_scores(hidden.float(), weight.float(), labels, topk=CASE.k, lam=lam).mean()
     sign = -1.0 if provider == "liger_flce" else 1.0  # cross-entropy = -mean log p
     assert abs(sign * float(loss) - float(want)) < 1e-3 * max(1.0, abs(float(want)))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the call time limit is a CPU option")
+def test_a_provider_past_the_call_time_limit_is_recorded_as_stopped_without_a_time():
+    """A provider stopped by --call-timeout-s gets no time or memory figure, only a reason saying when it was
+    stopped; one that finishes keeps its measured row."""
+    from benchmarks.bench_losses import measure
+
+    stopped = measure(["torch"], CASE, DEVICE, warmup=0, reps=1, call_timeout_s=1e-4)[0]
+    assert stopped["skipped"].startswith("stopped: a call (timed) was still running after")
+    assert "ms_median" not in stopped and "peak_bytes_beyond_grads" not in stopped
+    done = measure(["torch"], CASE, DEVICE, warmup=0, reps=1, call_timeout_s=600)[0]
+    assert "skipped" not in done and done["ms_median"] > 0

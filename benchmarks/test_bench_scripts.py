@@ -39,3 +39,19 @@ def test_memory_budget_fits_each_plan_on_its_gpu(tmp_path):
     assert by["offload40_bs_s"]["host_gib"] > by["offload40_bs_s"]["peak_train_gib"]
     assert 0 < by["offload40_graddiff"]["time"]["tokens_per_s_grad_accum_4"] \
         < by["offload40_graddiff"]["time"]["tokens_per_s_on_gpu_same_compute"]
+
+
+def test_cpu_side_by_side_compares_the_same_loss(tmp_path):
+    """``--preset cpu`` at a tiny shape: every method has ours and the HF loop, on the same tokens, and their first
+    steps (same weights) compute the same loss; the file names the environment and the speed-up."""
+    out = tmp_path / "train_step.json"
+    rows = bench_train_step.main(["--preset", "cpu", "--tiny", "--in-process", "--dtypes", "float32", "--reps", "1",
+                                  "--out", str(out)])
+    assert [r["case"] for r in rows] == [f"{p}_{m}" for m in ("graddiff", "npo", "bs_t", "bs_s")
+                                         for p in ("ours", "hf_loop")]
+    for ours, hf in zip(rows[::2], rows[1::2]):
+        assert ours["tokens"] == hf["tokens"] > 0
+        assert abs(ours["first_step_loss"] - hf["first_step_loss"]) < 1e-4 * max(1.0, abs(hf["first_step_loss"]))
+        assert ours["speedup_vs_hf"] == hf["s_median"] / ours["s_median"] > 0
+        assert ours["peak_rss_delta_mib"] >= 0 and ours["threads"] == 1 and ours["command"]
+    assert json.loads(out.read_text()) == rows

@@ -18,7 +18,8 @@ and the run's config. Every step of a save leaves a complete checkpoint on disk,
 name). ``check_resumable`` lets a checkpoint resume only a run with the same ``identity`` (the settings that change
 results: not the folder, so a copied or renamed run folder resumes); ``set_aside`` moves an old run away (never
 deletes it) for a fresh start; ``RunLock`` lets one process at a time write a run folder. ``fault_point`` marks the
-named points inside save and export where the fault tests kill the process.
+named points inside save and export where the fault tests kill the process. ``kept_metrics`` trims a resumed
+run's metrics.jsonl to the checkpoint's step.
 
 A LoRA run (``bs_train/lora.py``) checkpoints only its trainable parameters (the adapters; the frozen base is
 reloaded from ``model.path``) and exports the merged model plus the adapter alone in ``final/adapter/``.
@@ -55,7 +56,8 @@ LOCK = "run.lock"
 _STEP_DIR = re.compile(r"step_(\d{7})")
 # Settings that do not change what a run computes, left out of its identity (ours): where the folder is, how often it
 # checkpoints or logs, whether it exports and what it keeps. A run resumes across a change of any of them.
-NOT_IDENTITY = ("output_dir", "train.checkpoint_every", "train.log_every", "train.export", "train.keep_checkpoints")
+NOT_IDENTITY = ("output_dir", "train.checkpoint_every", "train.log_every", "train.export", "train.keep_checkpoints",
+                "train.compile")
 FAULT_ENV = "BS_UNLEARN_KILL_AT"
 _reached: dict[str, int] = {}
 
@@ -305,6 +307,8 @@ def check_same_run(then: dict | None, cfg: RunConfig, where: Path) -> None:
     if then is None:
         return
     a, b = identity(then), identity(cfg.to_dict())
+    # a setting newer than the saved run (absent there) had its default then: a run from before it still resumes
+    a = {**{k: v for k, v in identity(RunConfig().to_dict()).items() if k not in a}, **a}
     diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diff:
         raise ValueError(f"{where} was written by a run with other settings ({'; '.join(diff)}); use a new "
@@ -514,3 +518,27 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def kept_metrics(metrics_path: Path, step: int, rank: int) -> dict:
+    """Keep the metrics of steps up to the checkpoint, drop any written after it; the last kept line (a resumed run
+    that has no steps left reports it, not an empty result)."""
+    if rank != 0:
+        return {}
+    kept, unreadable = [], 0
+    lines = metrics_path.read_bytes().decode("utf-8", "replace").splitlines() if metrics_path.exists() and step else []
+    for ln in lines:  # a line a kill cut short, or damaged, is dropped (and said), not a reason to refuse resuming
+        try:
+            row = json.loads(ln)
+            if not isinstance(row["step"], int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            unreadable += bool(ln.strip())
+            continue
+        if row["step"] <= step and (not kept or row["step"] > kept[-1]["step"]):
+            kept.append(row)
+    if unreadable:
+        print(f"bs-unlearn: {metrics_path}: dropped {unreadable} unreadable line(s) (a write cut off by a kill)",
+              flush=True)
+    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept[-1] if kept else {}

@@ -295,7 +295,7 @@ def demo_main(command: str, args: argparse.Namespace) -> int:
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
-    from .recipe import METHODS, STAGES
+    from .recipe import JUDGE_MODES, METHODS, STAGES
 
     p.add_argument("--data", required=True, help="TOFU folder of JSON Lines or the Hub id locuslab/TOFU")
     p.add_argument("--out", default="runs/tofu_smollm2")
@@ -313,22 +313,41 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", default="exact", help="evaluation protocol: exact | open-unlearning")
     p.add_argument("--unlearn", nargs="*", default=[],
                    help="unlearning settings (key=value), applied after the recipe's own (recipe.UNLEARN)")
+    p.add_argument("--eval-batch-size", type=int, default=16, help="questions per evaluation batch (a GPU: 512)")
+    p.add_argument("--judge", default="embedding", choices=JUDGE_MODES,
+                   help="embedding: the offline judge in every evaluation; later: none now, --rejudge adds it")
+    p.add_argument("--rejudge", action="store_true",
+                   help="score a --judge later run's saved answers with the offline judge and rebuild the table")
+    p.add_argument("--plan", action="store_true",
+                   help="print the predicted time of every stage on one H200 (bs_train/plan.py) and exit: 0 if it "
+                        "fits --budget-s, 3 if not")
 
 
 def recipe_main(command: str, args: argparse.Namespace) -> int:
-    from .recipe import FINETUNE, UNLEARN, Recipe, RecipeError, WeakOriginal, run_recipe
+    from .recipe import FINETUNE, UNLEARN, Recipe, RecipeError, WeakOriginal, rejudge, run_recipe
 
     quiet_third_party(models=True)
     try:
         recipe = Recipe(args.out, args.data, model=args.model, methods=tuple(args.methods.split(",")),
                         lr_grid=tuple(float(x) for x in args.lr_grid.split(",")), max_new_tokens=args.max_new_tokens,
                         budget_s=args.budget_s, probe_bar=args.probe_bar, preset=args.preset, protocol=args.protocol,
-                        finetune=[*FINETUNE, *args.finetune],
-                        unlearn=[*UNLEARN, *args.unlearn])
+                        finetune=[*FINETUNE, *args.finetune], unlearn=[*UNLEARN, *args.unlearn],
+                        eval_batch_size=args.eval_batch_size, judge=args.judge)
+        if args.plan:
+            from .plan import Hardware, ModelShape, format_plan, recipe_plan, total_seconds
+
+            work = recipe_plan(recipe)
+            print(format_plan(work, recipe, ModelShape(), Hardware(), recipe.budget_s), end="")
+            return 0 if total_seconds(work) <= recipe.budget_s else 3
     except ValueError as e:
         print(f"bs-unlearn recipe: {e}", file=sys.stderr)
         return 2
     try:
+        if args.rejudge:
+            done = rejudge(recipe)
+            print(f"bs-unlearn recipe: judged {done['scored']} evaluations; judged Agg. would pick another rate "
+                  f"for: {', '.join(done['changed_choice']) or 'none'} (selection.json)")
+            return 0
         return 0 if run_recipe(recipe, args.stage) else 3
     except RecipeError as e:
         print(f"bs-unlearn recipe: {e}", file=sys.stderr)

@@ -299,6 +299,15 @@ class TrainConfig:
     memory_plan: str = "none"
     """A preset of the memory settings (``bs_train/memory.py`` ``PLANS``; the README's 8B plans): ``lora24``,
     ``offload40``, ``full80`` or ``none``. It fills in the settings it names that the config does not set itself."""
+    bucket_window: int = 0
+    """Length-bucketed batches: every N optimizer steps' worth of the shuffled examples is sorted by length, cut into
+    batches and those put back in random order, so a micro-batch is mostly tokens, not padding. 0 (the default) is
+    the plain shuffle of the reference trainers; the recipe uses 50, the mega-batch of Hugging Face's
+    ``LengthGroupedSampler`` (``group_by_length``). It changes which examples share a step, not what is seen."""
+    compile: str = "off"
+    """``torch.compile`` every decoder block (``dynamic=True``, so varying lengths do not recompile): ``off`` (the
+    default), ``on``, or ``auto`` (on with CUDA, off on the CPU, where inductor's C++ build costs more than it saves
+    on short runs; the recipe's choice). Ours: small models are launch-bound, which compiling the blocks cuts."""
     keep_checkpoints: bool = False
     """Keep the run's checkpoints (weights, optimizer state, RNG) once ``final/`` is exported. Off by default: they
     are deleted then, since only resuming needs them (ours: the GPU machine has a 64 GB disk, and a SmolLM2-135M
@@ -326,6 +335,9 @@ class TrainConfig:
         _require(self.squeezing_max_new_tokens >= 1,
                  f"train.squeezing_max_new_tokens must be >= 1, got {self.squeezing_max_new_tokens}")
         _require(self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _require(self.bucket_window >= 0, f"train.bucket_window must be >= 0, got {self.bucket_window}")
+        _require(self.compile in ("off", "on", "auto"),
+                 f"train.compile must be off, on or auto, got {self.compile!r}")
         _require(self.memory_plan in MEMORY_PLANS,
                  f"train.memory_plan must be one of {MEMORY_PLANS}, got {self.memory_plan!r}")
 

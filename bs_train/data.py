@@ -18,7 +18,8 @@ Unlearning trains on two sets of question/answer pairs, a forget set and a retai
   EOS in the text is masked: open-unlearning issue #128);
 * ``QADataset`` and ``collate`` turn rows into right-padded ``[B, T]`` int64 batches;
 * ``ForgetRetainSampler`` yields paired (forget, retain) index batches from explicit seeded generators, with a
-  ``state_dict`` so a resumed run sees exactly the index sequence of an uninterrupted one.
+  ``state_dict`` so a resumed run sees exactly the index sequence of an uninterrupted one; with ``lengths`` and a
+  ``bucket_window`` it groups examples of similar length into the same batch, so little of a batch is padding.
 """
 
 from __future__ import annotations
@@ -336,6 +337,10 @@ class QADataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._encoded)
 
+    def lengths(self) -> list[int]:
+        """Tokens of every example (what length-bucketed batching sorts by)."""
+        return [len(enc["input_ids"]) for enc in self._encoded]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         enc = self._encoded[i]
         return {"input_ids": enc["input_ids"], "labels": enc["labels"], "index": i}
@@ -391,7 +396,17 @@ class ForgetRetainSampler:
     resumes at the next one (after an epoch's last batch it already points at step 0 of the next epoch).
     """
 
-    def __init__(self, n_forget: int, n_retain: int, batch_size: int, *, seed: int, drop_last: bool = False) -> None:
+    def __init__(self, n_forget: int, n_retain: int, batch_size: int, *, seed: int, drop_last: bool = False,
+                 bucket_window: int = 0, forget_lengths: list[int] | None = None,
+                 retain_lengths: list[int] | None = None) -> None:
+        if bucket_window < 0:
+            raise ValueError(f"ForgetRetainSampler: bucket_window must be >= 0, got {bucket_window}")
+        if bucket_window and (forget_lengths is None or len(forget_lengths) != n_forget):
+            raise ValueError(f"ForgetRetainSampler: bucket_window={bucket_window} needs the n_forget={n_forget} "
+                             f"forget lengths, got {None if forget_lengths is None else len(forget_lengths)}")
+        if bucket_window and n_retain and (retain_lengths is None or len(retain_lengths) != n_retain):
+            raise ValueError(f"ForgetRetainSampler: bucket_window={bucket_window} needs the n_retain={n_retain} "
+                             f"retain lengths, got {None if retain_lengths is None else len(retain_lengths)}")
         if n_forget < 1:
             raise ValueError(f"ForgetRetainSampler: empty forget set (n_forget={n_forget})")
         if n_retain < 0:
@@ -404,6 +419,8 @@ class ForgetRetainSampler:
             )
         self.n_forget, self.n_retain, self.batch_size = n_forget, n_retain, batch_size
         self.seed, self.drop_last = seed, drop_last
+        self.bucket_window = bucket_window
+        self._lengths = (forget_lengths, retain_lengths) if bucket_window else (None, None)
         self._epoch = 0
         self._step = 0
         self._retain_pos = 0  # retain indices handed out so far (position in the endless retain stream)
@@ -424,11 +441,29 @@ class ForgetRetainSampler:
         """The step within ``epoch`` of the next batch."""
         return self._step
 
-    def __iter__(self) -> Iterator[tuple[list[int], list[int]]]:
+    def _epoch_batches(self) -> list[list[int]]:
+        """The forget batches of the current epoch: its shuffle cut into batches; with bucketing, every
+        ``bucket_window`` batches' worth of the shuffle is sorted by length (ties keep shuffle order), cut into
+        batches, and those batches are put in a seeded random order, so similar lengths share a batch while the
+        order stays random (Hugging Face's ``LengthGroupedSampler`` does the same with 50-batch mega-batches)."""
         perm = _permutation(self.n_forget, _derived_seed(self.seed, "forget", self._epoch))
+        perm = perm[: self.steps_per_epoch * self.batch_size]  # drop_last drops the tail; otherwise this keeps all
+        bs = self.batch_size
+        if not self.bucket_window:
+            return [perm[i : i + bs] for i in range(0, len(perm), bs)]
+        lengths, span, out = self._lengths[0], self.bucket_window * bs, []
+        for w, start in enumerate(range(0, len(perm), span)):
+            chunk = sorted(perm[start : start + span], key=lambda i: lengths[i])
+            batches = [chunk[i : i + bs] for i in range(0, len(chunk), bs)]
+            order = _permutation(len(batches), _derived_seed(self.seed, f"bucket{self._epoch}", w))
+            out.extend(batches[j] for j in order)
+        return out
+
+    def __iter__(self) -> Iterator[tuple[list[int], list[int]]]:
+        batches = self._epoch_batches()
         retain_cycle, retain_perm = -1, []
         for step in range(self._step, self.steps_per_epoch):
-            forget = perm[step * self.batch_size : (step + 1) * self.batch_size]
+            forget = batches[step]
             retain: list[int] = []
             n_take = len(forget) if self.n_retain else 0
             for p in range(self._retain_pos, self._retain_pos + n_take):
@@ -438,6 +473,8 @@ class ForgetRetainSampler:
                     retain_perm = _permutation(self.n_retain, _derived_seed(self.seed, "retain", cycle))
                 retain.append(retain_perm[offset])
             self._retain_pos += len(retain)
+            if self._lengths[1] is not None:  # the step's retain rows in length order: its micro-batches pad less
+                retain.sort(key=lambda i: self._lengths[1][i])
             if step + 1 == self.steps_per_epoch:
                 self._epoch, self._step = self._epoch + 1, 0
             else:
@@ -454,11 +491,12 @@ class ForgetRetainSampler:
             "n_retain": self.n_retain,
             "batch_size": self.batch_size,
             "drop_last": self.drop_last,
+            "bucket_window": self.bucket_window,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()``; raises ``ValueError`` if it was saved for other data sizes or settings."""
-        for key in ("seed", "n_forget", "n_retain", "batch_size", "drop_last"):
+        for key in ("seed", "n_forget", "n_retain", "batch_size", "drop_last", "bucket_window"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"ForgetRetainSampler.load_state_dict: saved {key}={state[key]!r} but this sampler has "

@@ -5,7 +5,8 @@ Every loss in ``methods.py`` is a sum over a micro-batch divided by a global cou
 (``Norms``: all micro-batches, all ranks), built from token weights (``seq_weights``, ``mean_weights``,
 ``nll_weights``) over the shifted labels, and evaluated either on the fused three-GEMM path when every token's
 weight is known at forward time (``weighted_score_sum``) or through per-token log-probs with any upstream
-gradient (``token_logp``). The model is a ``LossHead``: it hands ``(hidden, lm_head weight, activation)`` to the
+gradient (``token_logp``); on the CPU both run the lm_head on the scored (answer) rows only (``scored_rows``).
+The model is a ``LossHead``: it hands ``(hidden, lm_head weight, activation)`` to the
 function given, so no [B, T, V] logits exist.
 """
 
@@ -101,13 +102,27 @@ def nll_weights(y: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
     return -(y != bk.IGNORE_INDEX).float().reshape(-1) / n_tokens
 
 
+def scored_rows(y: torch.Tensor) -> torch.Tensor | None:
+    """On the CPU, the flat indices of the shifted labels ``y`` that are scored (not ``IGNORE_INDEX``): the losses
+    then run the lm_head GEMMs on the answer rows only (on TOFU with SmolLM2's chat template 42% of a batch's rows;
+    the prompts and padding score 0 and get no gradient either way). None on a GPU, where selecting rows by value
+    is a host sync (``nonzero``) per loss: there every row goes through the fused kernel."""
+    if y.device.type != "cpu":
+        return None
+    keep = (y.reshape(-1) != bk.IGNORE_INDEX).nonzero().squeeze(1)
+    return keep if keep.numel() else None  # nothing scored: every row, each scoring 0
+
+
 def weighted_score_sum(model, batch, st: MethodState, token_weights_fn, *, topk=0, lam=0.0):
     """sum_i w_i s_i on the fused three-GEMM path; ``token_weights_fn(y)`` builds the weights from shifted labels."""
 
     def fn(hidden, weight, _):
         h, w, y = flat_shifted(hidden, weight, batch["labels"])
-        loss, _ = bk.linear_weighted_score_sum(h, w, y.reshape(-1), token_weights_fn(y).to(h.device),
-                                               topk=topk, lam=lam, impl=st.impl)
+        keep = scored_rows(y)
+        y, tw = y.reshape(-1), token_weights_fn(y).to(h.device).reshape(-1)
+        if keep is not None:
+            h, y, tw = h[keep], y[keep], tw[keep]
+        loss, _ = bk.linear_weighted_score_sum(h, w, y, tw, topk=topk, lam=lam, impl=st.impl)
         return loss
 
     return model(batch["input_ids"], batch["attention_mask"], fn)
@@ -118,7 +133,12 @@ def token_logp(model, batch, impl: str):
 
     def fn(hidden, weight, _):
         h, w, y = flat_shifted(hidden, weight, batch["labels"])
-        s = bk.linear_token_scores(h, w, y.reshape(-1), impl=impl).view(y.shape)
-        return s, y != bk.IGNORE_INDEX
+        keep = scored_rows(y)
+        if keep is None:
+            s = bk.linear_token_scores(h, w, y.reshape(-1), impl=impl)
+        else:  # the scored rows' scores in place, 0 (no gradient) on the others
+            kept = bk.linear_token_scores(h[keep], w, y.reshape(-1)[keep], impl=impl)
+            s = kept.new_zeros(y.numel()).index_copy(0, keep, kept)
+        return s.view(y.shape), y != bk.IGNORE_INDEX
 
     return model(batch["input_ids"], batch["attention_mask"], fn)

@@ -50,10 +50,14 @@ PAPER = {"retain": (0.64, 0.58, 0.71), "graddiff": (0.52, 0.49, 0.56), "npo": (0
 # Unlearning: the fork's configs/trainer/finetune.yaml, which every unlearning trainer inherits: 10 epochs, batch 8 x 4
 # accumulation = 32 (lr 1e-5 is TrainConfig's default and the grid's first rate); warm-up 1 step and a linear decay
 # are ours (HF's default schedule is linear with no warm-up).
+# Speed (ours, bs_train/plan.py): length-bucketed batches (HF's 50-batch mega-batches) in every run, so a
+# micro-batch is tokens rather than padding; the decoder compiled on a GPU for the two long fine-tunes only (a
+# first compile costs more than a short unlearning run); metrics every 10 steps, the only per-step host syncs.
 FINETUNE = ("train.lr=3e-4", "train.epochs=12", "train.batch_size=32", "train.grad_accum=1", "train.warmup_steps=20",
-            "train.schedule=cosine", "train.checkpoint_every=100")
+            "train.schedule=cosine", "train.checkpoint_every=100", "train.bucket_window=50", "train.compile=auto",
+            "train.log_every=10")
 UNLEARN = ("train.epochs=10", "train.batch_size=8", "train.grad_accum=4", "train.warmup_steps=1",
-           "train.schedule=linear", "train.checkpoint_every=50")
+           "train.schedule=linear", "train.checkpoint_every=50", "train.bucket_window=50")
 # Per-method settings that are not the learning rate, fixed rather than selected; every other setting is the config
 # default, whose docstring names its source. SimNPO: open-unlearning configs/trainer/SimNPO.yaml gamma 0.125 (its
 # beta 4.5 and delta 0 are the defaults). RMU runs at its defaults, open-unlearning configs/trainer/RMU.yaml
@@ -61,6 +65,11 @@ UNLEARN = ("train.epochs=10", "train.batch_size=8", "train.grad_accum=4", "train
 METHOD_ARGS = {"simnpo": ("method.gamma=0.125",)}
 # Splits the recipe reads; checked before any work. The utility splits (retain_perturbed, real_authors, world_facts
 # and their _perturbed) are used when present, and results.json names those that were.
+# How Util gets its fluency: the offline MiniLM judge in every evaluation, or ``later``: evaluations without it (Util
+# is model utility alone, so the lr selection is made on that Agg.), then ``rejudge`` scores the saved greedy
+# answers on any machine that has the judge, rewrites every eval.json and the table, and says in selection.json
+# which rates the judged Agg. would have chosen (the GPU job: the 84 MB judge does not travel).
+JUDGE_MODES = ("embedding", "later")
 REQUIRED_SPLITS = ("full", "retain90", "forget10", "forget10_perturbed", "forget05", "forget05_perturbed", "retain95")
 
 
@@ -74,22 +83,28 @@ class Recipe:
     finetune: list[str] = field(default_factory=lambda: list(FINETUNE))
     unlearn: list[str] = field(default_factory=lambda: list(UNLEARN))
     max_new_tokens: int = 200
+    eval_batch_size: int = 16  # questions per scoring / generation batch (evaluate_model's default); a GPU takes 512
     budget_s: float = 540.0
     probe_bar: float = 0.9  # ours: the original must reach this forget10 answer probability and greedy ROUGE-L
     preset: str | None = None  # a config preset of every unlearning run (methods.PRESETS), e.g. open-unlearning
     protocol: str = "exact"  # the evaluation protocol (bs_train.data.PROTOCOLS)
+    judge: str = "embedding"  # JUDGE_MODES: "later" scores without the judge; `rejudge` adds it from saved answers
 
     def __post_init__(self):
         self.out = Path(self.out)
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; the recipe runs {METHODS}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if not self.lr_grid:
             raise ValueError("lr_grid must hold at least one learning rate")
         from .data import check_protocol
         from .methods import PRESETS
 
         check_protocol(self.protocol)
+        if self.judge not in JUDGE_MODES:
+            raise ValueError(f"judge must be one of {JUDGE_MODES}, got {self.judge!r}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
 
@@ -137,7 +152,8 @@ def _evaluate(recipe: Recipe, stage: str, name: str, forget_split: str, ref=None
         return json.loads(path.read_text())
     t0 = time.perf_counter()
     res = evaluate_model(str(recipe.out / name), recipe.data, forget_split=forget_split, retain_model=ref,
-                         judge=_judge(), max_new_tokens=recipe.max_new_tokens, protocol=recipe.protocol, progress=True)
+                         judge=_judge() if recipe.judge == "embedding" else "none", max_new_tokens=recipe.max_new_tokens, protocol=recipe.protocol, progress=True,
+                         batch_size=recipe.eval_batch_size)
     res["name"] = name
     path.write_text(json.dumps(res, indent=1) + "\n")
     _log(recipe, stage, f"eval {name}", time.perf_counter() - t0, forget_split=forget_split, agg=res.get("agg"))
@@ -164,7 +180,8 @@ def preflight(recipe: Recipe) -> list[str]:
     splits present."""
     from .data import load_split, resolve_data
 
-    _judge()
+    if recipe.judge == "embedding":
+        _judge()
     data = resolve_data(recipe.data)
     missing = [s for s in REQUIRED_SPLITS if load_split(data, s, required=False) is None]
     if missing:
@@ -196,8 +213,10 @@ def probe_original(recipe: Recipe) -> dict:
     model, tok = load_model(str(recipe.out / "original" / "final"), device=device)
     data = resolve_data(recipe.data)
     rows = load_split(data, "forget10")
-    prob = float(forget_statistics(model, tok, data, forget_split="forget10")["forget_Q_A_Prob"])
-    greedy = generate_text(model, tok, [r["question"] for r in rows], max_new_tokens=recipe.max_new_tokens)
+    bs = recipe.eval_batch_size
+    prob = float(forget_statistics(model, tok, data, forget_split="forget10", batch_size=bs)["forget_Q_A_Prob"])
+    greedy = generate_text(model, tok, [r["question"] for r in rows], max_new_tokens=recipe.max_new_tokens,
+                           batch_size=bs)
     rouge = float(sum(rouge_l_recall(greedy, [r["answer"] for r in rows])) / len(rows))
     probe = {"forget10_answer_probability": prob, "forget10_greedy_rouge_l": rouge,
              "examples": [{"question": r["question"], "answer": r["answer"], "greedy": g}
@@ -326,3 +345,55 @@ def run_recipe(recipe: Recipe, stage: str = "all") -> bool:
             return False
     print(f"recipe: {stage} done; see {recipe.out}/results.md and {recipe.out}/stages.jsonl")
     return True
+
+
+def rejudge(recipe: Recipe) -> dict:
+    """Score every saved evaluation of a ``judge="later"`` run with the offline judge: similarity and fluency from
+    its saved greedy forget answers, then Util and Agg. again; rewrite each eval.json, add the judged choice of rate
+    to selection.json (``lr_judged``; ``unlearned_with`` stays the rate the runs used) and rebuild the table.
+    Returns ``{"scored": n, "changed_choice": [methods whose judged best rate differs]}``."""
+    from .data import load_split, resolve_data
+    from .judge import make_judge
+    from .metrics import agg_score, util_score
+
+    _judge()
+    judge, data = make_judge("embedding", device="cpu"), resolve_data(recipe.data)
+    rows = {s: load_split(data, s) for s in ("forget05", "forget10")}
+    scored = 0
+    for path in sorted(recipe.out.rglob("eval.json")):
+        res = json.loads(path.read_text())
+        per, split = res.get("per_example") or {}, res.get("forget_split")
+        gens = per.get("forget_generations")
+        if split not in rows or gens is None or res.get("fluency") is not None:
+            continue
+        qa = rows[split]
+        j = judge.score([r["question"] for r in qa], gens, [r["answer"] for r in qa])
+        per.update({f"judge_{k}": v for k, v in j.pop("per_example").items()})
+        res.update(j)
+        if res.get("model_utility") is not None:
+            res["util"] = util_score(res["model_utility"], res["fluency"])
+            res["agg"] = agg_score(res["mem"], res["util"]) if res.get("mem") is not None else None
+        res["notes"] = [n for n in res.get("notes", []) if not n.startswith("Util = model utility alone")]
+        res["notes"].append("judge scored afterwards from the saved greedy answers (bs-unlearn recipe --rejudge)")
+        path.write_text(json.dumps(res, indent=1) + "\n")
+        scored += 1
+    changed = []
+    sel_path = recipe.out / "selection.json"
+    if sel_path.exists():
+        selection = json.loads(sel_path.read_text())
+        for method, entry in selection.items():
+            judged = {}
+            for lr in entry["agg_forget05"]:
+                ev = recipe.out / _run_name(method, float(lr), "select_forget05") / "eval.json"
+                if ev.exists():
+                    judged[lr] = json.loads(ev.read_text()).get("agg") or 0.0
+            if judged:
+                entry["agg_forget05_judged"] = judged
+                entry["lr_judged"] = float(max(judged, key=judged.get))
+                entry["unlearned_with"] = entry["lr"]
+                if entry["lr_judged"] != float(entry["lr"]):
+                    changed.append(method)
+        sel_path.write_text(json.dumps(selection, indent=1) + "\n")
+    if all((recipe.out / n / "eval.json").exists() for n in ("original", "retain", *recipe.methods)):
+        stage_table(recipe, _Clock(recipe))
+    return {"scored": scored, "changed_choice": changed}

@@ -11,7 +11,7 @@
    (``frozen_reference``: compute dtype, its blocks sharded under torchrun; with LoRA none is copied, the
    reference is the trained model with its adapters off, ``lora.AdaptersOff``, set in step 5) and the row's setup
    hook (RMU's trainable parameters and direction, BS-S's encoded prompts);
-4. ``parallelize``: activation checkpointing, then ``fully_shard`` per decoder block and at the root (torchtitan's
+4. ``parallelize``: compiled blocks when asked, activation checkpointing, then ``fully_shard`` per decoder block and at the root (torchtitan's
    order), bf16 compute, fp32 gradient reduction, CPU offload when asked. Losses are sums over global counts
    (``methods.Norms``): backward scales by the world size to cancel FSDP's mean (gloo lacks PREMUL_SUM); the optimizer;
 5. ``prepare_method_state``: what needs the placed model: NPO reference log-probs (computed once, kept beside the
@@ -43,8 +43,8 @@ import yaml
 from . import console
 from .beliefs import BeliefSet, belief_sampler, draw_beliefs
 from .checkpoint import (RunLock, atomic_write_text, barrier, check_resumable, export_hf, finished_summary,
-                         latest_checkpoint, load_checkpoint, named_checkpoint, recover_export, save_checkpoint,
-                         set_aside)
+                         kept_metrics, latest_checkpoint, load_checkpoint, named_checkpoint, recover_export,
+                         save_checkpoint, set_aside)
 from .config import RunConfig
 from .data import ForgetRetainSampler, QADataset, collate, load_qa
 from .lora import AdaptersOff, apply_lora, has_adapters
@@ -110,11 +110,15 @@ def build_data(cfg: RunConfig, tokenizer, run_dir: Path):
 
 
 def parallelize(head: LossHead, cfg: RunConfig, world: int, compute_dtype: torch.dtype | None) -> LossHead:
-    """Activation checkpointing, then FSDP2 per decoder block and at the root (under torchrun, or with CPU offload).
+    """``torch.compile`` per decoder block (``train.compile``), activation checkpointing, then FSDP2 per decoder block
+    and at the root (under torchrun, or with CPU offload).
 
     With LoRA the embeddings are frozen, so the embedding output does not require grad; reentrant checkpointing would
     then give every recomputed block no gradient and the adapters would never train (open-unlearning #178).
     ``enable_input_require_grads`` makes the embedding output require grad, whichever checkpointing is used."""
+    if cfg.train.compile == "on" or (cfg.train.compile == "auto" and torch.cuda.is_available()):
+        for block in decoder_blocks(head.lm):  # per block, as torchtitan: one graph reused by every layer
+            block.compile(dynamic=True)
     if cfg.train.activation_checkpointing:
         head.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if has_adapters(head.lm):
@@ -341,8 +345,11 @@ def _precision(cfg: RunConfig, device: torch.device, world: int):
 
 def _schedule(cfg: RunConfig, optim, main_set, retain_set, world: int):
     """(data sampler, total optimizer steps, learning-rate scheduler)."""
+    bucket = cfg.train.bucket_window
     sampler = ForgetRetainSampler(len(main_set), len(retain_set) if retain_set is not None else 0,
-                                  cfg.train.batch_size * cfg.train.grad_accum * world, seed=cfg.train.seed)
+                                  cfg.train.batch_size * cfg.train.grad_accum * world, seed=cfg.train.seed,
+                                  bucket_window=bucket, forget_lengths=main_set.lengths() if bucket else None,
+                                  retain_lengths=retain_set.lengths() if bucket and retain_set else None)
     total = sampler.steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
@@ -395,30 +402,6 @@ def _start_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, rank: int) -> tu
     if rank == 0:
         atomic_write_text(saved_cfg, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return ckpt, None
-
-
-def _kept_metrics(metrics_path: Path, step: int, rank: int) -> dict:
-    """Keep the metrics of steps up to the checkpoint, drop any written after it; the last kept line (a resumed run
-    that has no steps left reports it, not an empty result)."""
-    if rank != 0:
-        return {}
-    kept, unreadable = [], 0
-    lines = metrics_path.read_bytes().decode("utf-8", "replace").splitlines() if metrics_path.exists() and step else []
-    for ln in lines:  # a line a kill cut short, or damaged, is dropped (and said), not a reason to refuse resuming
-        try:
-            row = json.loads(ln)
-            if not isinstance(row["step"], int):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            unreadable += bool(ln.strip())
-            continue
-        if row["step"] <= step and (not kept or row["step"] > kept[-1]["step"]):
-            kept.append(row)
-    if unreadable:
-        print(f"bs-unlearn: {metrics_path}: dropped {unreadable} unreadable line(s) (a write cut off by a kill)",
-              flush=True)
-    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-    return kept[-1] if kept else {}
 
 
 def _squeezing_monitor(cfg: RunConfig, main_set, tokenizer, impl: str, extra: dict, head, autocast):
@@ -526,7 +509,7 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
     beliefs, after_step = row.beliefs or row.sample_alternates, row.after_step
     regen_s = float(extra.get("regen_s", 0.0))
     metrics_path = run_dir / "metrics.jsonl"
-    last = _kept_metrics(metrics_path, step, rank)
+    last = kept_metrics(metrics_path, step, rank)
     monitor = _squeezing_monitor(cfg, main_set, tokenizer, impl, extra, head, autocast)
     bar = _progress_bar(cfg, total, step, progress and rank == 0)
     t_start, tokens_seen = time.perf_counter(), 0

@@ -208,3 +208,56 @@ def test_compiled_step_is_shared_by_samplers_of_other_models_and_reads_their_wei
         outputs.append(got.tokens)
     assert not torch.equal(outputs[0], outputs[1])  # different weights, different tokens: nothing was baked in
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def _greedy_round(model, sampler_or_none=None, n_new=8):
+    cfg = SamplingConfig(n=1, max_new_tokens=n_new, temperature=0)
+    if sampler_or_none is None:
+        return sample(model, PROMPTS, cfg, eos_id=VOCAB, pad_id=0).tokens[:, 0]
+    return sampler_or_none(PROMPTS).tokens[:, 0]
+
+
+def test_cpu_plan_reads_the_current_weights_every_round():
+    """The CPU plan copies (packs) the weights once per round: a round after a weight update samples from the
+    updated model, exactly as HF generate does."""
+    from bs_train.sampler import Sampler, _CpuPlan
+
+    m = tiny_llama(VOCAB, seed=5)
+    assert _CpuPlan.applies(m)
+    s = Sampler(m, SamplingConfig(n=1, max_new_tokens=8, temperature=0), max_prompts=len(PROMPTS), prompt_width=9,
+                eos_id=VOCAB, pad_id=0, compile_decode=False)
+    before = _greedy_round(m, s)
+    assert torch.equal(before, hf_greedy(m, PROMPTS, 8, VOCAB, 0))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    after = _greedy_round(m, s)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, hf_greedy(m, PROMPTS, 8, VOCAB, 0))
+
+
+def test_lora_wrapped_projections_are_sampled_with_their_adapters():
+    """A LoRA-wrapped projection is not a plain nn.Linear: the sampler runs the wrapper (adapter included) instead
+    of packing its base weight, and matches HF generate on the adapted model."""
+    peft = pytest.importorskip("peft")
+    from bs_train.sampler import _CpuPlan
+
+    m = peft.get_peft_model(tiny_llama(VOCAB, seed=6), peft.LoraConfig(
+        r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    assert not _CpuPlan.applies(m)
+    want = hf_greedy(m, PROMPTS, 8, VOCAB, 0)
+    assert torch.equal(_greedy_round(m), want)
+    with m.disable_adapter():  # the adapters change the output, so the equality above is not vacuous
+        assert not torch.equal(hf_greedy(m, PROMPTS, 8, VOCAB, 0), want)
+
+
+def test_bf16_weights_run_fp32_gemms_where_the_cpu_emulates_bf16():
+    """On a CPU without bf16 instructions a bf16 model is sampled with fp32 GEMMs (bs_kernels' rule): its greedy
+    tokens are those of the same bf16 weights held in fp32."""
+    from bs_kernels.torch_path import gemm_dtype
+
+    if gemm_dtype(torch.bfloat16, torch.device("cpu")) != torch.float32:
+        pytest.skip("this CPU runs bf16 GEMMs natively: the plan keeps bf16")
+    m16 = tiny_llama(VOCAB, seed=7).to(torch.bfloat16)
+    m32 = tiny_llama(VOCAB, seed=7).to(torch.bfloat16).float()
+    assert torch.equal(_greedy_round(m16, n_new=10), hf_greedy(m32, PROMPTS, 10, VOCAB, 0))
