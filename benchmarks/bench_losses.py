@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 
 import bs_kernels as bk
-from benchmarks.common import device_name, emit, environment, finish, pick_device, sync
+from benchmarks.common import (cpu_name, device_name, emit, environment, finish, peak_rss_delta, pick_device,
+                               rss_reset, sync)
 
 PROVIDERS = ("bs_kernels", "bs_kernels_recompute", "torch", "torch_compile", "liger_flce", "cce", "torch_lce", "gemm3")
 
@@ -145,29 +146,6 @@ def build(provider: str, case: Case, device: str):
     return run
 
 
-def _rss_reset() -> int:
-    """Reset the process's peak RSS to its current RSS (Linux), and return that, in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_bytes("VmRSS")
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return ""
-
-
 class CallTimeout(Exception):
     """A provider's call ran past ``--call-timeout-s``."""
 
@@ -199,7 +177,7 @@ def measure(providers: list[str], case: Case, device: str, warmup: int, reps: in
     CPU a provider whose call runs past ``call_timeout_s`` is stopped and dropped, its row saying when."""
     base = {**asdict(case), "device": device_name(device)}
     if device == "cpu":
-        base.update(threads=torch.get_num_threads(), cpu=_cpu_model(), loadavg_before=os.getloadavg())
+        base.update(threads=torch.get_num_threads(), cpu=cpu_name(), loadavg_before=os.getloadavg())
     runs = {p: build(p, case, device) for p in providers}
     rows = {p: {"provider": p, **base} for p in providers}
     for p, run in runs.items():
@@ -226,8 +204,7 @@ def measure(providers: list[str], case: Case, device: str, warmup: int, reps: in
             torch.cuda.synchronize()
             ms, peak = start.elapsed_time(end), torch.cuda.max_memory_allocated() - before
         else:
-            gc.collect()
-            before = _rss_reset()
+            before = rss_reset()  # collects garbage first
             t0 = time.perf_counter()
             try:
                 with _time_limit(call_timeout_s):
@@ -235,7 +212,7 @@ def measure(providers: list[str], case: Case, device: str, warmup: int, reps: in
             except CallTimeout:
                 raise CallTimeout(time.perf_counter() - t0) from None
             ms = (time.perf_counter() - t0) * 1e3
-            peak = _status_bytes("VmHWM") - before
+            peak = peak_rss_delta(before)
         losses[p] = float(out[0])
         del out
         if timed:
