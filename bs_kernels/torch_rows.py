@@ -33,28 +33,52 @@ import torch
 
 BLOCK = 64  # width of the blocks whose maxima pre-select the top-k candidates (ours: 768 blocks for V = 49152)
 _LSE_ROWS = 16  # rows per float32 slice when a low-precision buffer's log-sum-exp is accumulated in float32
+_EXACT_ROWS = 64  # rows per slice of the exact tie path: its [R, V] boolean masks stay at 2 x 64 x V bytes
+
+
+def _exact_topk_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [R, k] of the k largest entries of each row of ``x``, ties to the lower index.
+
+    With each row's k-th largest value from ``torch.topk``, everything above it is taken, and of the entries equal to
+    it the first ``k - above`` in index order: ``nonzero`` lists the tied positions row by row in index order, so
+    each one's rank within its row is its offset from the row's first. Two boolean masks and O(nnz) index work, no
+    integer scan of the row. A row whose count does not add up (NaN entries compare false everywhere) keeps
+    ``torch.topk``'s in-range choice."""
+    rows = x.shape[0]
+    top = torch.topk(x, k, dim=-1)
+    kth = top.values[:, -1:]
+    above, tied = x > kth, x == kth
+    need = k - above.sum(-1)
+    ra, ca = above.nonzero(as_tuple=True)
+    rt, ct = tied.nonzero(as_tuple=True)
+    counts = torch.bincount(rt, minlength=rows)
+    keep = torch.arange(rt.numel(), device=x.device) - (counts.cumsum(0) - counts)[rt] < need[rt]
+    r, c = torch.cat([ra, rt[keep]]), torch.cat([ca, ct[keep]])
+    ok = torch.bincount(r, minlength=rows) == k
+    if not bool(ok.all()):
+        m = ok[r]
+        r, c = r[m], c[m]
+    idx = top.indices.clone()
+    idx[ok] = c[torch.sort(r, stable=True).indices].view(-1, k)
+    return idx
 
 
 def _exact_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k with ties to the lower index, by a scan of the whole row: for the few rows with a tied k-th value."""
-    kth = torch.topk(x, k, dim=-1).values[:, -1:]
-    above = x > kth
-    tied = x == kth
-    sel = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
-    ok = sel.sum(-1) == k
-    if not bool(ok.all()):  # a NaN compares false everywhere: keep torch.topk's (in-range) choice on that row
-        nan_rows = (~ok).nonzero()[:, 0]
-        sel[nan_rows] = torch.zeros_like(sel[nan_rows]).scatter_(1, torch.topk(x[nan_rows], k).indices, True)
-    idx = sel.nonzero()[:, 1].view(x.shape[0], k)
+    """Top-k with ties to the lower index by a scan of the whole row (``_exact_topk_rows``), for the rows whose k-th
+    value is tied, in slices of ``_EXACT_ROWS`` rows so its masks stay small."""
+    idx = torch.cat([_exact_topk_rows(x[r0:r0 + _EXACT_ROWS], k) for r0 in range(0, x.shape[0], _EXACT_ROWS)])
     return x.gather(1, idx), idx
 
 
 def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of 2-D ``x``, ties broken towards the lower index (the rule the Triton kernel follows).
 
-    Returns ``(values, indices)`` [R, k] in no particular order. Temporaries are O(R k), plus [R', V] for the R'
-    rows whose k-th value is tied with an entry outside the chosen set (none in real LM rows; every row of an
-    all-equal input).
+    Returns ``(values, indices)`` [R, k] in no particular order. The top-k is taken among the entries of the
+    64-wide blocks (``BLOCK``) with the largest maxima, 2k of them at LM vocabularies; a row whose k-th value ties
+    is settled exactly among those candidates in index order when nothing left out can reach it, else by a scan of
+    its whole row (a k-th value equal to the largest block maximum left out: every row of an all-equal input, none
+    of 512 bf16 rows of SmolLM2's head shape, where the first kind, a tie among the candidates, came on half of
+    them). Temporaries are O(R k), plus two [64, V] boolean masks for the rows scanned whole.
     """
     rows, vocab = x.shape
     if k >= vocab:
@@ -62,28 +86,33 @@ def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return x.clone(), idx.contiguous()
     nb = vocab // BLOCK
     if nb <= k + 1:  # too few blocks for the pre-selection to save anything
-        cand_v, cand_i, bound = x, None, None
-    else:
-        blocks = x[:, : nb * BLOCK].view(rows, nb, BLOCK)
-        bmax, bidx = torch.topk(blocks.amax(-1), k + 1, dim=-1, sorted=True)
-        bound = bmax[:, k]  # largest block maximum left out: every entry outside the candidates is <= bound
-        pos = (bidx[:, :k, None] * BLOCK + torch.arange(BLOCK, device=x.device)).view(rows, k * BLOCK)
-        tail = torch.arange(nb * BLOCK, vocab, device=x.device).expand(rows, -1)
-        cand_i = torch.cat([pos, tail], 1)
-        cand_v = x.gather(1, cand_i)
+        return _exact_topk(x, k)
+    # k blocks would do; up to k spare ones (while the candidates stay within a quarter of the row) make a tie with
+    # a block left out rare where a coarse dtype ties often
+    kept = min(2 * k, max(k, nb // 4), nb - 1)
+    blocks = x[:, : nb * BLOCK].view(rows, nb, BLOCK)
+    bmax, bidx = torch.topk(blocks.amax(-1), kept + 1, dim=-1, sorted=True)
+    bound = bmax[:, kept]  # largest block maximum left out: every entry outside the candidates is <= bound
+    pos = (bidx[:, :kept, None] * BLOCK + torch.arange(BLOCK, device=x.device)).view(rows, kept * BLOCK)
+    tail = torch.arange(nb * BLOCK, vocab, device=x.device).expand(rows, -1)
+    cand_i = torch.cat([pos, tail], 1)
+    cand_v = x.gather(1, cand_i)
     v, i = torch.topk(cand_v, k + 1, dim=-1, sorted=True)
-    if cand_i is not None:
-        i = cand_i.gather(1, i)
+    i = cand_i.gather(1, i)
     kth = v[:, k - 1]
-    unique = kth > v[:, k]  # the (k+1)-th candidate is strictly smaller: no tie at the boundary among candidates
-    if bound is not None:
-        unique &= kth > bound  # and nothing left out reaches the k-th value
-    redo = ~unique & ~torch.isnan(kth)
+    ok = ~torch.isnan(kth)
+    outside = ok & (kth <= bound)  # an entry left out may equal the k-th value: scan the whole row
+    inside = ok & ~outside & (kth == v[:, k])  # a tie at the boundary, among the candidates only
     v, i = v[:, :k].contiguous(), i[:, :k].contiguous()
-    if bool(redo.any()):
-        rows_redo = redo.nonzero()[:, 0]
-        rv, ri = _exact_topk(x[rows_redo], k)
-        v[rows_redo], i[rows_redo] = rv.to(v.dtype), ri
+    if bool(inside.any()):
+        r = inside.nonzero()[:, 0]
+        ci, order = torch.sort(cand_i[r], dim=-1)  # the candidates in index order, so the rule's order is the index's
+        local = _exact_topk_rows(cand_v[r].gather(1, order), k)
+        i[r] = ci.gather(1, local)
+        v[r] = x[r].gather(1, i[r])
+    if bool(outside.any()):
+        r = outside.nonzero()[:, 0]
+        v[r], i[r] = _exact_topk(x[r], k)
     return v, i
 
 

@@ -31,6 +31,10 @@ def awkward_rows(v: int) -> torch.Tensor:
     tie_out[torch.arange(0, 20 * 64, 64)] = 5.0  # 20 blocks whose max is 5.0 ...
     tie_out[35 * 64 + 3] = 5.0  # ... and one more block left out by the block top-k, tying the k-th value
     rows.append(tie_out)
+    tie_in = torch.randn(v, generator=g, dtype=torch.float64)
+    tie_in[7 * 64: 7 * 64 + 30] = 5.0  # the k-th value tied inside one candidate block, nothing left out near it
+    tie_in[[30 * 64 + 1, 2 * 64 + 5]] = 6.0  # two above it in other blocks (for k = 1: tied with each other)
+    rows.append(tie_in)
     rows.append(torch.zeros(v, dtype=torch.float64))  # all equal
     rows.append(torch.arange(v, dtype=torch.float64).flip(0))  # descending: the best block is the first
     tail = torch.randn(v, generator=g, dtype=torch.float64)
