@@ -63,11 +63,17 @@ def _exact_topk_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     return idx
 
 
-def _exact_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k with ties to the lower index by a scan of the whole row (``_exact_topk_rows``), for the rows whose k-th
-    value is tied, in slices of ``_EXACT_ROWS`` rows so its masks stay small."""
-    idx = torch.cat([_exact_topk_rows(x[r0:r0 + _EXACT_ROWS], k) for r0 in range(0, x.shape[0], _EXACT_ROWS)])
-    return x.gather(1, idx), idx
+def _exact_topk(x: torch.Tensor, k: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k with ties to the lower index by a scan of the whole row (``_exact_topk_rows``), of every row of ``x`` or
+    of ``rows`` alone, in slices of ``_EXACT_ROWS`` rows so that its masks (and the copies of indexed rows) stay
+    small."""
+    n = x.shape[0] if rows is None else rows.numel()
+    parts = []
+    for r0 in range(0, n, _EXACT_ROWS):
+        xs = x[r0:r0 + _EXACT_ROWS] if rows is None else x[rows[r0:r0 + _EXACT_ROWS]]
+        idx = _exact_topk_rows(xs, k)
+        parts.append((xs.gather(1, idx), idx))
+    return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
 
 
 def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,26 +99,37 @@ def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = x[:, : nb * BLOCK].view(rows, nb, BLOCK)
     bmax, bidx = torch.topk(blocks.amax(-1), kept + 1, dim=-1, sorted=True)
     bound = bmax[:, kept]  # largest block maximum left out: every entry outside the candidates is <= bound
-    pos = (bidx[:, :kept, None] * BLOCK + torch.arange(BLOCK, device=x.device)).view(rows, kept * BLOCK)
-    tail = torch.arange(nb * BLOCK, vocab, device=x.device).expand(rows, -1)
-    cand_i = torch.cat([pos, tail], 1)
-    cand_v = x.gather(1, cand_i)
-    v, i = torch.topk(cand_v, k + 1, dim=-1, sorted=True)
-    i = cand_i.gather(1, i)
+    sel = bidx[:, :kept]
+    # the candidates' values [R, kept * BLOCK (+ the ragged tail)]; their vocabulary indices only where needed
+    cand_v = blocks.gather(1, sel[:, :, None].expand(rows, kept, BLOCK)).view(rows, kept * BLOCK)
+    if vocab > nb * BLOCK:
+        cand_v = torch.cat([cand_v, x[:, nb * BLOCK:]], 1)
+
+    def vocab_index(j: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+        """Vocabulary indices of candidate positions ``j`` [R', m] (of rows ``r``, else of every row)."""
+        s = sel if r is None else sel[r]
+        in_blocks = j < kept * BLOCK
+        blocked = s.gather(1, (j // BLOCK).clamp_max_(kept - 1)) * BLOCK + j % BLOCK
+        return torch.where(in_blocks, blocked, j - kept * BLOCK + nb * BLOCK)
+
+    v, j = torch.topk(cand_v, k + 1, dim=-1, sorted=True)
+    i = vocab_index(j)
     kth = v[:, k - 1]
     ok = ~torch.isnan(kth)
     outside = ok & (kth <= bound)  # an entry left out may equal the k-th value: scan the whole row
     inside = ok & ~outside & (kth == v[:, k])  # a tie at the boundary, among the candidates only
     v, i = v[:, :k].contiguous(), i[:, :k].contiguous()
-    if bool(inside.any()):
-        r = inside.nonzero()[:, 0]
-        ci, order = torch.sort(cand_i[r], dim=-1)  # the candidates in index order, so the rule's order is the index's
-        local = _exact_topk_rows(cand_v[r].gather(1, order), k)
-        i[r] = ci.gather(1, local)
-        v[r] = x[r].gather(1, i[r])
+    width = cand_v.shape[1]
+    tied_rows = inside.nonzero()[:, 0] if bool(inside.any()) else inside.new_zeros(0, dtype=torch.long)
+    for r0 in range(0, tied_rows.numel(), _EXACT_ROWS):  # slices keep the [R', width] index tensors small
+        r = tied_rows[r0:r0 + _EXACT_ROWS]
+        ci, order = torch.sort(vocab_index(torch.arange(width, device=x.device).expand(r.numel(), width), r), dim=-1)
+        cv = cand_v[r].gather(1, order)  # the candidates in index order, so the rule's order is the index's
+        local = _exact_topk_rows(cv, k)
+        i[r], v[r] = ci.gather(1, local), cv.gather(1, local)
     if bool(outside.any()):
         r = outside.nonzero()[:, 0]
-        v[r], i[r] = _exact_topk(x[r], k)
+        v[r], i[r] = _exact_topk(x, k, r)
     return v, i
 
 
@@ -146,18 +163,30 @@ def _exp_minus_(z: torch.Tensor, lse: torch.Tensor) -> None:
         z[sl] = torch.exp(z[sl].to(lse.dtype) - lse[sl, None])
 
 
+def _put_rows(z: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
+    """z[r, cols[r, j]] <- vals[r, j]. On a contiguous z as an ``index_put_`` on its flat view: the CPU's
+    ``scatter_`` converts a whole bf16 z to float32 and back (192 MiB and 0.12 s for a [1024, 49152] chunk,
+    torch 2.13), where this writes the few entries alone."""
+    vals = vals.to(z.dtype)
+    if not z.is_contiguous():
+        z.scatter_(1, cols, vals)
+        return
+    flat = cols + torch.arange(z.shape[0], device=z.device)[:, None] * z.shape[1]
+    z.view(-1).index_put_((flat.view(-1),), vals.reshape(-1))
+
+
 def _write_sparse(z, lse, y, zy, topi, topz, q, lam, active) -> None:
     """Overwrite the target's support with p_j - t_j (float32 from saved logits) and zero the ignored rows."""
     acc = lse.dtype
     if topi is None:
-        z.scatter_(1, y[:, None], (torch.exp(zy - lse) - 1.0).to(z.dtype)[:, None])
+        _put_rows(z, y[:, None], (torch.exp(zy - lse) - 1.0)[:, None])
     else:
         is_y = topi == y[:, None]
         coef_top = lam * q + (1.0 - lam) * is_y.to(acc)
         # If y is in H_k its own column repeats the value written there, so the two writes agree.
         coef_y = (1.0 - lam) + lam * (q * is_y.to(acc)).sum(-1)
         val = torch.cat([torch.exp(topz - lse[:, None]) - coef_top, (torch.exp(zy - lse) - coef_y)[:, None]], 1)
-        z.scatter_(1, torch.cat([topi, y[:, None]], 1), val.to(z.dtype))
+        _put_rows(z, torch.cat([topi, y[:, None]], 1), val)
     if not bool(active.all()):
         z.index_fill_(0, (~active).nonzero()[:, 0], 0.0)
 
