@@ -55,3 +55,29 @@ def test_cpu_side_by_side_compares_the_same_loss(tmp_path):
         assert ours["speedup_vs_hf"] == hf["s_median"] / ours["s_median"] > 0
         assert ours["peak_rss_delta_mib"] >= 0 and ours["threads"] == 1 and ours["command"]
     assert json.loads(out.read_text()) == rows
+
+
+def test_tables_render_ratios_within_one_file(tmp_path):
+    """The README's performance tables come from ``benchmarks.tables``: ratios against the replaced stack."""
+    from benchmarks import tables
+
+    losses = [{"provider": p, "n": 4096, "lam": 0.2, "dtype": "float32", "ms_median": ms,
+               "peak_bytes_beyond_grads": b} for p, ms, b in (("bs_kernels", 900.0, 2**27), ("torch", 1000.0, 2**30))]
+    losses.append({"provider": "torch_lce", "n": 4096, "lam": 0.2, "dtype": "float32", "skipped": "lam > 0"})
+    t = tables.losses_table(losses)
+    assert "| float32 | 4096 | 0.2 | ours fused | 0.90 s | 0.90 | 128 MiB | 0.125 |" in t and "lce" not in t
+    step = [{"provider": p, "method": "bs_t", "dtype": "bfloat16", "tokens": 100, "s_median": s,
+             "tokens_per_s": 100 / s, "peak_rss_delta_mib": m, "first_step_loss": 0.5}
+            for p, s, m in (("ours", 2.0, 100.0), ("hf_loop", 3.0, 400.0))]
+    want = "| bfloat16 | BS-T | 100 | 2.00 | 3.00 | **1.50x** | 100 / 400 MiB (0.25x) |"
+    assert want in tables.train_step_table(step)
+    samp = [{"provider": p, "dtype": "float32", "prompts": 32, "n": 3, "new_tokens": 200, "s_median": s, "s_all": a}
+            for p, s, a in (("bs_sampler", 10.0, [10.0, 12.0]), ("hf_generate", 20.0, [20.0, 16.0]))]
+    samp.append({"dtype": "float32", "time_bs_sampler_over_hf_generate": 0.5})
+    assert "| float32 | 32 × 3 × 200 | 10.0 | 20.0 | **0.50x** | 0.50, 0.75 |" in tables.sampler_table(samp)
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(samp))
+    assert tables.main(["sampler", str(f)]) == tables.sampler_table(samp)
+    f.write_text("{broken")
+    with pytest.raises(SystemExit, match="not a readable results file"):
+        tables.main(["sampler", str(f)])
