@@ -57,7 +57,7 @@ FINETUNE = ("train.lr=3e-4", "train.epochs=12", "train.batch_size=32", "train.gr
             "train.schedule=cosine", "train.checkpoint_every=100", "train.bucket_window=50", "train.compile=auto",
             "train.log_every=10")
 UNLEARN = ("train.epochs=10", "train.batch_size=8", "train.grad_accum=4", "train.warmup_steps=1",
-           "train.schedule=linear", "train.checkpoint_every=50", "train.bucket_window=50")
+           "train.schedule=linear", "train.checkpoint_every=50", "train.bucket_window=50", "train.log_every=10")
 # Per-method settings that are not the learning rate, fixed rather than selected; every other setting is the config
 # default, whose docstring names its source. SimNPO: open-unlearning configs/trainer/SimNPO.yaml gamma 0.125 (its
 # beta 4.5 and delta 0 are the defaults). RMU runs at its defaults, open-unlearning configs/trainer/RMU.yaml
