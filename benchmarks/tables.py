@@ -1,6 +1,7 @@
 """Markdown tables from benchmark result files: what the README's performance section shows, rendered, not retyped.
 
     python -m benchmarks.tables losses benchmarks/results/losses_cpu_xeon.json
+    python -m benchmarks.tables losses_summary benchmarks/results/losses_cpu_xeon.json    # N >= 4096, ours' ratios
     python -m benchmarks.tables train_step benchmarks/results/train_step_cpu_xeon.json
     python -m benchmarks.tables sampler benchmarks/results/sampler_cpu_xeon.json
 
@@ -50,6 +51,31 @@ def losses_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def losses_summary_table(rows: list[dict], min_n: int = 4096) -> str:
+    """One line per case with N >= ``min_n``: ours fused against naive, ``torch.compile`` of naive and PyTorch's
+    chunked CE (plain CE cases), time and memory (the README's compact form of ``losses_table``)."""
+    measured = [r for r in rows if "provider" in r and r.get("ms_median") is not None and r["n"] >= min_n]
+    by = {(r["provider"], r["dtype"], r["n"], r["lam"]): r for r in measured}
+    out = ["| dtype | N | λ | ours fused | × naive | × `torch.compile` naive | × chunked CE | peak beyond grads: ours "
+           "(× naive) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cases = sorted({k[1:] for k in by if k[0] == "bs_kernels"}, key=lambda c: (c[0] != "float32", c[1], -c[2]))
+    for dtype, n, lam in cases:
+        ours = by[("bs_kernels", dtype, n, lam)]
+
+        def ratio(provider):
+            other = by.get((provider, dtype, n, lam))
+            return f"{ours['ms_median'] / other['ms_median']:.2f}" if other else "–"
+
+        naive = by.get(("torch", dtype, n, lam))
+        mem = ours.get("peak_bytes_beyond_grads")
+        share = (f" ({mem / naive['peak_bytes_beyond_grads']:.3f})"
+                 if mem is not None and naive and naive.get("peak_bytes_beyond_grads") else "")
+        mem_s = "–" if mem is None else _mib(mem) + share
+        out.append(f"| {dtype} | {n} | {lam:g} | {ours['ms_median'] / 1e3:.2f} s | **{ratio('torch')}** "
+                   f"| {ratio('torch_compile')} | {ratio('torch_lce')} | {mem_s} |")
+    return "\n".join(out)
+
+
 def train_step_table(rows: list[dict]) -> str:
     """One line per method and dtype: seconds per step both sides, tokens/s ratio, peak RSS delta ratio, losses."""
     ours = [r for r in rows if r.get("provider") == "ours"]
@@ -85,7 +111,8 @@ def sampler_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-TABLES = {"losses": losses_table, "train_step": train_step_table, "sampler": sampler_table}
+TABLES = {"losses": losses_table, "losses_summary": losses_summary_table, "train_step": train_step_table,
+          "sampler": sampler_table}
 
 
 def main(argv=None) -> str:

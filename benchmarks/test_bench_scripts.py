@@ -66,6 +66,8 @@ def test_tables_render_ratios_within_one_file(tmp_path):
     losses.append({"provider": "torch_lce", "n": 4096, "lam": 0.2, "dtype": "float32", "skipped": "lam > 0"})
     t = tables.losses_table(losses)
     assert "| float32 | 4096 | 0.2 | ours fused | 0.90 s | 0.90 | 128 MiB | 0.125 |" in t and "lce" not in t
+    summary = tables.losses_summary_table(losses)
+    assert "| float32 | 4096 | 0.2 | 0.90 s | **0.90** | – | – | 128 MiB (0.125) |" in summary
     step = [{"provider": p, "method": "bs_t", "dtype": "bfloat16", "tokens": 100, "s_median": s,
              "tokens_per_s": 100 / s, "peak_rss_delta_mib": m, "first_step_loss": 0.5}
             for p, s, m in (("ours", 2.0, 100.0), ("hf_loop", 3.0, 400.0))]
