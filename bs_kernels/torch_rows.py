@@ -82,9 +82,10 @@ def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(values, indices)`` [R, k] in no particular order. The top-k is taken among the entries of the
     64-wide blocks (``BLOCK``) with the largest maxima, 2k of them at LM vocabularies; a row whose k-th value ties
     is settled exactly among those candidates in index order when nothing left out can reach it, else by a scan of
-    its whole row (a k-th value equal to the largest block maximum left out: every row of an all-equal input, none
-    of 512 bf16 rows of SmolLM2's head shape, where the first kind, a tie among the candidates, came on half of
-    them). Temporaries are O(R k), plus two [64, V] boolean masks for the rows scanned whole.
+    its whole row (a k-th value equal to the largest block maximum left out: every row of an all-equal input). On
+    SmolLM2-135M-Instruct's logits at the 1222 tokens of TOFU forget10's first 24 question + answer rows, k = 20:
+    in bf16, 38% of the rows tie among the candidates and none with a block left out; in fp32, no row ties.
+    Temporaries are O(R k), plus two [64, V] boolean masks for the rows scanned whole.
     """
     rows, vocab = x.shape
     if k >= vocab:
@@ -120,7 +121,7 @@ def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     inside = ok & ~outside & (kth == v[:, k])  # a tie at the boundary, among the candidates only
     v, i = v[:, :k].contiguous(), i[:, :k].contiguous()
     width = cand_v.shape[1]
-    tied_rows = inside.nonzero()[:, 0] if bool(inside.any()) else inside.new_zeros(0, dtype=torch.long)
+    tied_rows = inside.nonzero()[:, 0]
     for r0 in range(0, tied_rows.numel(), _EXACT_ROWS):  # slices keep the [R', width] index tensors small
         r = tied_rows[r0:r0 + _EXACT_ROWS]
         ci, order = torch.sort(vocab_index(torch.arange(width, device=x.device).expand(r.numel(), width), r), dim=-1)
