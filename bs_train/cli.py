@@ -29,12 +29,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, load_config
+from .config import PRESETS, is_resolved_config, load_config
 from .console import quiet_third_party
+from .outputs import OutputExists, atomic_write, read_json, refuse_existing, write_json
 from .report import COLUMNS, TRAIN_COLUMNS, markdown_table
 
 COMMANDS = ("finetune", "unlearn", "config", "eval", "compare", "demo", "recipe", "attack")
 WITH_OVERRIDES = ("finetune", "unlearn", "config")  # the commands that take section.key=value overrides anywhere
+RESUMABLE = ("finetune", "unlearn", "recipe")  # a rerun continues where an interrupted one stopped
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -85,8 +87,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s = subs["compare"] = sub.add_parser("compare", help="runs side by side, from their eval.json",
                                          description="Runs side by side, from their eval.json.")
-    s.add_argument("runs", nargs="+", help="run folders (or results.json files from bs-unlearn eval)")
+    s.add_argument("runs", nargs="+", help="run folders, or files our commands wrote: eval's --out, a run's "
+                                           "eval.json, summary.json or attacks.json")
     s.add_argument("--markdown", help="also write the table here")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --markdown file")
     s = subs["demo"] = sub.add_parser(
         "demo", help="offline end-to-end demo on a CPU",
         description="Offline end-to-end demo on a CPU: generated data, a small model trained on the spot, "
@@ -123,9 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     # overrides may come before or after the flags
     args = subs[command].parse_intermixed_args(argv[1:]) if command in WITH_OVERRIDES \
         else subs[command].parse_args(argv[1:])
-    return {"finetune": train_main, "unlearn": train_main, "config": config_main, "eval": eval_main,
-            "compare": compare_main, "demo": demo_main, "recipe": recipe_main,
-            "attack": attack_main}[command](command, args)
+    handler = {"finetune": train_main, "unlearn": train_main, "config": config_main, "eval": eval_main,
+               "compare": compare_main, "demo": demo_main, "recipe": recipe_main, "attack": attack_main}[command]
+    try:
+        return handler(command, args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every file is written whole (bs_train/outputs.py)
+        then = ("rerun the same command to resume" if command in RESUMABLE else "rerun it to start again (it replaces "
+                "only its own files)" if command == "demo" else "results written before it are whole, the rest were "
+                "not written")
+        print(f"\nbs-unlearn {command}: interrupted; {then}", file=sys.stderr)
+        return 130
 
 
 def config_main(command: str, args: argparse.Namespace) -> int:
@@ -147,6 +158,13 @@ def train_main(command: str, args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    saved = Path(cfg.output_dir, "config.yaml")
+    if args.config and saved.is_file() and saved.resolve() == Path(args.config).resolve() and \
+            not is_resolved_config(saved.read_text(errors="replace")):
+        print(f"bs-unlearn: --config {args.config} is your file, and the run writes its resolved config to that path "
+              f"({saved}): keep yours under another name (e.g. {saved.with_name('my_config.yaml')}) or choose "
+              "another output_dir", file=sys.stderr)
+        return 2
     from .trainer import NonFiniteError, run  # heavy imports only once the config is known to be valid
 
     quiet_third_party(models=True)
@@ -166,20 +184,18 @@ def _is_run(path: str) -> bool:
     return (Path(path) / "final").is_dir() or (Path(path) / "summary.json").is_file()
 
 
-def _existing_results(args: argparse.Namespace) -> list[Path]:
-    """The result files this eval would replace: --out, --markdown and each run folder's eval.json."""
+def _eval_outputs(args: argparse.Namespace) -> list[Path]:
+    """The result files this eval writes: --out, --markdown and each run folder's eval.json."""
     paths = [Path(args.out)] + ([Path(args.markdown)] if args.markdown else [])
-    paths += [Path(spec, "eval.json") for spec in args.models if _is_run(spec)]
-    return [p for p in paths if p.exists()]
+    return paths + [Path(spec, "eval.json") for spec in args.models if _is_run(spec)]
 
 
 def eval_main(command: str, args: argparse.Namespace) -> int:
-    if not args.overwrite:  # before any model loads: nothing a user has is replaced without being asked
-        existing = _existing_results(args)
-        if existing:
-            print(f"bs-unlearn eval: {', '.join(map(str, existing))} already exist(s); pass --overwrite to replace "
-                  "them, or choose another --out", file=sys.stderr)
-            return 2
+    try:  # before any model loads: nothing a user has is replaced without being asked (bs_train/outputs.py)
+        refuse_existing(_eval_outputs(args), overwrite=args.overwrite, what="--out / --markdown / eval.json")
+    except OutputExists as e:
+        print(f"bs-unlearn eval: {e}", file=sys.stderr)
+        return 2
     if args.max_rows is not None and args.max_rows < 1:
         print(f"bs-unlearn eval: --max-rows must be >= 1, got {args.max_rows}", file=sys.stderr)
         return 2
@@ -232,32 +248,73 @@ def eval_main(command: str, args: argparse.Namespace) -> int:
                 continue  # said once above, in the command line's words
             say(f"{res['name']}: {note}")
         if _is_run(spec):
-            Path(spec, "eval.json").write_text(json.dumps(res, indent=1) + "\n")
+            write_json(Path(spec, "eval.json"), res)
         results.append(res)
-    Path(args.out).write_text(json.dumps({"results": results}, indent=1) + "\n")
+    write_json(args.out, {"results": results})
     table = markdown_table(results, COLUMNS)
     if args.markdown:
-        Path(args.markdown).write_text(table)
+        atomic_write(args.markdown, table)
     print(table, end="")
     return 0
 
 
+def _json_file(path: Path) -> dict[str, Any]:
+    """A JSON object from a file a user named: a damaged one is an error naming it (it was asked for)."""
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: holds a JSON {type(doc).__name__}, not an object")
+    return doc
+
+
+def _summary_row(summary: dict[str, Any]) -> dict[str, Any]:
+    return {**(summary.get("final") or {}), "steps": summary.get("steps")}
+
+
+def _file_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows from one file our commands wrote: ``eval --out``'s results (a list of models), a run's ``eval.json`` (one
+    evaluated model), its ``summary.json`` (the training summary) or ``attacks.json``; a run's file is named after
+    its folder."""
+    from .attacks.report import attack_summary
+
+    doc, run = _json_file(path), path.parent
+    if isinstance(doc.get("results"), list) and "rule" not in doc:  # eval --out / recipe results.json
+        return [dict(r, name=r.get("name") or r.get("model")) for r in doc["results"] if isinstance(r, dict)]
+    if "forget_split" in doc or "agg" in doc:  # a run's eval.json
+        return [dict(doc, name=doc.get("name") or run.name)]
+    if "steps" in doc and "final" in doc:  # a run's summary.json
+        return [{"name": run.name, **_summary_row(doc)}]
+    if "summary" in doc and "rule" in doc:  # a run's attacks.json
+        return [{"name": run.name, **attack_summary(run)}]
+    raise ValueError(f"{path}: not a results file of bs-unlearn (eval --out, a run's eval.json, summary.json or "
+                     "attacks.json)")
+
+
 def _compare_rows(spec: str) -> list[dict[str, Any]]:
     path = Path(spec)
-    if path.is_file() and path.suffix == ".json":  # a results.json written by `bs-unlearn eval --out`
-        return [dict(r, name=r.get("name", r.get("model"))) for r in json.loads(path.read_text())["results"]]
+    if path.is_file():
+        return _file_rows(path)
+    if not path.is_dir():
+        raise ValueError(f"{spec}: no such run folder or results file")
     from .attacks.report import attack_summary  # a run attacked by `bs-unlearn attack` holds attacks.json
 
-    if (path / "eval.json").is_file():
-        return [dict(json.loads((path / "eval.json").read_text()), name=path.name, **attack_summary(path))]
+    evaluated = read_json(path / "eval.json")  # damaged: said, and the run's training summary is shown instead
+    if evaluated is not None:
+        return [dict(evaluated, name=path.name, **attack_summary(path))]
     row: dict[str, Any] = {"name": path.name, **attack_summary(path)}
     if (path / "metrics.jsonl").is_file():
-        lines = [ln for ln in (path / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        if lines:
-            row.update(json.loads(lines[-1]))
-    if (path / "summary.json").is_file():
-        summary = json.loads((path / "summary.json").read_text())
-        row.update(summary.get("final") or {}, steps=summary.get("steps"))
+        lines = [ln for ln in (path / "metrics.jsonl").read_text(errors="replace").splitlines() if ln.strip()]
+        for ln in reversed(lines):  # the last whole line (a kill may cut the last one short)
+            try:
+                row.update(json.loads(ln))
+                break
+            except ValueError:
+                continue
+    summary = read_json(path / "summary.json")
+    if summary is not None:
+        row.update(_summary_row(summary))
     if len(row) == 1:
         raise ValueError(f"{spec}: no eval.json, summary.json or metrics.jsonl (run `bs-unlearn eval {spec}`)")
     return [row]
@@ -265,15 +322,17 @@ def _compare_rows(spec: str) -> list[dict[str, Any]]:
 
 def compare_main(command: str, args: argparse.Namespace) -> int:
     try:
+        if args.markdown:
+            refuse_existing([args.markdown], overwrite=args.overwrite, what="--markdown table")
         rows = [r for spec in args.runs for r in _compare_rows(spec)]
-    except (ValueError, OSError, json.JSONDecodeError) as e:
+    except (ValueError, OSError) as e:
         print(f"bs-unlearn compare: {e}", file=sys.stderr)
         return 2
     from .attacks.report import ATTACK_COLUMNS
 
     table = markdown_table(rows, COLUMNS + ATTACK_COLUMNS + TRAIN_COLUMNS)
     if args.markdown:
-        Path(args.markdown).write_text(table)
+        atomic_write(args.markdown, table)
     print(table, end="")
     return 0
 
@@ -318,13 +377,15 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
                    help="embedding: the offline judge in every evaluation; later: none now, --rejudge adds it")
     p.add_argument("--rejudge", action="store_true",
                    help="score a --judge later run's saved answers with the offline judge and rebuild the table")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace result files in --out that the recipe did not write, or that changed since")
     p.add_argument("--plan", action="store_true",
                    help="print the predicted time of every stage on one H200 (bs_train/plan.py) and exit: 0 if it "
                         "fits --budget-s, 3 if not")
 
 
 def recipe_main(command: str, args: argparse.Namespace) -> int:
-    from .recipe import FINETUNE, UNLEARN, Recipe, RecipeError, WeakOriginal, rejudge, run_recipe
+    from .recipe import FINETUNE, UNLEARN, Recipe, WeakOriginal, rejudge, run_recipe
 
     quiet_third_party(models=True)
     try:
@@ -332,7 +393,7 @@ def recipe_main(command: str, args: argparse.Namespace) -> int:
                         lr_grid=tuple(float(x) for x in args.lr_grid.split(",")), max_new_tokens=args.max_new_tokens,
                         budget_s=args.budget_s, probe_bar=args.probe_bar, preset=args.preset, protocol=args.protocol,
                         finetune=[*FINETUNE, *args.finetune], unlearn=[*UNLEARN, *args.unlearn],
-                        eval_batch_size=args.eval_batch_size, judge=args.judge)
+                        eval_batch_size=args.eval_batch_size, judge=args.judge, overwrite=args.overwrite)
         if args.plan:
             from .plan import Hardware, ModelShape, format_plan, recipe_plan, total_seconds
 
@@ -349,7 +410,7 @@ def recipe_main(command: str, args: argparse.Namespace) -> int:
                   f"for: {', '.join(done['changed_choice']) or 'none'} (selection.json)")
             return 0
         return 0 if run_recipe(recipe, args.stage) else 3
-    except RecipeError as e:
+    except (ValueError, OSError) as e:  # RecipeError, a file in the way, a folder in use, bad data: one line
         print(f"bs-unlearn recipe: {e}", file=sys.stderr)
         return 2
     except WeakOriginal as e:
@@ -385,6 +446,8 @@ def _attack_args(sub, subs: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
     p.add_argument("--out", default="attacks", help="folder for attacks.json, attacks.md and the relearning plots")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace result files already there (--out's, and each attacked run's attacks.json)")
 
 
 def attack_main(command: str, args: argparse.Namespace) -> int:
@@ -408,7 +471,7 @@ def attack_main(command: str, args: argparse.Namespace) -> int:
             if looks_local and not Path(spec).expanduser().exists():
                 raise ValueError(f"no such model folder: {spec!r}")
         doc = run_attacks(args.models, original=args.original, retain=args.retain_model, data=args.data, cfg=cfg,
-                          out=args.out)
+                          out=args.out, overwrite=args.overwrite)
     except (ValueError, OSError) as e:
         print(f"bs-unlearn attack: {e}", file=sys.stderr)
         return 2

