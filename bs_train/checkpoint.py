@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from .config import RunConfig
 from .lora import has_adapters, lora_scalings, merged_state_dict, save_adapter
 from .model import LossHead
+from .outputs import atomic_write
 
 MANIFEST = "manifest.json"
 LOCK = "run.lock"
@@ -89,9 +90,7 @@ def barrier() -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write beside, then rename: a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 # ---- manifests ----------------------------------------------------------------------------------------------
@@ -136,6 +135,25 @@ def damage(folder: Path) -> str | None:
         if _sha256(p) != want["sha256"]:
             return f"{name} fails its sha256 checksum (bad bytes inside)"
     return None
+
+
+def changes(folder: Path) -> list[str] | None:
+    """How ``folder`` differs from its manifest, one phrase per file (``config.json changed``, ``notes.txt added``,
+    ``model.safetensors missing``); [] when it matches, None when it has no readable manifest."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    out = []
+    for name, want in files.items():
+        p = folder / name
+        if not p.is_file():
+            out.append(f"{name} missing")
+        elif p.stat().st_size != want["bytes"] or _sha256(p) != want["sha256"]:
+            out.append(f"{name} changed")
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
+    out += [f"{name} added" for name in sorted(on_disk - set(files))]
+    return out
 
 
 # ---- disk space ---------------------------------------------------------------------------------------------
@@ -331,10 +349,14 @@ def check_resumable(ckpt: Path, cfg: RunConfig, saved_cfg: Path) -> None:
     check_same_run(then, cfg, ckpt)
 
 
-def set_aside(run_dir: Path) -> Path | None:
-    """Move whatever a previous run left in ``run_dir`` to ``run_dir/replaced/<time>/`` (a rename: nothing is
-    deleted, so a fresh start never loses a checkpoint or a result). Returns that folder, or None if empty."""
-    old = [p for p in run_dir.iterdir() if p.name not in ("replaced", LOCK)] if run_dir.is_dir() else []
+def set_aside(run_dir: Path, only: list[Path] | None = None) -> Path | None:
+    """Move whatever a previous run left in ``run_dir`` (or just the paths ``only``) to ``run_dir/replaced/<time>/``
+    (a rename: nothing is deleted, so a fresh start never loses a checkpoint or a result). Returns that folder, or
+    None if there was nothing to move."""
+    if only is not None:
+        old = [p for p in only if p.exists()]
+    else:
+        old = [p for p in run_dir.iterdir() if p.name not in ("replaced", LOCK)] if run_dir.is_dir() else []
     if not old:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -395,6 +417,9 @@ def export_hf(head: LossHead, tokenizer, out: Path, rank: int, base_path: str = 
             shutil.rmtree(tmp, ignore_errors=True)
             raise DiskFull(out.parent, need) from None
         fault_point("export:manifest")
+        if out.exists() and changes(out) != []:  # a final/ with a user's edits or files in it: kept, never deleted
+            moved = set_aside(out.parent, only=[out])
+            print(f"bs-unlearn: {out} held changes of yours; it is now in {moved}", flush=True)
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out, old)
@@ -430,11 +455,24 @@ def finished_summary(run_dir: Path, cfg: RunConfig, say: Callable[[str], None] |
     if not isinstance(then, dict) or not isinstance(result, dict):
         return None
     check_same_run(then, cfg, run_dir)
-    why = damage(run_dir / "final") if cfg.train.export else None
-    if why is not None:
-        if say is not None:
-            say(f"bs-unlearn: {run_dir} has a summary but its final/ is incomplete ({why}): training again")
-        return None
+    final = run_dir / "final"
+    if cfg.train.export:
+        # final/ is only ever put in place whole (export_hf renames a complete folder), so any difference from its
+        # manifest came afterwards, from a user: edits and added files are kept and the run stands; a missing file
+        # means the model is incomplete, and the run trains again (export_hf then sets the old final/ aside).
+        diff = changes(final) if final.is_dir() else ["the folder is missing"]
+        missing = [d for d in diff or [] if d.endswith("missing")]
+        if missing:
+            if say is not None:
+                say(f"bs-unlearn: {run_dir} has a summary but its final/ is incomplete ({', '.join(missing)}): "
+                    "training again")
+            return None
+        if say is not None and diff:
+            say(f"bs-unlearn: {final} differs from what this run exported ({', '.join(diff)}); kept as it is "
+                "(--no-resume trains again, setting this run aside)")
+        elif say is not None and diff is None:
+            say(f"bs-unlearn: {final} has no {MANIFEST} (written last by the export), so it cannot be checked; kept "
+                "as it is")
     return {**result, "output_dir": str(run_dir)}
 
 
@@ -494,7 +532,7 @@ class RunLock:
                     if pid != me["pid"] and _alive(pid):
                         raise ValueError(f"{self.path.parent} is in use by another run: PID {pid} (since "
                                          f"{holder.get('since')}, lock {self.path}); wait for it or use another "
-                                         "output_dir")
+                                         "output folder")
                     self.say(f"bs-unlearn: taking over {self.path} from PID {pid}, which is no longer running")
                 try:
                     os.unlink(self.path)

@@ -37,6 +37,27 @@ OPTIMIZERS = ("adamw", "adamw_bf16_sr", "adamw8bit")
 MEMORY_PLANS = ("none", *memory.PLANS)
 
 
+RESOLVED_HEADER = "# bs-unlearn: the resolved config of this run, written by the run itself (edit a copy, not this)\n"
+"""First line of the ``config.yaml`` a run writes beside its outputs: how a run tells its own file from a user's."""
+
+
+def is_resolved_config(text: str) -> bool:
+    """Was ``text`` written by a run as its resolved config (``RESOLVED_HEADER``; before the header existed: a plain
+    ``yaml.safe_dump`` of every section, which holds no comment)? A user's own config file is anything else."""
+    if text.startswith(RESOLVED_HEADER):
+        return True
+    if any(line.lstrip().startswith("#") for line in text.splitlines()):
+        return False
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    full = RunConfig().to_dict()  # a file from before a setting existed lacks only that setting
+    return isinstance(raw, dict) and set(raw) == set(full) and all(
+        isinstance(raw[k], dict) and set(raw[k]) <= set(v) and len(raw[k]) >= len(v) - 3 for k, v in full.items()
+        if isinstance(v, dict))
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -467,7 +488,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like section.key=value")
-        parsed = _yaml(value) if value != "" else None
+        try:
+            parsed = _yaml(value) if value != "" else None
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"override {item!r}: {value!r} is not a YAML value ({problem}); quote a string "
+                             f"value, e.g. {key}='\"{value}\"'") from None
         parts = key.split(".")
         if len(parts) == 1:
             raw[parts[0]] = parsed

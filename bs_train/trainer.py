@@ -45,7 +45,7 @@ from .beliefs import BeliefSet, belief_sampler, draw_beliefs
 from .checkpoint import (RunLock, atomic_write_text, barrier, check_resumable, export_hf, finished_summary,
                          kept_metrics, latest_checkpoint, load_checkpoint, named_checkpoint, recover_export,
                          save_checkpoint, set_aside)
-from .config import RunConfig
+from .config import RESOLVED_HEADER, RunConfig
 from .data import ForgetRetainSampler, QADataset, collate, load_qa
 from .lora import AdaptersOff, apply_lora, has_adapters
 from .methods import (METHODS, MethodState, Norms, belief_ref_logp, local_counts, method_loss, needs_belief_ref_logp,
@@ -400,7 +400,7 @@ def _start_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, rank: int) -> tu
     if ckpt is not None:
         check_resumable(ckpt, cfg, saved_cfg)
     if rank == 0:
-        atomic_write_text(saved_cfg, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(saved_cfg, RESOLVED_HEADER + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return ckpt, None
 
 
