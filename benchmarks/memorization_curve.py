@@ -29,11 +29,11 @@ import torch
 
 import bs_kernels as bk
 from benchmarks.common import device_name, environment, finish
-from bs_train import metrics
+from bs_train.evaluation import metrics
 from bs_train.config import load_config
 from bs_train.data import QADataset, collate, load_qa
 from bs_train.model import LossHead, load_model
-from bs_train.scoring import score_answers
+from bs_train.evaluation.scoring import score_answers
 from bs_train.trainer import build_optimizer, lr_lambda
 
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from bs_train import data as data_mod
-    from bs_train import evaluate as ev
+    from bs_train.evaluation.tofu import suite as ev
     from bs_train.data import load_split
     from bs_train.model import load_model
 

@@ -7,7 +7,7 @@ import json
 
 from benchmarks.memorization_curve import main
 
-from bs_train.synthetic import make_splits, write_folder
+from bs_train.data.synthetic import make_splits, write_folder
 
 
 def test_curve_rises_over_epochs(tmp_path):

@@ -18,7 +18,7 @@ over).
 either unless ``--overwrite``), shows a progress bar per model and split and prints a markdown table with one row
 per model; ``compare`` reads ``eval.json`` (or the training summary) of each run;
 ``recipe`` runs (or resumes) fine-tune, retain model, lr selection, unlearning, evaluation and the table, stage by stage
-(``--stage``), within a time budget (``--budget-s``). The tables are formatted by ``bs_train/report.py``.
+(``--stage``), within a time budget (``--budget-s``). The tables are formatted by ``bs_train/evaluation/report.py``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 from .config import PRESETS, is_resolved_config, load_config
 from .console import quiet_third_party
 from .outputs import OutputExists, atomic_write, read_json, refuse_existing, write_json
-from .report import COLUMNS, TRAIN_COLUMNS, markdown_table
+from .evaluation.report import COLUMNS, TRAIN_COLUMNS, markdown_table
 
 COMMANDS = ("finetune", "unlearn", "config", "eval", "compare", "demo", "recipe", "attack")
 WITH_OVERRIDES = ("finetune", "unlearn", "config")  # the commands that take section.key=value overrides anywhere
@@ -202,8 +202,8 @@ def eval_main(command: str, args: argparse.Namespace) -> int:
     import torch
 
     from .data import check_protocol, resolve_data
-    from .evaluate import UTILITY_SPLITS, evaluate_model, first_rows, reference_statistics
-    from .judge import make_judge
+    from .evaluation.tofu import UTILITY_SPLITS, evaluate_model, first_rows, reference_statistics
+    from .evaluation.judge import make_judge
 
     quiet_third_party(models=True)
     say = (lambda msg: print(f"bs-unlearn eval: {msg}", file=sys.stderr, flush=True))

@@ -172,10 +172,10 @@ def _demo(out: Path, keep: set[str], s: dict, *, quick: bool, seed: int, methods
           attack: bool, left_out: dict[str, str]) -> dict:
     from .console import progress as progress_bar
     from .data import resolve_data
-    from .evaluate import evaluate_model, reference_statistics
-    from .judge import make_judge
-    from .report import COLUMNS, markdown_table
-    from .synthetic import make_splits, write_folder
+    from .evaluation.tofu import evaluate_model, reference_statistics
+    from .evaluation.judge import make_judge
+    from .evaluation.report import COLUMNS, markdown_table
+    from .data.synthetic import make_splits, write_folder
     from .tiny import byte_tokenizer, tiny_llama
     from .trainer import run
 

@@ -246,7 +246,7 @@ def eval_work(stage: str, item: str, forget_split: str, data: PlanData, shape: M
               batch_size: int, max_new_tokens: int, with_reference: bool = False) -> Work:
     """One evaluation (``evaluate.plan``'s counts): scored answers as forward passes, greedy answers as decode
     steps of ``max_new_tokens`` per batch of ``batch_size`` questions."""
-    from .evaluate import UTILITY_SPLITS, plan
+    from .evaluation.tofu import UTILITY_SPLITS, plan
 
     names = [forget_split, f"{forget_split}_perturbed", forget_split.replace("forget", "holdout", 1),
              *UTILITY_SPLITS, *(f"{s}_perturbed" for s in UTILITY_SPLITS[1:])]

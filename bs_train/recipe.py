@@ -173,7 +173,7 @@ def _train(recipe: Recipe, stage: str, name: str, command: str, args: list[str])
 
 
 def _evaluate(recipe: Recipe, stage: str, name: str, forget_split: str, ref=None) -> dict:
-    from .evaluate import evaluate_model
+    from .evaluation.tofu import evaluate_model
 
     path = recipe.out / name / "eval.json"
     done = read_json(path)  # a damaged one (a kill mid-write before writes were atomic) is said and redone
@@ -233,9 +233,9 @@ def probe_original(recipe: Recipe) -> dict:
     import torch
 
     from .data import load_split, resolve_data
-    from .evaluate import forget_statistics
-    from .generation import generate_text
-    from .metrics import rouge_l_recall
+    from .evaluation.tofu import forget_statistics
+    from .evaluation.generation import generate_text
+    from .evaluation.metrics import rouge_l_recall
     from .model import load_model
 
     t0 = time.perf_counter()
@@ -318,7 +318,7 @@ def stage_unlearn(recipe: Recipe, clock: _Clock) -> bool:
 
 def stage_evaluate(recipe: Recipe, clock: _Clock) -> bool:
     from .data import resolve_data
-    from .evaluate import reference_statistics
+    from .evaluation.tofu import reference_statistics
 
     ref = reference_statistics(str(recipe.out / "retain" / "final"), resolve_data(recipe.data), "forget10",
                                protocol=recipe.protocol)
@@ -331,7 +331,7 @@ def stage_evaluate(recipe: Recipe, clock: _Clock) -> bool:
 
 def stage_table(recipe: Recipe, clock: _Clock) -> bool:
     from .attacks.report import ATTACK_COLUMNS, attack_summary
-    from .report import COLUMNS, markdown_table
+    from .evaluation.report import COLUMNS, markdown_table
 
     rows = []
     for name in ("original", "retain", *recipe.methods):
@@ -394,8 +394,8 @@ def rejudge(recipe: Recipe) -> dict:
     to selection.json (``lr_judged``; ``unlearned_with`` stays the rate the runs used) and rebuild the table.
     Returns ``{"scored": n, "changed_choice": [methods whose judged best rate differs]}``."""
     from .data import load_split, resolve_data
-    from .judge import make_judge
-    from .metrics import agg_score, util_score
+    from .evaluation.judge import make_judge
+    from .evaluation.metrics import agg_score, util_score
 
     _judge()
     judge, data = make_judge("embedding", device="cpu"), resolve_data(recipe.data)

@@ -6,12 +6,12 @@ probability-dynamics figure: the targets go down while the model's high-likeliho
 draws that figure for any run:
 
 1. ``prepare(model)``, before unlearning: for each forget prompt draw ``n_beliefs`` answers from the current model
-   (sampling at temperature 1 through ``bs_train.generation.generate``, seeded, the caller's RNG untouched), drop exact
+   (sampling at temperature 1 through ``bs_train.evaluation.generation.generate``, seeded, the caller's RNG untouched), drop exact
    duplicates and the target itself, score every belief by its mean per-token log-prob and bucket all beliefs
    together: high = top 20%, mid = middle 60%, low = bottom 20%. The initial measurement is recorded as step 0.
 2. ``maybe_log(step, model)``, during unlearning: at step 0 and every ``every`` steps, the mean (over sequences) of
    the mean per-token log-prob of the targets and of each bucket, through the fused scores of ``bs_kernels``
-   (``bs_train.scoring.score_encoded``: the scoring evaluation uses, without importing the evaluation suite).
+   (``bs_train.evaluation.scoring.score_encoded``: the scoring evaluation uses, without importing the evaluation suite).
 3. ``finish(out_dir)``: ``squeezing.json`` (settings, beliefs with their buckets, the history) and ``squeezing.png``
    (log-prob and change since step 0 per curve, matplotlib's Agg canvas; no pyplot, no global backend switch).
 
@@ -32,10 +32,10 @@ import torch
 from bs_kernels import IGNORE_INDEX
 
 from .data import encode_prompt, encode_qa
-from .generation import generate
+from .evaluation.generation import generate
 from .outputs import save_figure, write_json
 from .sampler import gathered_parameters
-from .scoring import score_encoded
+from .evaluation.scoring import score_encoded
 
 BUCKETS = ("high", "mid", "low")
 HIGH_FRACTION = LOW_FRACTION = 0.2

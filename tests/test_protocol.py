@@ -23,7 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bs_train import methods, metrics
+from bs_train import methods
+from bs_train.evaluation import metrics
 from bs_train.beliefs import BeliefSet
 from bs_train.config import MethodConfig, load_config
 from bs_train.model import LossHead
@@ -306,7 +307,7 @@ def test_open_unlearning_scores_are_its_formulas_on_chatml():
     """Probability = exp(-sum CE / number of labels) under the pad-token mask; the token-wise statistics (ES, EM,
     min-k) drop only the last label, keeping the answer's first <|im_end|> and its newline."""
     from bs_train.data import collate, encode_qa
-    from bs_train.scoring import score_answers
+    from bs_train.evaluation.scoring import score_answers
 
     tok = smollm2_tokenizer()
     model = tiny_llama(len(tok), num_layers=2, seed=0).eval()
@@ -345,7 +346,7 @@ def test_truth_ratio_and_forget_quality_with_open_unlearnings_epsilon():
 
 
 def test_generation_stops_at_the_generation_configs_stop_tokens():
-    from bs_train.generation import generate
+    from bs_train.evaluation.generation import generate
     from bs_train.tiny import byte_tokenizer
 
     tok = byte_tokenizer()

@@ -10,7 +10,7 @@ import pytest
 
 from bs_train.config import load_config
 from bs_train.recipe import Recipe, RecipeError, WeakOriginal, _unlearn_args, run_recipe
-from bs_train.synthetic import make_splits, write_folder
+from bs_train.data.synthetic import make_splits, write_folder
 
 
 def tiny_recipe(tmp_path, budget_s=1e9, probe_bar=0.0) -> Recipe:

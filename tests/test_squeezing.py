@@ -15,7 +15,7 @@ from bs_kernels.hf import hidden_states_and_head
 from bs_train.data import QADataset, collate
 from bs_train.model import LossHead, load_model
 from bs_train.squeezing import SqueezingMonitor, bucket_indices
-from bs_train.synthetic import make_splits
+from bs_train.data.synthetic import make_splits
 
 
 def test_bucket_indices_split_20_60_20():

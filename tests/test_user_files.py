@@ -39,10 +39,10 @@ def _no_work(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the refusal")
 
-    import bs_train.evaluate
+    import bs_train.evaluation.tofu.suite
     import bs_train.model
     monkeypatch.setattr(bs_train.model, "load_model", boom)
-    monkeypatch.setattr(bs_train.evaluate, "load_model", boom)
+    monkeypatch.setattr(bs_train.evaluation.tofu.suite, "load_model", boom)
     monkeypatch.setattr(bs_train.model, "load_tokenizer", boom)
 
 
@@ -176,7 +176,7 @@ def test_attack_without_torchao_is_refused_before_work_and_the_demo_leaves_it_ou
 
 
 def _recipe_data(tmp_path):
-    from bs_train.synthetic import make_splits, write_folder
+    from bs_train.data.synthetic import make_splits, write_folder
 
     return write_folder(tmp_path / "data", make_splits(4, 5, seed=0))
 

@@ -372,7 +372,7 @@ def dry_run(root: Path, jobs=("bench", "tofu")) -> dict:
     """The jobs on the CPU at tiny scale, with every hand-off a real run makes (see the module docstring); for
     ``tofu`` also what happens here afterwards: its results unpacked and judged (when the judge is installed)."""
     sys.path.insert(0, str(REPO))
-    from bs_train.synthetic import make_splits, write_folder
+    from bs_train.data.synthetic import make_splits, write_folder
 
     root.mkdir(parents=True, exist_ok=True)
     res = {}

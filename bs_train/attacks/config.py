@@ -63,7 +63,7 @@ class AttackConfig:
     """Sampling temperature; 1 samples the model's own distribution (the BS paper's beliefs use T = 1)."""
     judge: str = "embedding"
     """How an answer is matched to the forgotten one: ``embedding`` (MiniLM cosine, the offline judge of
-    ``bs_train/judge.py``) or ``rouge`` (ROUGE-L recall, no extra package)."""
+    ``bs_train/evaluation/judge.py``) or ``rouge`` (ROUGE-L recall, no extra package)."""
     threshold: float | None = None
     """Similarity at or above which an answer recovers the forgotten one (and it must be closer to it than to every
     wrong-fact answer, where the data has them). None: ``THRESHOLDS[judge]`` (ours, measured on TOFU)."""
@@ -75,7 +75,7 @@ class AttackConfig:
     batch_size: int = 16
     """Rows per scoring / generation batch."""
     max_length: int = 512
-    """Longest tokenized example (as ``bs_train.evaluate``)."""
+    """Longest tokenized example (as ``bs_train.evaluation.tofu``)."""
     seed: int = 0
     """Seed of the relearning slice, the relearning runs, the multiple-choice order and the sampling."""
     device: str = "auto"

@@ -6,7 +6,7 @@
   offline judge, or ROUGE-L recall) must reach the threshold and, where the row has wrong-fact answers, exceed its
   similarity to each of them, so an answer in the right template with the wrong fact does not count;
 * ``knowledge``: forget answer probability (TOFU's Prob), extraction strength (ES), greedy ROUGE-L recall and the
-  share of greedy answers the matcher accepts, per model, through ``bs_train.scoring`` and ``bs_train.generation``;
+  share of greedy answers the matcher accepts, per model, through ``bs_train.evaluation.scoring`` and ``bs_train.evaluation.generation``;
 * ``recovery``: where an attacked model's number sits between the retain model (0: never trained on the forget rows)
   and the original (1) *under the same attack*, so what an attack does to every model (a quantized model's lower
   probabilities, the matcher's rate on template answers) cancels out. Lynch et al. 2024 ("Eight methods to evaluate
@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import metrics
+from ..evaluation import metrics
 from ..data import load_split
-from ..generation import generate_text
-from ..scoring import score_answers
+from ..evaluation.generation import generate_text
+from ..evaluation.scoring import score_answers
 
 EXTRA_FIELDS = ("paraphrased_question", "paraphrased_answer", "perturbed_answer")
 
@@ -64,7 +64,7 @@ class Matcher:
         self.kind, self.threshold = kind, float(threshold)
         self.judge = judge if kind == "embedding" else None  # an EmbeddingJudge already loaded, or one made here
         if kind == "embedding" and self.judge is None:
-            from ..judge import EmbeddingJudge
+            from ..evaluation.judge import EmbeddingJudge
 
             self.judge = EmbeddingJudge(device=device)
 

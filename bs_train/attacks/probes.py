@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import metrics
+from ..evaluation import metrics
 from ..data import encode_prompt
-from ..generation import generate, generate_text
-from ..scoring import score_answers
+from ..evaluation.generation import generate, generate_text
+from ..evaluation.scoring import score_answers
 from .measure import Matcher
 
 PROBES = ("paraphrased", "complete", "third_person", "multiple_choice")

@@ -35,7 +35,7 @@ def _device(spec: str) -> torch.device:
 
 def load(spec: str, device: torch.device):
     """``(model in eval mode, tokenizer)`` of a run folder (its ``final/``), model folder, ``smollm2-135m`` or Hub
-    id; bf16 on CUDA, fp32 elsewhere, as ``bs_train.evaluate`` loads."""
+    id; bf16 on CUDA, fp32 elsewhere, as ``bs_train.evaluation.tofu`` loads."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tok = load_model(resolve_model_path(spec), dtype=dtype, device=device, use_liger=False)
     return model.eval(), tok

@@ -11,7 +11,7 @@ with ``similarity`` (in [0, 1], higher = more different from the reference, as t
   ``1 - max(cos, 0)``; fluency = ``1 - seq-rep-2`` (Welleck et al. 2020: the fraction of repeated word bigrams),
   0 for an empty answer.
 * ``LLMJudge``: a local Hugging Face chat model (folder, Hub id, GGUF, ``smollm2-135m``) asked the two questions of
-  ``bs_train/judge_prompts.py`` and decoded greedily (``bs_train.generation.generate``); ``naturalness`` and
+  ``bs_train/evaluation/judge_prompts.py`` and decoded greedily (``bs_train.evaluation.generation.generate``); ``naturalness`` and
   ``similarity_0_5`` are on the 0-5 scale, ``fluency = naturalness / 5`` and ``similarity = similarity_0_5 / 5``.
   Unparseable replies are left out and counted.
 """
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import encode_prompt
+from ..data import encode_prompt
 from .generation import generate
 from .judge_prompts import NATURALNESS, SCALE_MAX, SIMILARITY
 
@@ -119,7 +119,7 @@ class LLMJudge:
 
     def __init__(self, model_path: str, *, device: str | torch.device = "cpu", batch_size: int = 8,
                  max_new_tokens: int = 8) -> None:
-        from .model import load_model
+        from ..model import load_model
 
         dev = torch.device(device)
         self.model, self.tokenizer = load_model(model_path, dtype=torch.bfloat16 if dev.type == "cuda" else

@@ -1,9 +1,9 @@
 """Evaluate a model on TOFU-format data: the TOFU metric suite, memorisation, membership inference, Mem/Util/Agg.
 
-The suite only: it asks ``bs_train/scoring.py`` for answer NLLs, per-token log-probs and vocabulary statistics,
-``bs_train/generation.py`` for greedy answers (the project's sampler for Llama-family models, HF ``generate``
-otherwise), ``bs_train/judge.py`` for similarity and fluency, and turns them into numbers with the formulas of
-``bs_train/metrics.py``; the data comes through ``resolve_data`` / ``load_split`` of ``bs_train/data.py``.
+The suite only: it asks ``bs_train/evaluation/scoring.py`` for answer NLLs, per-token log-probs and vocabulary statistics,
+``bs_train/evaluation/generation.py`` for greedy answers (the project's sampler for Llama-family models, HF ``generate``
+otherwise), ``bs_train/evaluation/judge.py`` for similarity and fluency, and turns them into numbers with the formulas of
+``bs_train/evaluation/metrics.py``; the data comes through ``resolve_data`` / ``load_split`` of ``bs_train/data/qa.py``.
 
 * ``evaluate_loaded`` / ``evaluate_model``: the whole suite on a data source (a folder of ``{split}.jsonl``, a Hub id,
   ``"synthetic"`` or an in-memory ``{split: rows}`` mapping), returning one flat dict; nothing is written;
@@ -11,7 +11,7 @@ otherwise), ``bs_train/judge.py`` for similarity and fluency, and turns them int
   or for a retain model used as the reference of forget quality and PrivLeak.
 
 ``protocol="exact"`` (default) builds the inputs our way; ``"open-unlearning"`` as open-unlearning's evaluator does
-(``bs_train/data.py``: its template arguments, labels and pad-token attention mask; greedy answers through HF
+(``bs_train/data/qa.py``: its template arguments, labels and pad-token attention mask; greedy answers through HF
 ``generate`` with that mask; 1e-10 in the truth ratio and forget quality). Both report forget quality as the
 p-value (``forget_quality``) and its natural log (``forget_quality_log``, what the BS authors' fork reports).
 
@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics
-from .console import progress as progress_bar
-from .data import check_perturbed, check_protocol, load_split, resolve_data, wrong_answers
-from .generation import generate_text
-from .judge import make_judge
-from .model import load_model, model_device, resolve_model_path
-from .scoring import resolve_impl, score_answers
+from .. import metrics
+from ...console import progress as progress_bar
+from ...data import check_perturbed, check_protocol, load_split, resolve_data, wrong_answers
+from ..generation import generate_text
+from ..judge import make_judge
+from ...model import load_model, model_device, resolve_model_path
+from ..scoring import resolve_impl, score_answers
 
 
 UTILITY_SPLITS = ("retain_perturbed", "real_authors", "world_facts")  # TOFU's model-utility splits

@@ -8,7 +8,7 @@ Two questions are asked about each answer a model generates to a forget-set ques
   other words (0 = none, 5 = all)? The paper reports it so that higher = more different, so the score is flipped
   (``5 - s``) after parsing; asking in the "how much is conveyed" direction is the easier question for small judges.
 
-Each template ends by asking for one integer, and ``bs_train.judge.parse_score`` reads the first number in the reply
+Each template ends by asking for one integer, and ``bs_train.evaluation.judge.parse_score`` reads the first number in the reply
 that is not an echo of the scale ("0-5", "out of 5", "/5").
 """
 

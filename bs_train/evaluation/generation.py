@@ -6,7 +6,7 @@ token-id lists cut after the first stop token: the tokenizer's EOS or any EOS id
 ``bs_train.sampler.check_supported`` accepts) go through the KV-cached sampler of ``bs_train/sampler.py``, held token
 for token to HF greedy decoding by the tests; any other model goes through Hugging Face ``generate`` (``hf_generate``:
 left padding, a KV cache, the same arguments). ``generate_text`` is the greedy answers to questions in the chat format
-of ``bs_train/data.py``, as text;
+of ``bs_train/data/qa.py``, as text;
 with ``protocol="open-unlearning"`` the prompts are open-unlearning's and go through HF ``generate`` with its
 attention mask (``input_ids != pad``: with pad == eos, every EOS of the prompt is masked, as its collator does).
 
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from .data import encode_prompt
-from .model import model_device, stop_token_ids
-from .sampler import Sampler, SamplingConfig, check_supported
+from ..data import encode_prompt
+from ..model import model_device, stop_token_ids
+from ..sampler import Sampler, SamplingConfig, check_supported
 
 
 def stop_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:

@@ -1,7 +1,7 @@
 """The evaluation formulas, model-free: every number ``bs-unlearn eval`` reports is computed here from per-example
 log-probabilities, token predictions and texts, so each convention lives in one place and is unit-tested by hand.
 
-Sources, per quantity (the model-facing side, ``bs_train/evaluate.py``, only produces the inputs):
+Sources, per quantity (the model-facing side, ``bs_train/evaluation/tofu/suite.py``, only produces the inputs):
 
 * **Answer probability** (TOFU, Maini et al. 2024, "TOFU: A Task of Fictitious Unlearning for LLMs"; computed as in
   OpenUnlearning, Dorna et al. 2025, ``evaluate_probability``): ``exp(-mean answer-token NLL)``, i.e. the

@@ -1,14 +1,14 @@
 """Model-facing scoring: per-example answer NLL, per-token log-probs and vocabulary statistics of a causal LM.
 
 The one place that turns a model and (prompt, answer) token ids into numbers, below both the evaluation suite
-(``bs_train/evaluate.py``) and the training-time squeezing monitor (``bs_train/squeezing.py``), so neither imports
+(``bs_train/evaluation/tofu/suite.py``) and the training-time squeezing monitor (``bs_train/squeezing.py``), so neither imports
 the other. Every number comes from the fused scores of ``bs_kernels`` (``linear_cross_entropy`` on the decoder's
 hidden states and the lm_head weight), never from [B, T, V] logits:
 
 * ``score_encoded``: per item, the mean answer NLL and, when asked, per-token log-probs, the teacher-forced argmax
   and the mean / variance of log p over the vocabulary (min-k%++), the last three from the same hidden states in
   bounded chunks of rows (``vocab_statistics``, at most ``VOCAB_CHUNK_BYTES`` of float32 logits at once);
-* ``score_answers``: ``score_encoded`` of question/answer text pairs in the chat format of ``bs_train/data.py``,
+* ``score_answers``: ``score_encoded`` of question/answer text pairs in the chat format of ``bs_train/data/qa.py``,
   ``protocol="exact"`` (ours) or ``"open-unlearning"`` (its inputs, labels and pad-token attention mask);
 * ``resolve_impl``: ``impl="auto"`` -> the Triton kernels on CUDA, plain PyTorch elsewhere.
 """
@@ -24,8 +24,8 @@ import torch
 from bs_kernels import IGNORE_INDEX, linear_cross_entropy, shift_labels
 from bs_kernels.hf import hidden_states_and_head
 
-from .data import collate, encode_qa
-from .model import model_device
+from ..data import collate, encode_qa
+from ..model import model_device
 
 VOCAB_CHUNK_BYTES = 32 * 2**20  # bound on the float32 [rows, V] block used for argmax / mean / variance of log p
 

@@ -15,7 +15,7 @@ from typing import Any
 # Each title says which way is better: ↑ higher, ↓ lower, →0 closest to zero. Forget-set probability, ROUGE-L, ES
 # and EM are ↓ (less of the forget set left; the retain model's row shows the level a model that never saw it
 # reaches); forget TR is min(tr, 1/tr), 1 when true and false answers are alike (↑); PrivLeak 0 = like the retain
-# model (MUSE); Sim. (diff) is higher the more an answer differs from the forgotten one (bs_train/judge.py).
+# model (MUSE); Sim. (diff) is higher the more an answer differs from the forgotten one (bs_train/evaluation/judge.py).
 COLUMNS = [
     ("forget_quality", "Forget quality ↑"), ("model_utility", "Model utility ↑"), ("forget_Q_A_Prob", "F. Prob ↓"),
     ("forget_Q_A_ROUGE", "F. ROUGE-L ↓"), ("forget_truth_ratio", "F. TR ↑"), ("extraction_strength", "ES ↓"),
