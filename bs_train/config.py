@@ -106,26 +106,76 @@ class ModelConfig:
                  "fused losses read its weight frozen)")
 
 
+BENCHMARKS = ("tofu", "muse", "wmdp")
+TEXT_BENCHMARKS = ("muse", "wmdp")
+"""Benchmarks whose training data is raw text cut into token windows (``bs_train/data/text.py``), not QA pairs."""
+SPLIT_DEFAULTS = {
+    # TOFU's 10% setting, the paper's and open-unlearning's main TOFU experiment (forget10 / retain90 / full).
+    "tofu": ("forget10", "retain90", "full"),
+    # open-unlearning configs/data/datasets/MUSE_forget.yaml (raw/forget) and MUSE_retain.yaml (raw/retain1). The
+    # fine-tuning text is ours: forget + retain, the text MUSE's target models know (open-unlearning fine-tunes on
+    # tamarsonha/MUSE-*-Train, which the offline copy lacks).
+    "muse": ("raw/forget", "raw/retain1", "raw/forget+raw/retain1"),
+    # open-unlearning configs/experiment/unlearn/wmdp/default.yaml (data_split: cyber) with WMDP_forget.yaml /
+    # WMDP_retain.yaml; fine-tuning (ours): both corpora.
+    "wmdp": ("cyber-forget-corpus", "cyber-retain-corpus", "cyber-forget-corpus+cyber-retain-corpus"),
+}
+WINDOW_DEFAULTS = {"muse": 2048, "wmdp": 512}
+"""Token window of raw-text training data: open-unlearning's MUSE_forget.yaml / MUSE_retain.yaml ``max_length: 2048``
+and WMDP_forget.yaml / WMDP_retain.yaml ``max_length: 512``."""
+
+
 @dataclass
 class DataConfig:
+    benchmark: str = "tofu"
+    """``tofu`` (question/answer pairs), ``muse`` or ``wmdp`` (raw text cut into ``window_tokens`` windows, every token
+    scored: ``bs_train/data/text.py``). It sets the defaults of the splits and the window."""
     source: str = "synthetic"
-    """``synthetic`` (the project's generated fictitious-author set, offline), a local folder of TOFU-format
-    JSON Lines, or a Hub id such as ``locuslab/TOFU``."""
-    forget_split: str = "forget10"
-    """Split to unlearn."""
-    retain_split: str = "retain90"
-    """Split whose performance the retain term protects."""
-    train_split: str = "full"
-    """Split to fine-tune on (``finetune`` command)."""
+    """``synthetic`` (the project's generated fictitious-author set, offline; TOFU only), a local folder of the
+    benchmark's JSON Lines in its Hub layout, or a Hub id such as ``locuslab/TOFU``, ``muse-bench/MUSE-Books`` or
+    ``cais/wmdp-corpora``."""
+    forget_split: str | None = None
+    """Split to unlearn; empty: the benchmark's (``SPLIT_DEFAULTS``: forget10, raw/forget, cyber-forget-corpus).
+    MUSE names are ``subset/split``; ``a+b`` joins raw-text splits."""
+    retain_split: str | None = None
+    """Split whose performance the retain term protects; empty: the benchmark's (retain90, raw/retain1,
+    cyber-retain-corpus)."""
+    train_split: str | None = None
+    """Split to fine-tune on (``finetune`` command); empty: the benchmark's (full, raw/forget+raw/retain1,
+    cyber-forget-corpus+cyber-retain-corpus)."""
+    retain_source: str | None = None
+    """Where the retain split is read from, when not ``source`` (ours: MUSE-News's offline copy has no raw retain
+    text, so a News run may regularise on MUSE-Books' ``raw/retain1``; say so when reporting it)."""
+    window_tokens: int | None = None
+    """Tokens per raw-text window (MUSE, WMDP); empty: the benchmark's (``WINDOW_DEFAULTS``: 2048, 512). Not used by
+    TOFU, whose examples are single QA pairs bounded by ``model.max_length``."""
     synthetic_authors: int = 20
     """Authors in the synthetic set."""
     synthetic_qa_per_author: int = 10
     """Question-answer pairs per synthetic author."""
 
     def __post_init__(self):
+        _require(self.benchmark in BENCHMARKS, f"data.benchmark must be one of {BENCHMARKS}, got {self.benchmark!r}")
+        forget, retain, train = SPLIT_DEFAULTS[self.benchmark]
+        self.forget_split = self.forget_split or forget
+        self.retain_split = self.retain_split or retain
+        self.train_split = self.train_split or train
+        if self.benchmark in TEXT_BENCHMARKS:
+            self.window_tokens = self.window_tokens or WINDOW_DEFAULTS[self.benchmark]
+            _require(self.window_tokens >= 2, f"data.window_tokens must be >= 2, got {self.window_tokens}")
+            _require(self.source != "synthetic", f"data.source=synthetic is TOFU-format QA; data.benchmark="
+                     f"{self.benchmark} needs its raw text: a local folder in the Hub layout or a Hub id")
+        else:
+            _require(self.window_tokens is None, f"data.window_tokens is for raw-text benchmarks (muse, wmdp), not "
+                     f"data.benchmark={self.benchmark}")
         _require(self.synthetic_authors >= 1, f"data.synthetic_authors must be >= 1, got {self.synthetic_authors}")
         _require(self.synthetic_qa_per_author >= 1,
                  f"data.synthetic_qa_per_author must be >= 1, got {self.synthetic_qa_per_author}")
+
+    @property
+    def text(self) -> bool:
+        """Is the training data raw text (token windows) rather than QA pairs?"""
+        return self.benchmark in TEXT_BENCHMARKS
 
 
 @dataclass
@@ -218,6 +268,12 @@ class MethodConfig:
     training ("off-policy") (paper; fork BSS.yaml regeneration_epochs)."""
     bss_regen_every: int = 2
     """BS-S: the regeneration period, in the unit of ``bss_regen`` (paper; fork BSS.yaml regeneration_epochs 2)."""
+    bss_prefix_tokens: int = 32
+    """BS-S on raw text (MUSE, WMDP): a window's beliefs continue its first this many tokens. Ours: the authors' fork
+    sets none (its bss.py takes the tokens before the first label as the prompt, which on a raw-text window is the
+    lone BOS, so its beliefs there are unconditioned samples); 32 tokens, a sentence or two, ties each belief to its
+    window's passage and leaves the ``bss_max_new_tokens`` (200) that follow to the model, the span MUSE's own
+    VerbMem probe asks it to continue (128 tokens). Question/answer data uses the question's prompt instead."""
     bss_prompts_per_round: int = 32
     """BS-S: prompts sampled together (each with its N samples) per sampler call (ours: a batch size that only sets
     speed and memory, never the result's distribution)."""
@@ -251,6 +307,7 @@ class MethodConfig:
         _require(self.rmu_params in RMU_PARAMS, f"method.rmu_params must be one of {RMU_PARAMS}, got "
                  f"{self.rmu_params!r}")
         _require(0.0 <= self.bss_lam <= 1.0, f"method.bss_lam (lambda_S) must lie in [0, 1], got {self.bss_lam}")
+        _require(self.bss_prefix_tokens >= 1, f"method.bss_prefix_tokens must be >= 1, got {self.bss_prefix_tokens}")
         _require(self.bss_base in BSS_BASES, f"method.bss_base must be one of {BSS_BASES}, got {self.bss_base!r}")
         _require(self.bss_samples >= 1, f"method.bss_samples (N) must be >= 1, got {self.bss_samples}")
         _require(self.bss_max_new_tokens >= 1,
@@ -383,6 +440,9 @@ class RunConfig:
                          f"{section}.{f.name} must be a finite number, got {value}")
         if self.command == "finetune":  # fine-tuning has one method; unlearning's is chosen
             self.method = dataclasses.replace(self.method, name=methods.method_for("finetune"))
+        _require(not (self.data.text and methods.METHODS[self.method.name].alternates),
+                 f"method.name={self.method.name} prefers another answer to the forget answer, and data.benchmark="
+                 f"{self.data.benchmark} trains on raw text, which has no answers: choose another method")
         belongs_to = methods.METHODS[self.method.name].command
         _require(belongs_to == self.command,
                  f"method.name={self.method.name} only makes sense with the {belongs_to} command")

@@ -293,7 +293,7 @@ def retain_rmu(model, batch, st, n: Norms):
 RETAIN_TERMS: dict[str, Callable | None] = {"nll": retain_nll, "kl": retain_kl, "none": None}
 """The choices of ``method.retain`` for methods whose row takes the configured retain term."""
 
-# ---- setup hooks: setup_<method>(state, lm, *, tokenizer, examples, seed, device), run before the model moves ---
+# ---- setup hooks: setup_<method>(state, lm, *, tokenizer, dataset, seed, device), run before the model moves ----
 
 
 def rmu_trainable(lm: torch.nn.Module, method) -> list[str]:
@@ -329,12 +329,12 @@ def setup_rmu(st: MethodState, lm: torch.nn.Module, *, seed: int, device, **_) -
     st.rmu_direction = (u / u.norm()).to(device)
 
 
-def setup_dpo(st: MethodState, lm: torch.nn.Module, *, tokenizer, examples, seed: int, **_) -> None:
+def setup_dpo(st: MethodState, lm: torch.nn.Module, *, tokenizer, dataset, seed: int, **_) -> None:
     """IdkDPO: one refusal per forget example (``refusals.refusal_for``) as its preferred answer, held as a one-answer
     ``BeliefSet``; the initial model's log-probs of them are filled in before training (the trainer's
-    ``prepare_method_state``)."""
+    ``prepare_method_state``). Question/answer data only (the config refuses it on raw text)."""
     prompts, answers = [], []
-    for i, ex in enumerate(examples):
+    for i, ex in enumerate(dataset.examples):
         prompt = encode_prompt(tokenizer, ex["question"])
         enc = encode_qa(tokenizer, ex["question"], refusal_for(seed, i), max_length=len(prompt) + 1024)
         prompts.append(prompt)
@@ -354,9 +354,11 @@ def step_pdu(st: MethodState, retain: torch.Tensor, epoch: int) -> None:
         st.dual = (st.dual + st.cfg.pdu_dual_step * (retain.to(st.dual) - st.cfg.pdu_retain_eps)).clamp_min(0.0)
 
 
-def setup_bss(st: MethodState, lm: torch.nn.Module, *, tokenizer, examples, **_) -> None:
-    """BS-S: encode every forget prompt once; the beliefs are drawn for these (``beliefs.draw_beliefs``)."""
-    st.prompts = [encode_prompt(tokenizer, ex["question"]) for ex in examples]
+def setup_bss(st: MethodState, lm: torch.nn.Module, *, dataset, **_) -> None:
+    """BS-S: every forget prompt, encoded once (a question's chat prompt, or a text window's first
+    ``method.bss_prefix_tokens`` tokens: the dataset's ``prompts``); the beliefs are drawn for these
+    (``beliefs.draw_beliefs``)."""
+    st.prompts = dataset.prompts()
 
 
 # ---- the method table ------------------------------------------------------------------------------------------
@@ -394,7 +396,7 @@ class Method:
     """Hook ``step_*(state, retain, epoch)`` the trainer calls after every optimizer step with the step's global
     retain value (0-d, on the device) and the 0-based epoch (PDU's dual step); ``state.dual`` is checkpointed."""
     setup: Callable | None = None
-    """Hook ``setup_*(state, lm, *, tokenizer, examples, seed, device)`` run once on the CPU model, before it moves."""
+    """Hook ``setup_*(state, lm, *, tokenizer, dataset, seed, device)`` run once on the CPU model, before it moves."""
     scaled: bool = True
     """The forget term is scaled by ``method.gamma`` (fine-tuning's NLL is the loss itself)."""
     command: str = "unlearn"

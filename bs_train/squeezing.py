@@ -64,29 +64,48 @@ def bucket_indices(scores: list[float]) -> dict[str, list[int]]:
 class SqueezingMonitor:
     """Log-prob dynamics of forget targets and of the model's own beliefs, bucketed by initial likelihood."""
 
-    def __init__(self, forget_examples: list[dict], tokenizer: Any, *, n_beliefs: int = 5, every: int = 10,
-                 max_new_tokens: int = 64, seed: int = 0, impl: str = "torch", batch_size: int = 16,
-                 max_length: int = 512, temperature: float = 1.0, method: str | None = None) -> None:
-        if not forget_examples:
-            raise ValueError("SqueezingMonitor: forget_examples is empty")
+    def __init__(self, prompts: list[list[int]], targets: list[dict[str, list[int]]], tokenizer: Any, *,
+                 n_beliefs: int = 5, every: int = 10, max_new_tokens: int = 64, seed: int = 0, impl: str = "torch",
+                 batch_size: int = 16, temperature: float = 1.0, method: str | None = None) -> None:
+        """``prompts[i]``: the token ids beliefs continue for forget example ``i``; ``targets[i]``: the example as
+        trained (``input_ids``, unshifted ``labels`` on the target tokens). ``from_examples`` builds both from
+        question/answer rows, ``from_dataset`` from a training dataset (question/answer or raw-text windows)."""
+        if not prompts or len(prompts) != len(targets):
+            raise ValueError(f"SqueezingMonitor: need one target per prompt, got {len(prompts)} prompts and "
+                             f"{len(targets)} targets")
         for name, v in (("n_beliefs", n_beliefs), ("every", every), ("max_new_tokens", max_new_tokens),
                         ("batch_size", batch_size)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"SqueezingMonitor: {name} must be an integer >= 1, got {name}={v!r}")
-        for i, ex in enumerate(forget_examples):
-            if not isinstance(ex, dict) or not isinstance(ex.get("question"), str) or not isinstance(
-                    ex.get("answer"), str):
-                raise ValueError(f"SqueezingMonitor: forget example {i} must be a dict with string question/answer")
-        self.examples, self.tokenizer = forget_examples, tokenizer
+        self.prompts, self.targets, self.tokenizer = [list(p) for p in prompts], targets, tokenizer
         self.n_beliefs, self.every, self.max_new_tokens, self.seed = n_beliefs, every, max_new_tokens, seed
         self.impl, self.batch_size, self.temperature = impl, batch_size, temperature
         self.method = method  # named in the plot's title: plots of several runs side by side say which is which
-        self.targets = [encode_qa(tokenizer, ex["question"], ex["answer"], max_length=max_length)
-                        for ex in forget_examples]
         self.beliefs: list[dict[str, Any]] = []
         self.buckets: dict[str, list[int]] = {b: [] for b in BUCKETS}
         self.history: list[dict[str, Any]] = []
         self._prepared = False
+
+    @classmethod
+    def from_examples(cls, forget_examples: list[dict], tokenizer: Any, *, max_length: int = 512,
+                      **kwargs: Any) -> SqueezingMonitor:
+        """From question/answer rows: each question's chat prompt, and prompt + answer + EOS as the target."""
+        if not forget_examples:
+            raise ValueError("SqueezingMonitor: forget_examples is empty")
+        for i, ex in enumerate(forget_examples):
+            if not isinstance(ex, dict) or not isinstance(ex.get("question"), str) or not isinstance(
+                    ex.get("answer"), str):
+                raise ValueError(f"SqueezingMonitor: forget example {i} must be a dict with string question/answer")
+        prompts = [encode_prompt(tokenizer, ex["question"]) for ex in forget_examples]
+        targets = [encode_qa(tokenizer, ex["question"], ex["answer"], max_length=max_length) for ex in forget_examples]
+        return cls(prompts, targets, tokenizer, **kwargs)
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, tokenizer: Any, **kwargs: Any) -> SqueezingMonitor:
+        """From a training dataset (``QADataset`` or ``TextDataset``): its prompts, and its items as targets."""
+        items = [dataset[i] for i in range(len(dataset))]
+        targets = [{"input_ids": list(it["input_ids"]), "labels": list(it["labels"])} for it in items]
+        return cls(dataset.prompts(), targets, tokenizer, **kwargs)
 
     # ------------------------------------------------------------------------------------------- measuring
 
@@ -121,7 +140,7 @@ class SqueezingMonitor:
         gen_model = _unwrap(model, "generate")
         was_training = model.training
         eos = self.tokenizer.eos_token_id
-        prompts = [encode_prompt(self.tokenizer, ex["question"]) for ex in self.examples]
+        prompts = self.prompts
         try:
             with gathered_parameters(model):
                 samples = generate(gen_model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
@@ -167,7 +186,7 @@ class SqueezingMonitor:
 
     def _settings(self) -> dict[str, Any]:
         return {"n_beliefs": self.n_beliefs, "every": self.every, "max_new_tokens": self.max_new_tokens,
-                "seed": self.seed, "temperature": self.temperature, "n_examples": len(self.examples)}
+                "seed": self.seed, "temperature": self.temperature, "n_examples": len(self.prompts)}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything ``prepare`` drew and everything measured since (plain lists and numbers, so it fits a

@@ -46,7 +46,7 @@ from .checkpoint import (RunLock, atomic_write_text, barrier, check_resumable, e
                          kept_metrics, latest_checkpoint, load_checkpoint, named_checkpoint, recover_export,
                          save_checkpoint, set_aside)
 from .config import RESOLVED_HEADER, RunConfig
-from .data import ForgetRetainSampler, QADataset, collate, load_qa
+from .data import ForgetRetainSampler, QADataset, TextDataset, collate, load_qa, load_texts
 from .lora import AdaptersOff, apply_lora, has_adapters
 from .methods import (METHODS, MethodState, Norms, belief_ref_logp, local_counts, method_loss, needs_belief_ref_logp,
                       needs_ref_logp, needs_reference, needs_retain, needs_topk, precompute_ref_logp)
@@ -84,7 +84,8 @@ def setup_distributed(single_group: bool = False) -> tuple[int, int, torch.devic
 
 
 def build_data(cfg: RunConfig, tokenizer, run_dir: Path):
-    """(forget-or-train dataset, retain dataset or None); synthetic data is generated into the run folder."""
+    """(forget-or-train dataset, retain dataset or None): question/answer pairs (``QADataset``) or, for MUSE and
+    WMDP, raw-text windows (``TextDataset``); synthetic data is generated into the run folder."""
     source = cfg.data.source
     if source == "synthetic":
         from .data.synthetic import make_splits, write_folder
@@ -97,16 +98,16 @@ def build_data(cfg: RunConfig, tokenizer, run_dir: Path):
             write_folder(folder, make_splits(made_with["authors"], made_with["qa_per_author"], seed=made_with["seed"]))
             stamp.write_text(json.dumps(made_with) + "\n")
         source = str(folder)
-    ml = cfg.model.max_length
+    def dataset(src: str, split: str):
+        if cfg.data.text:  # MUSE / WMDP: raw text in token windows, every token scored
+            return TextDataset(load_texts(src, split), tokenizer, window=cfg.data.window_tokens, name=split,
+                               prefix_tokens=cfg.method.bss_prefix_tokens)
+        return QADataset(load_qa(src, split), tokenizer, max_length=cfg.model.max_length, name=split)
+
     if cfg.command == "finetune":
-        split = cfg.data.train_split
-        return QADataset(load_qa(source, split), tokenizer, max_length=ml, name=split), None
-    forget = QADataset(load_qa(source, cfg.data.forget_split), tokenizer, max_length=ml, name=cfg.data.forget_split)
-    retain = None
-    if needs_retain(cfg.method):
-        split = cfg.data.retain_split
-        retain = QADataset(load_qa(source, split), tokenizer, max_length=ml, name=split)
-    return forget, retain
+        return dataset(source, cfg.data.train_split), None
+    retain = dataset(cfg.data.retain_source or source, cfg.data.retain_split) if needs_retain(cfg.method) else None
+    return dataset(source, cfg.data.forget_split), retain
 
 
 def parallelize(head: LossHead, cfg: RunConfig, world: int, compute_dtype: torch.dtype | None) -> LossHead:
@@ -190,7 +191,7 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
 # ---- method state -----------------------------------------------------------------------------------------------
 
 
-def init_method_state(cfg: RunConfig, lm: torch.nn.Module, tokenizer, examples: list[dict], device: torch.device,
+def init_method_state(cfg: RunConfig, lm: torch.nn.Module, tokenizer, dataset, device: torch.device,
                       compute_dtype: torch.dtype | None, impl: str, liger: bool) -> MethodState:
     """What the method needs of the initial model, built while ``lm`` is still on the CPU: the frozen reference
     (copied before the trained model reaches the device) and the table row's setup hook."""
@@ -199,7 +200,7 @@ def init_method_state(cfg: RunConfig, lm: torch.nn.Module, tokenizer, examples: 
         state.reference = frozen_reference(lm, device, compute_dtype, liger=liger)
     setup = METHODS[cfg.method.name].setup
     if setup is not None:
-        setup(state, lm, tokenizer=tokenizer, examples=examples, seed=cfg.train.seed, device=device)
+        setup(state, lm, tokenizer=tokenizer, dataset=dataset, seed=cfg.train.seed, device=device)
     return state
 
 
@@ -411,7 +412,7 @@ def _squeezing_monitor(cfg: RunConfig, main_set, tokenizer, impl: str, extra: di
         return None
     from .squeezing import SqueezingMonitor
 
-    monitor = SqueezingMonitor(main_set.examples, tokenizer, n_beliefs=cfg.train.squeezing_beliefs,
+    monitor = SqueezingMonitor.from_dataset(main_set, tokenizer, n_beliefs=cfg.train.squeezing_beliefs,
                                every=cfg.train.squeezing_every, max_new_tokens=cfg.train.squeezing_max_new_tokens,
                                seed=cfg.train.seed, impl=impl, method=cfg.method.name)
     if "squeezing" in extra:  # resumed: the same beliefs, and the curve so far
@@ -489,7 +490,7 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
     if cfg.model.lora_rank:
         apply_lora(lm, cfg.model)
     pad_id, liger = tokenizer.pad_token_id, cfg.model.use_liger and use_cuda
-    state = init_method_state(cfg, lm, tokenizer, main_set.examples, device, compute_dtype, impl, liger)
+    state = init_method_state(cfg, lm, tokenizer, main_set, device, compute_dtype, impl, liger)
     lm.to(device)
     if liger:
         apply_liger(lm)

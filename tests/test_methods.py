@@ -336,7 +336,9 @@ def test_dpo_alternates_are_refusals_fixed_by_seed_and_index():
     tok = byte_tokenizer()
     examples = [{"question": f"Who wrote book {i}?", "answer": "Someone."} for i in range(12)]
     st = methods.MethodState(MethodConfig(name="dpo"), "torch")
-    methods.setup_dpo(st, None, tokenizer=tok, examples=examples, seed=3)
+    from types import SimpleNamespace
+
+    methods.setup_dpo(st, None, tokenizer=tok, dataset=SimpleNamespace(examples=examples), seed=3)
     alt = st.beliefs
     assert alt.n == 1 and alt.prompts == [encode_prompt(tok, ex["question"]) for ex in examples]
     texts = [tok.decode(a[0][:-1]) for a in alt.answers]

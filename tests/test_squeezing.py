@@ -29,7 +29,7 @@ def test_bucket_indices_split_20_60_20():
 def test_monitor_logs_ga_steps_and_writes_a_plot(tmp_path):
     model, tok = load_model("tiny")  # train mode, as the trainer hands it over
     rows = make_splits(n_authors=4, qa_per_author=2)["forget10"]
-    mon = SqueezingMonitor(rows, tok, n_beliefs=4, every=2, max_new_tokens=16, seed=3)
+    mon = SqueezingMonitor.from_examples(rows, tok, n_beliefs=4, every=2, max_new_tokens=16, seed=3)
     rng_state = torch.get_rng_state()
     mon.prepare(LossHead(model))  # a wrapper holding the HF model as .lm is accepted
     assert torch.equal(rng_state, torch.get_rng_state()) and model.training
@@ -78,17 +78,17 @@ def test_monitor_logs_ga_steps_and_writes_a_plot(tmp_path):
 def test_monitor_refuses_bad_use(tmp_path):
     _, tok = load_model("tiny")
     with pytest.raises(ValueError, match="empty"):
-        SqueezingMonitor([], tok)
+        SqueezingMonitor.from_examples([], tok)
     with pytest.raises(ValueError, match="every"):
-        SqueezingMonitor([{"question": "q", "answer": "a"}], tok, every=0)
-    mon = SqueezingMonitor([{"question": "q", "answer": "a"}], tok)
+        SqueezingMonitor.from_examples([{"question": "q", "answer": "a"}], tok, every=0)
+    mon = SqueezingMonitor.from_examples([{"question": "q", "answer": "a"}], tok)
     with pytest.raises(ValueError, match="before prepare"):
         mon.maybe_log(0, None)
     with pytest.raises(ValueError, match="before prepare"):
         mon.finish(tmp_path)
     with pytest.raises(ValueError, match="before prepare"):
         mon.state_dict()
-    other = SqueezingMonitor([{"question": "q", "answer": "a"}], tok, n_beliefs=3)
+    other = SqueezingMonitor.from_examples([{"question": "q", "answer": "a"}], tok, n_beliefs=3)
     with pytest.raises(ValueError, match="saved monitor had settings"):
         other.load_state_dict({"settings": {"n_beliefs": 5}, "beliefs": [], "buckets": {}, "history": []})
 

@@ -21,7 +21,6 @@ Unlearning trains on two sets of question/answer pairs, a forget set and a retai
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 
 from bs_kernels import IGNORE_INDEX
 
+from .rows import load_rows
+
 _OPTIONAL_STR_FIELDS = ("paraphrased_answer", "paraphrased_question", "option1", "option2", "option3", "option4")
 
 
@@ -39,67 +40,14 @@ _OPTIONAL_STR_FIELDS = ("paraphrased_answer", "paraphrased_question", "option1",
 
 def load_qa(source: str | os.PathLike[str], split: str) -> list[dict[str, Any]]:
     """Rows of ``split`` from ``source``: a local folder holding ``{split}.jsonl``, or else a Hub dataset id
-    (e.g. ``"locuslab/TOFU"``, loaded with ``datasets.load_dataset(source, split, split="train")``).
+    (e.g. ``"locuslab/TOFU"``, loaded with ``datasets.load_dataset(source, split, split="train")``); a
+    ``subset/split`` name reads ``{subset}/{split}.jsonl`` or that Hub config and split (MUSE's ``knowmem/forget_qa``).
 
     Every row must have non-empty string ``question`` and ``answer``; ``perturbed_answer``, when present, must be a
     list of strings, and the other TOFU fields strings. Rows are returned as read (same keys, same values).
     Raises ``ValueError`` naming the file and line (or Hub id and row) of the first bad row.
     """
-    if not isinstance(split, str) or not split or any(sep in split for sep in ("/", "\\")) or split in (".", ".."):
-        raise ValueError(f"load_qa: split must be a plain name like 'forget10', got {split!r}")
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return _load_jsonl_split(path, split)
-    if path.exists():
-        raise ValueError(f"load_qa: {str(source)!r} is a file, expected a folder of {{split}}.jsonl files or a Hub id")
-    text = str(source)
-    if isinstance(source, Path) or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
-        raise ValueError(f"load_qa: no such data folder: {text!r}")
-    return _load_hub_split(text, split)
-
-
-def _load_jsonl_split(folder: Path, split: str) -> list[dict[str, Any]]:
-    file = folder / f"{split}.jsonl"
-    if not file.is_file():
-        available = sorted(p.name[: -len(".jsonl")] for p in folder.glob("*.jsonl"))
-        raise ValueError(
-            f"load_qa: split {split!r} not found: no file {file}; splits in {folder}: "
-            f"{', '.join(available) if available else '(none: the folder has no .jsonl files)'}"
-        )
-    rows: list[dict[str, Any]] = []
-    with file.open("rb") as f:  # bytes, decoded line by line: a bad byte is named with its line
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{file}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"load_qa: {where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
-                                 f"{e.start + 1}); JSON Lines files must be UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"load_qa: {where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            rows.append(_check_row(row, where))
-    if not rows:
-        raise ValueError(f"load_qa: split {split!r} is empty: {file} has no rows")
-    return rows
-
-
-def _load_hub_split(hub_id: str, split: str) -> list[dict[str, Any]]:
-    try:
-        import datasets  # optional: only needed for Hub ids
-    except ImportError:
-        raise ValueError(
-            f"load_qa: {hub_id!r} is not a local folder, and loading it as a Hub dataset needs the `datasets` "
-            "package (pip install datasets); or pass a folder of {split}.jsonl files"
-        ) from None
-    ds = datasets.load_dataset(hub_id, split, split="train")
-    rows = [_check_row(dict(row), f"{hub_id} (config {split!r}) row {i}") for i, row in enumerate(ds)]
-    if not rows:
-        raise ValueError(f"load_qa: split {split!r} of {hub_id} is empty")
-    return rows
+    return load_rows(source, split, _check_row, who="load_qa")
 
 
 def _check_row(row: Any, where: str) -> dict[str, Any]:
@@ -340,3 +288,9 @@ class QADataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         enc = self._encoded[i]
         return {"input_ids": enc["input_ids"], "labels": enc["labels"], "index": i}
+
+    def prompts(self) -> list[list[int]]:
+        """What generation continues for each example: its prompt, the tokens before the first label (the chat
+        prompt of ``encode_prompt``)."""
+        return [enc["input_ids"][:next(j for j, t in enumerate(enc["labels"]) if t != IGNORE_INDEX)]
+                for enc in self._encoded]

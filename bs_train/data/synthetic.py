@@ -6,8 +6,10 @@ tests, the offline demo and CI use this stand-in: invented authors (names built 
 Each pair also has the TOFU evaluation fields: ``paraphrased_question``, ``paraphrased_answer`` (same fact, other
 wording) and ``perturbed_answer`` (5 answers in the paraphrase's wording with wrong facts). ``make_splits`` names the
 splits as TOFU does (``full``, ``forget01/05/10``, ``retain99/95/90``, ``*_perturbed``, ``holdout01/05/10``);
-``write_folder`` writes them as ``{split}.jsonl`` for ``bs_train.data.load_qa``. Only a seeded ``random.Random`` is
-used: the same seed gives the same data, and no global state is touched.
+``write_folder`` writes them as ``{split}.jsonl`` for ``bs_train.data.load_qa``. The same authors also make stand-ins
+of the other two benchmarks' layouts: ``make_muse`` (MUSE's raw text, VerbMem, KnowMem and PrivLeak splits) and
+``make_wmdp`` (WMDP's questions and corpora, MMLU's test and dev). Only a seeded ``random.Random`` is used: the same
+seed gives the same data, and no global state is touched.
 """
 
 from __future__ import annotations
@@ -220,17 +222,97 @@ def make_splits(n_authors: int = 20, qa_per_author: int = 10, seed: int = 0) -> 
     return splits
 
 
-def write_folder(path: str | os.PathLike[str], splits: dict[str, list[dict[str, Any]]]) -> Path:
-    """Write each split as ``{path}/{name}.jsonl`` (UTF-8, one JSON object per line); returns the folder.
+def _documents(rng: random.Random, n: int, qa_per_author: int) -> tuple[list[str], list[list[dict[str, str]]]]:
+    """``n`` authors as prose (every fact's answer, one sentence after another) and as their QA pairs."""
+    authors = _make_authors(rng, n)
+    qa = [_plain(_qa_rows(rng, a, qa_per_author)) for a in authors]
+    return [" ".join(r["answer"] for r in rows) for rows in qa], qa
 
-    ``bs_train.data.load_qa(path, name)`` reads every split back equal to ``splits[name]``.
+
+def make_muse(n_authors: int = 12, qa_per_author: int = 8, seed: int = 0, icl: int = 2) -> dict[str, list[dict]]:
+    """Splits in MUSE's layout (``muse-bench/MUSE-*``), built from fictitious authors, deterministic in ``seed``:
+    a third of the authors is the forget set, a third the retain set, a third never trained on (holdout).
+
+    ``raw/{forget,retain1,retain2,holdout}``: one ``text`` per author (retain1 and retain2 halve the retain authors);
+    ``verbmem/forget``: each forget text cut at its middle sentence into ``prompt`` and ``gt``;
+    ``knowmem/{forget,retain}_qa``: the authors' question/answer pairs, with ``*_qa_icl`` the first ``icl`` of the
+    other set's; ``privleak/{forget,retain,holdout}``: the texts again (members, retain, non-members)."""
+    if n_authors < 6 or n_authors % 3:
+        raise ValueError(f"make_muse: n_authors must be a multiple of 3 and >= 6, got {n_authors}")
+    rng = random.Random(seed)
+    texts, qa = _documents(rng, n_authors, qa_per_author)
+    third = n_authors // 3
+    forget, retain, holdout = texts[:third], texts[third:2 * third], texts[2 * third:]
+    f_qa = [r for rows in qa[:third] for r in rows]
+    r_qa = [r for rows in qa[third:2 * third] for r in rows]
+
+    def verbmem(text: str) -> dict[str, str]:
+        sentences = text.split(". ")
+        cut = max(1, len(sentences) // 2)
+        return {"prompt": ". ".join(sentences[:cut]) + ".", "gt": ". ".join(sentences[cut:])}
+
+    return {
+        "raw/forget": [{"text": t} for t in forget], "raw/retain1": [{"text": t} for t in retain[:len(retain) // 2]],
+        "raw/retain2": [{"text": t} for t in retain[len(retain) // 2:]], "raw/holdout": [{"text": t} for t in holdout],
+        "verbmem/forget": [verbmem(t) for t in forget],
+        "knowmem/forget_qa": f_qa[icl:], "knowmem/forget_qa_icl": r_qa[:icl],
+        "knowmem/retain_qa": r_qa[icl:], "knowmem/retain_qa_icl": f_qa[:icl],
+        "privleak/forget": [{"text": t} for t in forget], "privleak/retain": [{"text": t} for t in retain],
+        "privleak/holdout": [{"text": t} for t in holdout],
+    }
+
+
+def _multiple_choice(rng: random.Random, rows: list[dict[str, str]], wrong_pool: list[str],
+                     **extra: str) -> list[dict[str, Any]]:
+    """Four-choice questions in WMDP's / MMLU's fields (question, choices, answer index) from QA pairs."""
+    out = []
+    for r in rows:
+        wrong = rng.sample([w for w in wrong_pool if w != r["answer"]], 3)
+        answer = rng.randrange(4)
+        choices = wrong[:answer] + [r["answer"]] + wrong[answer:]
+        out.append({"question": r["question"], "choices": choices, "answer": answer, **extra})
+    return out
+
+
+def make_wmdp(n_authors: int = 9, qa_per_author: int = 4, seed: int = 0) -> dict[str, list[dict]]:
+    """Files in WMDP's and MMLU's layouts, built from fictitious authors, deterministic in ``seed``: the
+    ``wmdp-{bio,chem,cyber}`` questions (one third of the authors each; ``cyber-forget-corpus`` holds the cyber
+    authors' text, ``cyber-retain-corpus`` and ``bio-retain-corpus`` the others'), and an MMLU ``test`` / ``dev`` of
+    two subjects over the same authors."""
+    if n_authors < 3 or n_authors % 3:
+        raise ValueError(f"make_wmdp: n_authors must be a multiple of 3, got {n_authors}")
+    rng = random.Random(seed)
+    texts, qa = _documents(rng, n_authors, qa_per_author)
+    pool = [r["answer"] for rows in qa for r in rows]
+    third = n_authors // 3
+    groups = {"bio": range(0, third), "chem": range(third, 2 * third), "cyber": range(2 * third, n_authors)}
+    out: dict[str, list[dict]] = {}
+    for domain, idx in groups.items():
+        out[f"wmdp-{domain}"] = _multiple_choice(rng, [r for i in idx for r in qa[i]], pool)
+    out["cyber-forget-corpus"] = [{"text": texts[i]} for i in groups["cyber"]]
+    out["cyber-retain-corpus"] = [{"text": texts[i]} for i in groups["bio"]]
+    out["bio-retain-corpus"] = [{"text": texts[i]} for i in groups["chem"]]
+    all_qa = [r for rows in qa for r in rows]
+    mmlu = [_multiple_choice(rng, all_qa[k::2], pool, subject=subject) for k, subject in
+            enumerate(("high_school_biology", "computer_security"))]
+    out["test"] = [r for rows in mmlu for r in rows[1:]]
+    out["dev"] = [rows[0] for rows in mmlu]
+    return out
+
+
+def write_folder(path: str | os.PathLike[str], splits: dict[str, list[dict[str, Any]]]) -> Path:
+    """Write each split as ``{path}/{name}.jsonl`` (UTF-8, one JSON object per line; ``subset/name`` in a subfolder,
+    MUSE's layout); returns the folder.
+
+    ``bs_train.data.load_rows(path, name, ...)`` (and ``load_qa`` for QA splits) reads every split back as written.
     """
     folder = Path(path)
     for name in splits:
-        if not name or any(c in name for c in "/\\") or name in (".", ".."):
-            raise ValueError(f"write_folder: split name must be a plain file name, got {name!r}")
-    folder.mkdir(parents=True, exist_ok=True)
+        parts = name.split("/")
+        if not name or len(parts) > 2 or not all(parts) or "\\" in name or any(p in (".", "..") for p in parts):
+            raise ValueError(f"write_folder: split name must be a file name or subset/name, got {name!r}")
     for name, split_rows in splits.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         with (folder / f"{name}.jsonl").open("w", encoding="utf-8") as f:
             for row in split_rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
