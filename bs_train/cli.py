@@ -5,6 +5,8 @@
     torchrun --nproc-per-node 2 -m bs_train.cli unlearn --config ...          # FSDP2 on 2 ranks
     bs-unlearn config unlearn --config configs/unlearn_tofu_smollm2.yaml method.name=npo   # print + validate only
     bs-unlearn eval runs/ga runs/bs_t --data ../shared/data/tofu --retain-model runs/retain --markdown results.md
+    bs-unlearn eval runs/muse_ga --benchmark muse --data muse-bench/MUSE-Books --retain-model runs/muse_retain
+    bs-unlearn eval runs/rmu --benchmark wmdp --data ../shared/data/wmdp --mmlu ../shared/data/mmlu --limit 100
     bs-unlearn compare runs/ga runs/bs_t                                       # side by side from each eval.json
     bs-unlearn demo                                  # offline end to end on a CPU: data, model, 4 methods, table
     bs-unlearn recipe --data ../shared/data/tofu     # the TOFU reproduction in resumable stages (bs_train/recipe.py)
@@ -14,9 +16,10 @@ Overrides are ``section.key=value`` (YAML scalars; booleans are only true / fals
 as ``<output_dir>/config.yaml`` (``bs-unlearn config ...`` or ``--print-config`` prints it, validated, and runs
 nothing); a run whose folder already holds a checkpoint of the same config resumes from it (``--no-resume`` starts
 over).
-``eval`` writes one JSON with every metric (``--out``), ``<run>/eval.json`` for each run folder (refusing to replace
-either unless ``--overwrite``), shows a progress bar per model and split and prints a markdown table with one row
-per model; ``compare`` reads ``eval.json`` (or the training summary) of each run;
+``eval`` (``bs_train/evaluation/command.py``) runs one benchmark's suite and writes one JSON with every metric
+(``--out``) and each run folder's result file (``eval.json``, ``eval_muse.json`` or ``eval_wmdp.json``; refusing to
+replace any unless ``--overwrite``), shows a progress bar per model and split and prints a markdown table with one row
+per model; ``compare`` reads those (or the training summary) of each run;
 ``recipe`` runs (or resumes) fine-tune, retain model, lr selection, unlearning, evaluation and the table, stage by stage
 (``--stage``), within a time budget (``--budget-s``). The tables are formatted by ``bs_train/evaluation/report.py``.
 """
@@ -31,8 +34,9 @@ from typing import Any
 
 from .config import PRESETS, is_resolved_config, load_config
 from .console import quiet_third_party
-from .outputs import OutputExists, atomic_write, read_json, refuse_existing, write_json
-from .evaluation.report import COLUMNS, TRAIN_COLUMNS, markdown_table
+from .outputs import atomic_write, read_json, refuse_existing
+from .evaluation.command import EVAL_FILES, add_arguments as eval_arguments
+from .evaluation.report import BENCHMARK_COLUMNS, TRAIN_COLUMNS, markdown_table
 
 COMMANDS = ("finetune", "unlearn", "config", "eval", "compare", "demo", "recipe", "attack")
 WITH_OVERRIDES = ("finetune", "unlearn", "config")  # the commands that take section.key=value overrides anywhere
@@ -66,29 +70,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                     "Exit 0 when valid, 2 with the reason otherwise.")
     s.add_argument("run_command", choices=("finetune", "unlearn"), help="the command the config is for")
     _train_args(s)
-    s = subs["eval"] = sub.add_parser("eval", help="evaluate models on TOFU-format data",
-                                      description="Evaluate models on TOFU-format data.")
-    s.add_argument("models", nargs="+", help="run folder (its final/), model folder, smollm2-135m, tiny or Hub id")
-    s.add_argument("--data", help="data folder, Hub id or 'synthetic' (default: the first run folder's data)")
-    s.add_argument("--forget-split", default="forget10")
-    s.add_argument("--retain-model", help="model trained on the retain split only: forget quality, privleak")
-    s.add_argument("--judge", default="embedding", help="none | embedding (offline) | chat model path or Hub id")
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--protocol", default="exact", help="exact (ours) | open-unlearning (its inputs, mask and epsilon)")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--max-rows", type=int, help="use only the first N rows of every split (a quick, bounded look)")
-    s.add_argument("--splits", help="utility splits to evaluate, comma-separated, from retain_perturbed, "
-                                    "real_authors, world_facts (default: all that exist; 'none' for none)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    s.add_argument("--out", default="results.json", help="JSON with every metric of every model")
-    s.add_argument("--markdown", help="also write the markdown table here")
-    s.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out / --markdown file and each run folder's eval.json")
-    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s = subs["eval"] = sub.add_parser("eval", help="evaluate models on TOFU, MUSE or WMDP",
+                                      description="Evaluate models on one benchmark: TOFU (default), MUSE's six-way "
+                                                  "evaluation, or WMDP and MMLU through lm-evaluation-harness.")
+    eval_arguments(s)
     s = subs["compare"] = sub.add_parser("compare", help="runs side by side, from their eval.json",
                                          description="Runs side by side, from their eval.json.")
     s.add_argument("runs", nargs="+", help="run folders, or files our commands wrote: eval's --out, a run's "
                                            "eval.json, summary.json or attacks.json")
+    s.add_argument("--benchmark", default="tofu", choices=tuple(EVAL_FILES),
+                   help="whose results a run folder shows (its eval.json, eval_muse.json or eval_wmdp.json) and "
+                        "which columns")
     s.add_argument("--markdown", help="also write the table here")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --markdown file")
     s = subs["demo"] = sub.add_parser(
@@ -180,82 +172,11 @@ def train_main(command: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_run(path: str) -> bool:
-    return (Path(path) / "final").is_dir() or (Path(path) / "summary.json").is_file()
-
-
-def _eval_outputs(args: argparse.Namespace) -> list[Path]:
-    """The result files this eval writes: --out, --markdown and each run folder's eval.json."""
-    paths = [Path(args.out)] + ([Path(args.markdown)] if args.markdown else [])
-    return paths + [Path(spec, "eval.json") for spec in args.models if _is_run(spec)]
-
-
 def eval_main(command: str, args: argparse.Namespace) -> int:
-    try:  # before any model loads: nothing a user has is replaced without being asked (bs_train/outputs.py)
-        refuse_existing(_eval_outputs(args), overwrite=args.overwrite, what="--out / --markdown / eval.json")
-    except OutputExists as e:
-        print(f"bs-unlearn eval: {e}", file=sys.stderr)
-        return 2
-    if args.max_rows is not None and args.max_rows < 1:
-        print(f"bs-unlearn eval: --max-rows must be >= 1, got {args.max_rows}", file=sys.stderr)
-        return 2
-    import torch
-
-    from .data import check_protocol, resolve_data
-    from .evaluation.tofu import UTILITY_SPLITS, evaluate_model, first_rows, reference_statistics
-    from .evaluation.judge import make_judge
+    from .evaluation.command import main
 
     quiet_third_party(models=True)
-    say = (lambda msg: print(f"bs-unlearn eval: {msg}", file=sys.stderr, flush=True))
-    try:
-        if args.splits is None:
-            utility = UTILITY_SPLITS
-        else:
-            utility = () if args.splits == "none" else tuple(s for s in args.splits.split(",") if s)
-            bad = sorted(set(utility) - set(UTILITY_SPLITS))
-            if bad:
-                raise ValueError(f"--splits {args.splits!r}: {bad} is not one of {', '.join(UTILITY_SPLITS)} "
-                                 "(or 'none')")
-        data = first_rows(resolve_data(args.data, args.models[0]), args.max_rows)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        load_kw = {"device": device, "dtype": "auto"}
-        kw = {"batch_size": args.batch_size, "max_length": 512, "protocol": check_protocol(args.protocol)}
-        if args.retain_model is None:
-            say("no --retain-model: forget quality is not computed, and PrivLeak is measured against AUC 0.5 "
-                "instead of a retain model (train one with `bs-unlearn finetune data.train_split=retain90`)")
-        ref = reference_statistics(args.retain_model, data, args.forget_split, load_kw,
-                                   progress=not args.no_progress, **kw)
-        judge = make_judge(args.judge, device=device)
-    except ValueError as e:
-        say(str(e))
-        return 2
-    results = []
-    for i, spec in enumerate(args.models):
-        try:
-            res = evaluate_model(spec, data, forget_split=args.forget_split, retain_model=ref, judge=judge,
-                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device,
-                                 utility_splits=utility, progress=not args.no_progress,
-                                 estimate_models=len(args.models) if i == 0 else 0, report=say,
-                                 protocol=args.protocol)
-        except ValueError as e:
-            say(f"{spec}: {e}")
-            return 2
-        res["settings"].update(judge=args.judge, data=args.data, retain_model=args.retain_model,
-                               max_rows=args.max_rows)
-        res["name"] = Path(spec).name if _is_run(spec) else spec
-        for note in res["notes"]:
-            if args.retain_model is None and "retain model" in note:
-                continue  # said once above, in the command line's words
-            say(f"{res['name']}: {note}")
-        if _is_run(spec):
-            write_json(Path(spec, "eval.json"), res)
-        results.append(res)
-    write_json(args.out, {"results": results})
-    table = markdown_table(results, COLUMNS)
-    if args.markdown:
-        atomic_write(args.markdown, table)
-    print(table, end="")
-    return 0
+    return main(args)
 
 
 def _json_file(path: Path) -> dict[str, Any]:
@@ -282,7 +203,7 @@ def _file_rows(path: Path) -> list[dict[str, Any]]:
     doc, run = _json_file(path), path.parent
     if isinstance(doc.get("results"), list) and "rule" not in doc:  # eval --out / recipe results.json
         return [dict(r, name=r.get("name") or r.get("model")) for r in doc["results"] if isinstance(r, dict)]
-    if "forget_split" in doc or "agg" in doc:  # a run's eval.json
+    if "forget_split" in doc or "agg" in doc or doc.get("benchmark") in EVAL_FILES:  # a run's eval*.json
         return [dict(doc, name=doc.get("name") or run.name)]
     if "steps" in doc and "final" in doc:  # a run's summary.json
         return [{"name": run.name, **_summary_row(doc)}]
@@ -292,7 +213,7 @@ def _file_rows(path: Path) -> list[dict[str, Any]]:
                      "attacks.json)")
 
 
-def _compare_rows(spec: str) -> list[dict[str, Any]]:
+def _compare_rows(spec: str, benchmark: str = "tofu") -> list[dict[str, Any]]:
     path = Path(spec)
     if path.is_file():
         return _file_rows(path)
@@ -300,7 +221,7 @@ def _compare_rows(spec: str) -> list[dict[str, Any]]:
         raise ValueError(f"{spec}: no such run folder or results file")
     from .attacks.report import attack_summary  # a run attacked by `bs-unlearn attack` holds attacks.json
 
-    evaluated = read_json(path / "eval.json")  # damaged: said, and the run's training summary is shown instead
+    evaluated = read_json(path / EVAL_FILES[benchmark])  # damaged: said, and the training summary shown instead
     if evaluated is not None:
         return [dict(evaluated, name=path.name, **attack_summary(path))]
     row: dict[str, Any] = {"name": path.name, **attack_summary(path)}
@@ -316,7 +237,8 @@ def _compare_rows(spec: str) -> list[dict[str, Any]]:
     if summary is not None:
         row.update(_summary_row(summary))
     if len(row) == 1:
-        raise ValueError(f"{spec}: no eval.json, summary.json or metrics.jsonl (run `bs-unlearn eval {spec}`)")
+        raise ValueError(f"{spec}: no {EVAL_FILES[benchmark]}, summary.json or metrics.jsonl (run `bs-unlearn eval "
+                         f"{spec}{'' if benchmark == 'tofu' else ' --benchmark ' + benchmark}`)")
     return [row]
 
 
@@ -324,13 +246,13 @@ def compare_main(command: str, args: argparse.Namespace) -> int:
     try:
         if args.markdown:
             refuse_existing([args.markdown], overwrite=args.overwrite, what="--markdown table")
-        rows = [r for spec in args.runs for r in _compare_rows(spec)]
+        rows = [r for spec in args.runs for r in _compare_rows(spec, args.benchmark)]
     except (ValueError, OSError) as e:
         print(f"bs-unlearn compare: {e}", file=sys.stderr)
         return 2
     from .attacks.report import ATTACK_COLUMNS
 
-    table = markdown_table(rows, COLUMNS + ATTACK_COLUMNS + TRAIN_COLUMNS)
+    table = markdown_table(rows, BENCHMARK_COLUMNS[args.benchmark] + ATTACK_COLUMNS + TRAIN_COLUMNS)
     if args.markdown:
         atomic_write(args.markdown, table)
     print(table, end="")

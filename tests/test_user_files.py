@@ -39,10 +39,10 @@ def _no_work(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the refusal")
 
-    import bs_train.evaluation.tofu.suite
+    import bs_train.evaluation.common
     import bs_train.model
     monkeypatch.setattr(bs_train.model, "load_model", boom)
-    monkeypatch.setattr(bs_train.evaluation.tofu.suite, "load_model", boom)
+    monkeypatch.setattr(bs_train.evaluation.common, "load_model", boom)
     monkeypatch.setattr(bs_train.model, "load_tokenizer", boom)
 
 

@@ -13,7 +13,8 @@ Sources, per quantity (the model-facing side, ``bs_train/evaluation/tofu/suite.p
   answer itself). Aggregated on the forget set as ``mean min(tr, 1/tr)`` ("closer to 1 is better") and on retain,
   real authors and world facts as ``mean max(0, 1 - tr)`` ("true is better").
 * **ROUGE-L recall** (TOFU; OpenUnlearning ``eval_text_similarity``): ``rouge_score`` ``rougeL`` recall of the greedy
-  generation against the ground-truth answer, with the Porter stemmer.
+  generation against the ground-truth answer, with the Porter stemmer; **ROUGE-L F1** the same score's F-measure,
+  MUSE's VerbMem (greedy continuation of a forget passage) and KnowMem (greedy answers with in-context examples).
 * **Forget quality** (TOFU): p-value of the two-sample Kolmogorov-Smirnov test (``scipy.stats.ks_2samp``, default
   ``method="auto"``) between the per-example forget truth ratios of the unlearned model and of a retain-only model.
   OpenUnlearning feeds ``1/tr`` to the test; the KS statistic and p-value are invariant under that monotone map.
@@ -166,14 +167,24 @@ def forget_quality(unlearned_ratios: Sequence[float], retain_ratios: Sequence[fl
 # ----------------------------------------------------------------------------------------------- generations
 
 
-def rouge_l_recall(generations: Sequence[str], references: Sequence[str]) -> list[float]:
-    """ROUGE-L recall of each generation against its reference (``rouge_score``, ``use_stemmer=True``)."""
+def _rouge_l(generations: Sequence[str], references: Sequence[str], field: str, who: str) -> list[float]:
     from rouge_score import rouge_scorer
 
     if len(generations) != len(references):
-        raise ValueError(f"rouge_l_recall: {len(generations)} generations but {len(references)} references")
+        raise ValueError(f"{who}: {len(generations)} generations but {len(references)} references")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [float(scorer.score(ref, gen)["rougeL"].recall) for gen, ref in zip(generations, references)]
+    return [float(getattr(scorer.score(ref, gen)["rougeL"], field)) for gen, ref in zip(generations, references)]
+
+
+def rouge_l_recall(generations: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L recall of each generation against its reference (``rouge_score``, ``use_stemmer=True``): TOFU."""
+    return _rouge_l(generations, references, "recall", "rouge_l_recall")
+
+
+def rouge_l_f1(generations: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F1 of each generation against its reference (``rouge_score``, ``use_stemmer=True``): MUSE's VerbMem
+    and KnowMem (MUSE, Shi et al. 2024; open-unlearning's ``rouge`` metric with ``rouge_type: rougeL_f1``)."""
+    return _rouge_l(generations, references, "fmeasure", "rouge_l_f1")
 
 
 # ----------------------------------------------------------------------------------------------- memorisation

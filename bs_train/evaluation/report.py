@@ -22,6 +22,17 @@ COLUMNS = [
     ("exact_memorization", "EM ↓"), ("privleak", "PrivLeak →0"), ("similarity", "Sim. (diff) ↑"),
     ("fluency", "Fluency ↑"), ("mem", "Mem. ↑"), ("util", "Util. ↑"), ("agg", "Agg. ↑"),
 ]
+# MUSE's four criteria (bs_train/evaluation/muse/suite.py): VerbMem and KnowMem on the forget set ↓, KnowMem on the
+# retain set ↑ (utility), PrivLeak →0 (0 = like the retain model), and the memorisation numbers beside them.
+MUSE_COLUMNS = [
+    ("forget_verbmem_ROUGE", "VerbMem F ↓"), ("forget_knowmem_ROUGE", "KnowMem F ↓"),
+    ("retain_knowmem_ROUGE", "KnowMem R ↑"), ("privleak", "PrivLeak →0"), ("extraction_strength", "ES ↓"),
+    ("exact_memorization", "EM ↓"), ("mia_min_k", "MIA min-k AUC"),
+]
+# WMDP's accuracies (bs_train/evaluation/wmdp/suite.py): hazardous knowledge ↓ (0.25 is chance), MMLU ↑.
+WMDP_COLUMNS = [("wmdp_bio", "WMDP-Bio ↓"), ("wmdp_chem", "WMDP-Chem ↓"), ("wmdp_cyber", "WMDP-Cyber ↓"),
+                ("wmdp", "WMDP all ↓"), ("mmlu", "MMLU ↑")]
+BENCHMARK_COLUMNS = {"tofu": COLUMNS, "muse": MUSE_COLUMNS, "wmdp": WMDP_COLUMNS}
 # what `bs-unlearn compare` adds from a run's training summary
 # (a fine-tuning run logs its one term as train_nll: methods.Method.terms)
 TRAIN_COLUMNS = [("steps", "Steps"), ("loss", "Final loss"), ("forget", "Forget term"), ("retain", "Retain term"),

@@ -38,8 +38,9 @@ from .. import metrics
 from ...console import progress as progress_bar
 from ...data import check_perturbed, check_protocol, load_split, resolve_data, wrong_answers
 from ..generation import generate_text
+from ..common import load_eval_model
 from ..judge import make_judge
-from ...model import load_model, model_device, resolve_model_path
+from ...model import model_device
 from ..scoring import resolve_impl, score_answers
 
 
@@ -248,7 +249,7 @@ def reference_statistics(retain_model: Any, data: Any, forget_split: str = "forg
         return {"forget_truth_ratios": retain_model.get("forget_truth_ratios", per.get("forget_truth_ratios")),
                 "mia_auc": retain_model.get("mia_auc"), "forget_split": retain_model.get("forget_split")}
     if isinstance(retain_model, (str, os.PathLike)):
-        model, tok = _load(retain_model, **(load_kw or {}))
+        model, tok = load_eval_model(retain_model, **(load_kw or {}))
         bar = progress_bar(plan(data, forget_split, ())[forget_split]["score"], f"eval retain model {forget_split}",
                            unit="answers", enabled=progress)
         try:
@@ -369,7 +370,7 @@ def evaluate_loaded(model: torch.nn.Module, tokenizer: Any, data: Any, *, forget
         per.update({f"judge_{k}": v for k, v in j.pop("per_example").items()})
         res.update(j)
     if original_model is not None:
-        omodel, otok = _load(original_model, **(load_kw or {})) if isinstance(original_model, (str, os.PathLike)) \
+        omodel, otok = load_eval_model(original_model, **(load_kw or {})) if isinstance(original_model, (str, os.PathLike)) \
             else original_model
         res["fluency_perplexity"] = generation_perplexity(omodel, otok, questions, gens, **kw)
 
@@ -401,13 +402,6 @@ def generation_perplexity(model: torch.nn.Module, tokenizer: Any, questions: Seq
     return float(np.exp(total / sum(s["n_tokens"] for s in sc)))
 
 
-def _load(spec: str | os.PathLike[str], *, device: str | torch.device = "auto", dtype: str = "auto"):
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
-    dt = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
-    model, tok = load_model(resolve_model_path(spec), dtype=dt, device=dev, use_liger=False)
-    return model.eval(), tok
-
-
 def evaluate_model(model_dir_or_name: str | os.PathLike[str], data_source: Any = None, *,
                    forget_split: str = "forget10", retain_model: Any = None, judge: Any = "embedding",
                    max_new_tokens: int = 200, batch_size: int = 16, device: str = "auto", dtype: str = "auto",
@@ -437,7 +431,7 @@ def evaluate_model(model_dir_or_name: str | os.PathLike[str], data_source: Any =
     """
     load_kw = {"device": device, "dtype": dtype}
     data = resolve_data(data_source, model_dir_or_name)
-    model, tok = _load(model_dir_or_name, **load_kw)
+    model, tok = load_eval_model(model_dir_or_name, **load_kw)
     name = Path(model_dir_or_name).name or str(model_dir_or_name)
     if estimate_models > 0:
         est = estimate(model, tok, data, forget_split=forget_split, utility_splits=utility_splits,
