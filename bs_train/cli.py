@@ -9,7 +9,7 @@
     bs-unlearn eval runs/rmu --benchmark wmdp --data ../shared/data/wmdp --mmlu ../shared/data/mmlu --limit 100
     bs-unlearn compare runs/ga runs/bs_t                                       # side by side from each eval.json
     bs-unlearn demo                                  # offline end to end on a CPU: data, model, 4 methods, table
-    bs-unlearn recipe --data ../shared/data/tofu     # the TOFU reproduction in resumable stages (bs_train/recipe.py)
+    bs-unlearn recipe --data ../shared/data/tofu     # the TOFU reproduction in resumable stages (bs_train/recipes/tofu.py)
     bs-unlearn attack runs/ga --original runs/original --retain-model runs/retain   # did it really forget?
 
 Overrides are ``section.key=value`` (YAML scalars; booleans are only true / false). The resolved config is saved
@@ -36,6 +36,7 @@ from .config import PRESETS, is_resolved_config, load_config
 from .console import quiet_third_party
 from .outputs import atomic_write, read_json, refuse_existing
 from .evaluation.command import EVAL_FILES, add_arguments as eval_arguments
+from .recipes.command import add_arguments as recipe_arguments
 from .evaluation.report import BENCHMARK_COLUMNS, TRAIN_COLUMNS, markdown_table
 
 COMMANDS = ("finetune", "unlearn", "config", "eval", "compare", "demo", "recipe", "attack")
@@ -95,10 +96,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s.add_argument("--quick", action="store_true", help="the shortened version CI runs")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
-    s = subs["recipe"] = sub.add_parser("recipe", help="the TOFU reproduction in resumable stages",
-                                        description="The TOFU reproduction recipe, in resumable stages that fit "
-                                                    "short GPU sessions (see bs_train/recipe.py).")
-    _recipe_args(s)
+    s = subs["recipe"] = sub.add_parser("recipe", help="a benchmark's reproduction (TOFU, MUSE, WMDP) in resumable stages",
+                                        description="A benchmark's reproduction recipe, in resumable stages that fit "
+                                                    "short GPU sessions (bs_train/recipes/).")
+    recipe_arguments(s)
     _attack_args(sub, subs)
     return p, subs
 
@@ -275,69 +276,11 @@ def demo_main(command: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _recipe_args(p: argparse.ArgumentParser) -> None:
-    from .recipe import JUDGE_MODES, METHODS, STAGES
-
-    p.add_argument("--data", required=True, help="TOFU folder of JSON Lines or the Hub id locuslab/TOFU")
-    p.add_argument("--out", default="runs/tofu_smollm2")
-    p.add_argument("--stage", default="all", choices=("all", *STAGES))
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--lr-grid", default="1e-5,2e-5,5e-5", help="learning rates tried on forget05 per method")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this many seconds")
-    p.add_argument("--probe-bar", type=float, default=0.9,
-                   help="forget10 answer probability and greedy ROUGE-L the original must reach before unlearning")
-    p.add_argument("--finetune", nargs="*", default=[],
-                   help="fine-tuning settings (key=value), applied after the recipe's own (recipe.FINETUNE)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="config preset of every unlearning run")
-    p.add_argument("--protocol", default="exact", help="evaluation protocol: exact | open-unlearning")
-    p.add_argument("--unlearn", nargs="*", default=[],
-                   help="unlearning settings (key=value), applied after the recipe's own (recipe.UNLEARN)")
-    p.add_argument("--eval-batch-size", type=int, default=16, help="questions per evaluation batch (a GPU: 512)")
-    p.add_argument("--judge", default="embedding", choices=JUDGE_MODES,
-                   help="embedding: the offline judge in every evaluation; later: none now, --rejudge adds it")
-    p.add_argument("--rejudge", action="store_true",
-                   help="score a --judge later run's saved answers with the offline judge and rebuild the table")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace result files in --out that the recipe did not write, or that changed since")
-    p.add_argument("--plan", action="store_true",
-                   help="print the predicted time of every stage on one H200 (bs_train/plan.py) and exit: 0 if it "
-                        "fits --budget-s, 3 if not")
-
-
 def recipe_main(command: str, args: argparse.Namespace) -> int:
-    from .recipe import FINETUNE, UNLEARN, Recipe, WeakOriginal, rejudge, run_recipe
+    from .recipes.command import main
 
     quiet_third_party(models=True)
-    try:
-        recipe = Recipe(args.out, args.data, model=args.model, methods=tuple(args.methods.split(",")),
-                        lr_grid=tuple(float(x) for x in args.lr_grid.split(",")), max_new_tokens=args.max_new_tokens,
-                        budget_s=args.budget_s, probe_bar=args.probe_bar, preset=args.preset, protocol=args.protocol,
-                        finetune=[*FINETUNE, *args.finetune], unlearn=[*UNLEARN, *args.unlearn],
-                        eval_batch_size=args.eval_batch_size, judge=args.judge, overwrite=args.overwrite)
-        if args.plan:
-            from .plan import Hardware, ModelShape, format_plan, recipe_plan, total_seconds
-
-            work = recipe_plan(recipe)
-            print(format_plan(work, recipe, ModelShape(), Hardware(), recipe.budget_s), end="")
-            return 0 if total_seconds(work) <= recipe.budget_s else 3
-    except ValueError as e:
-        print(f"bs-unlearn recipe: {e}", file=sys.stderr)
-        return 2
-    try:
-        if args.rejudge:
-            done = rejudge(recipe)
-            print(f"bs-unlearn recipe: judged {done['scored']} evaluations; judged Agg. would pick another rate "
-                  f"for: {', '.join(done['changed_choice']) or 'none'} (selection.json)")
-            return 0
-        return 0 if run_recipe(recipe, args.stage) else 3
-    except (ValueError, OSError) as e:  # RecipeError, a file in the way, a folder in use, bad data: one line
-        print(f"bs-unlearn recipe: {e}", file=sys.stderr)
-        return 2
-    except WeakOriginal as e:
-        print(f"bs-unlearn recipe: {e}", file=sys.stderr)
-        return 4
+    return main(args)
 
 
 def _attack_args(sub, subs: dict[str, argparse.ArgumentParser]) -> None:

@@ -1,4 +1,4 @@
-"""The recipe's time plan (``bs-unlearn recipe --plan``, bs_train/plan.py): what the GPU job's budget rests on.
+"""The recipe's time plan (``bs-unlearn recipe --plan``, bs_train/recipes/plan.py): what the GPU job's budget rests on.
 
 The job's settings must be predicted inside one 9-minute call at the stated assumptions, the full default recipe
 must not be (that is why the job runs less), and the plan must count what the runs would do: the real sampler's
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from bs_train.cli import main
-from bs_train.plan import Hardware, ModelShape, recipe_plan, total_seconds
-from bs_train.recipe import FINETUNE, UNLEARN, Recipe
+from bs_train.recipes.plan import Hardware, ModelShape, recipe_plan, total_seconds
+from bs_train.recipes.tofu import FINETUNE, UNLEARN, Recipe
 from tools.gpu_job import TOFU_ARGS
 
 # the workplace's copy sits beside the checkout (../shared/data/tofu), or beside the folder of worktrees

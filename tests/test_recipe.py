@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from bs_train.config import load_config
-from bs_train.recipe import Recipe, RecipeError, WeakOriginal, _unlearn_args, run_recipe
+from bs_train.recipes.tofu import Recipe, RecipeError, WeakOriginal, _unlearn_args, run_recipe
 from bs_train.data.synthetic import make_splits, write_folder
 
 

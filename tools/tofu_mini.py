@@ -1,6 +1,6 @@
 """A TOFU-shaped tenth of TOFU, so the whole recipe runs on a 2-core CPU: 10 authors instead of 200 (or fewer).
 
-The recipe (``bs_train/recipe.py``) reads TOFU by split name. This writes a folder with the same split names and
+The recipe (``bs_train/recipes/tofu.py``) reads TOFU by split name. This writes a folder with the same split names and
 fields, cut from a full TOFU copy so that every split keeps its role:
 
 * the authors: the first 9 of TOFU (rows 0-179, whose questions TOFU's ``retain_perturbed`` covers) and the last one

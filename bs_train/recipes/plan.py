@@ -154,7 +154,7 @@ class PlanData:
         if name not in self.rows:
             rows = None
             if self.source and (Path(self.source) / f"{name}.jsonl").is_file():
-                from .data import load_qa
+                from ..data import load_qa
 
                 rows = load_qa(self.source, name)
                 self.measured.append(name)
@@ -187,8 +187,8 @@ def _decode_s(shape: ModelShape, hw: Hardware, steps: int, rows: int, context: f
 def train_work(stage: str, item: str, cfg, data: PlanData, shape: ModelShape, hw: Hardware,
                from_gguf: bool) -> Work:
     """One training run of ``cfg`` (a RunConfig): its padded tokens through the real sampler, FLOPs and seconds."""
-    from .data import ForgetRetainSampler
-    from .methods import METHODS, needs_ref_logp, needs_reference, needs_retain
+    from ..data import ForgetRetainSampler
+    from ..methods import METHODS, needs_ref_logp, needs_reference, needs_retain
 
     t = cfg.train
     finetune = cfg.command == "finetune"
@@ -246,7 +246,7 @@ def eval_work(stage: str, item: str, forget_split: str, data: PlanData, shape: M
               batch_size: int, max_new_tokens: int, with_reference: bool = False) -> Work:
     """One evaluation (``evaluate.plan``'s counts): scored answers as forward passes, greedy answers as decode
     steps of ``max_new_tokens`` per batch of ``batch_size`` questions."""
-    from .evaluation.tofu import UTILITY_SPLITS, plan
+    from ..evaluation.tofu import UTILITY_SPLITS, plan
 
     names = [forget_split, f"{forget_split}_perturbed", forget_split.replace("forget", "holdout", 1),
              *UTILITY_SPLITS, *(f"{s}_perturbed" for s in UTILITY_SPLITS[1:])]
@@ -268,8 +268,8 @@ def eval_work(stage: str, item: str, forget_split: str, data: PlanData, shape: M
 
 def recipe_plan(recipe, shape: ModelShape | None = None, hw: Hardware | None = None) -> list[Work]:
     """Every piece of work ``run_recipe(recipe)`` would do, in order, counted and timed."""
-    from .config import load_config
-    from .recipe import METHOD_ARGS
+    from ..config import load_config
+    from .tofu import METHOD_ARGS
 
     shape, hw = shape or ModelShape(), hw or Hardware()
     data = PlanData(recipe.data if recipe.data and Path(recipe.data).is_dir() else None)
@@ -305,10 +305,12 @@ def recipe_plan(recipe, shape: ModelShape | None = None, hw: Hardware | None = N
 def format_plan(work: list[Work], recipe, shape: ModelShape, hw: Hardware, budget_s: float) -> str:
     """The plan as text: the assumptions, one line per stage (and per run with ``detail``), the total and the
     verdict against ``budget_s``."""
-    lines = [f"time plan of `bs-unlearn recipe` on one {hw.name} (a model, not a measurement)",
-             f"  data: {recipe.data if Path(str(recipe.data)).is_dir() else 'TOFU statistics (bs_train/plan.py)'}; "
-             f"methods {','.join(recipe.methods)}; lr grid {','.join(f'{x:g}' for x in recipe.lr_grid)}; "
-             f"eval batch {recipe.eval_batch_size}, {recipe.max_new_tokens} new tokens",
+    grid = f"lr grid {','.join(f'{x:g}' for x in recipe.lr_grid)}" if hasattr(recipe, "lr_grid") else \
+        f"lr {getattr(recipe, 'lr', 'per the unlearning settings')}"
+    lines = [f"time plan of `bs-unlearn recipe` ({type(recipe).__name__}) on one {hw.name} (a model, not a "
+             "measurement)",
+             f"  data: {recipe.data if Path(str(recipe.data)).is_dir() else 'measured statistics (bs_train/recipes/plan.py)'}; "
+             f"methods {','.join(recipe.methods)}; {grid}; eval batch {recipe.eval_batch_size}",
              "  model: " + ", ".join(f"{k} {v}" for k, v in asdict(shape).items())
              + f" ({shape.matmul_params / 1e6:.0f}M parameters per token)",
              "  assumptions: " + ", ".join(f"{k} {v}" for k, v in asdict(hw).items() if k != "name"),
@@ -328,3 +330,143 @@ def format_plan(work: list[Work], recipe, shape: ModelShape, hw: Hardware, budge
 
 def total_seconds(work: list[Work]) -> float:
     return sum(w.seconds for w in work)
+
+
+# ---- MUSE and WMDP -------------------------------------------------------------------------------------------------
+
+# SmolLM2 tokens per character of English prose, measured here on 2026-12-06 on MUSE-News / MUSE-Books and WMDP's
+# questions (0.23-0.25; WMDP-cyber's code-heavy questions 0.60, MMLU 0.23) (ours): the plan reads the data's length in
+# characters, not through the tokenizer.
+TEXT_TOKENS_PER_CHAR = 0.24
+# Tokens (SmolLM2) per split, measured the same day from ../shared/data (ours), for a plan without the data at hand.
+# MUSE-News's raw retain text is not in the offline copy: taken equal to its forget text (an assumption, said).
+MUSE_TOKENS = {"MUSE-News": {"raw/forget": 753_593, "raw/retain1": 753_593},
+               "MUSE-Books": {"raw/forget": 1_029_682, "raw/retain1": 199_912}}
+MUSE_PROBES = {"verbmem": (100, 1040), "knowmem": (100, 25), "privleak": (100, 1860)}
+"""(rows, mean SmolLM2 tokens per row) of each MUSE probe split (both corpora alike within 10%; ours, measured)."""
+WMDP_QUESTIONS = {"wmdp_bio": (1520, 77), "wmdp_chem": (412, 49), "wmdp_cyber": (2225, 632), "mmlu": (14042, 104)}
+"""(questions, mean SmolLM2 tokens of question + choices) of the WMDP v1 files and MMLU's test set (ours, measured);
+lm-eval's prompt adds ~25 tokens (the description and the A-D letters)."""
+WMDP_CORPUS_WINDOWS = 10_000
+"""Windows assumed in a WMDP corpus when it is not at hand (ours): any size above the recipe's 80 steps x 16 windows
+plans the same, since ``train.max_steps`` bounds the run."""
+
+
+class TextPlanData:
+    """Window lengths of raw-text splits for ``train_work``: from a data folder when it holds the split (characters
+    x ``TEXT_TOKENS_PER_CHAR``), else from ``known`` (tokens per split)."""
+
+    def __init__(self, source: str | None, window: int, known: dict[str, int] | None = None):
+        self.source, self.window, self.known, self.measured = source, window, known or {}, []
+
+    def tokens(self, split: str) -> int:
+        total = 0
+        for part in split.split("+"):
+            file = Path(self.source, f"{part}.jsonl") if self.source else None
+            if file is not None and file.is_file():
+                import json
+
+                chars = sum(len(json.loads(line).get("text", "")) for line in file.open() if line.strip())
+                total += round(chars * TEXT_TOKENS_PER_CHAR)
+                self.measured.append(part)
+            elif part in self.known:
+                total += self.known[part]
+            else:
+                raise ValueError(f"plan: no length known for split {part!r}: give the data folder")
+        return total
+
+    def lengths(self, split: str) -> list[int]:
+        n = max(1, math.ceil(self.tokens(split) / self.window))
+        return [self.window] * n
+
+
+def _forward_work(stage: str, item: str, shape: ModelShape, hw: Hardware, rows: int, mean: float, batch: int,
+                  decode_tokens: int = 0) -> Work:
+    """Scoring ``rows`` sequences of ``mean`` tokens in batches of ``batch``, then greedy decoding of
+    ``decode_tokens`` per row, batch by batch."""
+    tokens = int(rows * mean)
+    flops = 2 * shape.matmul_params * tokens + _attention_flops(shape, tokens, mean, 1)
+    batches = math.ceil(rows / batch)
+    steps = batches * decode_tokens
+    decode = _decode_s(shape, hw, steps, min(rows, batch), mean + decode_tokens / 2) if decode_tokens else 0.0
+    seconds = flops / (hw.peak_tflops * 1e12 * hw.mfu) + batches * hw.score_batch_s + decode
+    return Work(stage, item, rows, tokens, flops, steps, seconds)
+
+
+def muse_plan(recipe, shape: ModelShape | None = None, hw: Hardware | None = None) -> list[Work]:
+    """Every piece of work ``muse.run_recipe(recipe)`` would do, counted and timed."""
+    from ..config import load_config
+    from .muse import METHOD_ARGS, runs
+
+    shape, hw = shape or ModelShape(), hw or Hardware()
+    folder = recipe.data if Path(recipe.data).is_dir() else None
+    known = MUSE_TOKENS["MUSE-Books" if "Books" in str(recipe.data) else "MUSE-News"]
+    gguf, out = not Path(recipe.model).is_dir(), []
+
+    def cfg(command: str, extra: list[str]):
+        return load_config(None, ["data.benchmark=muse", "data.source=plan", *extra], command=command,
+                           preset=recipe.preset if command == "unlearn" else None)
+
+    probe = load_config(None, ["data.benchmark=muse", "data.source=plan", *recipe.finetune], command="finetune")
+    data = TextPlanData(folder, probe.data.window_tokens, known)
+    fine = []
+    if recipe.target is None:
+        fine.append(("target", f"{recipe.forget_split}+{recipe.retain_split}"))
+    if recipe.retain_model is None:
+        fine.append(("retain", recipe.retain_split))
+    for name, split in fine:
+        out.append(train_work("finetune", name, cfg("finetune", [f"data.train_split={split}", *recipe.finetune]),
+                              data, shape, hw, gguf))
+    out.append(_forward_work("finetune", "probe target", shape, hw, *MUSE_PROBES["verbmem"], recipe.eval_batch_size,
+                             128))
+    for name, method, forget, _ in runs(recipe):
+        c = cfg("unlearn", [f"method.name={method}", f"data.forget_split={forget}",
+                            f"data.retain_split={recipe.retain_split}", *METHOD_ARGS.get(method, ()), *recipe.unlearn])
+        out.append(train_work("unlearn", name, c, data, shape, hw, False))
+    for name in ("target", "retain", *(r[0] for r in runs(recipe))):
+        rows = (recipe.max_rows or 10**9)
+        work = [_forward_work("evaluate", name, shape, hw, min(n, rows), mean, recipe.eval_batch_size, new)
+                for (n, mean), new in ((MUSE_PROBES["verbmem"], 128), (MUSE_PROBES["verbmem"], 0),
+                                       (MUSE_PROBES["knowmem"], 32), (MUSE_PROBES["knowmem"], 32),
+                                       (MUSE_PROBES["privleak"], 0), (MUSE_PROBES["privleak"], 0))]
+        knowmem_icl = 400  # the in-context examples in front of every KnowMem question (ours, ~10 x 40 tokens)
+        total = Work("evaluate", f"eval {name}", sum(w.sequences for w in work), sum(w.tokens for w in work),
+                     sum(w.flops for w in work), sum(w.decode_steps for w in work),
+                     sum(w.seconds for w in work) + hw.eval_s)
+        total.flops += 2 * shape.matmul_params * knowmem_icl * 2 * min(MUSE_PROBES["knowmem"][0], rows)
+        out.append(total)
+    return out
+
+
+def wmdp_plan(recipe, shape: ModelShape | None = None, hw: Hardware | None = None) -> list[Work]:
+    """Every piece of work ``wmdp.run_recipe(recipe)`` would do, counted and timed. lm-eval scores the four letters
+    after one shared context with one forward pass (``HFLM``'s logits cache), so a question costs one pass."""
+    from ..config import load_config
+    from .wmdp import METHOD_ARGS
+
+    shape, hw = shape or ModelShape(), hw or Hardware()
+    folder = recipe.data if Path(recipe.data).is_dir() else None
+    forget, retain = f"{recipe.domain}-forget-corpus", f"{recipe.domain}-retain-corpus"
+    probe = load_config(None, ["data.benchmark=wmdp", "data.source=plan"], command="unlearn")
+    window = probe.data.window_tokens
+    data = TextPlanData(folder, window, {forget: WMDP_CORPUS_WINDOWS * window, retain: WMDP_CORPUS_WINDOWS * window})
+    out = []
+    for method in recipe.methods:
+        c = load_config(None, ["data.benchmark=wmdp", "data.source=plan", f"method.name={method}",
+                               f"data.forget_split={forget}", f"data.retain_split={retain}",
+                               *METHOD_ARGS.get(method, ()), *recipe.unlearn], command="unlearn", preset=recipe.preset)
+        out.append(train_work("unlearn", method, c, data, shape, hw, not Path(recipe.model).is_dir()))
+    for name in ("original", *recipe.methods):
+        work = [_forward_work("evaluate", t, shape, hw, min(n, recipe.limit or n), mean + 25, recipe.eval_batch_size)
+                for t, (n, mean) in WMDP_QUESTIONS.items() if t in recipe.tasks]
+        out.append(Work("evaluate", f"eval {name}", sum(w.sequences for w in work), sum(w.tokens for w in work),
+                        sum(w.flops for w in work), 0, sum(w.seconds for w in work) + hw.eval_s))
+    return out
+
+
+def plan_for(recipe, shape: ModelShape | None = None, hw: Hardware | None = None) -> tuple[list[Work], str]:
+    """(the work, its text) of any benchmark's recipe."""
+    shape, hw = shape or ModelShape(), hw or Hardware()
+    kind = type(recipe).__name__
+    work = {"MuseRecipe": muse_plan, "WmdpRecipe": wmdp_plan}.get(kind, recipe_plan)(recipe, shape, hw)
+    return work, format_plan(work, recipe, shape, hw, recipe.budget_s)

@@ -26,17 +26,15 @@ long.
 
 from __future__ import annotations
 
-import json
-import platform
 import shutil
-import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .config import load_config
-from .methods import METHODS as TABLE
-from .outputs import Ledger, read_json
+from ..methods import METHODS as TABLE
+from ..outputs import read_json
+from . import common
+from .common import Clock, RecipeError, log, train, write
 
 STAGES = ("finetune", "select", "unlearn", "evaluate", "table")
 METHODS = tuple(name for name, m in TABLE.items() if m.recipe)  # the method table's recipe rows: every unlearner
@@ -51,7 +49,7 @@ PAPER = {"retain": (0.64, 0.58, 0.71), "graddiff": (0.52, 0.49, 0.56), "npo": (0
 # Unlearning: the fork's configs/trainer/finetune.yaml, which every unlearning trainer inherits: 10 epochs, batch 8 x 4
 # accumulation = 32 (lr 1e-5 is TrainConfig's default and the grid's first rate); warm-up 1 step and a linear decay
 # are ours (HF's default schedule is linear with no warm-up).
-# Speed (ours, bs_train/plan.py): length-bucketed batches (HF's 50-batch mega-batches) in every run, so a
+# Speed (ours, bs_train/recipes/plan.py): length-bucketed batches (HF's 50-batch mega-batches) in every run, so a
 # micro-batch is tokens rather than padding; the decoder compiled on a GPU for the two long fine-tunes only (a
 # first compile costs more than a short unlearning run); metrics every 10 steps, the only per-step host syncs.
 FINETUNE = ("train.lr=3e-4", "train.epochs=12", "train.batch_size=32", "train.grad_accum=1", "train.warmup_steps=20",
@@ -101,8 +99,8 @@ class Recipe:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if not self.lr_grid:
             raise ValueError("lr_grid must hold at least one learning rate")
-        from .data import check_protocol
-        from .methods import PRESETS
+        from ..data import check_protocol
+        from ..methods import PRESETS
 
         check_protocol(self.protocol)
         if self.judge not in JUDGE_MODES:
@@ -111,69 +109,16 @@ class Recipe:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
 
 
-LEDGER = "recipe.json"
-"""The recipe's ledger in ``out``: every result file it wrote, with its size and sha256 (``bs_train/outputs.py``)."""
 RESULT_FILES = ("results.md", "results.json", "selection.json", "stages.jsonl", "original/forget10_probe.json")
 
 
-def _ledger(recipe: Recipe) -> Ledger:
-    return Ledger(recipe.out, LEDGER, command="recipe")
-
-
-def _write(recipe: Recipe, path: Path, data) -> None:
-    """Write one of the recipe's result files (a dict as JSON, else text): only over a file the recipe wrote itself
-    and that is unchanged since, unless ``recipe.overwrite``; atomically; recorded in the ledger."""
-    _ledger(recipe).write(path, data if isinstance(data, str) else json.dumps(data, indent=1) + "\n",
-                          overwrite=recipe.overwrite)
-
-
 def check_outputs(recipe: Recipe) -> None:
-    """Before any work: every result file already in ``out`` (the table, selection, stages log, probe, each run's
-    eval.json) must be one this recipe wrote and that is unchanged since, unless ``recipe.overwrite``."""
-    existing = [recipe.out / f for f in RESULT_FILES] + sorted(recipe.out.rglob("eval.json"))
-    _ledger(recipe).check([p for p in existing if p.exists()], overwrite=recipe.overwrite)
-
-
-class _Clock:
-    def __init__(self, recipe: Recipe):
-        self.recipe, self.t0 = recipe, time.perf_counter()
-
-    def out_of_time(self) -> bool:
-        return time.perf_counter() - self.t0 > self.recipe.budget_s
-
-
-def _log(recipe: Recipe, stage: str, item: str, seconds: float, **extra) -> None:
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
-    row = {"stage": stage, "item": item, "seconds": round(seconds, 1), "device": device, "host": socket.gethostname(),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
-    path, ledger = recipe.out / "stages.jsonl", _ledger(recipe)
-    ledger.check([path], overwrite=recipe.overwrite)
-    recipe.out.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
-    ledger.record(path)
-
-
-def _train(recipe: Recipe, stage: str, name: str, command: str, args: list[str]) -> None:
-    """Train one run unless its ``final/`` exists (exported atomically, so it is whole), resuming a cut-off one.
-    The trainer deletes a finished run's checkpoints itself (``train.keep_checkpoints`` is off): only resuming needs
-    them, and at ~3x the weights (optimizer states) per checkpoint the 26 runs would fill a 64 GB disk."""
-    from .trainer import run
-
-    run_dir = recipe.out / name
-    if (run_dir / "final" / "config.json").exists():
-        return
-    t0 = time.perf_counter()
-    cfg = load_config(None, [f"output_dir={run_dir}", f"data.source={recipe.data}", *args], command=command,
-                      preset=recipe.preset if command == "unlearn" else None)
-    run(cfg, progress=True)
-    _log(recipe, stage, name, time.perf_counter() - t0)
+    """Before any work: every result file already in ``out`` must be one this recipe wrote (common.check_outputs)."""
+    common.check_outputs(recipe, RESULT_FILES, "eval.json")
 
 
 def _evaluate(recipe: Recipe, stage: str, name: str, forget_split: str, ref=None) -> dict:
-    from .evaluation.tofu import evaluate_model
+    from ..evaluation.tofu import evaluate_model
 
     path = recipe.out / name / "eval.json"
     done = read_json(path)  # a damaged one (a kill mid-write before writes were atomic) is said and redone
@@ -184,8 +129,8 @@ def _evaluate(recipe: Recipe, stage: str, name: str, forget_split: str, ref=None
                          judge=_judge() if recipe.judge == "embedding" else "none", max_new_tokens=recipe.max_new_tokens, protocol=recipe.protocol, progress=True,
                          batch_size=recipe.eval_batch_size)
     res["name"] = name
-    _write(recipe, path, res)
-    _log(recipe, stage, f"eval {name}", time.perf_counter() - t0, forget_split=forget_split, agg=res.get("agg"))
+    write(recipe, path, res)
+    log(recipe, stage, f"eval {name}", time.perf_counter() - t0, forget_split=forget_split, agg=res.get("agg"))
     return res
 
 
@@ -200,14 +145,10 @@ def _judge() -> str:
     return "embedding"
 
 
-class RecipeError(ValueError):
-    """The recipe cannot start: a missing split or judge (checked before any training)."""
-
-
 def preflight(recipe: Recipe) -> list[str]:
     """Fail before any work on what would fail later: the judge and the splits the stages read. Returns the utility
     splits present."""
-    from .data import load_split, resolve_data
+    from ..data import load_split, resolve_data
 
     if recipe.judge == "embedding":
         _judge()
@@ -232,11 +173,11 @@ def probe_original(recipe: Recipe) -> dict:
         return done
     import torch
 
-    from .data import load_split, resolve_data
-    from .evaluation.tofu import forget_statistics
-    from .evaluation.generation import generate_text
-    from .evaluation.metrics import rouge_l_recall
-    from .model import load_model
+    from ..data import load_split, resolve_data
+    from ..evaluation.tofu import forget_statistics
+    from ..evaluation.generation import generate_text
+    from ..evaluation.metrics import rouge_l_recall
+    from ..model import load_model
 
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -251,17 +192,17 @@ def probe_original(recipe: Recipe) -> dict:
     probe = {"forget10_answer_probability": prob, "forget10_greedy_rouge_l": rouge,
              "examples": [{"question": r["question"], "answer": r["answer"], "greedy": g}
                           for r, g in zip(rows[:5], greedy)]}
-    _write(recipe, path, probe)
-    _log(recipe, "finetune", "probe original", time.perf_counter() - t0, forget10_answer_probability=prob,
+    write(recipe, path, probe)
+    log(recipe, "finetune", "probe original", time.perf_counter() - t0, forget10_answer_probability=prob,
          forget10_greedy_rouge_l=rouge)
     return probe
 
 
-def stage_finetune(recipe: Recipe, clock: _Clock) -> bool:
+def stage_finetune(recipe: Recipe, clock: Clock) -> bool:
     for name, split in (("original", "full"), ("retain", "retain90")):
         if clock.out_of_time():
             return False
-        _train(recipe, "finetune", name, "finetune",
+        train(recipe, "finetune", name, "finetune",
                [f"model.path={recipe.model}", f"data.train_split={split}", *recipe.finetune])
     probe = probe_original(recipe)
     if min(probe["forget10_answer_probability"], probe["forget10_greedy_rouge_l"]) < recipe.probe_bar:
@@ -285,7 +226,7 @@ def _unlearn_args(recipe: Recipe, method: str, lr: float, forget: str, retain: s
             *recipe.unlearn]
 
 
-def stage_select(recipe: Recipe, clock: _Clock) -> bool:
+def stage_select(recipe: Recipe, clock: Clock) -> bool:
     chosen = {}
     for method in recipe.methods:
         scores = {}
@@ -294,31 +235,31 @@ def stage_select(recipe: Recipe, clock: _Clock) -> bool:
                 return False
             name = _run_name(method, lr, "select_forget05")
             if read_json(recipe.out / name / "eval.json", say=None) is None:  # scored runs lose their weights
-                _train(recipe, "select", name, "unlearn", _unlearn_args(recipe, method, lr, "forget05", "retain95"))
+                train(recipe, "select", name, "unlearn", _unlearn_args(recipe, method, lr, "forget05", "retain95"))
             scores[lr] = _evaluate(recipe, "select", name, "forget05").get("agg") or 0.0
             shutil.rmtree(recipe.out / name / "final", ignore_errors=True)  # scored: its eval.json is what is kept
         best = max(scores, key=scores.get)
         chosen[method] = {"lr": best, "agg_forget05": scores}
-    _write(recipe, recipe.out / "selection.json", chosen)
+    write(recipe, recipe.out / "selection.json", chosen)
     return True
 
 
-def stage_unlearn(recipe: Recipe, clock: _Clock) -> bool:
+def stage_unlearn(recipe: Recipe, clock: Clock) -> bool:
     selection = read_json(recipe.out / "selection.json")
     if selection is None or any(m not in selection for m in recipe.methods):
         return stage_select(recipe, clock) and stage_unlearn(recipe, clock)  # its selection is missing or damaged
     for method in recipe.methods:
         if clock.out_of_time():
             return False
-        _train(recipe, "unlearn", method, "unlearn",
+        train(recipe, "unlearn", method, "unlearn",
                _unlearn_args(recipe, method, selection[method]["lr"], "forget10", "retain90")
                + ["train.squeezing_every=10"])
     return True
 
 
-def stage_evaluate(recipe: Recipe, clock: _Clock) -> bool:
-    from .data import resolve_data
-    from .evaluation.tofu import reference_statistics
+def stage_evaluate(recipe: Recipe, clock: Clock) -> bool:
+    from ..data import resolve_data
+    from ..evaluation.tofu import reference_statistics
 
     ref = reference_statistics(str(recipe.out / "retain" / "final"), resolve_data(recipe.data), "forget10",
                                protocol=recipe.protocol)
@@ -329,15 +270,15 @@ def stage_evaluate(recipe: Recipe, clock: _Clock) -> bool:
     return True
 
 
-def stage_table(recipe: Recipe, clock: _Clock) -> bool:
-    from .attacks.report import ATTACK_COLUMNS, attack_summary
-    from .evaluation.report import COLUMNS, markdown_table
+def stage_table(recipe: Recipe, clock: Clock) -> bool:
+    from ..attacks.report import ATTACK_COLUMNS, attack_summary
+    from ..evaluation.report import COLUMNS, markdown_table
 
     rows = []
     for name in ("original", "retain", *recipe.methods):
         res = read_json(recipe.out / name / "eval.json")
         if res is None:  # missing or damaged: evaluated again (the evaluate stage's own rule)
-            stage_evaluate(recipe, _Clock(replace(recipe, budget_s=float("inf"))))
+            stage_evaluate(recipe, Clock(replace(recipe, budget_s=float("inf"))))
             res = read_json(recipe.out / name / "eval.json")
         paper = PAPER.get(name)
         res["paper_agg_mem_util"] = "/".join(f"{v:.2f}" for v in paper) if paper else None
@@ -346,8 +287,8 @@ def stage_table(recipe: Recipe, clock: _Clock) -> bool:
     columns = COLUMNS + ATTACK_COLUMNS + [("paper_agg_mem_util", "Paper Agg./Mem./Util. (Llama-3.2-1B)")]
     table = markdown_table(rows, columns)
     slim = [{k: v for k, v in r.items() if k != "per_example"} for r in rows]
-    _write(recipe, recipe.out / "results.json", {"recipe": _describe(recipe), "results": slim})
-    _write(recipe, recipe.out / "results.md", table)
+    write(recipe, recipe.out / "results.json", {"recipe": _describe(recipe), "results": slim})
+    write(recipe, recipe.out / "results.md", table)
     print(table, end="")
     return True
 
@@ -365,27 +306,10 @@ STAGE_FNS = {"finetune": stage_finetune, "select": stage_select, "unlearn": stag
 
 def run_recipe(recipe: Recipe, stage: str = "all") -> bool:
     """Run one stage or every remaining one within the time budget; True when everything asked for is done."""
-    if stage != "all" and stage not in STAGES:
-        raise ValueError(f"stage must be 'all' or one of {STAGES}, got {stage!r}")
-    from .checkpoint import RunLock
-
     utility = preflight(recipe)
-    with RunLock(recipe.out, say=print):  # one recipe per folder: a second is refused naming the first's PID
-        check_outputs(recipe)
-        return _run_stages(recipe, stage, utility)
-
-
-def _run_stages(recipe: Recipe, stage: str, utility: list[str]) -> bool:
     if len(utility) < 3:
         print(f"recipe: model utility from {utility} only (TOFU's has retain_perturbed, real_authors, world_facts)")
-    clock = _Clock(recipe)
-    for name in STAGES if stage == "all" else (stage,):
-        if not STAGE_FNS[name](recipe, clock):
-            print(f"recipe: stopped in stage {name!r} at the {recipe.budget_s:.0f} s budget; run the same command "
-                  "again to continue")
-            return False
-    print(f"recipe: {stage} done; see {recipe.out}/results.md and {recipe.out}/stages.jsonl")
-    return True
+    return common.run_stages(recipe, STAGE_FNS, stage, check_outputs)
 
 
 def rejudge(recipe: Recipe) -> dict:
@@ -393,9 +317,9 @@ def rejudge(recipe: Recipe) -> dict:
     its saved greedy forget answers, then Util and Agg. again; rewrite each eval.json, add the judged choice of rate
     to selection.json (``lr_judged``; ``unlearned_with`` stays the rate the runs used) and rebuild the table.
     Returns ``{"scored": n, "changed_choice": [methods whose judged best rate differs]}``."""
-    from .data import load_split, resolve_data
-    from .evaluation.judge import make_judge
-    from .evaluation.metrics import agg_score, util_score
+    from ..data import load_split, resolve_data
+    from ..evaluation.judge import make_judge
+    from ..evaluation.metrics import agg_score, util_score
 
     _judge()
     judge, data = make_judge("embedding", device="cpu"), resolve_data(recipe.data)
@@ -419,7 +343,7 @@ def rejudge(recipe: Recipe) -> dict:
             res["agg"] = agg_score(res["mem"], res["util"]) if res.get("mem") is not None else None
         res["notes"] = [n for n in res.get("notes", []) if not n.startswith("Util = model utility alone")]
         res["notes"].append("judge scored afterwards from the saved greedy answers (bs-unlearn recipe --rejudge)")
-        _write(recipe, path, res)
+        write(recipe, path, res)
         scored += 1
     changed = []
     sel_path = recipe.out / "selection.json"
@@ -437,7 +361,7 @@ def rejudge(recipe: Recipe) -> dict:
                 entry["unlearned_with"] = entry["lr"]
                 if entry["lr_judged"] != float(entry["lr"]):
                     changed.append(method)
-        _write(recipe, sel_path, selection)
+        write(recipe, sel_path, selection)
     if all((recipe.out / n / "eval.json").exists() for n in ("original", "retain", *recipe.methods)):
-        stage_table(recipe, _Clock(recipe))
+        stage_table(recipe, Clock(recipe))
     return {"scored": scored, "changed_choice": changed}
