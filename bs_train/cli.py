@@ -319,8 +319,10 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rejudge", action="store_true",
                    help="score a --judge later run's saved answers with the offline judge and rebuild the table")
     p.add_argument("--plan", action="store_true",
-                   help="print the predicted time of every stage on one H200 (bs_train/plan.py) and exit: 0 if it "
+                   help="print the predicted time of every stage on one GPU (bs_train/plan.py) and exit: 0 if it "
                         "fits --budget-s, 3 if not")
+    p.add_argument("--plan-gpu", default="h100", choices=("h100", "h200"),
+                   help="the GPU --plan predicts for (bs_train/plan.py GPUS; h100: the lent machine's default)")
 
 
 def recipe_main(command: str, args: argparse.Namespace) -> int:
@@ -334,10 +336,10 @@ def recipe_main(command: str, args: argparse.Namespace) -> int:
                         finetune=[*FINETUNE, *args.finetune], unlearn=[*UNLEARN, *args.unlearn],
                         eval_batch_size=args.eval_batch_size, judge=args.judge)
         if args.plan:
-            from .plan import Hardware, ModelShape, format_plan, recipe_plan, total_seconds
+            from .plan import GPUS, ModelShape, format_plan, recipe_plan, total_seconds
 
-            work = recipe_plan(recipe)
-            print(format_plan(work, recipe, ModelShape(), Hardware(), recipe.budget_s), end="")
+            work = recipe_plan(recipe, hw=GPUS[args.plan_gpu])
+            print(format_plan(work, recipe, ModelShape(), GPUS[args.plan_gpu], recipe.budget_s), end="")
             return 0 if total_seconds(work) <= recipe.budget_s else 3
     except ValueError as e:
         print(f"bs-unlearn recipe: {e}", file=sys.stderr)
