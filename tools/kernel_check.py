@@ -410,11 +410,12 @@ def run(targets=DEFAULT_TARGETS, jobs: int | None = None, dtypes=DTYPES, full: b
     variants, problems = collect_variants(plan(targets, dtypes, full), package, with_sweep=package == "bs_kernels")
     if not variants:
         problems.append(f"no Triton kernel launch recorded in {package}")
-    cache = tempfile.mkdtemp(prefix="kernel_check_cache_")  # fresh: nothing is reused between runs
     jobs = max(1, jobs or min(len(variants), os.cpu_count() or 1))
-    # fork: the workers inherit the imported kernels; the parent has no CUDA context to inherit
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init,
-                             initargs=(cache,)) as pool:
+    # a fresh cache, removed afterwards: nothing is reused between runs. fork: the workers inherit the imported
+    # kernels; the parent has no CUDA context to inherit
+    with tempfile.TemporaryDirectory(prefix="kernel_check_cache_") as cache, \
+            ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init,
+                                initargs=(cache,)) as pool:
         results = list(pool.map(compile_one, variants, chunksize=1))
     results.sort(key=lambda r: (r.kernel, r.target, r.dtype, r.config))
     ok = not problems and all(r.ok for r in results)
