@@ -14,11 +14,17 @@ measurement of.
 BS-S's belief regeneration is timed apart (16 prompts x N x 200 tokens with the sampler) and amortised over its
 default schedule (every 2 epochs: each prompt's beliefs are redrawn every 2 passes over it).
 
+Which cases run is chosen from the device's memory at run time (``planned_cases``: each case's computed peak
+against ``torch.cuda.get_device_properties``'s total less a reserve): on an H100 80 GB and an H200 alike every case
+fits, so their numbers compare; a smaller GPU skips what it cannot hold, with the reason in its row, instead of
+running out of memory. ``--list`` prints that choice without a GPU.
+
 Random weights, no download. One JSON object per case; the last line is a JSON list.
 ``--preset cpu`` is a different benchmark: bs_train's real ``train_step`` against the plain Hugging Face loop at
 SmolLM2-135M's architecture and a TOFU batch, GradDiff / NPO / BS-T / BS-S, fp32 and bf16 (``train_step_cpu.py``).
 
-    python -m benchmarks.bench_train_step                     # GPU preset (needs torchao and ~80 GB)
+    python -m benchmarks.bench_train_step                     # GPU preset (needs torchao; cases by GPU memory)
+    python -m benchmarks.bench_train_step --list --memory-gib 79.6   # which GPU cases an H100 80 GB runs, and why
     python -m benchmarks.bench_train_step --preset cpu --data ../shared/data/tofu   # ours vs the HF loop, CPU
     python -m benchmarks.bench_train_step --preset smoke      # a tiny shape (seconds)
 """
@@ -33,7 +39,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import train_step_cpu
-from benchmarks.common import MODEL_PRESETS, device_name, emit, environment, finish, pick_device, random_llama, sync
+from benchmarks.common import (GPU_MEMORY_RESERVE_GIB, MODEL_PRESETS, device_name, emit, environment, finish,
+                               gpu_memory_gib, host_memory_gib, pick_device, random_llama, sync)
 from bs_kernels import IGNORE_INDEX
 from bs_train import methods
 from bs_train.beliefs import BeliefSet, draw_beliefs
@@ -55,6 +62,52 @@ CASES = [("ga", "ga", {}, False), ("npo", "npo", {}, False), ("bs_t", "bs_t", {}
 PLAN_CASES = [("lora_npo", "lora24", "npo", {}, False), ("lora_bs_t", "lora24", "bs_t", {}, False),
               ("lora_bs_s_n3", "lora24", "bs_s", {"bss_samples": 3}, True),
               ("offload_bs_t", "offload40", "bs_t", {}, False)]
+
+
+def hf_stack_peak_gib(spec: dict, shape: dict) -> float:
+    """The HF stack's computed peak (ours): bf16 weights, gradients and torch AdamW's two bf16 states (8 bytes a
+    parameter), checkpointed block boundaries, one recomputed block, and for each of its two forwards the bf16 logits
+    and the float32 copy HF's loss keeps for backward. The design brief measured 59.9 GiB after the step on an H100."""
+    from bs_train.memory import Shape
+
+    m = Shape.of(spec)
+    tokens = shape["b"] * (shape["prompt"] + shape["answer"])
+    boundary = m.num_hidden_layers * m.hidden_size * 2 * 2 * tokens
+    return (8 * m.params() + boundary + m.block_activation_bytes_per_token() * tokens
+            + 2 * tokens * m.vocab_size * (2 + 4)) / 2**30
+
+
+def planned_cases(spec: dict, shape: dict, memory_gib: float | None, host_gib: float) -> list[dict]:
+    """The GPU cases in run order, each with its computed peak (``bs_train.memory.budget`` for ours, at this batch)
+    and whether it fits ``memory_gib`` less ``GPU_MEMORY_RESERVE_GIB`` (and, for the offload plan, the host's memory):
+    what one job runs on an H100 or an H200 is chosen here, from the device's memory, never by an out-of-memory."""
+    from bs_train.memory import Shape, Workload, budget
+
+    m = Shape.of(spec)
+    usable = None if memory_gib is None else memory_gib - GPU_MEMORY_RESERVE_GIB
+
+    def work(method, overrides):
+        return Workload(method=method, batch=shape["b"], seq=shape["prompt"] + shape["answer"],
+                        beliefs=overrides.get("bss_samples", 3), prompts_per_round=shape["b"],
+                        prompt_len=shape["prompt"], new_tokens=shape["answer"])
+
+    rows = [{"case": "hf_stack_graddiff", "need_gib": round(hf_stack_peak_gib(spec, shape), 1)}]
+    for label, method, overrides, _ in CASES:
+        rows.append({"case": f"ours_{label}", "need_gib": budget(m, "full80", work(method, overrides))["peak_gib"]})
+    for label, plan, method, overrides, _ in PLAN_CASES:
+        b = budget(m, plan, work(method, overrides))
+        rows.append({"case": f"ours_{label}", "need_gib": b["peak_gib"], "host_need_gib": b.get("host_gib")})
+    for r in rows:
+        short = []
+        if usable is not None and r["need_gib"] > usable:
+            short.append(f"needs ~{r['need_gib']:.0f} GiB (computed), the GPU has {memory_gib:.0f} GiB less "
+                         f"{GPU_MEMORY_RESERVE_GIB:.0f} GiB of reserve")
+        if r.get("host_need_gib") and r["host_need_gib"] > 0.9 * host_gib:
+            short.append(f"needs ~{r['host_need_gib']:.0f} GiB of host memory (computed), the host has "
+                         f"{host_gib:.0f} GiB")
+        r.update(memory_gib=None if memory_gib is None else round(memory_gib, 1), fits=not short,
+                 reason="; ".join(short) or None)
+    return rows
 
 
 def qa_batch(b, prompt, answer, vocab, seed):
@@ -172,6 +225,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--preset", choices=PRESETS, default=None, help="default: gpu with CUDA, else cpu")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", type=Path)
+    p.add_argument("--list", action="store_true", help="print the GPU cases with their computed memory and whether "
+                   "each fits this device (or --memory-gib), and exit: no GPU needed")
+    p.add_argument("--memory-gib", type=float, help="the GPU memory to choose cases for (default: the device's)")
     cpu = p.add_argument_group("--preset cpu (ours vs the HF loop)")
     cpu.add_argument("--data", type=Path, help="TOFU folder (forget10, retain90, forget10_perturbed .jsonl); "
                      "without it, random ids of the same token lengths")
@@ -184,26 +240,34 @@ def main(argv=None) -> list[dict]:
     cpu.add_argument("--in-process", action="store_true", help="measure here, not in a fresh process per method")
     args = p.parse_args(argv)
     device = pick_device()
-    preset = args.preset or ("gpu" if device == "cuda" else "cpu")
+    preset = args.preset or ("gpu" if device == "cuda" or args.list else "cpu")
+    if args.list or preset != "cpu":
+        spec, shape = MODEL_PRESETS["gpu" if args.list else preset], BATCH["gpu" if args.list else preset]
+        memory = args.memory_gib if args.memory_gib is not None else gpu_memory_gib()
+        plan = planned_cases(spec, shape, memory, host_memory_gib())
+        if args.list:
+            return finish(plan, args.out)
     if preset == "cpu":
         env = {**environment("benchmarks.bench_train_step", argv), "device": "cpu"}
         rows = train_step_cpu.run(data=args.data, methods_=args.methods, dtypes=args.dtypes, warmup=args.warmup,
                                   reps=args.reps, threads=args.threads, tiny=args.tiny, env=env,
                                   emit=lambda row: emit(row, [], "cpu"), in_process=args.in_process)
         return finish(rows, args.out)
-    spec, shape = MODEL_PRESETS[preset], BATCH[preset]
-    env = {**environment("benchmarks.bench_train_step", argv), "device": device_name(device),
+    env = {**environment("benchmarks.bench_train_step", argv), "device": device_name(device), "gpu_memory_gib": memory,
            "shape": {k: spec[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}, "batch": shape}
     rows = []
     runs = [lambda: hf_stack(spec, shape, device, args.reps)]
     runs += [lambda c=c: ours(spec, shape, device, *c, args.reps) for c in CASES]
     runs += [lambda c=c: ours(spec, shape, device, c[0], *c[2:], args.reps, plan=c[1]) for c in PLAN_CASES]
-    for fn in runs:
+    for fn, need in zip(runs, plan, strict=True):
+        if not need["fits"]:
+            emit({"case": need["case"], "skipped": need["reason"], "need_gib": need["need_gib"], **env}, rows, device)
+            continue
         try:
             row = fn()
         except torch.OutOfMemoryError as e:
-            row = {"case": "?", "skipped": f"out of memory: {str(e)[:200]}"}
-        emit({**row, **env}, rows, device)
+            row = {"case": need["case"], "skipped": f"out of memory: {str(e)[:200]}"}
+        emit({**row, "need_gib": need["need_gib"], **env}, rows, device)
     if torch.distributed.is_initialized():  # the offload case's 1-rank group
         torch.distributed.destroy_process_group()
     return finish(rows, args.out)

@@ -45,6 +45,31 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
+GPU_MEMORY_ENV, HOST_MEMORY_ENV = "BENCH_GPU_MEMORY_GIB", "BENCH_HOST_MEMORY_GIB"
+# What a run leaves unplanned of the GPU's memory: the CUDA context, cuBLAS workspaces, the caching allocator's
+# fragmentation (ours: the context and workspaces are ~1 GiB on an H100; the rest is margin).
+GPU_MEMORY_RESERVE_GIB = 4.0
+
+
+def gpu_memory_gib() -> float | None:
+    """The GPU's memory in GiB, read at run time (``torch.cuda.get_device_properties``), so that one job sizes itself
+    to an H100 (79.6 GiB) or an H200 (~140 GiB). ``BENCH_GPU_MEMORY_GIB`` stands in for it where there is no GPU (the
+    GPU job's dry run for a machine kind); None when there is neither."""
+    if os.environ.get(GPU_MEMORY_ENV):
+        return float(os.environ[GPU_MEMORY_ENV])
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    return None
+
+
+def host_memory_gib() -> float:
+    """This machine's physical memory in GiB (Linux); ``BENCH_HOST_MEMORY_GIB`` stands in for it like
+    ``BENCH_GPU_MEMORY_GIB`` does for the GPU's."""
+    if os.environ.get(HOST_MEMORY_ENV):
+        return float(os.environ[HOST_MEMORY_ENV])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 def sync(device: str) -> None:
     """Wait for queued GPU work before reading a clock (a host sync, on CUDA only)."""
     if device == "cuda":

@@ -20,11 +20,14 @@ score and NaN gradients for its row (the loss turns NaN) instead of an out-of-bo
 
 from __future__ import annotations
 
+import itertools
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 
-from ._checks import triton_interpret
+from ._checks import IGNORE_INDEX, MAX_TRITON_TOPK, triton_interpret
 
 
 @triton.jit
@@ -55,7 +58,7 @@ def _zero_row(row_ptr, V, BLOCK_V: tl.constexpr):
         tl.store(row_ptr + offs, tl.zeros([BLOCK_V], dtype=row_ptr.dtype.element_ty), mask=offs < V)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k"])  # k = 1 or a multiple of 16 would each compile another variant
 def _scores_kernel(
     logits_ptr, stride_row, labels_ptr, grad_ptr,
     scores_ptr, lse_ptr, topi_ptr, topq_ptr,
@@ -83,7 +86,8 @@ def _scores_kernel(
     top_valid = slot < k
     top_z = tl.where(top_valid, float("-inf"), float("inf"))
     # In-bounds from the start (k <= V), so a row that never fills the buffer (all NaN) still indexes its own row.
-    top_idx = slot.to(tl.int64)
+    # int32 (V < 2^31): int64 indices cost the registers that made ptxas spill at K_PAD >= 64 (tools.kernel_check).
+    top_idx = slot
     for start in tl.range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
@@ -132,7 +136,7 @@ def _scores_kernel(
                                 BLOCK_V, HAS_TOPK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k"])
 def _grad_from_stats_kernel(
     logits_ptr, stride_row, labels_ptr, grad_ptr, lse_ptr, topi_ptr, topq_ptr,
     V, k, lam, ignore_index,
@@ -167,16 +171,28 @@ def _grad_from_stats_kernel(
                             BLOCK_V, HAS_TOPK)
 
 
+# Registers per thread of the scores kernel. Left to itself, ptxas trades a few spilled bytes (8-16) for a fourth
+# block per SM in some variants and not in others; with this budget no variant spills, and the reference k = 20 fits
+# 64 registers (4 blocks of 8 warps per SM), k > 32 72 (3 blocks). Checked by tools.kernel_check.
+MAX_REGS = 72
+
+
 def _block_v(vocab: int, block_v: int | None) -> int:
     if block_v is not None:
         return block_v
     # Interpreter: one tile per row keeps CPU tests fast. GPU: 4096 fp32 values per tile over 8 warps (16 per
     # thread); to be tuned with the loss benchmark on a GPU (benchmarks/README.md).
-    return triton.next_power_of_2(vocab) if triton_interpret() else min(4096, triton.next_power_of_2(vocab))
+    # A V that is not a multiple of 16 leaves rows unaligned: scalar loads, each with its own 64-bit address, and
+    # 16 of them per thread spilled on sm_80 (tools.kernel_check); 2048 holds 8 per thread.
+    if triton_interpret():
+        return triton.next_power_of_2(vocab)
+    return min(4096 if vocab % 16 == 0 else 2048, triton.next_power_of_2(vocab))
 
 
 def _k_pad(topk: int) -> int:
-    return max(16, triton.next_power_of_2(max(topk, 1)))
+    # Two buffer sizes: 32 (one warp's lanes, so the buffer's reductions stay in-warp shuffles) for the reference
+    # k = 20 and any k <= 32, and the limit above it; two variants to compile instead of four.
+    return 32 if topk <= 32 else triton.next_power_of_2(MAX_TRITON_TOPK)
 
 
 def scores_rows(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float, ignore_index: int,
@@ -184,6 +200,7 @@ def scores_rows(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float,
     """Triton twin of ``torch_rows.scores_rows``: same arguments, same returns, same in-place gradient."""
     rows, vocab = z.shape
     use_topk = topk > 0 and lam > 0
+    k = topk if use_topk else 0  # without top-k the kernel ignores k: one compiled variant whatever topk is
     dev = z.device
     scores = torch.empty(rows, device=dev, dtype=torch.float32)
     lse = torch.empty(rows, device=dev, dtype=torch.float32) if save_stats else scores
@@ -193,9 +210,9 @@ def scores_rows(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float,
         _scores_kernel[(rows,)](
             z, z.stride(0), labels, scores if grad is None else grad,
             scores, lse, scores if topi is None else topi, scores if topq is None else topq,
-            vocab, topk, float(lam), ignore_index,
-            BLOCK_V=_block_v(vocab, block_v), K_PAD=_k_pad(topk),
-            HAS_TOPK=use_topk, WRITE_GRAD=grad is not None, SAVE_STATS=save_stats, num_warps=8,
+            vocab, k, float(lam), ignore_index,
+            BLOCK_V=_block_v(vocab, block_v), K_PAD=_k_pad(k),
+            HAS_TOPK=use_topk, WRITE_GRAD=grad is not None, SAVE_STATS=save_stats, num_warps=8, maxnreg=MAX_REGS,
         )
     if not save_stats:
         return scores, None, None, None
@@ -214,3 +231,37 @@ def grad_rows_from_stats(z: torch.Tensor, labels: torch.Tensor, grad: torch.Tens
             vocab, topk, float(lam), ignore_index,
             BLOCK_V=_block_v(vocab, block_v), K_PAD=_k_pad(topk), HAS_TOPK=topi is not None, num_warps=8,
         )
+
+
+# One top-k size per buffer size K_PAD (k itself is not specialised): the reference k = 20, and the limit.
+LAUNCH_TOPKS = (20, MAX_TRITON_TOPK)
+
+
+def launch_cases(vocab: int, dtype: torch.dtype, *, labels_dtype: torch.dtype = torch.int64,
+                 block_v: int | None = None, device: str | torch.device = "meta", rows: int = 16):
+    """Every distinct launch this file's launchers can make at one vocabulary size and logits dtype, as
+    ``[(label, call)]``: each ``call()`` runs a launcher on empty tensors of ``device`` (``"meta"``: no memory).
+
+    One case per combination of launcher options that changes a constexpr of a kernel (``HAS_TOPK``, ``K_PAD``,
+    ``WRITE_GRAD``, ``SAVE_STATS``) or a specialisation Triton makes of an integer argument. ``tools.kernel_check``
+    records the launches these calls make and compiles each ahead of time for the GPUs the kernels will meet; it
+    fails while a boolean constexpr is only ever launched one way, so a new flag belongs here too. The tensors hold
+    no data: on a real device the calls would read garbage, so use them only to compile (``device="meta"``).
+    """
+    z = torch.empty(rows, vocab, dtype=dtype, device=device)
+    labels = torch.empty(rows, dtype=labels_dtype, device=device)
+
+    def f32(*shape):
+        return torch.empty(*shape, dtype=torch.float32, device=device)
+
+    cases = []
+    for topk, lam in [(0, 0.0)] + [(k, 0.2) for k in LAUNCH_TOPKS]:
+        for grad, save in itertools.product((False, True), repeat=2):
+            cases.append((f"scores_rows(topk={topk}, lam={lam}, grad={grad}, save_stats={save})",
+                          partial(scores_rows, z, labels, topk=topk, lam=lam, ignore_index=IGNORE_INDEX,
+                                  grad=f32(rows) if grad else None, save_stats=save, block_v=block_v)))
+        topi = torch.empty(rows, topk, dtype=torch.int32, device=device) if topk else None
+        cases.append((f"grad_rows_from_stats(topk={topk}, lam={lam})",
+                      partial(grad_rows_from_stats, z, labels, f32(rows), f32(rows), topi, f32(rows, topk) if topk
+                              else None, lam=lam, ignore_index=IGNORE_INDEX, block_v=block_v)))
+    return cases

@@ -19,11 +19,14 @@ value and NaN gradients for its row instead of an out-of-bounds read.
 
 from __future__ import annotations
 
+import itertools
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 
-from ._checks import triton_interpret
+from ._checks import IGNORE_INDEX, TEACHER_KINDS, triton_interpret
 
 
 @triton.jit
@@ -157,8 +160,11 @@ def _block_v(vocab: int, block_v: int | None) -> int:
     if block_v is not None:
         return block_v
     # Interpreter: one tile per row keeps CPU tests fast. GPU: 4096 fp32 values per row and tile over 8 warps
-    # (16 per thread and row, two rows live); untuned on hardware yet.
-    return triton.next_power_of_2(vocab) if triton_interpret() else min(4096, triton.next_power_of_2(vocab))
+    # (16 per thread and row, two rows live); untuned on hardware yet. A V that is not a multiple of 16 leaves rows
+    # unaligned (scalar loads, one 64-bit address each), which spilled at 4096 on sm_80 (tools.kernel_check).
+    if triton_interpret():
+        return triton.next_power_of_2(vocab)
+    return min(4096 if vocab % 16 == 0 else 2048, triton.next_power_of_2(vocab))
 
 
 def kl_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None, *, kind: str, gamma: float,
@@ -197,3 +203,31 @@ def kl_grad_rows_from_stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Te
             BLOCK_V=_block_v(vocab, block_v), HAS_LABELS=labels is not None,
             HAS_GAMMA=labels is not None and gamma != 0, num_warps=8,
         )
+
+
+def launch_cases(vocab: int, dtype: torch.dtype, *, labels_dtype: torch.dtype = torch.int64,
+                 block_v: int | None = None, device: str | torch.device = "meta", rows: int = 16):
+    """Every distinct launch this file's launchers can make at one vocabulary size and logits dtype, as
+    ``[(label, call)]``; the contract of ``triton_rows.launch_cases`` (read its docstring): one case per combination
+    of options that changes a constexpr (``KIND_KL``, ``HAS_LABELS``, ``HAS_GAMMA``, ``WRITE_GRAD``,
+    ``SAVE_STATS``), on empty tensors that are only fit to compile with (``device="meta"``)."""
+    zs = torch.empty(rows, vocab, dtype=dtype, device=device)
+    zt = torch.empty(rows, vocab, dtype=dtype, device=device)
+    labels = torch.empty(rows, dtype=labels_dtype, device=device)
+
+    def f32():
+        return torch.empty(rows, dtype=torch.float32, device=device)
+
+    cases = []
+    for with_labels, gamma in ((False, 0.0), (True, 0.0), (True, 1.0)):
+        y = labels if with_labels else None
+        opts = dict(gamma=gamma, inv_temp=0.5, ignore_index=IGNORE_INDEX, block_v=block_v)
+        for kind in TEACHER_KINDS:
+            for grad, save in itertools.product((False, True), repeat=2):
+                cases.append((f"kl_rows(kind={kind!r}, labels={with_labels}, gamma={gamma}, grad={grad}, "
+                              f"save_stats={save})",
+                              partial(kl_rows, zs, zt, y, kind=kind, grad=f32() if grad else None, save_stats=save,
+                                      **opts)))
+        cases.append((f"kl_grad_rows_from_stats(labels={with_labels}, gamma={gamma})",
+                      partial(kl_grad_rows_from_stats, zs, zt, y, f32(), f32(), f32(), **opts)))
+    return cases

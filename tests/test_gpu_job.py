@@ -3,7 +3,8 @@
 A stage that fails or outruns its cap is recorded and the next one runs, results stream as JSON lines and the last
 line names what completed; the TOFU hand-off (two halves, a manifest, a fresh repo copy per call) reassembles the
 exact bytes and refuses a damaged or missing piece by name; and the dry runs of both jobs go through every stage,
-the tofu one through the recipe and back out to the judge and the table here.
+the tofu one through the recipe and back out to the judge and the table here; and both machine kinds (an H100 80 GB
+by default, an H200 on request) hold each job in one 15-minute session, start included, and run every 8B case.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 
 from tools import gpu_job
 from tools.gpu_job import Stage, prepare_tofu, run_stages, stage_tofu, unpack_tofu
+from tools.gpu_plan import DEFAULT_KIND, KINDS, SESSION_S, kind_report
 
 
 def _lines(path: Path) -> list[dict]:
@@ -91,6 +93,7 @@ def test_the_real_gguf_halves_fit_a_call():
 
 def test_bench_dry_run_runs_every_stage_and_its_cap(tmp_path):
     both = gpu_job.dry_run(tmp_path, ("bench",))
+    assert set(both["kinds"]) == {"nvidia-h100-x1", "nvidia-h200"} and both["kinds_fit"]  # checked for each kind
     res = both["bench"]
     assert res["completed"] == ["env", "gpu_tests", "loss_sweep", "losses", "sampler"], res
     assert res["timed_out"] == ["train_step"]  # its smoke preset outruns the dry run's 10 s cap, deliberately
@@ -105,6 +108,34 @@ def test_bench_dry_run_runs_every_stage_and_its_cap(tmp_path):
     # collected as they would be committed: benchmarks/results/<device>/<stage>.json
     assert json.loads((tmp_path / "results" / "cpu" / "losses.json").read_text()) == losses
     assert str(tmp_path / "results" / "cpu" / "bench.jsonl") in both["bench_collected"]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_each_kind_holds_both_jobs_in_one_session_and_runs_every_8b_case(kind):
+    rep = kind_report(kind)
+    for job in ("bench", "tofu"):
+        plan = rep[job]
+        assert plan["fits"] and plan["seconds"] + plan["margin_s"] == SESSION_S  # the machine's start included
+        assert plan["assumed"]["start_s"] >= 120 and all(c["worst_s"] <= c["timeout_s"] <= 600 for c in plan["calls"])
+    assert rep["bench"]["survives_fallback"]  # a failed H100 start (1-2 min) still leaves room for bench
+    cases = rep["train_step_cases"]
+    # every 8B case fits either machine, so the two kinds' numbers compare; the HF stack is the largest
+    assert cases and all(c["fits"] for c in cases)
+    assert max(cases, key=lambda c: c["need_gib"])["case"] == "hf_stack_graddiff"
+    assert max(c["need_gib"] for c in cases) < KINDS[kind].gpu_memory_gib - 4
+    assert rep["tofu_time_plan"]["fits"] and rep["tofu_time_plan"]["seconds"] <= gpu_job.TOFU_CAP_S
+
+
+def test_the_tofu_job_runs_on_the_default_kind_and_a_smaller_gpu_skips_by_memory_not_by_crashing():
+    assert gpu_job.TOFU_KIND == DEFAULT_KIND == "nvidia-h100-x1"
+    from benchmarks.bench_train_step import BATCH, planned_cases
+    from benchmarks.common import MODEL_PRESETS
+
+    small = {c["case"]: c for c in planned_cases(MODEL_PRESETS["gpu"], BATCH["gpu"], 40.0, 128.0)}
+    assert not small["hf_stack_graddiff"]["fits"] and not small["ours_bs_t"]["fits"]  # full-parameter: 48+ GiB
+    assert "needs ~48 GiB (computed), the GPU has 40 GiB" in small["ours_bs_t"]["reason"]
+    assert small["ours_lora_bs_t"]["fits"] and small["ours_offload_bs_t"]["fits"]  # the 24 and 40 GB plans
+    assert not planned_cases(MODEL_PRESETS["gpu"], BATCH["gpu"], 80.0, 64.0)[-1]["fits"]  # offload: host memory
 
 
 def test_device_names_become_result_folders():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bs_train.cli import main
-from bs_train.recipes.plan import Hardware, ModelShape, recipe_plan, total_seconds
+from bs_train.recipes.plan import GPUS, Hardware, ModelShape, recipe_plan, total_seconds
 from bs_train.recipes.tofu import FINETUNE, UNLEARN, Recipe
 from tools.gpu_job import TOFU_ARGS
 
@@ -26,12 +26,14 @@ def _plan_cli(tmp_path, capsys, data, *extra) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
-def test_the_tofu_job_is_planned_inside_one_call_and_the_full_recipe_is_not(tmp_path, capsys):
-    code, text = _plan_cli(tmp_path, capsys, tmp_path / "absent", *TOFU_ARGS)
+@pytest.mark.parametrize("gpu, peak, hbm", [("h100", "798.0", "3.0"), ("h200", "790.0", "4.3")])
+def test_the_tofu_job_is_planned_inside_one_call_on_either_gpu_and_the_full_recipe_is_not(tmp_path, capsys, gpu,
+                                                                                         peak, hbm):
+    code, text = _plan_cli(tmp_path, capsys, tmp_path / "absent", *TOFU_ARGS, "--plan-gpu", gpu)
     assert code == 0, text
     total = float(text.split("  total ")[1].split(" s")[0])
-    assert total <= 540 and "fits" in text
-    for word in ("peak_tflops 790.0", "hbm_tbs 4.3", "mfu 0.25", "finetune", "select", "unlearn", "evaluate"):
+    assert total <= 540 and "fits" in text and f"on one {GPUS[gpu].name}" in text
+    for word in (f"peak_tflops {peak}", f"hbm_tbs {hbm}", "mfu 0.25", "finetune", "select", "unlearn", "evaluate"):
         assert word in text
     code, text = _plan_cli(tmp_path, capsys, tmp_path / "absent")
     assert code == 3 and "does NOT fit" in text

@@ -91,7 +91,6 @@ def text_original(muse, tmp_path_factory) -> Path:
 
 
 def _window_nll(model_dir: Path, muse: Path) -> float:
-    from bs_train.data import collate
     from bs_train.evaluation.scoring import score_encoded
     from bs_train.model import load_model
 

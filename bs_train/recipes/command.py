@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", action="store_true",
                    help="print the predicted time of every stage on one GPU (bs_train/recipes/plan.py) and exit: 0 "
                         "if it fits --budget-s, 3 if not")
+    p.add_argument("--plan-gpu", default="h100", choices=("h100", "h200"),
+                   help="the GPU --plan predicts for (plan.py GPUS; h100: the lent machine's default)")
     g = p.add_argument_group("tofu")
     g.add_argument("--lr-grid", default="1e-5,2e-5,5e-5", help="learning rates tried on forget05 per method")
     g.add_argument("--max-new-tokens", type=int, default=200)
@@ -108,9 +110,9 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--stage {args.stage!r}: the {args.benchmark} recipe's stages are "
                              f"{', '.join(module.STAGES)} (or all)")
         if args.plan:
-            from .plan import plan_for, total_seconds
+            from .plan import GPUS, plan_for, total_seconds
 
-            work, text = plan_for(recipe)
+            work, text = plan_for(recipe, hw=GPUS[args.plan_gpu])
             print(text, end="")
             return 0 if total_seconds(work) <= recipe.budget_s else 3
         if args.rejudge:

@@ -127,6 +127,15 @@ class Hardware:
             raise ValueError(f"Hardware.mfu must be <= 1, got {self.mfu}")
 
 
+# The GPUs the recipe is lent (the device README's KINDS.md), by the name ``bs-unlearn recipe --plan-gpu`` takes; the
+# H100 is the machine a call gets by default. Their overheads above are the same: one image on a 16-core host.
+GPUS = {
+    # KINDS.md, 2026-11-13: an 8192^3 bf16 product at 798 TFLOP/s, a device-to-device copy at 3.0 TB/s (datasheet 3.35)
+    "h100": Hardware(name="NVIDIA H100 80GB HBM3", peak_tflops=798.0, hbm_tbs=3.0),
+    "h200": Hardware(),
+}
+
+
 @dataclass
 class Work:
     """One piece of the recipe's work, counted."""
