@@ -236,9 +236,10 @@ def make_muse(n_authors: int = 12, qa_per_author: int = 8, seed: int = 0, icl: i
     ``raw/{forget,retain1,retain2,holdout}``: one ``text`` per author (retain1 and retain2 halve the retain authors);
     ``verbmem/forget``: each forget text cut at its middle sentence into ``prompt`` and ``gt``;
     ``knowmem/{forget,retain}_qa``: the authors' question/answer pairs, with ``*_qa_icl`` the first ``icl`` of the
-    other set's; ``privleak/{forget,retain,holdout}``: the texts again (members, retain, non-members)."""
-    if n_authors < 6 or n_authors % 3:
-        raise ValueError(f"make_muse: n_authors must be a multiple of 3 and >= 6, got {n_authors}")
+    other set's; ``privleak/{forget,retain,holdout}``: the texts again (members, retain, non-members); and MUSE-News's
+    ``sust/forget_1..4`` (the forget texts dealt round-robin into four requests) with ``scal/forget_1`` (the first)."""
+    if n_authors < 12 or n_authors % 3:  # four sustainability requests need four forget authors
+        raise ValueError(f"make_muse: n_authors must be a multiple of 3 and >= 12, got {n_authors}")
     rng = random.Random(seed)
     texts, qa = _documents(rng, n_authors, qa_per_author)
     third = n_authors // 3
@@ -259,6 +260,8 @@ def make_muse(n_authors: int = 12, qa_per_author: int = 8, seed: int = 0, icl: i
         "knowmem/retain_qa": r_qa[icl:], "knowmem/retain_qa_icl": f_qa[:icl],
         "privleak/forget": [{"text": t} for t in forget], "privleak/retain": [{"text": t} for t in retain],
         "privleak/holdout": [{"text": t} for t in holdout],
+        **{f"sust/forget_{k}": [{"text": t} for t in forget[k - 1::4]] for k in range(1, 5)},
+        "scal/forget_1": [{"text": t} for t in forget[0::4]],
     }
 
 
