@@ -85,3 +85,19 @@ def test_time_plans_and_one_line_errors(muse_data, tmp_path, capsys):
     assert cli.main(["recipe", "--benchmark", "wmdp", "--data", str(muse_data), "--stage", "finetune",
                      "--out", str(tmp_path / "w")]) == 2
     assert "the wmdp recipe's stages are unlearn, evaluate, table" in capsys.readouterr().err
+
+
+def test_the_muse_slice_trains_on_exactly_what_its_probes_read(muse_data, tmp_path):
+    from tools import muse_mini
+
+    sizes = muse_mini.main(["--data", str(muse_data), "--out", str(tmp_path / "mini"), "--rows", "3",
+                            "--prompt-words", "5", "--text-words", "7"])
+    from bs_train.data import load_rows, load_texts
+
+    forget = load_texts(tmp_path / "mini", "raw/forget")
+    verbmem = load_rows(tmp_path / "mini", "verbmem/forget", lambda r, w: r)
+    assert len(verbmem) == 3 and all(len(r["prompt"].split()) <= 5 for r in verbmem)
+    assert [f"{r['prompt']} {r['gt']}" for r in verbmem] == forget[:3]  # what VerbMem reads is what is trained on
+    priv = load_texts(tmp_path / "mini", "privleak/forget")
+    assert priv == forget[3:] and all(len(t.split()) <= 7 for t in priv)  # the MIA's members, all of them
+    assert sizes["raw/retain1 words"] >= sizes["raw/forget words"] - 7
