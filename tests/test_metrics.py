@@ -1,4 +1,5 @@
-"""The evaluation formulas against values computed by hand (bs_train/evaluation/metrics.py, and the judge's text helpers).
+"""The evaluation formulas against values computed by hand (bs_train/evaluation/metrics.py and tofu/metrics.py,
+and the judge's text helpers).
 
 Each test states the hand computation in a comment, so a reader can check the convention, not only the code.
 """
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from bs_train.evaluation import metrics as M
+from bs_train.evaluation.tofu import metrics as T
 from bs_train.evaluation.judge import fluency_score, parse_score, repetition_rate
 
 
@@ -45,37 +47,37 @@ def _ks_pvalue_by_enumeration(a: list[float], b: list[float]) -> float:
 
 def test_forget_quality_is_the_ks_pvalue():
     # Fully separated samples of 3 and 3: D = 1, reached by 2 of the C(6, 3) = 20 splits -> p = 0.1.
-    assert M.forget_quality([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(2 / 20)
+    assert T.forget_quality([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(2 / 20)
     a, b = [0.1, 0.2, 0.3, 0.4], [0.25, 0.5, 0.6, 0.7]  # D = 3/4; 16 of the 70 splits reach it
     assert _ks_pvalue_by_enumeration(a, b) == pytest.approx(16 / 70)
-    assert M.forget_quality(a, b) == pytest.approx(16 / 70)
+    assert T.forget_quality(a, b) == pytest.approx(16 / 70)
     # OpenUnlearning feeds 1/tr to the test: a monotone map, so the p-value is the same.
-    assert M.forget_quality(1 / np.array(a), 1 / np.array(b)) == pytest.approx(16 / 70)
-    assert M.forget_quality(a, a) == 1.0  # a model against itself: the KS maximum
+    assert T.forget_quality(1 / np.array(a), 1 / np.array(b)) == pytest.approx(16 / 70)
+    assert T.forget_quality(a, a) == 1.0  # a model against itself: the KS maximum
     with pytest.raises(ValueError, match="non-empty"):
-        M.forget_quality([], a)
+        T.forget_quality([], a)
 
 
 def test_truth_ratio_with_perturbed_lists_of_different_lengths():
     # Example 1: paraphrase NLL 1.0, two perturbed answers with NLL 2 and 3: P_pert = sqrt(e^-2 e^-3) = e^-2.5,
     # P_para = e^-1, tr = e^-1.5. Example 2: paraphrase NLL 2.0, four perturbed with mean NLL 1.0: tr = e^1.
-    tr1 = M.truth_ratio(1.0, [2.0, 3.0])
-    tr2 = M.truth_ratio(2.0, [1.0, 1.0, 0.0, 2.0])
+    tr1 = T.truth_ratio(1.0, [2.0, 3.0])
+    tr2 = T.truth_ratio(2.0, [1.0, 1.0, 0.0, 2.0])
     assert tr1 == pytest.approx(math.exp(-1.5))
     assert tr1 == pytest.approx(math.sqrt(math.exp(-2) * math.exp(-3)) / math.exp(-1))
     assert tr2 == pytest.approx(math.e)
     trs = [tr1, tr2]
-    assert M.truth_ratio_forget(trs) == pytest.approx((math.exp(-1.5) + math.exp(-1)) / 2)  # mean min(tr, 1/tr)
-    assert M.truth_ratio_retain(trs) == pytest.approx((1 - math.exp(-1.5) + 0.0) / 2)  # mean max(0, 1 - tr)
-    assert M.truth_ratio_pc(trs) == pytest.approx((1 / (1 + math.exp(-1.5)) + 1 / (1 + math.e)) / 2)
+    assert T.truth_ratio_forget(trs) == pytest.approx((math.exp(-1.5) + math.exp(-1)) / 2)  # mean min(tr, 1/tr)
+    assert T.truth_ratio_retain(trs) == pytest.approx((1 - math.exp(-1.5) + 0.0) / 2)  # mean max(0, 1 - tr)
+    assert T.truth_ratio_pc(trs) == pytest.approx((1 / (1 + math.exp(-1.5)) + 1 / (1 + math.e)) / 2)
     with pytest.raises(ValueError, match="empty"):
-        M.truth_ratio(1.0, [])
+        T.truth_ratio(1.0, [])
 
 
 def test_probabilities():
     assert M.probability([0.0, math.log(2)]).tolist() == pytest.approx([1.0, 0.5])  # exp(-mean NLL)
     # Options: P(correct) = 0.5, two wrong options of 0.25 each -> 0.5 / (0.5 + 0.5) = 0.5.
-    assert M.normalised_option_probability(math.log(2), [math.log(4), math.log(4)]) == pytest.approx(0.5)
+    assert T.normalised_option_probability(math.log(2), [math.log(4), math.log(4)]) == pytest.approx(0.5)
 
 
 def test_rouge_l_recall_by_hand():
@@ -135,19 +137,19 @@ def test_extraction_strength_and_exact_memorization():
 
 
 def test_mem_util_agg_and_model_utility():
-    assert M.mem_score(0.5, 0.5, 0.5, 0.5) == pytest.approx(0.5)  # HM of four 0.5
-    assert M.mem_score(1.0, 0.2, 0.1, 0.3) == 0.0  # ES = 1 -> 1 - ES = 0 -> Mem = 0
-    assert M.util_score(0.4, 0.6) == pytest.approx(2 / (1 / 0.4 + 1 / 0.6))  # 0.48
-    assert M.util_score(0.4, None) == 0.4
-    assert M.agg_score(0.5, 0.48) == pytest.approx(2 / (1 / 0.5 + 1 / 0.48))
+    assert T.mem_score(0.5, 0.5, 0.5, 0.5) == pytest.approx(0.5)  # HM of four 0.5
+    assert T.mem_score(1.0, 0.2, 0.1, 0.3) == 0.0  # ES = 1 -> 1 - ES = 0 -> Mem = 0
+    assert T.util_score(0.4, 0.6) == pytest.approx(2 / (1 / 0.4 + 1 / 0.6))  # 0.48
+    assert T.util_score(0.4, None) == 0.4
+    assert T.agg_score(0.5, 0.48) == pytest.approx(2 / (1 / 0.5 + 1 / 0.48))
     values = {"retain_Q_A_Prob": 0.5, "retain_Q_A_ROUGE": 0.25, "retain_Truth_Ratio": 0.5}
-    mu, splits = M.model_utility(values)
+    mu, splits = T.model_utility(values)
     assert splits == ["retain"] and mu == pytest.approx(3 / (2 + 4 + 2))
-    full = {k: 0.5 for keys in M.UTILITY_KEYS.values() for k in keys}
-    assert M.model_utility(full) == (pytest.approx(0.5), ["retain", "real_authors", "world_facts"])
-    assert M.model_utility({**full, "wf_Q_A_ROUGE": 0.0})[0] == 0.0
+    full = {k: 0.5 for keys in T.UTILITY_KEYS.values() for k in keys}
+    assert T.model_utility(full) == (pytest.approx(0.5), ["retain", "real_authors", "world_facts"])
+    assert T.model_utility({**full, "wf_Q_A_ROUGE": 0.0})[0] == 0.0
     with pytest.raises(ValueError, match="none of the splits"):
-        M.model_utility({})
+        T.model_utility({})
 
 
 def test_judge_text_helpers():

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bs_train import methods
-from bs_train.evaluation import metrics
+from bs_train.evaluation.tofu import metrics
 from bs_train.beliefs import BeliefSet
 from bs_train.config import MethodConfig, load_config
 from bs_train.model import LossHead

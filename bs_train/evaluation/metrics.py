@@ -1,25 +1,16 @@
 """The evaluation formulas, model-free: every number ``bs-unlearn eval`` reports is computed here from per-example
 log-probabilities, token predictions and texts, so each convention lives in one place and is unit-tested by hand.
 
-Sources, per quantity (the model-facing side, ``bs_train/evaluation/tofu/suite.py``, only produces the inputs):
+Sources, per quantity; the formulas of one benchmark alone sit beside its suite (``tofu/metrics.py``: truth ratio,
+forget quality, model utility, Mem / Util / Agg), and the model-facing side (``scoring.py``, each suite) only
+produces the inputs:
 
 * **Answer probability** (TOFU, Maini et al. 2024, "TOFU: A Task of Fictitious Unlearning for LLMs"; computed as in
   OpenUnlearning, Dorna et al. 2025, ``evaluate_probability``): ``exp(-mean answer-token NLL)``, i.e. the
-  length-normalised probability of the answer given the question. On real authors / world facts TOFU normalises
-  over the options: ``P(answer) / (P(answer) + sum_w P(wrong option w))``.
-* **Truth ratio** (TOFU; OpenUnlearning ``truth_ratio``): per example ``tr = P_pert / P_para``, with ``P_pert`` the
-  geometric mean of the length-normalised probabilities of the perturbed answers (``exp(-mean of their mean NLLs)``;
-  the list may have any length) and ``P_para`` that of the paraphrased answer (on real authors / world facts the
-  answer itself). Aggregated on the forget set as ``mean min(tr, 1/tr)`` ("closer to 1 is better") and on retain,
-  real authors and world facts as ``mean max(0, 1 - tr)`` ("true is better").
+  length-normalised probability of the answer given the question.
 * **ROUGE-L recall** (TOFU; OpenUnlearning ``eval_text_similarity``): ``rouge_score`` ``rougeL`` recall of the greedy
   generation against the ground-truth answer, with the Porter stemmer; **ROUGE-L F1** the same score's F-measure,
   MUSE's VerbMem (greedy continuation of a forget passage) and KnowMem (greedy answers with in-context examples).
-* **Forget quality** (TOFU): p-value of the two-sample Kolmogorov-Smirnov test (``scipy.stats.ks_2samp``, default
-  ``method="auto"``) between the per-example forget truth ratios of the unlearned model and of a retain-only model.
-  OpenUnlearning feeds ``1/tr`` to the test; the KS statistic and p-value are invariant under that monotone map.
-* **Model utility** (TOFU): ``scipy.stats.hmean`` of the nine values (probability, ROUGE-L recall, truth ratio) x
-  (retain, real authors, world facts); here any value equal to 0 makes the harmonic mean 0, explicitly.
 * **Extraction strength** (Carlini et al. 2021 / Wang et al. 2024, as in OpenUnlearning): with teacher-forced argmax
   predictions ``p`` of the answer tokens ``y`` (EOS excluded), ``ES = 1 - k/|y|`` for the smallest ``k`` such that
   ``p[k:] == y[k:]``. When not even the last token matches, the definition gives ``k = |y|`` (ES = 0), but
@@ -36,29 +27,21 @@ Sources, per quantity (the model-facing side, ``bs_train/evaluation/tofu/suite.p
   vocabulary (clamped at 1e-6). AUC = P(score(holdout) > score(forget)) + P(tie)/2, i.e. forget = negative class;
   1 means the forget set is fully recognisable. **PrivLeak** (MUSE, with OpenUnlearning's AUC orientation):
   ``((1 - AUC) - (1 - AUC_retain)) / (1 - AUC_retain) * 100``; 0 = like the retain model, -100 = fully leaking.
-* **Mem / Util / Agg** (the BS paper, "LLM Unlearning with LLM Beliefs", ICLR 2026, following OpenUnlearning's
-  aggregates): ``Mem = HM(1 - ES, 1 - EM, 1 - P_para, 1 - TR)`` on the forget set with ``TR = mean P_c / (P_c + P_w)``
-  (``P_c`` = paraphrased-answer probability, ``P_w`` = the perturbed answers' geometric-mean probability, per
-  example), ``Util = HM(model utility, fluency)``, ``Agg = HM(Mem, Util)``.
 """
 
 from __future__ import annotations
 
-import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 MIN_K_DEFAULT = 0.4  # OpenUnlearning / MUSE default fraction for min-k% and min-k%++
-OU_EPS = 1e-10  # open-unlearning's epsilon in the truth ratio, its aggregates and forget quality (memorization.py,
-# utils.py get_forget_quality); the ``eps=`` of the functions below, 0 in the exact protocol
 _EPS = 1e-10  # the epsilon OpenUnlearning adds to the privleak denominator
-_MAX_LOG_TR = 700.0  # |log tr| beyond this would overflow a float64; reached only by a destroyed model
 
 
-def _finite(values: Any, name: str) -> np.ndarray:
+def finite(values: Any, name: str) -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name}: expected finite numbers, got {arr.tolist()!r:.200}")
@@ -72,7 +55,7 @@ def hmean(values: Sequence[float]) -> float:
     """Harmonic mean of non-negative numbers; 0 if any of them is 0 (``scipy.stats.hmean``'s limit, made explicit).
 
     Raises ``ValueError`` for an empty list, negative or non-finite values."""
-    arr = _finite(values, "hmean")
+    arr = finite(values, "hmean")
     if arr.size == 0:
         raise ValueError("hmean: no values")
     if np.any(arr < 0):
@@ -82,86 +65,12 @@ def hmean(values: Sequence[float]) -> float:
     return float(arr.size / np.sum(1.0 / arr))
 
 
-def mem_score(extraction_strength: float, exact_memorization: float, para_prob: float, truth_ratio_pc: float) -> float:
-    """The BS paper's memorisation score: ``HM(1 - ES, 1 - EM, 1 - P_para, 1 - TR)`` (higher = less memorised)."""
-    return hmean([1 - extraction_strength, 1 - exact_memorization, 1 - para_prob, 1 - truth_ratio_pc])
-
-
-def util_score(model_utility: float, fluency: float | None) -> float:
-    """``Util = HM(model utility, fluency)``; without a fluency score, the model utility alone."""
-    return model_utility if fluency is None else hmean([model_utility, fluency])
-
-
-def agg_score(mem: float, util: float) -> float:
-    """``Agg = HM(Mem, Util)``."""
-    return hmean([mem, util])
-
-
 # ----------------------------------------------------------------------------------------------- probabilities
 
 
 def probability(avg_nll: Any) -> np.ndarray:
     """Length-normalised answer probability ``exp(-mean answer-token NLL)``, elementwise."""
-    return np.exp(-_finite(avg_nll, "probability"))
-
-
-def normalised_option_probability(correct_nll: float, wrong_nlls: Sequence[float]) -> float:
-    """TOFU's probability on real authors / world facts: ``P(c) / (P(c) + sum_w P(w))``, each ``P = exp(-mean NLL)``."""
-    wrong = _finite(wrong_nlls, "normalised_option_probability")
-    # divide through by P(c) for stability: 1 / (1 + sum_w exp(nll_c - nll_w))
-    return float(1.0 / (1.0 + np.sum(np.exp(float(correct_nll) - wrong))))
-
-
-def truth_ratio(para_nll: float, pert_nlls: Sequence[float], eps: float = 0.0) -> float:
-    """Per-example truth ratio ``P_pert / P_para`` from mean answer NLLs; ``P_pert`` is the geometric mean of the
-    perturbed answers' normalised probabilities, so lists of any length compare on one scale. ``eps > 0``:
-    ``P_pert / (P_para + eps)``, as open-unlearning computes it."""
-    pert = _finite(pert_nlls, "truth_ratio")
-    if pert.size == 0:
-        raise ValueError("truth_ratio: the perturbed-answer list is empty")
-    if eps > 0:
-        return float(math.exp(-float(pert.mean())) / (math.exp(-float(para_nll)) + eps))
-    log_tr = float(para_nll) - float(pert.mean())
-    return float(math.exp(min(max(log_tr, -_MAX_LOG_TR), _MAX_LOG_TR)))  # clipped so the ratio stays finite
-
-
-def truth_ratio_forget(ratios: Sequence[float], eps: float = 0.0) -> float:
-    """Forget-set aggregate ``mean min(tr, 1/(tr + eps))``: 1 when true and false answers are equally likely."""
-    tr = _finite(ratios, "truth_ratio_forget")
-    if tr.size == 0 or np.any(tr < 0) or (eps == 0 and np.any(tr == 0)):
-        raise ValueError(f"truth_ratio_forget: need positive ratios, got {tr.tolist()!r:.200}")
-    return float(np.mean(np.minimum(tr, 1.0 / (tr + eps))))
-
-
-def truth_ratio_retain(ratios: Sequence[float]) -> float:
-    """Retain / real-author / world-fact aggregate ``mean max(0, 1 - tr)``: higher when the true answer wins."""
-    tr = _finite(ratios, "truth_ratio_retain")
-    if tr.size == 0:
-        raise ValueError("truth_ratio_retain: no ratios")
-    return float(np.mean(np.maximum(0.0, 1.0 - tr)))
-
-
-def truth_ratio_pc(ratios: Sequence[float]) -> float:
-    """The BS paper's forget-set TR: ``mean P_c / (P_c + P_w)`` = ``mean 1 / (1 + tr)`` per example (from
-    ``eps=0`` ratios; open-unlearning's ``prob_mean`` adds 1e-10 to a sum of probabilities of order 1)."""
-    tr = _finite(ratios, "truth_ratio_pc")
-    if tr.size == 0:
-        raise ValueError("truth_ratio_pc: no ratios")
-    return float(np.mean(1.0 / (1.0 + tr)))
-
-
-def forget_quality(unlearned_ratios: Sequence[float], retain_ratios: Sequence[float], eps: float = 0.0) -> float:
-    """TOFU forget quality: ``scipy.stats.ks_2samp`` p-value of the two per-example forget truth-ratio samples
-    (``eps > 0``: of ``1 / (tr + eps)``, open-unlearning's get_forget_quality; the same p-value unless eps makes ties).
-    The p-value itself; the BS authors' fork reports its natural log (src/evals/metrics/privacy.py ``np.log``)."""
-    from scipy.stats import ks_2samp
-
-    a, b = _finite(unlearned_ratios, "forget_quality"), _finite(retain_ratios, "forget_quality")
-    if a.size == 0 or b.size == 0:
-        raise ValueError(f"forget_quality: both samples must be non-empty, got sizes {a.size} and {b.size}")
-    if eps > 0:
-        a, b = 1.0 / (a + eps), 1.0 / (b + eps)
-    return float(ks_2samp(a, b).pvalue)
+    return np.exp(-finite(avg_nll, "probability"))
 
 
 # ----------------------------------------------------------------------------------------------- generations
@@ -240,14 +149,14 @@ def _lowest_k_mean(values: np.ndarray, k: float) -> float:
 
 def min_k_score(token_logps: Sequence[float], k: float = MIN_K_DEFAULT) -> float:
     """Min-k% score: minus the mean of the lowest ``max(1, int(k n))`` token log-probs (higher = non-member)."""
-    return -_lowest_k_mean(_finite(token_logps, "min_k_score"), k)
+    return -_lowest_k_mean(finite(token_logps, "min_k_score"), k)
 
 
 def min_k_plus_plus_score(token_logps: Sequence[float], mu: Sequence[float], var: Sequence[float],
                           k: float = MIN_K_DEFAULT) -> float:
     """Min-k%++ score: min-k% over ``(log p(y_t) - mu_t) / sqrt(max(var_t, 1e-6))``; ``mu_t``, ``var_t`` are the mean
     and variance of ``log p_t(v)`` under ``v ~ p_t`` (the model's next-token distribution)."""
-    lp, m, v = (_finite(x, "min_k_plus_plus_score") for x in (token_logps, mu, var))
+    lp, m, v = (finite(x, "min_k_plus_plus_score") for x in (token_logps, mu, var))
     if not lp.shape == m.shape == v.shape:
         raise ValueError(f"min_k_plus_plus_score: lengths differ ({lp.size}, {m.size}, {v.size})")
     z = (lp - m) / np.sqrt(np.maximum(v, 1e-6))
@@ -259,7 +168,7 @@ def auc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> floa
     (the Mann-Whitney U statistic; equal to ``sklearn.metrics.roc_auc_score``)."""
     from scipy.stats import rankdata
 
-    f, h = _finite(forget_scores, "auc"), _finite(holdout_scores, "auc")
+    f, h = finite(forget_scores, "auc"), finite(holdout_scores, "auc")
     if f.size == 0 or h.size == 0:
         raise ValueError(f"auc: both groups must be non-empty, got {f.size} forget and {h.size} holdout scores")
     ranks = rankdata(np.concatenate([f, h]))  # ties get their average rank
@@ -274,23 +183,3 @@ def privleak(auc_value: float, retain_auc: float = 0.5) -> float:
             raise ValueError(f"privleak: {name} must be in [0, 1], got {v}")
     ref = 1.0 - retain_auc
     return float(((1.0 - auc_value) - ref) / (ref + _EPS) * 100.0)
-
-
-# ----------------------------------------------------------------------------------------------- model utility
-
-
-UTILITY_KEYS = {
-    "retain": ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"),
-    "real_authors": ("ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio"),
-    "world_facts": ("wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio"),
-}
-
-
-def model_utility(values: Mapping[str, float | None]) -> tuple[float, list[str]]:
-    """TOFU model utility: harmonic mean of the available ``UTILITY_KEYS`` triples; returns ``(value, splits used)``.
-
-    A split counts when all three of its values are present (not None); raises ``ValueError`` if none is."""
-    used = [split for split, keys in UTILITY_KEYS.items() if all(values.get(k) is not None for k in keys)]
-    if not used:
-        raise ValueError(f"model_utility: none of the splits {list(UTILITY_KEYS)} has all three values")
-    return hmean([float(values[k]) for s in used for k in UTILITY_KEYS[s]]), used

@@ -319,7 +319,7 @@ def rejudge(recipe: Recipe) -> dict:
     Returns ``{"scored": n, "changed_choice": [methods whose judged best rate differs]}``."""
     from ..data import load_split, resolve_data
     from ..evaluation.judge import make_judge
-    from ..evaluation.metrics import agg_score, util_score
+    from ..evaluation.tofu.metrics import agg_score, util_score
 
     _judge()
     judge, data = make_judge("embedding", device="cpu"), resolve_data(recipe.data)

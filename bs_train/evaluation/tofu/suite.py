@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .. import metrics
+from . import metrics as tofu_metrics
 from ...console import progress as progress_bar
 from ...data import check_perturbed, check_protocol, load_split, resolve_data, wrong_answers
 from ..generation import generate_text
@@ -183,7 +184,7 @@ def _nll_lists(model, tok, questions: Sequence[str], answer_lists: Sequence[Sequ
 
 def _eps(protocol: str) -> float:
     """The truth-ratio epsilon of a protocol: open-unlearning's 1e-10, none in ours."""
-    return metrics.OU_EPS if check_protocol(protocol) == "open-unlearning" else 0.0
+    return tofu_metrics.OU_EPS if check_protocol(protocol) == "open-unlearning" else 0.0
 
 
 def forget_statistics(model: torch.nn.Module, tokenizer: Any, data: Any, *, forget_split: str = "forget10",
@@ -206,11 +207,11 @@ def forget_statistics(model: torch.nn.Module, tokenizer: Any, data: Any, *, forg
         pq = [r["question"] for r in pert]
         para = _nll_lists(model, tokenizer, pq, [[r["paraphrased_answer"]] for r in pert], **kw)
         wrong = _nll_lists(model, tokenizer, pq, [r["perturbed_answer"] for r in pert], **kw)
-        trs = [metrics.truth_ratio(p[0], w, eps) for p, w in zip(para, wrong)]
+        trs = [tofu_metrics.truth_ratio(p[0], w, eps) for p, w in zip(para, wrong)]
         res["forget_Q_A_PARA_Prob"] = float(np.mean([metrics.probability(p)[0] for p in para]))
         res["forget_Q_A_PERT_Prob"] = float(np.mean([metrics.probability(w).mean() for w in wrong]))
-        res["forget_truth_ratio"] = metrics.truth_ratio_forget(trs, eps)
-        res["forget_truth_ratio_pc"] = metrics.truth_ratio_pc(trs)
+        res["forget_truth_ratio"] = tofu_metrics.truth_ratio_forget(trs, eps)
+        res["forget_truth_ratio_pc"] = tofu_metrics.truth_ratio_pc(trs)
         res["forget_truth_ratios"] = trs
     else:
         res["notes"].append(f"no {forget_split}_perturbed split: truth ratio, forget quality and Mem not computed")
@@ -295,9 +296,9 @@ def _utility_block(model, tok, rows: list[dict[str, Any]], prefix: str, *, kind:
                        batch_size=batch_size, **kw)
     if kind != "retain":
         out[f"{prefix}_Q_A_Prob_normalised"] = float(np.mean(
-            [metrics.normalised_option_probability(p[0], w) for p, w in zip(para, wrong)]))
-    ratios = [metrics.truth_ratio(p[0], w, _eps(protocol)) for p, w in zip(para, wrong)]
-    out[f"{prefix}_Truth_Ratio"] = metrics.truth_ratio_retain(ratios)
+            [tofu_metrics.normalised_option_probability(p[0], w) for p, w in zip(para, wrong)]))
+    ratios = [tofu_metrics.truth_ratio(p[0], w, _eps(protocol)) for p, w in zip(para, wrong)]
+    out[f"{prefix}_Truth_Ratio"] = tofu_metrics.truth_ratio_retain(ratios)
     return out
 
 
@@ -343,13 +344,13 @@ def evaluate_loaded(model: torch.nn.Module, tokenizer: Any, data: Any, *, forget
     if not utility_splits:
         notes.append("no utility split asked for: model utility not computed")
     try:
-        res["model_utility"], res["utility_splits"] = metrics.model_utility(res)
+        res["model_utility"], res["utility_splits"] = tofu_metrics.model_utility(res)
     except ValueError as e:
         res["model_utility"], res["utility_splits"] = None, []
         notes.append(str(e))
 
     if ref is not None and ref.get("forget_truth_ratios") and per["forget_truth_ratios"]:
-        res["forget_quality"] = metrics.forget_quality(per["forget_truth_ratios"], ref["forget_truth_ratios"],
+        res["forget_quality"] = tofu_metrics.forget_quality(per["forget_truth_ratios"], ref["forget_truth_ratios"],
                                                        _eps(protocol))
         res["forget_quality_log"] = float(np.log(max(res["forget_quality"], np.finfo(float).tiny)))
     else:
@@ -376,13 +377,13 @@ def evaluate_loaded(model: torch.nn.Module, tokenizer: Any, data: Any, *, forget
 
     have_mem = all(res.get(k) is not None for k in ("extraction_strength", "exact_memorization",
                                                       "forget_Q_A_PARA_Prob", "forget_truth_ratio_pc"))
-    res["mem"] = metrics.mem_score(res["extraction_strength"], res["exact_memorization"], res["forget_Q_A_PARA_Prob"],
+    res["mem"] = tofu_metrics.mem_score(res["extraction_strength"], res["exact_memorization"], res["forget_Q_A_PARA_Prob"],
                              res["forget_truth_ratio_pc"]) if have_mem else None
-    res["util"] = metrics.util_score(res["model_utility"], res["fluency"]) if res["model_utility"] is not None else None
+    res["util"] = tofu_metrics.util_score(res["model_utility"], res["fluency"]) if res["model_utility"] is not None else None
     if res["util"] is not None and res["fluency"] is None:
         notes.append("Util = model utility alone (no judge, so no fluency score)")
     have_agg = res["mem"] is not None and res["util"] is not None
-    res["agg"] = metrics.agg_score(res["mem"], res["util"]) if have_agg else None
+    res["agg"] = tofu_metrics.agg_score(res["mem"], res["util"]) if have_agg else None
     res["forget_split"] = forget_split
     res["protocol"] = protocol
     res["notes"] = notes
