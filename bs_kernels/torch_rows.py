@@ -294,7 +294,8 @@ def scores_rows(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float,
     If ``grad`` [C] is given, ``z`` is overwritten with dL/dx = ``grad[:, None] * (t - p) * dz/dx`` (zero on ignored
     rows; ``dz/dx = logit_scale (1 - (z/softcap)^2)``); otherwise ``z`` is left as it was. Returns ``(scores [C],
     lse [C] | None, top-k indices int32 [C, k] | None, q [C, k] | None)``, float32 (float64 for float64 logits);
-    the statistics are returned when ``save_stats`` and are what ``grad_rows_from_stats`` needs to rebuild t. The chunked driver calls ``rows_forward`` directly.
+    the statistics are returned when ``save_stats`` and are what ``grad_rows_from_stats`` needs to rebuild t. The
+    chunked driver calls ``rows_forward`` directly.
     """
     work = z if grad is not None else z.clone()
     score, lse, topi, q = rows_forward(work, labels, topk=topk, lam=lam, ignore_index=ignore_index,
