@@ -13,7 +13,8 @@ only how they are wired. ``layout`` reads that once per model (``Layout``, one `
 * rotary: one table, or one per layer type (Gemma-3's local and global bases); partial rotary (GPT-NeoX, Phi-3 with
   ``partial_rotary_factor < 1``) rotates the first ``cos.shape[-1]`` dims of each head, as transformers does;
 * residual wiring: ``pre`` (Llama: norm before attention and MLP), ``sandwich`` (Gemma-2/3: norms before and after
-  each), ``post`` (OLMo-2: norms after each) and ``parallel`` (GPT-NeoX: attention and MLP on the same input);
+  each), ``post`` (OLMo-2: norms after each) and ``parallel`` (attention and MLP on the same input: GPT-NeoX with a
+  norm each, Phi-1/1.5/2 with one shared norm);
 * attention: scale from the module, Gemma-2's soft-capped scores (written out; SDPA cannot cap), a sliding window per
   layer (Mistral, Phi-3: every layer from the config; Gemma-2/3, Qwen2/3: the layers the attention module marks);
 * the MLP, dense or mixture-of-experts, is the model's own module; the head is ``bs_kernels.hf.lm_head`` (bias,
@@ -37,8 +38,8 @@ import torch.nn.functional as F
 from bs_kernels.head import transform_logits
 from bs_kernels.hf import lm_head
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt_neox",
-            "qwen3_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "olmo2",
+            "gpt_neox", "qwen3_moe")
 """``config.model_type`` of the families the layout drives (tested against ``generate``: tests/test_families.py)."""
 
 _WINDOW_FROM_CONFIG = ("mistral", "phi3")
@@ -106,6 +107,8 @@ def _norms(layer) -> tuple[tuple, bool]:
     if get("input_layernorm") is not None and get("post_attention_layernorm") is not None:
         return (get("input_layernorm"), None, get("post_attention_layernorm"), None), bool(
             getattr(layer, "use_parallel_residual", False))
+    if get("input_layernorm") is not None:  # Phi: attention and MLP both read the one norm's output
+        return (get("input_layernorm"), None, get("input_layernorm"), None), True
     raise ValueError(f"{type(layer).__name__}: unknown norm layout")
 
 
@@ -125,7 +128,7 @@ def layout(model) -> Layout:
                          "use HF generate for this model")
     dec = decoder_of(model)
     rotary = getattr(dec, "rotary_emb", None)
-    norm = _first(dec, "norm", "final_layer_norm")
+    norm = _first(dec, "norm", "final_layer_norm", "final_layernorm")
     if rotary is None or norm is None or getattr(dec, "layers", None) is None:
         raise ValueError(f"{type(model).__name__}: the sampler drives decoders with layers, rotary_emb and a final "
                          "norm; this one lacks one of them: use HF generate for this model")
@@ -140,7 +143,7 @@ def layout(model) -> Layout:
         else:
             qkv, kind = (attn.q_proj, attn.k_proj, attn.v_proj), "split"
         norms, parallel = _norms(block)
-        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        q_norm, k_norm = _first(attn, "q_norm", "q_layernorm"), _first(attn, "k_norm", "k_layernorm")
         head_dim = _first(attn, "head_dim", "head_size")
         layers.append(LayerLayout(
             qkv=qkv, qkv_kind=kind, out=_first(attn, "o_proj", "dense"), q_norm=q_norm, k_norm=k_norm,

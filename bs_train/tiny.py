@@ -11,7 +11,7 @@ touching the global RNG.
 and harnesses use) from transformers' own config classes, with each family's distinguishing features switched on and
 sized to matter at this scale: Mistral's and Gemma's sliding windows bind at 16 tokens, Gemma-2's final and attention
 soft-caps bite on logits of a few units (3 and 1 here; 30 and 50 in the released models), GPT-NeoX rotates a quarter
-of each head. ``load_model("tiny:<family>")`` loads one with the byte tokenizer.
+of each head and Phi half, Phi's lm_head has a bias. ``load_model("tiny:<family>")`` loads one with the byte tokenizer.
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "gemma": ("GemmaConfig", {}),  # (1 + w) RMSNorm, sqrt(D)-scaled embedding, tied head, GeLU-tanh MLP
     "gemma2": ("Gemma2Config", _gemma_like(final_logit_softcapping=3.0, attn_logit_softcapping=1.0)),
     "gemma3": ("Gemma3TextConfig", _gemma_like(layer_types=["sliding_attention", "full_attention"])),
+    "phi": ("PhiConfig", {}),  # TOFU's Phi-1.5: lm_head bias, one shared LayerNorm, parallel residual, half rotary
     "phi3": ("Phi3Config", {}),  # fused qkv and gate/up projections
     "olmo2": ("Olmo2Config", {}),  # norms after attention and MLP, q/k RMSNorm over all heads
     "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.25}),  # Pythia: parallel residual, LayerNorm, partial rotary
@@ -155,18 +156,25 @@ def tiny_config(family: str, vocab_size: int):
     if family == "gpt_neox":  # multi-head attention only, head width from hidden / heads
         for key in ("num_key_value_heads", "head_dim"):
             kwargs.pop(key)
+    if family == "phi":  # head width from hidden / heads
+        kwargs.pop("head_dim")
     return getattr(transformers, cls_name)(**kwargs)
 
 
 def tiny_model(family: str, vocab_size: int, *, seed: int = 0) -> torch.nn.Module:
     """``family``'s tiny causal LM (float32, eval mode) with random weights from ``seed``; the global RNG is left as
-    it was. The attention implementation is the one transformers picks for the family (SDPA, or eager for Gemma-2,
-    whose soft-capped attention SDPA cannot express)."""
+    it was. Biases are drawn too (transformers starts them at 0), so a bias a code path drops shows: Qwen2's q/k/v
+    biases, Phi's lm_head bias. The attention implementation is the one transformers picks for the family (SDPA, or
+    eager for Gemma-2, whose soft-capped attention SDPA cannot express)."""
     import transformers
 
     config = tiny_config(family, vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias") and "norm" not in name:
+                    p.normal_(0.0, config.initializer_range)
     return model.eval()
 
