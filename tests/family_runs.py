@@ -2,9 +2,10 @@
 
 ``run_args(family, out, grad_accum)`` is the run both sides of the comparison make: BS-S on the BS-T base with a KL
 retain term (the frozen reference sharded too) on 2 generated authors of 2 questions each, greedy beliefs drawn by
-the belief sampler before each of the 2 steps (the second round by the updated model), then the Hugging Face export. Launched as a script under torchrun (``python -m torch.distributed.run
---nproc-per-node 2 tests/family_runs.py OUT FAMILY...``) it makes every family's 2-rank FSDP2 run in one launch, so
-the matrix pays for one process start, not one per family; the test makes the 1-process runs itself.
+the belief sampler before each of the 2 steps (the second round by the updated model), then the Hugging Face export.
+Launched as a script under torchrun (``python -m torch.distributed.run --nproc-per-node 2 tests/family_runs.py OUT
+FAMILY...``) it makes every family's 2-rank FSDP2 run in one launch, so the matrix pays for one process start, not
+one per family; the test makes the 1-process runs itself.
 """
 
 from __future__ import annotations
