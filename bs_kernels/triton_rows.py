@@ -55,7 +55,7 @@ def _head_grad(z, scale, cap, HAS_CAP: tl.constexpr):
     if HAS_CAP:
         u = z / cap
         return scale * tl.maximum(1.0 - u * u, 0.0)
-    return scale
+    return scale + tl.zeros_like(z)  # z's shape in both branches (the compiler requires it); never 0 * inf
 
 
 @triton.jit
