@@ -1,7 +1,7 @@
 """Evaluate a model on TOFU-format data: the TOFU metric suite, memorisation, membership inference, Mem/Util/Agg.
 
 The suite only: it asks ``bs_train/scoring.py`` for answer NLLs, per-token log-probs and vocabulary statistics,
-``bs_train/generation.py`` for greedy answers (the project's sampler for Llama-family models, HF ``generate``
+``bs_train/generation.py`` for greedy answers (the project's sampler for the families it drives, HF ``generate``
 otherwise), ``bs_train/judge.py`` for similarity and fluency, and turns them into numbers with the formulas of
 ``bs_train/metrics.py``; the data comes through ``resolve_data`` / ``load_split`` of ``bs_train/data.py``.
 
