@@ -35,12 +35,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import bs_kernels as bk
 from bs_train import methods
 from bs_train.config import MethodConfig, ModelConfig, load_config
+from bs_train.data import encode_qa, load_qa
+from bs_train.evaluate import evaluate_loaded
 from bs_train.lora import apply_lora
 from bs_train.model import LossHead, load_model
 from bs_train.sampler import SamplingConfig, sample
+from bs_train.scoring import score_answers
 from bs_train.tiny import FAMILIES, byte_tokenizer, tiny_model
 from bs_train.trainer import run
 from family_runs import STEPS, run_args
@@ -228,10 +230,6 @@ def test_fsdp2_two_ranks_match_one_process_and_the_exports_reload(runs, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_evaluation_scores_the_models_own_logits(runs, family):
-    from bs_train.data import encode_qa, load_qa
-    from bs_train.evaluate import evaluate_loaded
-    from bs_train.scoring import score_answers
-
     model, tok = load_model(str(runs / family / "single" / "final"))
     data = runs / family / "single" / "data"
     rows = load_qa(data, "forget10")[:2]
