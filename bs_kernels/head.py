@@ -51,7 +51,9 @@ class LMHead:
     def to(self, dtype: torch.dtype) -> LMHead:
         """The same head with its weight and bias in ``dtype`` (differentiable casts: under autocast the loss runs in
         the compute dtype and the gradients flow back to the master weights)."""
-        cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
+        def cast(t):
+            return t if t is None or t.dtype == dtype else t.to(dtype)
+
         return LMHead(cast(self.weight), cast(self.bias), self.logit_scale, self.softcap)
 
     def detach(self) -> LMHead:

@@ -71,6 +71,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import bs_kernels as bk
 
@@ -227,8 +228,6 @@ def logit_margin(h: torch.Tensor, head: bk.LMHead) -> torch.Tensor:
     if head.softcap is None:
         mean = h.float() @ w.mean(0, dtype=torch.float32) + (0.0 if b is None else b.float().mean())
         return z_max - head.logit_scale * mean
-    from torch.utils.checkpoint import checkpoint
-
     return z_max - torch.cat([checkpoint(_mean_logit, h[i:i + rows], head, use_reentrant=False) for i in chunks])
 
 
