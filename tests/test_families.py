@@ -189,7 +189,8 @@ def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("families")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # one thread per rank, as here
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    # --standalone: a free rendezvous port, so a torchrun of another job on the same machine cannot collide with it
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(REPO / "tests" / "family_runs.py"), str(out), *FAMILIES]
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as two:
         try:
