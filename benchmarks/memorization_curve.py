@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
             tokens += int(mask.sum())
             with autocast:
-                loss = head(ids, mask, lambda h, w, _: bk.linear_cross_entropy(h, w, labels, shift=True, impl=impl))
+                loss = head(ids, mask, lambda h, lm, _: bk.linear_cross_entropy(
+                    h, lm.weight, labels, shift=True, impl=impl, **lm.options()))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.max_grad_norm or float("inf"))
             optim.step()

@@ -93,13 +93,36 @@ def check_tensors(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
                              f"and is not ignore_index={ignore_index}")
 
 
+def _is_real(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float))
+
+
+def check_head(*, logit_scale, softcap, bias, weight, prefix: str = "") -> None:
+    """Validate a head's transform (``head.py``): ``logit_scale`` a finite float > 0, ``softcap`` None or a finite
+    float > 0, ``bias`` None or a [V] tensor in ``weight``'s dtype and on its device. ``prefix`` names the argument
+    family (``teacher_`` for the teacher head of the teacher KL)."""
+    if not _is_real(logit_scale) or not 0.0 < float(logit_scale) < float("inf"):
+        raise ValueError(f"{prefix}logit_scale must be a finite float > 0, got {prefix}logit_scale={logit_scale!r}")
+    if softcap is not None and (not _is_real(softcap) or not 0.0 < float(softcap) < float("inf")):
+        raise ValueError(f"{prefix}softcap must be None or a finite float > 0, got {prefix}softcap={softcap!r}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise ValueError(f"{prefix}bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return  # the weight's own check names the problem
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"{prefix}bias must have shape [V]=({weight.shape[0]},) to match the weight, "
+                         f"got {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype:
+        raise ValueError(f"{prefix}bias dtype {bias.dtype} must equal the weight dtype {weight.dtype}")
+    if bias.device != weight.device:
+        raise ValueError(f"{prefix}bias is on {bias.device} but the weight is on {weight.device}")
+
+
 # ---- the teacher-KL primitive (teacher_kl.py) -------------------------------------------------------------------
 
 TEACHER_KINDS = ("kl", "ce")
-
-
-def _is_real(x) -> bool:
-    return not isinstance(x, bool) and isinstance(x, (int, float))
 
 
 def check_teacher_options(*, kind: str, gamma: float, temperature: float, ignore_index: int, impl: str,

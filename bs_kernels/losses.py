@@ -5,7 +5,7 @@ position t the way Hugging Face causal LMs do. The shift moves the *labels* (pad
 rather than slicing the hidden states, so no copy of the [B, T, D] activations is made.
 
 All three know every token's upstream gradient at forward time, so they run on ``linear_weighted_score_sum``:
-three GEMMs and no logits.
+three GEMMs and no logits. Each takes a transformed head's ``bias``, ``logit_scale`` and ``softcap`` (``head.py``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def sequence_mean_weights(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          ignore_index: int = IGNORE_INDEX, reduction: str = "mean", shift: bool = False,
-                         impl: str = "triton", chunk_size: int | None = None) -> torch.Tensor:
+                         impl: str = "triton", chunk_size: int | None = None, bias: torch.Tensor | None = None,
+                         logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels``, like ``F.cross_entropy`` on the logits.
 
     ``reduction="mean"`` averages over non-ignored tokens (0 when there are none); ``"none"`` returns the
@@ -59,20 +60,22 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got reduction={reduction!r}")
     h, y, shaped = _flatten(hidden, labels, shift, ignore_index)
+    head = {"bias": bias, "logit_scale": logit_scale, "softcap": softcap}
     if reduction == "none":
-        nll = -linear_token_scores(h, weight, y, ignore_index=ignore_index, impl=impl, chunk_size=chunk_size)
+        nll = -linear_token_scores(h, weight, y, ignore_index=ignore_index, impl=impl, chunk_size=chunk_size, **head)
         return nll.view(shaped.shape)
     w = -(y != ignore_index).float()
     if reduction == "mean":
         w = w / (-w.sum()).clamp_min(1)
     loss, _ = linear_weighted_score_sum(h, weight, y, w, ignore_index=ignore_index, impl=impl,
-                                        chunk_size=chunk_size)
+                                        chunk_size=chunk_size, **head)
     return loss
 
 
 def bst_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, lam: float = 0.2,
              topk: int = 20, ignore_index: int = IGNORE_INDEX, shift: bool = True, impl: str = "triton",
-             chunk_size: int | None = None) -> torch.Tensor:
+             chunk_size: int | None = None, bias: torch.Tensor | None = None, logit_scale: float = 1.0,
+             softcap: float | None = None) -> torch.Tensor:
     """BS-T forget loss (minimised): mean over answer tokens of s_i within a sequence, then mean over sequences.
 
     ``hidden`` [B, T, D], ``labels`` [B, T] with ``ignore_index`` outside the answer. s_i uses the soft target
@@ -82,12 +85,14 @@ def bst_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *
     h, y, shaped = _flatten(hidden, labels, shift, ignore_index)
     w = sequence_mean_weights(shaped, ignore_index).reshape(-1)
     loss, _ = linear_weighted_score_sum(h, weight, y, w, topk=topk, lam=lam, ignore_index=ignore_index,
-                                        impl=impl, chunk_size=chunk_size)
+                                        impl=impl, chunk_size=chunk_size, bias=bias, logit_scale=logit_scale,
+                                        softcap=softcap)
     return loss
 
 
 def ga_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX,
-            shift: bool = True, impl: str = "triton", chunk_size: int | None = None) -> torch.Tensor:
+            shift: bool = True, impl: str = "triton", chunk_size: int | None = None, bias: torch.Tensor | None = None,
+            logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
     """Gradient-ascent forget loss (minimised): the mean log-likelihood with the reference reduction of ``bst_loss``."""
     return bst_loss(hidden, weight, labels, lam=0.0, topk=0, ignore_index=ignore_index, shift=shift, impl=impl,
-                    chunk_size=chunk_size)
+                    chunk_size=chunk_size, bias=bias, logit_scale=logit_scale, softcap=softcap)

@@ -10,6 +10,10 @@ share the vocabulary V but may differ in width,
     kind="ce":  -sum_v p_t log p_s                              = lse(b) - <p_t, b>
     d value_i / d z_s,i = (p_s - p_t) / T  for both kinds (p_t sums to one and carries no gradient).
 
+Either head may be transformed (``head.py``: a bias, a logit scale, soft-capping; the teacher's own options carry the
+``teacher_`` prefix): b and a are then built from the transformed logits, and the student's gradient carries the chain
+factor of its transform, ``s (1 - (z_s / c)^2)``.
+
 Rows whose label is ``ignore_index`` give 0 and no gradient; ``labels=None`` scores every row (then gamma must be 0).
 The KL form above is exact when student and teacher agree (0, not the difference of two rounded entropies), which
 matters for a retain term that starts at zero.
@@ -35,7 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import IGNORE_INDEX, check_teacher_options, check_teacher_tensors
+from ._checks import IGNORE_INDEX, check_head, check_teacher_options, check_teacher_tensors
+from .torch_rows import _transform_, cap_grad
 
 # Byte budget of the two logits buffers together (student + teacher). Ours: the same 96 MiB as token_scores.py's
 # single buffer, so swapping a CE retain term for a KL one does not raise the loss's memory; at Llama-3 (V = 128256,
@@ -51,6 +56,15 @@ class _Opts:
     ignore_index: int
     impl: str
     chunk_size: int | None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    teacher_logit_scale: float = 1.0
+    teacher_softcap: float | None = None
+
+    def heads(self) -> dict:
+        """The transform options of both heads, as the row operations take them."""
+        return {"logit_scale": self.logit_scale, "softcap": self.softcap,
+                "teacher_logit_scale": self.teacher_logit_scale, "teacher_softcap": self.teacher_softcap}
 
 
 # ---- the PyTorch row operations (the CPU path, and the reference the Triton kernels are held to) -------------------
@@ -104,22 +118,31 @@ def _store(zs: torch.Tensor, dz: torch.Tensor) -> None:
         zs.copy_(dz)
 
 
+def _head_(x: torch.Tensor, logit_scale: float, softcap: float | None) -> torch.Tensor:
+    _transform_(x, logit_scale, softcap)
+    return x
+
+
 def kl_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None, *, kind: str, gamma: float,
-            inv_temp: float, ignore_index: int, grad: torch.Tensor | None = None, save_stats: bool = False):
-    """Per-row KL or soft-target CE of a student chunk ``zs`` [C, V] against a teacher chunk ``zt`` [C, V].
+            inv_temp: float, ignore_index: int, grad: torch.Tensor | None = None, save_stats: bool = False,
+            logit_scale: float = 1.0, softcap: float | None = None, teacher_logit_scale: float = 1.0,
+            teacher_softcap: float | None = None):
+    """Per-row KL or soft-target CE of a student chunk ``zs`` [C, V] against a teacher chunk ``zt`` [C, V] (raw
+    logits of either head, transformed here).
 
     Both chunks are scratch: their contents afterwards are unspecified, except that with ``grad`` [C] ``zs`` holds
-    ``grad[:, None] * (p_s - p_t) / T`` (zero on ignored rows). Returns ``(values [C], lse_s [C] | None,
+    ``grad[:, None] * (p_s - p_t) / T * dz_s/dx_s`` (zero on ignored rows). Returns ``(values [C], lse_s [C] | None,
     lse_t [C] | None)`` in float32 (float64 for float64 chunks); the log-sum-exps (of the tempered, adjusted logits)
     are what ``kl_grad_rows_from_stats`` needs. Ignored rows keep their true log-sum-exps, so that the backward
     computes exp(z - lse) <= 1 times a zero gradient on them, never inf * 0.
     """
     active, y, bad = _active(labels, ignore_index, zs.shape[0], zs.shape[1], zs.device)
-    logp_s = _acc(zs)
+    logp_s = _head_(_acc(zs), logit_scale, softcap)
+    chain = cap_grad(logp_s, softcap) if grad is not None and softcap is not None else 1.0
     if inv_temp != 1.0:
         logp_s.mul_(inv_temp)
     lse_s, _ = _log_softmax_(logp_s, want_probs=False)
-    logp_t = _adjust_and_temper(_acc(zt), y, active, gamma, inv_temp)
+    logp_t = _adjust_and_temper(_head_(_acc(zt), teacher_logit_scale, teacher_softcap), y, active, gamma, inv_temp)
     lse_t, p_t = _log_softmax_(logp_t, want_probs=True)
     inner = logp_t.sub_(logp_s) if kind == "kl" else torch.neg(logp_s, out=logp_t)  # reuses log p_t's buffer
     # nansum drops 0 * (-inf) = NaN (0 log 0 = 0 at a -inf teacher logit); adding 0 * lse keeps a NaN or inf input
@@ -128,8 +151,8 @@ def kl_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None, *, 
     value = torch.where(active, value, torch.zeros_like(value))
     value = torch.where(bad, torch.full_like(value, float("nan")), value)
     if grad is not None:
-        g = _row_grad(active, bad, grad, p_t.dtype, inv_temp)
-        _store(zs, logp_s.exp_().sub_(p_t).mul_(g[:, None]))
+        g = _row_grad(active, bad, grad, p_t.dtype, inv_temp * logit_scale)
+        _store(zs, logp_s.exp_().sub_(p_t).mul_(g[:, None]).mul_(chain))
     if not save_stats:
         return value, None, None
     return value, lse_s, lse_t
@@ -137,15 +160,19 @@ def kl_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None, *, 
 
 def kl_grad_rows_from_stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None, grad: torch.Tensor,
                             lse_s: torch.Tensor, lse_t: torch.Tensor, *, gamma: float, inv_temp: float,
-                            ignore_index: int) -> None:
-    """Overwrite recomputed logits ``zs`` with ``grad[:, None] * (p_s - p_t) / T`` from the saved log-sum-exps."""
+                            ignore_index: int, logit_scale: float = 1.0, softcap: float | None = None,
+                            teacher_logit_scale: float = 1.0, teacher_softcap: float | None = None) -> None:
+    """Overwrite recomputed raw logits ``zs`` with dL/dx_s (``kl_rows``' contract) from the saved log-sum-exps."""
     active, y, bad = _active(labels, ignore_index, zs.shape[0], zs.shape[1], zs.device)
-    p_t = _adjust_and_temper(_acc(zt), y, active, gamma, inv_temp).sub_(lse_t[:, None]).exp_()
-    p_s = _acc(zs)
+    p_t = _adjust_and_temper(_head_(_acc(zt), teacher_logit_scale, teacher_softcap), y, active, gamma, inv_temp)
+    p_t = p_t.sub_(lse_t[:, None]).exp_()
+    p_s = _head_(_acc(zs), logit_scale, softcap)
+    chain = cap_grad(p_s, softcap) if softcap is not None else 1.0
     if inv_temp != 1.0:
         p_s.mul_(inv_temp)
     p_s = p_s.sub_(lse_s[:, None]).exp_()
-    _store(zs, p_s.sub_(p_t).mul_(_row_grad(active, bad, grad, p_t.dtype, inv_temp)[:, None]))
+    g = _row_grad(active, bad, grad, p_t.dtype, inv_temp * logit_scale)
+    _store(zs, p_s.sub_(p_t).mul_(g[:, None]).mul_(chain))
 
 
 # ---- the chunked driver -------------------------------------------------------------------------------------------
@@ -182,9 +209,18 @@ def _buffers(hidden, weight, o: _Opts):
     return rows, zs, zt
 
 
-def _forward(hidden, weight, t_hidden, t_weight, labels, o: _Opts, *, token_weights=None, save_stats=False,
-             need_dh=False, need_dw=False):
-    """One streaming pass. With ``token_weights`` it also returns dL/dhidden, dL/dweight of L = sum w_i value_i."""
+def _logits(h, weight, bias, z):
+    """z <- h W^T (+ b): one chunk's raw logits."""
+    if bias is None:
+        torch.mm(h, weight.t(), out=z)
+    else:
+        torch.addmm(bias, h, weight.t(), out=z)
+
+
+def _forward(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, o: _Opts, *, token_weights=None,
+             save_stats=False, need_dh=False, need_dw=False, need_db=False):
+    """One streaming pass. With ``token_weights`` it also returns dL/dhidden, dL/dweight, dL/dbias of
+    L = sum w_i value_i."""
     rows_mod = _rows_module(o.impl)
     n = hidden.shape[0]
     rows, zs_buf, zt_buf = _buffers(hidden, weight, o)
@@ -195,15 +231,17 @@ def _forward(hidden, weight, t_hidden, t_weight, labels, o: _Opts, *, token_weig
     fused = token_weights is not None
     dh = torch.empty_like(hidden) if fused and need_dh else None
     dw = torch.zeros_like(weight) if fused and need_dw else None
+    db = torch.zeros(weight.shape[0], device=hidden.device, dtype=acc) if fused and need_db and bias is not None \
+        else None
     for c0 in range(0, n, rows):
         c1 = min(n, c0 + rows)
         h, zs, zt = hidden[c0:c1], zs_buf[: c1 - c0], zt_buf[: c1 - c0]
-        torch.mm(h, weight.t(), out=zs)
-        torch.mm(t_hidden[c0:c1], t_weight.t(), out=zt)
+        _logits(h, weight, bias, zs)
+        _logits(t_hidden[c0:c1], t_weight, t_bias, zt)
         v, ls, lt = rows_mod.kl_rows(
             zs, zt, None if labels is None else labels[c0:c1], kind=o.kind, gamma=o.gamma,
             inv_temp=1.0 / o.temperature, ignore_index=o.ignore_index,
-            grad=token_weights[c0:c1] if fused else None, save_stats=save_stats)
+            grad=token_weights[c0:c1] if fused else None, save_stats=save_stats, **o.heads())
         values[c0:c1] = v
         if save_stats:
             lse_s[c0:c1], lse_t[c0:c1] = ls, lt
@@ -211,60 +249,68 @@ def _forward(hidden, weight, t_hidden, t_weight, labels, o: _Opts, *, token_weig
             torch.mm(zs, weight, out=dh[c0:c1])
         if dw is not None:
             dw.addmm_(zs.t(), h)
-    return values, (lse_s, lse_t), dh, dw
+        if db is not None:
+            db.add_(zs.sum(0, dtype=acc))
+    return values, (lse_s, lse_t), dh, dw, None if db is None else db.to(bias.dtype)
 
 
-def _backward_from_stats(hidden, weight, t_hidden, t_weight, labels, grad, lse_s, lse_t, o: _Opts,
-                         need_dh: bool, need_dw: bool):
+def _backward_from_stats(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, grad, lse_s, lse_t, o: _Opts,
+                         need_dh: bool, need_dw: bool, need_db: bool):
     """Recompute both logits chunks, overwrite the student's with dL/dz_s, and apply two GEMMs."""
     rows_mod = _rows_module(o.impl)
     n = hidden.shape[0]
     rows, zs_buf, zt_buf = _buffers(hidden, weight, o)
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.zeros_like(weight) if need_dw else None
+    db = torch.zeros(weight.shape[0], device=hidden.device, dtype=lse_s.dtype) if need_db and bias is not None \
+        else None
     grad = grad.to(lse_s.dtype).contiguous()
     for c0 in range(0, n, rows):
         c1 = min(n, c0 + rows)
         h, zs, zt = hidden[c0:c1], zs_buf[: c1 - c0], zt_buf[: c1 - c0]
-        torch.mm(h, weight.t(), out=zs)
-        torch.mm(t_hidden[c0:c1], t_weight.t(), out=zt)
+        _logits(h, weight, bias, zs)
+        _logits(t_hidden[c0:c1], t_weight, t_bias, zt)
         rows_mod.kl_grad_rows_from_stats(
             zs, zt, None if labels is None else labels[c0:c1], grad[c0:c1], lse_s[c0:c1], lse_t[c0:c1],
-            gamma=o.gamma, inv_temp=1.0 / o.temperature, ignore_index=o.ignore_index)
+            gamma=o.gamma, inv_temp=1.0 / o.temperature, ignore_index=o.ignore_index, **o.heads())
         if dh is not None:
             torch.mm(zs, weight, out=dh[c0:c1])
         if dw is not None:
             dw.addmm_(zs.t(), h)
-    return dh, dw
+        if db is not None:
+            db.add_(zs.sum(0, dtype=lse_s.dtype))
+    return dh, dw, None if db is None else db.to(bias.dtype)
 
 
 class _TeacherKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, t_hidden, t_weight, labels, o: _Opts):
-        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        values, (lse_s, lse_t), _, _ = _forward(hidden, weight, t_hidden, t_weight, labels, o, save_stats=need)
+    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, o: _Opts):
+        need = any(ctx.needs_input_grad[:3])
+        values, (lse_s, lse_t), _, _, _ = _forward(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, o,
+                                                   save_stats=need)
         ctx.o = o
         if need:
-            ctx.save_for_backward(hidden, weight, t_hidden, t_weight, labels, lse_s, lse_t)
+            ctx.save_for_backward(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, lse_s, lse_t)
         return values
 
     @staticmethod
     def backward(ctx, grad_values):
-        hidden, weight, t_hidden, t_weight, labels, lse_s, lse_t = ctx.saved_tensors
-        dh, dw = _backward_from_stats(hidden, weight, t_hidden, t_weight, labels, grad_values, lse_s, lse_t, ctx.o,
-                                      ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dh, dw, None, None, None, None
+        hidden, weight, bias, t_hidden, t_weight, t_bias, labels, lse_s, lse_t = ctx.saved_tensors
+        dh, dw, db = _backward_from_stats(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, grad_values,
+                                          lse_s, lse_t, ctx.o, *ctx.needs_input_grad[:3])
+        return dh, dw, db, None, None, None, None, None
 
 
 class _WeightedTeacherKLSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, t_hidden, t_weight, labels, token_weights, o: _Opts):
+    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, token_weights, o: _Opts):
         w = token_weights.detach().to(torch.promote_types(hidden.dtype, torch.float32)).contiguous()
-        values, _, dh, dw = _forward(hidden, weight, t_hidden, t_weight, labels, o, token_weights=w,
-                                     need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
+        values, _, dh, dw, db = _forward(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, o,
+                                         token_weights=w, need_dh=ctx.needs_input_grad[0],
+                                         need_dw=ctx.needs_input_grad[1], need_db=ctx.needs_input_grad[2])
         loss = torch.where(w != 0, w * values, torch.zeros_like(values)).sum()  # 0 * nan on masked rows -> 0
-        ctx.save_for_backward(*[t for t in (dh, dw) if t is not None])
-        ctx.has = (dh is not None, dw is not None)
+        ctx.save_for_backward(*[t for t in (dh, dw, db) if t is not None])
+        ctx.has = (dh is not None, dw is not None, db is not None)
         ctx.consumed = False
         ctx.mark_non_differentiable(values)
         return loss, values
@@ -279,26 +325,38 @@ class _WeightedTeacherKLSum(torch.autograd.Function):
         # In place, to keep peak memory at one copy of dW; grad_loss is a 0-d device tensor, so no host sync.
         dh = saved.pop(0).mul_(grad_loss) if ctx.has[0] else None
         dw = saved.pop(0).mul_(grad_loss) if ctx.has[1] else None
-        return dh, dw, None, None, None, None, None
+        db = saved.pop(0).mul_(grad_loss) if ctx.has[2] else None
+        return dh, dw, db, None, None, None, None, None, None
 
 
 def _prepare(hidden, weight, teacher_hidden, teacher_weight, labels, kind, gamma, temperature, ignore_index, impl,
-             chunk_size, token_weights=None):
+             chunk_size, heads: dict, token_weights=None):
     check_teacher_options(kind=kind, gamma=gamma, temperature=temperature, ignore_index=ignore_index, impl=impl,
                           has_labels=labels is not None)
     check_teacher_tensors(hidden, weight, teacher_hidden, teacher_weight, labels, impl=impl,
                           ignore_index=ignore_index, token_weights=token_weights)
+    for prefix, w in (("", weight), ("teacher_", teacher_weight)):
+        check_head(logit_scale=heads[f"{prefix}logit_scale"], softcap=heads[f"{prefix}softcap"],
+                   bias=heads[f"{prefix}bias"], weight=w, prefix=prefix)
     _chunk_rows(1, 1, hidden.dtype, chunk_size)  # validates chunk_size before any work
-    o = _Opts(kind, float(gamma), float(temperature), ignore_index, impl, chunk_size)
-    tensors = (hidden.contiguous(), weight.contiguous(), teacher_hidden.detach().contiguous(),
-               teacher_weight.detach().contiguous(), None if labels is None else labels.contiguous())
+    cap = (lambda c: None if c is None else float(c))
+    o = _Opts(kind, float(gamma), float(temperature), ignore_index, impl, chunk_size, float(heads["logit_scale"]),
+              cap(heads["softcap"]), float(heads["teacher_logit_scale"]), cap(heads["teacher_softcap"]))
+    bias, t_bias = heads["bias"], heads["teacher_bias"]
+    tensors = (hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+               teacher_hidden.detach().contiguous(), teacher_weight.detach().contiguous(),
+               None if t_bias is None else t_bias.detach().contiguous(),
+               None if labels is None else labels.contiguous())
     return tensors, o
 
 
 def linear_teacher_kl(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
                       teacher_weight: torch.Tensor, labels: torch.Tensor | None = None, *, kind: str = "kl",
                       gamma: float = 0.0, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                      impl: str = "triton", chunk_size: int | None = None) -> torch.Tensor:
+                      impl: str = "triton", chunk_size: int | None = None, bias: torch.Tensor | None = None,
+                      logit_scale: float = 1.0, softcap: float | None = None,
+                      teacher_bias: torch.Tensor | None = None, teacher_logit_scale: float = 1.0,
+                      teacher_softcap: float | None = None) -> torch.Tensor:
     """Per-token ``KL(p_t || p_s)`` (``kind="kl"``) or soft-target CE ``-sum p_t log p_s`` (``kind="ce"``), float32 [N]
     (float64 for float64 inputs), without materialising the [N, V] logits of the student or the teacher.
 
@@ -314,12 +372,16 @@ def linear_teacher_kl(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden
             and no T^2 factor is applied (multiply the loss yourself for Hinton-style distillation).
         impl: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"torch"`` (plain PyTorch, chunked).
         chunk_size: rows per chunk; default fits both [C, V] buffers in ~96 MiB.
+        bias, logit_scale, softcap: the student head's transform (``linear_token_scores``; ``bs_kernels.head``).
+        teacher_bias, teacher_logit_scale, teacher_softcap: the teacher head's.
 
-    Differentiable w.r.t. ``hidden`` and ``weight`` for any upstream gradient. When the upstream gradient is a
-    weight known now, ``linear_weighted_teacher_kl_sum`` saves two GEMMs.
+    Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` for any upstream gradient. When the upstream gradient
+    is a weight known now, ``linear_weighted_teacher_kl_sum`` saves two GEMMs.
     """
+    heads = {"bias": bias, "logit_scale": logit_scale, "softcap": softcap, "teacher_bias": teacher_bias,
+             "teacher_logit_scale": teacher_logit_scale, "teacher_softcap": teacher_softcap}
     tensors, o = _prepare(hidden, weight, teacher_hidden, teacher_weight, labels, kind, gamma, temperature,
-                          ignore_index, impl, chunk_size)
+                          ignore_index, impl, chunk_size, heads)
     return _TeacherKL.apply(*tensors, o)
 
 
@@ -327,12 +389,17 @@ def linear_weighted_teacher_kl_sum(hidden: torch.Tensor, weight: torch.Tensor, t
                                    teacher_weight: torch.Tensor, token_weights: torch.Tensor,
                                    labels: torch.Tensor | None = None, *, kind: str = "kl", gamma: float = 0.0,
                                    temperature: float = 1.0, ignore_index: int = IGNORE_INDEX, impl: str = "triton",
-                                   chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                   chunk_size: int | None = None, bias: torch.Tensor | None = None,
+                                   logit_scale: float = 1.0, softcap: float | None = None,
+                                   teacher_bias: torch.Tensor | None = None, teacher_logit_scale: float = 1.0,
+                                   teacher_softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum_i w_i value_i, value.detach())`` with the gradients computed in the forward pass: four GEMMs in all.
 
     ``token_weights`` [N] are constants (detached); the backward only rescales the stored gradients, in place, so it
     supports one backward pass per forward. Same arguments as ``linear_teacher_kl`` otherwise.
     """
+    heads = {"bias": bias, "logit_scale": logit_scale, "softcap": softcap, "teacher_bias": teacher_bias,
+             "teacher_logit_scale": teacher_logit_scale, "teacher_softcap": teacher_softcap}
     tensors, o = _prepare(hidden, weight, teacher_hidden, teacher_weight, labels, kind, gamma, temperature,
-                          ignore_index, impl, chunk_size, token_weights)
+                          ignore_index, impl, chunk_size, heads, token_weights)
     return _WeightedTeacherKLSum.apply(*tensors, token_weights, o)

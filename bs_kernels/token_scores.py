@@ -16,6 +16,9 @@ overwrites the buffer in place with dL/dz; two more GEMMs turn that into dL/dhid
   forward saves O(N k) statistics (log-sum-exp, top-k indices and q); backward recomputes the logits chunk by chunk:
   four GEMMs in all.
 
+A head whose logits are not plain ``h W^T`` (``head.py``: a bias, a logit scale, Gemma-2's final soft-capping) is
+scored on its transformed logits: the bias enters the logits GEMM, the transform and its chain rule the row pass.
+
 Memory beyond inputs and returned gradients: one [C, V] buffer plus O(N k); never O(N V).
 """
 
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from . import torch_path, torch_rows
-from ._checks import IGNORE_INDEX, check_options, check_tensors
+from ._checks import IGNORE_INDEX, check_head, check_options, check_tensors
 
 # Default byte budget of the one logits buffer. With Llama-3 (V = 128256, bf16) this is C = 384 rows, so the whole
 # op stays within 128 MiB of the returned gradients. The price: the dW GEMM has inner dimension C, which leaves it
@@ -44,6 +47,8 @@ class _Opts:
     ignore_index: int
     impl: str
     chunk_size: int | None
+    logit_scale: float = 1.0
+    softcap: float | None = None
 
     @property
     def use_topk(self) -> bool:
@@ -78,14 +83,23 @@ def _chunks(n: int, rows: int):
         yield c0, min(n, c0 + rows)
 
 
-def _forward(hidden, weight, labels, o: _Opts, *, token_weights=None, save_stats=False,
-             need_dh=False, need_dw=False):
-    """One streaming pass. With ``token_weights`` it also returns dL/dhidden and dL/dweight for L = sum w_i s_i."""
+def _logits(h, weight, bias, z):
+    """z <- h W^T (+ b): one chunk's raw logits."""
+    if bias is None:
+        torch.mm(h, weight.t(), out=z)
+    else:
+        torch.addmm(bias, h, weight.t(), out=z)
+
+
+def _forward(hidden, weight, bias, labels, o: _Opts, *, token_weights=None, save_stats=False,
+             need_dh=False, need_dw=False, need_db=False):
+    """One streaming pass. With ``token_weights`` it also returns dL/dhidden, dL/dweight and dL/dbias for
+    L = sum w_i s_i."""
     n, vocab = hidden.shape[0], weight.shape[0]
     if o.impl == "torch":
         rows = _chunk_rows(n, vocab, torch_path.gemm_dtype(hidden.dtype, hidden.device), o.chunk_size)
-        return torch_path.forward(hidden, weight, labels, o, rows, token_weights=token_weights,
-                                  save_stats=save_stats, need_dh=need_dh, need_dw=need_dw)
+        return torch_path.forward(hidden, weight, bias, labels, o, rows, token_weights=token_weights,
+                                  save_stats=save_stats, need_dh=need_dh, need_dw=need_dw, need_db=need_db)
     rows_mod = _rows_module(o.impl)
     rows = _chunk_rows(n, vocab, hidden.dtype, o.chunk_size)
     buf = torch.empty(rows, vocab, device=hidden.device, dtype=hidden.dtype)
@@ -98,12 +112,14 @@ def _forward(hidden, weight, labels, o: _Opts, *, token_weights=None, save_stats
     fused = token_weights is not None
     dh = torch.empty_like(hidden) if fused and need_dh else None
     dw = torch.zeros_like(weight) if fused and need_dw else None
+    db = torch.zeros(vocab, device=hidden.device, dtype=acc) if fused and need_db and bias is not None else None
     for c0, c1 in _chunks(n, rows):
         h, z = hidden[c0:c1], buf[: c1 - c0]
-        torch.mm(h, weight.t(), out=z)
+        _logits(h, weight, bias, z)
         s, l, ti, tq = rows_mod.scores_rows(
             z, labels[c0:c1], topk=o.topk, lam=o.lam, ignore_index=o.ignore_index,
-            grad=token_weights[c0:c1] if fused else None, save_stats=save_stats)
+            grad=token_weights[c0:c1] if fused else None, save_stats=save_stats, logit_scale=o.logit_scale,
+            softcap=o.softcap)
         scores[c0:c1] = s
         if save_stats:
             lse[c0:c1] = l
@@ -113,64 +129,72 @@ def _forward(hidden, weight, labels, o: _Opts, *, token_weights=None, save_stats
             torch.mm(z, weight, out=dh[c0:c1])
         if dw is not None:
             dw.addmm_(z.t(), h)
-    return scores, (lse, topi, topq), dh, dw
+        if db is not None:
+            db.add_(z.sum(0, dtype=acc))
+    return scores, (lse, topi, topq), dh, dw, None if db is None else db.to(bias.dtype)
 
 
-def _backward_from_stats(hidden, weight, labels, grad, stats, o: _Opts, need_dh: bool, need_dw: bool):
+def _backward_from_stats(hidden, weight, bias, labels, grad, stats, o: _Opts, need_dh: bool, need_dw: bool,
+                         need_db: bool):
     """Recompute each logits chunk, overwrite it with dL/dz from the saved statistics, and apply two GEMMs."""
     n, vocab = hidden.shape[0], weight.shape[0]
     if o.impl == "torch":
         rows = _chunk_rows(n, vocab, torch_path.gemm_dtype(hidden.dtype, hidden.device), o.chunk_size)
-        return torch_path.backward_from_stats(hidden, weight, labels, grad, stats, o, rows, need_dh, need_dw)
+        return torch_path.backward_from_stats(hidden, weight, bias, labels, grad, stats, o, rows, need_dh, need_dw,
+                                              need_db)
     rows_mod = _rows_module(o.impl)
     lse, topi, topq = stats
     rows = _chunk_rows(n, vocab, hidden.dtype, o.chunk_size)
     buf = torch.empty(rows, vocab, device=hidden.device, dtype=hidden.dtype)
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.zeros_like(weight) if need_dw else None
-    grad = grad.to(_acc_dtype(hidden.dtype)).contiguous()
+    acc = _acc_dtype(hidden.dtype)
+    db = torch.zeros(vocab, device=hidden.device, dtype=acc) if need_db and bias is not None else None
+    grad = grad.to(acc).contiguous()
     for c0, c1 in _chunks(n, rows):
         h, z = hidden[c0:c1], buf[: c1 - c0]
-        torch.mm(h, weight.t(), out=z)
+        _logits(h, weight, bias, z)
         rows_mod.grad_rows_from_stats(
             z, labels[c0:c1], grad[c0:c1], lse[c0:c1],
             None if topi is None else topi[c0:c1], None if topq is None else topq[c0:c1],
-            lam=o.lam, ignore_index=o.ignore_index)
+            lam=o.lam, ignore_index=o.ignore_index, logit_scale=o.logit_scale, softcap=o.softcap)
         if dh is not None:
             torch.mm(z, weight, out=dh[c0:c1])
         if dw is not None:
             dw.addmm_(z.t(), h)
-    return dh, dw
+        if db is not None:
+            db.add_(z.sum(0, dtype=acc))
+    return dh, dw, None if db is None else db.to(bias.dtype)
 
 
 class _TokenScores(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, o: _Opts):
-        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        scores, stats, _, _ = _forward(hidden, weight, labels, o, save_stats=need)
+    def forward(ctx, hidden, weight, bias, labels, o: _Opts):
+        need = any(ctx.needs_input_grad[:3])
+        scores, stats, _, _, _ = _forward(hidden, weight, bias, labels, o, save_stats=need)
         ctx.o = o
         if need:
-            ctx.save_for_backward(hidden, weight, labels, *[t for t in stats if t is not None])
+            ctx.save_for_backward(hidden, weight, bias, labels, *stats)
         return scores
 
     @staticmethod
     def backward(ctx, grad_scores):
-        hidden, weight, labels, lse, *top = ctx.saved_tensors
-        stats = (lse, top[0], top[1]) if top else (lse, None, None)
-        dh, dw = _backward_from_stats(hidden, weight, labels, grad_scores, stats, ctx.o,
-                                      ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dh, dw, None, None
+        hidden, weight, bias, labels, *stats = ctx.saved_tensors
+        dh, dw, db = _backward_from_stats(hidden, weight, bias, labels, grad_scores, stats, ctx.o,
+                                          *ctx.needs_input_grad[:3])
+        return dh, dw, db, None, None
 
 
 class _WeightedScoreSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weights, o: _Opts):
+    def forward(ctx, hidden, weight, bias, labels, token_weights, o: _Opts):
         w = token_weights.detach().to(_acc_dtype(hidden.dtype)).contiguous()
-        scores, _, dh, dw = _forward(hidden, weight, labels, o, token_weights=w,
-                                     need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
+        scores, _, dh, dw, db = _forward(hidden, weight, bias, labels, o, token_weights=w,
+                                         need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
+                                         need_db=ctx.needs_input_grad[2])
         loss = torch.where(w != 0, w * scores, torch.zeros_like(scores)).sum()  # 0 * nan on masked rows -> 0
-        ctx.save_for_backward(*[t for t in (dh, dw) if t is not None])
-        ctx.has = (dh is not None, dw is not None)
+        ctx.save_for_backward(*[t for t in (dh, dw, db) if t is not None])
+        ctx.has = (dh is not None, dw is not None, db is not None)
         ctx.consumed = False
         ctx.mark_non_differentiable(scores)
         return loss, scores
@@ -185,21 +209,27 @@ class _WeightedScoreSum(torch.autograd.Function):
         # In place, to keep peak memory at one copy of dW; grad_loss is a 0-d device tensor, so no host sync.
         dh = saved.pop(0).mul_(grad_loss) if ctx.has[0] else None
         dw = saved.pop(0).mul_(grad_loss) if ctx.has[1] else None
-        return dh, dw, None, None, None
+        db = saved.pop(0).mul_(grad_loss) if ctx.has[2] else None
+        return dh, dw, db, None, None, None
 
 
-def _prepare(hidden, weight, labels, topk, lam, ignore_index, impl, token_weights=None):
+def _prepare(hidden, weight, labels, topk, lam, ignore_index, impl, bias, logit_scale, softcap, chunk_size,
+             token_weights=None):
     check_options(topk=topk, lam=lam, ignore_index=ignore_index, impl=impl,
                   vocab=weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None)
     check_tensors(hidden, weight, labels, impl=impl, ignore_index=ignore_index, token_weights=token_weights)
-    return hidden.contiguous(), weight.contiguous(), labels.contiguous()
+    check_head(logit_scale=logit_scale, softcap=softcap, bias=bias, weight=weight)
+    o = _Opts(topk, float(lam), ignore_index, impl, chunk_size, float(logit_scale),
+              None if softcap is None else float(softcap))
+    return hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels.contiguous(), o
 
 
 def linear_token_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, topk: int = 0,
                         lam: float = 0.0, ignore_index: int = IGNORE_INDEX, impl: str = "triton",
-                        chunk_size: int | None = None) -> torch.Tensor:
-    """Per-token scores ``s_i = <t_i, log softmax(h_i W^T)>`` as float32 [N] (float64 for float64 inputs),
-    without materialising the [N, V] logits.
+                        chunk_size: int | None = None, bias: torch.Tensor | None = None, logit_scale: float = 1.0,
+                        softcap: float | None = None) -> torch.Tensor:
+    """Per-token scores ``s_i = <t_i, log softmax(z_i)>`` as float32 [N] (float64 for float64 inputs), z_i the
+    head's logits ``h_i W^T`` (or their transform, below), without materialising the [N, V] logits.
 
     Args:
         hidden: [N, D] final hidden states (fp32 / bf16 / fp16; fp64 with ``impl="torch"``).
@@ -209,23 +239,29 @@ def linear_token_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
         lam: mass lambda in [0, 1] moved from the label onto the model's top-k beliefs; 0 gives log p(y).
         impl: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"torch"`` (plain PyTorch, chunked).
         chunk_size: rows per logits chunk; default fits a ~96 MiB buffer.
+        bias: optional [V] head bias (same dtype and device as ``weight``), added to ``h W^T``.
+        logit_scale: s > 0 multiplying the logits (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``).
+        softcap: c > 0 for ``z = c tanh(s x / c)`` (Gemma-2's ``final_logit_softcapping``), or None.
 
-    Differentiable w.r.t. ``hidden`` and ``weight`` for any upstream gradient. When the upstream gradient is a
-    weight known now (a weighted sum of scores), ``linear_weighted_score_sum`` saves one GEMM.
+    Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` for any upstream gradient. When the upstream gradient
+    is a weight known now (a weighted sum of scores), ``linear_weighted_score_sum`` saves one GEMM.
     """
-    hidden, weight, labels = _prepare(hidden, weight, labels, topk, lam, ignore_index, impl)
-    return _TokenScores.apply(hidden, weight, labels, _Opts(topk, float(lam), ignore_index, impl, chunk_size))
+    hidden, weight, bias, labels, o = _prepare(hidden, weight, labels, topk, lam, ignore_index, impl, bias,
+                                               logit_scale, softcap, chunk_size)
+    return _TokenScores.apply(hidden, weight, bias, labels, o)
 
 
 def linear_weighted_score_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                               token_weights: torch.Tensor, *, topk: int = 0, lam: float = 0.0,
                               ignore_index: int = IGNORE_INDEX, impl: str = "triton",
-                              chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              chunk_size: int | None = None, bias: torch.Tensor | None = None,
+                              logit_scale: float = 1.0,
+                              softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum_i w_i s_i, s.detach())`` with gradients computed in the forward pass: three GEMMs in all.
 
     ``token_weights`` [N] are treated as constants (detached). The backward only rescales the stored gradients,
     in place, so it supports one backward pass per forward. Same arguments as ``linear_token_scores`` otherwise.
     """
-    hidden, weight, labels = _prepare(hidden, weight, labels, topk, lam, ignore_index, impl, token_weights)
-    return _WeightedScoreSum.apply(hidden, weight, labels, token_weights,
-                                   _Opts(topk, float(lam), ignore_index, impl, chunk_size))
+    hidden, weight, bias, labels, o = _prepare(hidden, weight, labels, topk, lam, ignore_index, impl, bias,
+                                               logit_scale, softcap, chunk_size, token_weights)
+    return _WeightedScoreSum.apply(hidden, weight, bias, labels, token_weights, o)

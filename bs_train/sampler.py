@@ -12,17 +12,19 @@ with the host each token. This sampler, after gpt-fast:
   each row's CDF at one uniform draw from an explicit ``torch.Generator``;
 * eager (the CPU default), attends over the filled part of the cache only and pads each batch to its own longest
   prompt; grouped-query attention folds the query heads onto their kv head instead of repeating K/V;
-* on the CPU, runs each round's GEMMs from a ``_CpuPlan``: the weights packed once per round for oneDNN, q/k/v and
+* on the CPU, runs each round's GEMMs from a ``CpuPlan``: the weights packed once per round for oneDNN, q/k/v and
   gate/up fused into one GEMM each, in ``bs_kernels``' CPU GEMM dtype (bf16 weights as fp32 GEMMs where the CPU has
   no bf16 instructions and would emulate them);
 * on CUDA, captures the decode step with CUDA graphs (``torch.compile(mode="reduce-overhead")``) over the whole
   static cache, one fixed shape; on the CPU compiling is opt-in (``compile_decode=True``), see the benchmarks;
 * under FSDP2, all-gathers the parameters once per round (``unshard``) and reshards after, never per token.
 
-It runs the model's own submodules (projections, norms, MLP, rotary embedding), so it supports the Llama family
-(Llama, SmolLM2, Qwen2/3, Mistral without a binding sliding window); ``check_supported`` refuses anything else.
-Returned log-probs are those of the sampled tokens under the model's unmodified distribution (temperature 1, no
-truncation), which is what belief likelihoods and the squeezing monitor need.
+It runs the model's own submodules (projections, norms, MLP, rotary embedding, the head with its logit transform)
+wired as the family wires them (``decoder.py``): Llama, Mistral, Qwen2/3, Gemma-1/2/3, Phi-3, OLMo-2, GPT-NeoX and
+Qwen3-MoE, with sliding windows, soft-capped attention and per-head q/k norms; ``check_supported`` refuses anything
+else (``generation.generate`` then uses HF ``generate``). Returned log-probs are those of the sampled tokens under
+the model's unmodified distribution (temperature 1, no truncation), which is what belief likelihoods and the
+squeezing monitor need.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from bs_kernels.torch_path import gemm_dtype
+
+from .decoder import CpuPlan, Runner, layout
 
 
 @dataclass(frozen=True)
@@ -78,166 +81,9 @@ class Samples:
         return [[row[:n] for row, n in zip(tp, lp)] for tp, lp in zip(toks, lens)]
 
 
-def _decoder(model):
-    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
-
-
 def check_supported(model) -> None:
-    """Raise ValueError unless ``model`` is a Llama-family decoder the sampler can drive."""
-    dec = _decoder(model)
-    cfg = model.config
-    layers = getattr(dec, "layers", None)
-    if layers is None or not hasattr(dec, "rotary_emb") or not hasattr(dec, "embed_tokens"):
-        raise ValueError(f"{type(model).__name__}: the sampler drives Llama-family decoders "
-                         "(embed_tokens, layers, rotary_emb, norm); use HF generate for this model")
-    attn = layers[0].self_attn
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim"):
-        if not hasattr(attn, name):
-            raise ValueError(f"{type(model).__name__}: attention has no {name}; the sampler cannot drive it")
-    if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{type(model).__name__}: partial rotary embeddings are not supported by the sampler")
-    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
-        raise ValueError(f"{type(model).__name__}: a sliding attention window is not supported by the sampler")
-
-
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-class _Runner:
-    """The model's forward over a static KV cache, for prompts [B, L] (prefill) or one token per row (decode)."""
-
-    def __init__(self, model, rows: int, max_len: int, device, dtype):
-        check_supported(model)
-        self.model, self.dec, self.cfg = model, _decoder(model), model.config
-        attn = self.dec.layers[0].self_attn
-        self.n_heads, self.n_kv, self.head_dim = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, attn.head_dim
-        shape = (rows, self.n_kv, max_len, self.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.dec.layers]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.dec.layers]
-        self.max_len = max_len
-
-    def _layer(self, i, layer, x, cos, sin, write_idx, mask, rows, end, plan):
-        """One decoder block. ``write_idx`` [T] cache slots for the T new positions; ``rows`` cache rows (prefill)
-        or None (decode, one token per row, attending over cache slots ``[:end]``); ``plan`` a ``_CpuPlan`` or
-        None (the model's own projections)."""
-        attn = layer.self_attn
-        b, t, _ = x.shape
-        h = layer.input_layernorm(x)
-        if plan is None:
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        else:
-            q, k, v = plan.qkv[i](h.to(plan.dtype)).split(plan.qkv_sizes, dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        if hasattr(attn, "q_norm"):  # Qwen3
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        c, s = cos[:, None], sin[:, None]
-        q, k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
-        if rows is None:
-            self.k[i].index_copy_(2, write_idx, k.to(self.k[i].dtype))
-            self.v[i].index_copy_(2, write_idx, v.to(self.v[i].dtype))
-            keys, values = self.k[i][:, :, :end], self.v[i][:, :, :end]
-            # one query per row: fold each kv head's query group into the query axis, [B, H_kv, H/H_kv, D], so
-            # grouped-query attention reads the cache as it is, with no repeated K/V per step
-            g = self.n_heads // self.n_kv
-            out = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, g, self.head_dim), keys.to(q.dtype),
-                                                 values.to(q.dtype), attn_mask=mask, scale=attn.scaling)
-            return self._finish(i, layer, x, out.reshape(b, 1, -1), plan)
-        else:  # prefill: attend within the prompt, then copy each prompt's cache into its sample rows
-            keys, values = k, v
-            self.k[i][:, :, : k.shape[2]] = k.to(self.k[i].dtype).index_select(0, rows)
-            self.v[i][:, :, : v.shape[2]] = v.to(self.v[i].dtype).index_select(0, rows)
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,  # no-op casts
-                                             scale=attn.scaling, enable_gqa=self.n_kv != self.n_heads)
-        return self._finish(i, layer, x, out.transpose(1, 2).reshape(b, t, -1), plan)
-
-    @staticmethod
-    def _finish(i, layer, x, attn_out, plan):
-        """The block after attention: output projection, residual, MLP, residual."""
-        if plan is None:
-            x = x + layer.self_attn.o_proj(attn_out)
-            return x + layer.mlp(layer.post_attention_layernorm(x))
-        x = x + plan.o[i](attn_out)
-        gate, up = plan.gate_up[i](layer.post_attention_layernorm(x).to(plan.dtype)).chunk(2, dim=-1)
-        return x + plan.down[i](layer.mlp.act_fn(gate).mul_(up))
-
-    def forward(self, ids, positions, write_idx, mask, rows=None, end=None, plan=None):
-        x = self.dec.embed_tokens(ids)
-        if plan is not None:
-            x = x.to(plan.dtype)
-        cos, sin = self.dec.rotary_emb(x, positions)
-        for i, layer in enumerate(self.dec.layers):
-            x = self._layer(i, layer, x, cos, sin, write_idx, mask, rows, end, plan)
-        h = self.dec.norm(x[:, -1])
-        if plan is not None:
-            return plan.head(h.to(plan.dtype)).float()
-        # F.linear, not an explicit .to(): under autocast the weight's bf16 copy is cached for the whole round
-        return F.linear(h, self.model.get_output_embeddings().weight).float()
-
-
-class _PackedLinear:
-    """``x W^T + b`` for the concatenation of some ``nn.Linear`` layers' weights, converted to ``dtype`` and, where
-    this torch has oneDNN, reordered once into its blocked layout (``mkldnn._reorder_linear_weight``, what inductor's
-    CPU freezing pass uses). Measured on the project's 2-core AVX2 CPU at a decode batch of 96 rows (2026-12-01,
-    interleaved, loaded machine): a SmolLM2 block's GEMMs 91 ms packed and fused against 101 ms as the model's own
-    ``nn.Linear`` calls, the [96, 576] x [576, 49152] head 463 ms against 747 ms."""
-
-    def __init__(self, linears: list[torch.nn.Linear], dtype: torch.dtype, rows: int):
-        w = torch.cat([m.weight.detach() for m in linears]).to(dtype)
-        biases = [m.bias for m in linears]
-        self.bias = None if all(b is None for b in biases) else torch.cat(
-            [torch.zeros(m.out_features, dtype=dtype, device=w.device) if b is None else b.detach().to(dtype)
-             for m, b in zip(linears, biases)])
-        self.weight, self.packed = w, None
-        if w.device.type == "cpu" and torch.backends.mkldnn.is_available():
-            try:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-                self.weight = None  # the packed copy is all the GEMM reads
-            except (RuntimeError, AttributeError):  # a torch without the op, or a dtype oneDNN does not pack
-                self.packed = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-
-def _plain_linear(m) -> bool:
-    return type(m) is torch.nn.Linear  # a LoRA / quantized wrapper computes more than its .weight says
-
-
-class _CpuPlan:
-    """One round's GEMM weights on the CPU (see ``_PackedLinear``): fused q/k/v and gate/up, output, down and head
-    projections, in ``dtype``. Built at the start of every round, so it always reads the current weights."""
-
-    def __init__(self, model, dtype: torch.dtype, rows: int):
-        dec = _decoder(model)
-        self.dtype = dtype
-        a0 = dec.layers[0].self_attn
-        self.qkv_sizes = [a0.q_proj.out_features, a0.k_proj.out_features, a0.v_proj.out_features]
-        self.qkv, self.o, self.gate_up, self.down = [], [], [], []
-        for layer in dec.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            self.qkv.append(_PackedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, rows))
-            self.o.append(_PackedLinear([attn.o_proj], dtype, rows))
-            self.gate_up.append(_PackedLinear([mlp.gate_proj, mlp.up_proj], dtype, rows))
-            self.down.append(_PackedLinear([mlp.down_proj], dtype, rows))
-        self.head = _PackedLinear([model.get_output_embeddings()], dtype, rows)
-
-    @staticmethod
-    def applies(model) -> bool:
-        """Whether every projection is a plain ``nn.Linear`` and the MLP the gated one a plan can fuse."""
-        dec = _decoder(model)
-        for layer in dec.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            mods = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                    *(getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))]
-            if not all(_plain_linear(m) for m in mods) or not callable(getattr(mlp, "act_fn", None)):
-                return False
-        return _plain_linear(model.get_output_embeddings())
+    """Raise ValueError (naming why) unless the sampler can drive ``model``: a family of ``decoder.FAMILIES``."""
+    layout(model)
 
 
 def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
@@ -317,13 +163,14 @@ class Sampler:
                  compile_decode: bool | None = None):
         if max_prompts < 1 or prompt_width < 1:
             raise ValueError(f"max_prompts and prompt_width must be >= 1, got {max_prompts}, {prompt_width}")
+        check_supported(model)  # before any work: a family the sampler cannot drive fails here, in one line
         self.model, self.cfg, self.eos_id, self.pad_id = model, cfg, eos_id, pad_id
         self.max_prompts = max_prompts
         self.width = -(-prompt_width // PROMPT_BUCKET) * PROMPT_BUCKET
         self.device = model.get_output_embeddings().weight.device
         self.compile_decode = self.device.type == "cuda" if compile_decode is None else compile_decode
-        self._runner: _Runner | None = None
-        self._plan: _CpuPlan | None = None  # this round's CPU GEMM weights (None: the model's own layers)
+        self._runner: Runner | None = None
+        self._plan: CpuPlan | None = None  # this round's CPU GEMM weights (None: the model's own layers)
         self._step = None
         self.generator: torch.Generator | None = None
 
@@ -355,12 +202,12 @@ class Sampler:
         dev = self.device.type
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else next(self.model.parameters()).dtype
 
-    def _round_plan(self) -> _CpuPlan | None:
-        """A ``_CpuPlan`` on the CPU, eager, for a model of plain ``nn.Linear`` projections outside FSDP; else None."""
+    def _round_plan(self) -> CpuPlan | None:
+        """A ``CpuPlan`` on the CPU, eager, for a model of plain ``nn.Linear`` projections outside FSDP; else None."""
         if self.device.type != "cpu" or self.compile_decode or _fsdp_modules(self.model) or \
-                not _CpuPlan.applies(self.model):
+                not CpuPlan.applies(self.model):
             return None
-        return _CpuPlan(self.model, gemm_dtype(self._compute_dtype(), self.device), self.max_prompts * self.cfg.n)
+        return CpuPlan(self.model, gemm_dtype(self._compute_dtype(), self.device), self.max_prompts * self.cfg.n)
 
     def _ensure_runner(self):
         # the cache lives in the dtype attention computes in: under autocast (fp32 master weights, bf16 compute)
@@ -368,7 +215,7 @@ class Sampler:
         dtype = self._plan.dtype if self._plan is not None else self._compute_dtype()
         if self._runner is None or self._runner.k[0].dtype != dtype:
             rows = self.max_prompts * self.cfg.n
-            self._runner = _Runner(self.model, rows, self.width + self.cfg.max_new_tokens, self.device, dtype)
+            self._runner = Runner(self.model, rows, self.width + self.cfg.max_new_tokens, self.device, dtype)
             self._step = None
         if self._step is None:
             self._step = self._decode
@@ -388,7 +235,10 @@ class Sampler:
         slots = torch.arange(end, device=tok.device)
         pos = (write - row_pads)[:, None]
         valid = (slots[None] >= row_pads[:, None]) & (slots[None] <= write)
-        return runner.forward(tok[:, None], pos, write, valid[:, None, None, :], end=end, plan=self._plan)
+        # a sliding window of w tokens: keys within w - 1 positions before the query (transformers' rule)
+        masks = {w: (valid if w is None else valid & (write - slots < w)[None])[:, None, None, :]
+                 for w in runner.lay.windows}
+        return runner.forward(tok[:, None], pos, write, masks, end=end, plan=self._plan)
 
     def _sample(self, prompts: list[list[int]]) -> Samples:
         cfg, device = self.cfg, self.device
@@ -408,8 +258,9 @@ class Sampler:
         key_ok = slots[None, :length] >= pads[:, None]
         causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
         eye = torch.eye(length, dtype=torch.bool, device=device)
-        mask = ((causal[None] & key_ok[:, None, :]) | eye[None])[:, None]
-        logits = runner.forward(ids, positions, None, mask, rows=row_of, plan=self._plan)[row_of]
+        masks = {w: ((causal[None] & key_ok[:, None, :]) | eye[None])[:, None] if w is None else
+                 ((causal.triu(1 - w)[None] & key_ok[:, None, :]) | eye[None])[:, None] for w in runner.lay.windows}
+        logits = runner.forward(ids, positions, None, masks, rows=row_of, plan=self._plan)[row_of]
 
         row_pads = pads[row_of]
         tokens = torch.full((rows, cfg.max_new_tokens), self.pad_id, dtype=torch.long, device=device)

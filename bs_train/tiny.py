@@ -1,4 +1,4 @@
-"""Tiny offline building blocks: a byte-level tokenizer and a small random Llama.
+"""Tiny offline building blocks: a byte-level tokenizer, a small random Llama, and one of every model family.
 
 Tests and the offline demo need a tokenizer and a causal LM without downloading anything (the Hugging Face Hub may be
 unreachable, and CI runs on a clean CPU machine). ``byte_tokenizer`` builds a byte-level BPE tokenizer in memory with
@@ -6,6 +6,12 @@ the ``tokenizers`` library: one token per byte (token id = byte value), no merge
 plus the ChatML special tokens and a SmolLM2-style chat template, so prompt formatting takes the same path as for a
 real instruct model. ``tiny_llama`` builds a few-layer ``LlamaForCausalLM`` with seeded random weights, without
 touching the global RNG.
+
+``tiny_model(family)`` builds the same kind of model for every family of ``FAMILIES`` (the decoders unlearning papers
+and harnesses use) from transformers' own config classes, with each family's distinguishing features switched on and
+sized to matter at this scale: Mistral's and Gemma's sliding windows bind at 16 tokens, Gemma-2's final and attention
+soft-caps bite on logits of a few units (3 and 1 here; 30 and 50 in the released models), GPT-NeoX rotates a quarter
+of each head and Phi half, Phi's lm_head has a bias. ``load_model("tiny:<family>")`` loads one with the byte tokenizer.
 """
 
 from __future__ import annotations
@@ -105,3 +111,70 @@ def tiny_llama(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.eval()
+
+
+# ---- one tiny model of every family ------------------------------------------------------------------------------
+
+_SHARED = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 512, "pad_token_id": 256,
+           "eos_token_id": 258, "bos_token_id": None, "initializer_range": 0.2}
+"""Every family's common size: 2 layers, width 32, 4 query heads of 8 over 2 kv heads (grouped-query attention), the
+byte tokenizer's special ids. ``initializer_range`` 0.2 (ours; the families' default is 0.02) gives logits of a few
+units at width 32, so top-k beliefs and the soft-caps are not all ties of near-zero logits."""
+
+
+def _gemma_like(**extra) -> dict:
+    return {"query_pre_attn_scalar": 8, "sliding_window": 16, **extra}
+
+
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 16}),
+    "qwen2": ("Qwen2Config", {}),  # q/k/v biases
+    "qwen3": ("Qwen3Config", {}),  # per-head q/k RMSNorm
+    "gemma": ("GemmaConfig", {}),  # (1 + w) RMSNorm, sqrt(D)-scaled embedding, tied head, GeLU-tanh MLP
+    "gemma2": ("Gemma2Config", _gemma_like(final_logit_softcapping=3.0, attn_logit_softcapping=1.0)),
+    "gemma3": ("Gemma3TextConfig", _gemma_like(layer_types=["sliding_attention", "full_attention"])),
+    "phi": ("PhiConfig", {}),  # TOFU's Phi-1.5: lm_head bias, one shared LayerNorm, parallel residual, half rotary
+    "phi3": ("Phi3Config", {}),  # fused qkv and gate/up projections
+    "olmo2": ("Olmo2Config", {}),  # norms after attention and MLP, q/k RMSNorm over all heads
+    "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.25}),  # Pythia: parallel residual, LayerNorm, partial rotary
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "decoder_sparse_step": 1}),
+}
+"""family -> (transformers config class, the family's settings on top of ``_SHARED``)."""
+
+
+def tiny_config(family: str, vocab_size: int):
+    """The transformers config of ``family``'s tiny model (``FAMILIES``)."""
+    import transformers
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; the tiny families are {sorted(FAMILIES)}")
+    cls_name, extra = FAMILIES[family]
+    kwargs = {**_SHARED, **extra, "vocab_size": vocab_size}
+    if family == "gpt_neox":  # multi-head attention only, head width from hidden / heads
+        for key in ("num_key_value_heads", "head_dim"):
+            kwargs.pop(key)
+    if family == "phi":  # head width from hidden / heads
+        kwargs.pop("head_dim")
+    return getattr(transformers, cls_name)(**kwargs)
+
+
+def tiny_model(family: str, vocab_size: int, *, seed: int = 0) -> torch.nn.Module:
+    """``family``'s tiny causal LM (float32, eval mode) with random weights from ``seed``; the global RNG is left as
+    it was. Biases are drawn too (transformers starts them at 0), so a bias a code path drops shows: Qwen2's q/k/v
+    biases, Phi's lm_head bias. The attention implementation is the one transformers picks for the family (SDPA, or
+    eager for Gemma-2, whose soft-capped attention SDPA cannot express)."""
+    import transformers
+
+    config = tiny_config(family, vocab_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias") and "norm" not in name:
+                    p.normal_(0.0, config.initializer_range)
+    return model.eval()
+

@@ -52,6 +52,7 @@ from .methods import (METHODS, MethodState, Norms, belief_ref_logp, local_counts
                       needs_ref_logp, needs_reference, needs_retain, needs_topk, precompute_ref_logp)
 from .model import (LossHead, apply_liger, cast_parameters, check_model_path, decoder_blocks, load_model,
                     load_tokenizer, resolve_attention)
+from .sampler import check_supported
 
 
 # ---- setup ------------------------------------------------------------------------------------------------------
@@ -487,6 +488,8 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
                                attn_implementation=resolve_attention(cfg.model.attn_implementation, device),
                                trust_remote_code=cfg.model.trust_remote_code, use_liger=False, seed=cfg.train.seed,
                                tokenizer=tokenizer)
+    if METHODS[cfg.method.name].beliefs or METHODS[cfg.method.name].sample_alternates:
+        check_supported(lm)  # BS-S and AltPO sample with the belief sampler: a family it cannot drive fails now
     if cfg.model.lora_rank:
         apply_lora(lm, cfg.model)
     pad_id, liger = tokenizer.pad_token_id, cfg.model.use_liger and use_cuda

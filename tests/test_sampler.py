@@ -141,7 +141,7 @@ def test_refuses_empty_prompts_and_foreign_models(model):
         def get_decoder(self):
             return torch.nn.Linear(2, 2)
 
-    with pytest.raises(ValueError, match="Llama-family"):
+    with pytest.raises(ValueError, match="the sampler drives"):
         check_supported(NotLlama())
 
 
@@ -220,7 +220,8 @@ def _greedy_round(model, sampler_or_none=None, n_new=8):
 def test_cpu_plan_reads_the_current_weights_every_round():
     """The CPU plan copies (packs) the weights once per round: a round after a weight update samples from the
     updated model, exactly as HF generate does."""
-    from bs_train.sampler import Sampler, _CpuPlan
+    from bs_train.decoder import CpuPlan as _CpuPlan
+    from bs_train.sampler import Sampler
 
     m = tiny_llama(VOCAB, seed=5)
     assert _CpuPlan.applies(m)
@@ -240,7 +241,7 @@ def test_lora_wrapped_projections_are_sampled_with_their_adapters():
     """A LoRA-wrapped projection is not a plain nn.Linear: the sampler runs the wrapper (adapter included) instead
     of packing its base weight, and matches HF generate on the adapted model."""
     peft = pytest.importorskip("peft")
-    from bs_train.sampler import _CpuPlan
+    from bs_train.decoder import CpuPlan as _CpuPlan
 
     m = peft.get_peft_model(tiny_llama(VOCAB, seed=6), peft.LoraConfig(
         r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))

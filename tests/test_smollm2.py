@@ -49,7 +49,7 @@ def test_fused_bst_equals_full_logits_on_real_model(smollm2):
     b = collate(items, tok.pad_token_id)
     with torch.no_grad():
         ours = LossHead(model)(b["input_ids"], b["attention_mask"],
-                               lambda h, w, _: bk.bst_loss(h, w, b["labels"], impl="torch"))
+                               lambda h, lm, _: bk.bst_loss(h, lm.weight, b["labels"], impl="torch"))
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         per_seq = []
         for i in range(2):

@@ -48,8 +48,8 @@ def test_monitor_logs_ga_steps_and_writes_a_plot(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     logged = []
     for step in range(1, 5):
-        hidden, weight = hidden_states_and_head(model, batch["input_ids"], batch["attention_mask"])
-        loss = bk.ga_loss(hidden, weight, batch["labels"], impl="torch")  # minimising log-likelihood = GA
+        hidden, head = hidden_states_and_head(model, batch["input_ids"], batch["attention_mask"])
+        loss = bk.ga_loss(hidden, head.weight, batch["labels"], impl="torch")  # minimising log-likelihood = GA
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -2,10 +2,10 @@
 
 ``generate(model, tokenizer, prompts, ...)`` returns, for each prompt (token ids), ``num_samples`` continuations as
 token-id lists cut after the first stop token: the tokenizer's EOS or any EOS id of the model's generation config
-(``stop_ids``: Llama-3.2-Instruct also stops at 128001 and 128008). Llama-family models (what
-``bs_train.sampler.check_supported`` accepts) go through the KV-cached sampler of ``bs_train/sampler.py``, held token
-for token to HF greedy decoding by the tests; any other model goes through Hugging Face ``generate`` (``hf_generate``:
-left padding, a KV cache, the same arguments). ``generate_text`` is the greedy answers to questions in the chat format
+(``stop_ids``: Llama-3.2-Instruct also stops at 128001 and 128008). The families the KV-cached sampler of
+``bs_train/sampler.py`` drives (what ``bs_train.sampler.check_supported`` accepts: ``bs_train.decoder.FAMILIES``) go
+through it, held token for token to HF greedy decoding by the tests; any other model goes through Hugging Face
+``generate`` (``hf_generate``: left padding, a KV cache, the same arguments). ``generate_text`` is the greedy answers to questions in the chat format
 of ``bs_train/data/qa.py``, as text;
 with ``protocol="open-unlearning"`` the prompts are open-unlearning's and go through HF ``generate`` with its
 attention mask (``input_ids != pad``: with pad == eos, every EOS of the prompt is masked, as its collator does).
@@ -57,8 +57,8 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[
     token (``stop_ids``; kept when generated). Greedy unless ``do_sample``; sampling is seeded by ``seed`` without
     touching the caller's RNG state; the model's training mode is restored.
 
-    Llama-family models go through the project's KV-cached sampler (``bs_train.sampler``, held token for token to HF
-    greedy decoding by its tests); any other model through HF ``generate`` (``hf_generate``). This is the single
+    The families the project's KV-cached sampler drives go through it (``bs_train.sampler``, held token for token to
+    HF greedy decoding by its tests); any other model through HF ``generate`` (``hf_generate``). This is the single
     generation function of evaluation, the judge and the squeezing monitor. ``on_batch(n)`` is called after each
     batch of ``n`` prompts (a progress bar's ``update``)."""
     _check_arguments(max_new_tokens, num_samples, batch_size, do_sample)

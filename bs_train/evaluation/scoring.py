@@ -3,7 +3,7 @@
 The one place that turns a model and (prompt, answer) token ids into numbers, below both the evaluation suite
 (``bs_train/evaluation/tofu/suite.py``) and the training-time squeezing monitor (``bs_train/squeezing.py``), so neither imports
 the other. Every number comes from the fused scores of ``bs_kernels`` (``linear_cross_entropy`` on the decoder's
-hidden states and the lm_head weight), never from [B, T, V] logits:
+hidden states and the lm_head), never from [B, T, V] logits:
 
 * ``score_encoded``: per item, the mean answer NLL and, when asked, per-token log-probs, the teacher-forced argmax
   and the mean / variance of log p over the vocabulary (min-k%++), the last three from the same hidden states in
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bs_kernels import IGNORE_INDEX, linear_cross_entropy, shift_labels
+from bs_kernels import IGNORE_INDEX, LMHead, linear_cross_entropy, shift_labels
 from bs_kernels.hf import hidden_states_and_head
 
 from ..data import collate, encode_qa
@@ -38,15 +38,15 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 
 @torch.no_grad()
-def vocab_statistics(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For rows ``hidden [M, D]``: ``(argmax [M], mu [M], var [M])`` of ``log p = log_softmax(h W^T)``, with
-    ``mu = E_p[log p]`` and ``var = E_p[(log p)^2] - mu^2``. Chunked so at most ``VOCAB_CHUNK_BYTES`` of float32
-    logits exist at once."""
-    vocab = weight.shape[0]
+def vocab_statistics(hidden: torch.Tensor, head: LMHead) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For rows ``hidden [M, D]``: ``(argmax [M], mu [M], var [M])`` of ``log p = log_softmax(z)``, z the head's
+    logits, with ``mu = E_p[log p]`` and ``var = E_p[(log p)^2] - mu^2``. Chunked so at most ``VOCAB_CHUNK_BYTES`` of
+    float32 logits exist at once."""
+    vocab = head.weight.shape[0]
     rows = max(1, VOCAB_CHUNK_BYTES // (4 * vocab))
     arg, mus, vs = [], [], []
     for c0 in range(0, hidden.shape[0], rows):
-        z = (hidden[c0:c0 + rows] @ weight.T).float()
+        z = head.logits(hidden[c0:c0 + rows]).float()
         lp = torch.log_softmax(z, dim=-1)
         p = lp.exp()
         mu = (p * lp).sum(-1)
@@ -84,9 +84,10 @@ def score_encoded(model: torch.nn.Module, items: Sequence[dict[str, Sequence[int
                      for j, it in enumerate(items[start:start + batch_size])]
             b = collate(chunk, pad_id, mask_pad_tokens=mask_pad_tokens)
             ids, mask, labels = (b[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-            hidden, weight = hidden_states_and_head(model, ids, mask)
-            hidden = hidden.to(weight.dtype)
-            nll = linear_cross_entropy(hidden, weight, labels, reduction="none", shift=True, impl=impl).float()
+            hidden, head = hidden_states_and_head(model, ids, mask)
+            hidden = hidden.to(head.weight.dtype)
+            nll = linear_cross_entropy(hidden, head.weight, labels, reduction="none", shift=True, impl=impl,
+                                       **head.options()).float()
             shifted = shift_labels(labels, IGNORE_INDEX)
             active = shifted != IGNORE_INDEX
             counts = active.sum(-1)
@@ -95,7 +96,7 @@ def score_encoded(model: torch.nn.Module, items: Sequence[dict[str, Sequence[int
             sums = torch.where(active, nll, torch.zeros_like(nll)).sum(-1)
             rows = [{"avg_nll": float(s / c), "n_tokens": int(c)} for s, c in zip(sums.cpu(), counts.cpu())]
             if vocab_stats:
-                pred, mu, var = vocab_statistics(hidden[active], weight)
+                pred, mu, var = vocab_statistics(hidden[active], head)
                 flat = {"token_logp": -nll[active], "pred": pred, "labels": shifted[active], "mu": mu, "var": var}
                 flat = {k: v.cpu().numpy() for k, v in flat.items()}
                 offsets = np.concatenate([[0], np.cumsum(counts.cpu().numpy())])

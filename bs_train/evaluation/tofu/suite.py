@@ -1,8 +1,8 @@
 """Evaluate a model on TOFU-format data: the TOFU metric suite, memorisation, membership inference, Mem/Util/Agg.
 
 The suite only: it asks ``bs_train/evaluation/scoring.py`` for answer NLLs, per-token log-probs and vocabulary statistics,
-``bs_train/evaluation/generation.py`` for greedy answers (the project's sampler for Llama-family models, HF ``generate``
-otherwise), ``bs_train/evaluation/judge.py`` for similarity and fluency, and turns them into numbers with the formulas of
+``bs_train/evaluation/generation.py`` for greedy answers (the project's sampler for the families it drives, HF
+``generate`` otherwise), ``bs_train/evaluation/judge.py`` for similarity and fluency, and turns them into numbers with the formulas of
 ``bs_train/evaluation/metrics.py``; the data comes through ``resolve_data`` / ``load_split`` of ``bs_train/data/qa.py``.
 
 * ``evaluate_loaded`` / ``evaluate_model``: the whole suite on a data source (a folder of ``{split}.jsonl``, a Hub id,
