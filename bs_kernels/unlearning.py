@@ -456,9 +456,9 @@ def kl_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | N
 
 
 def logit_margin(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """max_v z_v - mean_v z_v [N] of z = h W^T (h [N, D]), float32 (float64 for float64), differentiable, never holding [N, V]: the argmax
-    comes from a chunked no-grad pass (``MARGIN_CHUNK_BYTES`` of logits at a time), then max = <h, W[argmax]> (the
-    max's gradient is its argmax logit's) and mean = <h, the mean of W's rows>."""
+    """max_v z_v - mean_v z_v [N] of z = h W^T (h [N, D]), float32 (float64 for float64), differentiable, never
+    holding [N, V]: the argmax comes from a chunked no-grad pass (``MARGIN_CHUNK_BYTES`` of logits at a time), then
+    max = <h, W[argmax]> (the max's gradient is its argmax logit's) and mean = <h, the mean of W's rows>."""
     rows = max(1, MARGIN_CHUNK_BYTES // (weight.shape[0] * weight.element_size()))
     with torch.no_grad():
         idx = torch.cat([(hidden[i:i + rows] @ weight.T).argmax(-1) for i in range(0, hidden.shape[0], rows)])

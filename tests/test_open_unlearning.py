@@ -223,7 +223,8 @@ def test_outputs_hold_no_logits_and_bad_calls_are_refused():
 
 
 def readme_block(name: str) -> str:
-    m = re.search(rf"<!-- example:{name}[^>]*-->\s*```(?:python|diff)\n(.*?)```", README.read_text(), re.S)
+    m = re.search(rf"<!-- example:{re.escape(name)}(?:\s[^>]*)?-->\s*```(?:python|diff)\n(.*?)```", README.read_text(),
+                  re.S)
     assert m, f"README lost its {name} block"
     return m.group(1)
 
