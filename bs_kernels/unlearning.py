@@ -88,11 +88,14 @@ def _model_shaped(hidden: torch.Tensor, labels: torch.Tensor, shift: bool | int,
     return hidden.reshape(-1, hidden.shape[-1]), (y if y.dim() == 2 else y[None])
 
 
-def _count(value: Count, default: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A denominator: the caller's (a number or a 0-d tensor) or this batch's, as a 0-d tensor (>= 1 by default)."""
+def _count(value: Count, default: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor | float:
+    """A denominator: this batch's count (a 0-d tensor >= 1) when ``value`` is None, else the caller's: a 0-d tensor
+    (cast to ``dtype``, on its own device: no copy) or a Python number, kept a number (no host-to-device copy)."""
     if value is None:
         return default.to(dtype).clamp_min(1)
-    return torch.as_tensor(value, device=default.device).to(dtype)
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
+    return float(value)
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
