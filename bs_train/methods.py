@@ -414,24 +414,29 @@ METHODS: dict[str, Method] = {
 # (finetune.yaml ``bf16: True``) is what ``train.mixed_precision=auto`` gives on a GPU, and the reference's bf16
 # weights (configs/model/*.yaml ``torch_dtype: bfloat16``) stepped by a 32-bit AdamW, which drops updates below bf16's
 # resolution, are left out: add model.dtype=bfloat16 to reproduce that too.
-_OU_TRAINING = ("train.lr=1e-5", "train.epochs=10", "train.batch_size=8", "train.grad_accum=4",
-                "train.weight_decay=0.01", "train.warmup_epochs=1", "train.schedule=hf_linear",
-                "train.max_grad_norm=1", "train.seed=0", "train.bucket_window=0", "train.optimizer=adamw",
-                "train.decay_exempt=bias_norm")
-PRESETS: dict[str, tuple[str, ...]] = {
-    # open-unlearning's compute_kl_divergence: all B x T positions; then its TOFU run's training arguments
-    "open-unlearning": ("method.kl_positions=all", *_OU_TRAINING),
+_OU_COMMON = ("train.batch_size=8", "train.grad_accum=4", "train.schedule=hf_linear", "train.max_grad_norm=1",
+              "train.seed=0", "train.bucket_window=0", "train.optimizer=adamw", "train.decay_exempt=bias_norm")
+# Fine-tuning (configs/experiment/finetune/tofu/default.yaml sets no training argument): finetune.yaml's lr 1e-5,
+# 10 epochs and weight_decay 0.00, no warm-up (TrainingArguments' default).
+_OU_FINETUNE = ("train.lr=1e-5", "train.epochs=10", "train.weight_decay=0", "train.warmup_steps=0",
+                "train.warmup_epochs=0", *_OU_COMMON)
+_OU_UNLEARN = ("train.lr=1e-5", "train.epochs=10", "train.weight_decay=0.01", "train.warmup_epochs=1", *_OU_COMMON)
+PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
+    # per command; unlearning: open-unlearning's compute_kl_divergence over all B x T positions, its TOFU experiment's
+    # training arguments
+    "open-unlearning": {"unlearn": ("method.kl_positions=all", *_OU_UNLEARN), "finetune": _OU_FINETUNE},
 }
-"""Config presets: their common overrides; each method's own are its row's ``open_unlearning`` field."""
+"""Config presets: their overrides common to every method of a command; each method's own are its row's
+``open_unlearning`` field."""
 
 
 def preset_overrides(preset: str, method: str) -> list[str]:
-    """The ``section.key=value`` overrides of ``preset`` for ``method``: the common ones, then the row's."""
+    """The ``section.key=value`` overrides of ``preset`` for ``method``: those of its command, then the row's."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
     if method not in METHODS:
         raise ValueError(f"method.name must be one of {tuple(METHODS)}, got {method!r}")
-    return [*PRESETS[preset], *METHODS[method].open_unlearning]
+    return [*PRESETS[preset][METHODS[method].command], *METHODS[method].open_unlearning]
 
 
 def method_for(command: str) -> str:

@@ -273,6 +273,9 @@ def test_preset_trains_with_the_reference_runs_arguments():
     assert methods.forget_copies(altpo) == 5 and methods.belief_config(altpo).bss_samples == 1
     assert methods.forget_copies(MethodConfig(name="altpo")) == 1  # ours: one row per example, N alternates
     assert load_config(None, ["method.name=wga", "train.epochs=5"], preset="open-unlearning").train.epochs == 5
+    ft = load_config(None, [], command="finetune", preset="open-unlearning")  # finetune.yaml's, no experiment args
+    assert (ft.train.lr, ft.train.epochs, ft.train.weight_decay, ft.train.warmup_epochs, ft.train.warmup_steps,
+            ft.method.kl_positions) == (1e-5, 10, 0.0, 0.0, 0, "answer")
 
 
 def test_decay_exempts_what_the_hugging_face_trainer_exempts(tmp_path):
