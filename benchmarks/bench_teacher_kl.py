@@ -29,59 +29,15 @@ import argparse
 import os
 import statistics
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 import bs_kernels as bk
-from benchmarks.common import cpu_name, emit, environment, finish
+from benchmarks.common import LiveBytes, cpu_name, emit, environment, finish
 
 PROVIDERS = ("bs_kernels", "bs_kernels_recompute", "naive", "torch_checkpoint")
-
-
-class LiveBytes(TorchDispatchMode):
-    """Tensor storages allocated (and freed) on the CPU while active, as a list of (storage address, +/- bytes)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.events: list[tuple[int, int]] = []
-
-    def _freed(self, key: int, nbytes: int) -> None:
-        if self.live.pop(key, None) is not None:
-            self.events.append((key, -nbytes))
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key == 0 or key in inputs or key in self.live:  # empty, a view / in-place result, or known
-                continue
-            self.live[key] = storage.nbytes()
-            self.events.append((key, storage.nbytes()))
-            weakref.finalize(storage, self._freed, key, storage.nbytes())
-        return out
-
-    def peak(self, exclude: tuple[torch.Tensor, ...] = ()) -> int:
-        """Peak live bytes, leaving out the storages of ``exclude`` (still alive: their last allocation)."""
-        skip = set()
-        for t in exclude:
-            key = t.untyped_storage().data_ptr()
-            skip.add(max(i for i, (k, d) in enumerate(self.events) if k == key and d > 0))
-        current = peak = 0
-        for i, (_, delta) in enumerate(self.events):
-            if i not in skip:
-                current += delta
-                peak = max(peak, current)
-        return peak
 
 
 def make_inputs(n: int, d: int, dt: int, v: int, seed: int = 0):

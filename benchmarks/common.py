@@ -4,7 +4,8 @@ One place for it, so the scripts never import each other. A benchmark prints one
 (``emit``) and, as its last stdout line, all of them (``finish``), which ``--out`` also writes to a file under
 ``benchmarks/results/``. Every row carries ``environment()``: the date, the torch / triton / transformers / Python
 versions, the CPU, its threads and load average at the time, and the command that reproduces it, as
-``python -m benchmarks.<script> <arguments>`` run from the repository root.
+``python -m benchmarks.<script> <arguments>`` run from the repository root. ``LiveBytes`` measures a CPU run's
+live-tensor peak (every storage from the op that creates it until it is freed).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import json
 import os
 import platform
 import sys
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # Model shapes for the benchmarks that run a whole decoder (sampler, train step).
 MODEL_PRESETS = {
@@ -180,3 +184,44 @@ def rss_reset() -> int:
 def peak_rss_delta(before: int) -> int:
     """Bytes the peak RSS rose above ``before`` (``rss_reset``'s value) since that reset."""
     return _status_bytes("VmHWM") - before
+
+
+class LiveBytes(TorchDispatchMode):
+    """Tensor storages allocated (and freed) on the CPU while active, as a list of (storage address, +/- bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.events: list[tuple[int, int]] = []
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        if self.live.pop(key, None) is not None:
+            self.events.append((key, -nbytes))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0 or key in inputs or key in self.live:  # empty, a view / in-place result, or known
+                continue
+            self.live[key] = storage.nbytes()
+            self.events.append((key, storage.nbytes()))
+            weakref.finalize(storage, self._freed, key, storage.nbytes())
+        return out
+
+    def peak(self, exclude: tuple[torch.Tensor, ...] = ()) -> int:
+        """Peak live bytes, leaving out the storages of ``exclude`` (still alive: their last allocation)."""
+        skip = set()
+        for t in exclude:
+            key = t.untyped_storage().data_ptr()
+            skip.add(max(i for i, (k, d) in enumerate(self.events) if k == key and d > 0))
+        current = peak = 0
+        for i, (_, delta) in enumerate(self.events):
+            if i not in skip:
+                current += delta
+                peak = max(peak, current)
+        return peak

@@ -11,6 +11,13 @@ the small operands, so no pass over [C, V] is spent on it:
 A transformed head (``head.py``) adds its bias in the logits GEMM (``addmm``), leaves the chain factor of its cap in
 the chunk (``torch_rows``) and its scale s in -g, which becomes -g s.
 
+That folding is free of error only in a float32 / float64 GEMM. In a bf16 / fp16 GEMM every scaled hidden element
+would be rounded once more, and where dW's sums cancel that shows: at logits of magnitude 1e4 single dW entries came
+out 6% off where PyTorch's own bf16 is 0.4% off (found by Liger's tests run against ours). There the chunk is scaled
+instead, z <- -g (p - t) computed in float32 and rounded once, as PyTorch's own backward rounds its dL/dz, and the
+two GEMMs take it unscaled: one pass over [C, V] more, in the dtypes where it buys precision
+(tests/test_unlearning.py).
+
 GEMM dtype. bf16 / fp16 inputs run their GEMMs natively on CUDA and on CPUs with bf16 (fp16) matrix instructions
 (``avx512_bf16`` / ``amx_bf16``, ``avx512_fp16`` / ``amx_fp16``). Elsewhere the CPU libraries emulate them: on this
 project's AVX2 machine a bf16 [256, 576] x [576, 8192] GEMM took 0.55-6.8 s depending on operand layout against
@@ -58,23 +65,36 @@ def _chunks(n: int, rows: int):
 
 def _neg_g(g: torch.Tensor, labels: torch.Tensor, ignore_index: int, vocab: int, dtype: torch.dtype,
            logit_scale: float = 1.0):
-    """-g s as a [C, 1] column in the GEMM dtype; NaN for an out-of-range label (it poisons its gradients)."""
+    """-g s as a [C, 1] column in the GEMM dtype (float32 for a bf16 / fp16 one: it then scales the chunk itself);
+    NaN for an out-of-range label (it poisons its gradients)."""
     _, _, bad = torch_rows._targets(labels, ignore_index, vocab)
     g = torch.where(bad, torch.full_like(g, float("nan")), g)
-    return (-g * logit_scale).to(dtype)[:, None]
+    return (-g * logit_scale).to(torch.promote_types(dtype, torch.float32))[:, None]
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _apply_grads(z, hg, w, neg, dh, dw, db=None):
-    """dh <- neg * (z @ w), dw += z^T (neg * hg) and db += z^T neg, with z = p - t; dh may be in a wider dtype."""
+    """dh <- neg * (z @ w), dw += z^T (neg * hg) and db += z^T neg, with z = p - t; dh may be in a wider dtype than
+    z's. In a bf16 / fp16 GEMM, z itself is scaled first (module docstring): ``neg`` is then float32, so the product is
+    rounded once."""
+    if z.dtype in _LOW_PRECISION:
+        z.mul_(neg)
+        neg = None
     if dh is not None:
         if dh.dtype == z.dtype:
-            torch.mm(z, w, out=dh).mul_(neg)
+            out = torch.mm(z, w, out=dh)
         else:
-            dh.copy_(torch.mm(z, w).mul_(neg))
+            out = torch.mm(z, w)
+        if neg is not None:
+            out.mul_(neg)
+        if out is not dh:
+            dh.copy_(out)
     if dw is not None:
-        dw.addmm_(z.t(), hg * neg)
+        dw.addmm_(z.t(), hg if neg is None else hg * neg)
     if db is not None:
-        db.add_(torch.mm(z.t(), neg).squeeze(1))
+        db.add_(z.sum(0, dtype=db.dtype) if neg is None else torch.mm(z.t(), neg).squeeze(1).to(db.dtype))
 
 
 class _Setup:

@@ -31,8 +31,11 @@ BSS_REGEN = ("epochs", "steps", "never")
 RMU_PARAMS = ("down_proj", "all")
 REDUCTIONS = ("sequence", "token")
 KL_POSITIONS = ("answer", "all")
+UNDIAL_POSITIONS = ("answer", "all")
+PDU_POSITIONS = ("predicting", "answer")
+ALTPO_ROWS = ("example", "alternate")
 PRESETS = tuple(methods.PRESETS)
-SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULES = ("constant", "linear", "cosine", "hf_linear")
 OPTIMIZERS = ("adamw", "adamw_bf16_sr", "adamw8bit")
 MEMORY_PLANS = ("none", *memory.PLANS)
 
@@ -218,11 +221,20 @@ class MethodConfig:
     dpo_beta: float = 0.1
     """IdkDPO's and AltPO's inverse temperature beta (open-unlearning configs/trainer/DPO.yaml: 0.1; its AltPO
     recipe, community/methods/AltPO/run.sh, searches 0.05, 0.1, 0.5). AltPO's alternates are drawn with the
-    ``bss_*`` sampling settings (its generate.yaml: 5 samples, temperature 1, 200 new tokens)."""
+    ``bss_*`` sampling settings (its generate.yaml: 5 samples, temperature 1, 200 new tokens: the preset's)."""
+    altpo_rows: str = "example"
+    """AltPO's rows: ``example`` (ours: one row per forget example, its loss averaged over its N alternates) or
+    ``alternate`` (open-unlearning community/methods/AltPO: generate.py writes one JSON row per (question, alternate)
+    and run.sh trains on them through QAwithAlternateDataset, so an epoch holds N rows per example, each paired with
+    one alternate; here each of the N copies draws its own alternate, the same distribution as N draws of one)."""
     undial_beta: float = 10.0
     """UNDIAL: how far the label's logit is lowered in the initial model's target distribution (the paper's gamma,
     Dong et al. 2024; open-unlearning configs/trainer/UNDIAL.yaml ``beta: 10``, which also sets alpha 0: no retain
-    term, as the paper: add ``method.retain=none`` to match it)."""
+    term, as the paper; the open-unlearning preset sets both)."""
+    undial_positions: str = "answer"
+    """UNDIAL's positions: ``answer`` (ours: the positions that predict answer tokens, one mean over them) or ``all``
+    (open-unlearning src/trainer/utils.py ``compute_undial_loss``: the mean over every position that predicts a next
+    token, prompt and padding included, where an ignored label's -100 lowers the teacher's logit at id V - 100)."""
     ceu_ignore_first: int = 1
     """CE-U: answer tokens at the start of each answer left out of the loss (open-unlearning configs/trainer/CEU.yaml
     ``ignore_first_n_answer_tokens: 1``, after the footnote of Yang et al. 2025, arXiv:2503.01224); 0, 1 or 2."""
@@ -240,6 +252,10 @@ class MethodConfig:
     (PDU.yaml ``dual_step_size: 1.0``, ``dual_update_upon: step``)."""
     pdu_dual_warmup_epochs: int = 5
     """PDU: epochs before the dual variable starts moving (PDU.yaml ``dual_warmup_epochs: 5``)."""
+    pdu_positions: str = "predicting"
+    """PDU's logit margin is taken at the positions that ``predicting`` the answer tokens (ours: where the model says
+    them) or at the answer tokens' own positions, ``answer`` (open-unlearning src/trainer/unlearn/pdu.py: the mask
+    ``labels != -100`` over the unshifted logits)."""
     rmu_layer: int = 7
     """RMU: decoder layer (0-based, ``model.layers.{l}``) whose output activations are steered on the forget answers
     and held on the retain answers (OU RMU.yaml ``module_regex: model\\.layers\\.7``)."""
@@ -287,6 +303,10 @@ class MethodConfig:
         _require(self.reduction in REDUCTIONS, f"method.reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         _require(self.kl_positions in KL_POSITIONS,
                  f"method.kl_positions must be one of {KL_POSITIONS}, got {self.kl_positions!r}")
+        for name, allowed in (("undial_positions", UNDIAL_POSITIONS), ("pdu_positions", PDU_POSITIONS),
+                              ("altpo_rows", ALTPO_ROWS)):
+            _require(getattr(self, name) in allowed,
+                     f"method.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         _require(0.0 <= self.bst_lam <= 1.0, f"method.bst_lam must lie in [0, 1], got {self.bst_lam}")
         _require(self.bst_topk >= 1, f"method.bst_topk must be >= 1, got {self.bst_topk}")
         # CE-U's global count of kept tokens is exact only while every answer (>= 1 token + EOS) has >= k tokens.
@@ -338,6 +358,10 @@ class TrainConfig:
     """Micro-batches per optimizer step on each rank; effective batch = batch_size x grad_accum x world size."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
+    decay_exempt: str = "none"
+    """Parameters the weight decay skips: ``none`` (ours: every trainable parameter decays) or ``bias_norm``
+    (biases and norm weights, by name, as Hugging Face's Trainer does: ``Trainer.get_decay_parameter_names``; the
+    open-unlearning preset's)."""
     optimizer: str = "adamw"
     """``adamw`` (torch AdamW: exact with float32 weights; with bfloat16 weights it silently drops small updates),
     ``adamw_bf16_sr`` (torchao AdamW, bf16 weights and states, stochastic rounding: 6 bytes/param) or ``adamw8bit``
@@ -346,9 +370,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
     warmup_steps: int = 1
-    """Linear warm-up steps."""
+    """Linear warm-up steps (ours: one, so the first step is not at the peak rate)."""
+    warmup_epochs: float = 0.0
+    """When > 0, the warm-up in epochs instead: int(warmup_epochs x forget rows // (batch_size x grad_accum x world))
+    steps (open-unlearning src/trainer/__init__.py ``load_trainer_args``; its TOFU experiment warms up for 1.0)."""
     schedule: str = "linear"
-    """Learning-rate schedule after warm-up: constant, linear (to 0) or cosine (to 0)."""
+    """Learning-rate schedule: constant, linear (to 0) or cosine (to 0) after a warm-up that reaches (s + 1) / (W + 1)
+    of the peak at step s (ours: no step at rate 0), or ``hf_linear``: Hugging Face's default
+    ``get_linear_schedule_with_warmup``, s / W during warm-up (its first step at rate 0), then linear to 0."""
     seed: int = 0
     """Seed for data order, initial weights of the tiny model and RMU's random direction."""
     mixed_precision: str = "auto"
@@ -398,12 +427,15 @@ class TrainConfig:
     def __post_init__(self):
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.decay_exempt in ("none", "bias_norm"),
+                 f"train.decay_exempt must be none or bias_norm, got {self.decay_exempt!r}")
         _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _require(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
         _require(self.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
         _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         _require(self.schedule in SCHEDULES, f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         _require(self.mixed_precision in ("auto", "bf16", "fp32"),
                  f"train.mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")

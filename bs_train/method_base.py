@@ -1,13 +1,12 @@
 """What every unlearning method is written over: the step's global denominators, the per-run method state, and
 the plumbing from a model's hidden states to the fused per-token scores of ``bs_kernels``.
 
-Every loss in ``methods.py`` is a sum over a micro-batch divided by a global count for the whole optimizer step
-(``Norms``: all micro-batches, all ranks), built from token weights (``seq_weights``, ``mean_weights``,
-``nll_weights``) over the shifted labels, and evaluated either on the fused three-GEMM path when every token's
-weight is known at forward time (``weighted_score_sum``) or through per-token log-probs with any upstream
-gradient (``token_logp``); on the CPU both run the lm_head on the scored (answer) rows only (``scored_rows``).
-The model is a ``LossHead``: it hands ``(hidden, lm_head, activation)`` to the function given (``lm_head`` a
-``bs_kernels.LMHead``: weight, bias and logit transform, all passed on to the fused ops), so no [B, T, V] logits exist.
+Every loss in ``methods.py`` is one of ``bs_kernels.unlearning``'s pure functions (one implementation: the
+importable one) called with the global counts of the whole optimizer step (``Norms``: all micro-batches, all ranks)
+as its denominators, so a step's micro-batch losses sum to the loss of the whole step. The model is a ``LossHead``:
+``on_head`` hands its ``(hidden, lm_head, activation)`` to the loss (``lm_head`` a ``bs_kernels.LMHead``: weight, bias
+and logit transform, which every loss of ``bs_kernels.unlearning`` takes in place of the weight), so no [B, T, V]
+logits exist.
 """
 
 from __future__ import annotations
@@ -34,6 +33,9 @@ class Norms:
     belief_tokens: torch.Tensor
     retain_positions: torch.Tensor
     """Every B x T position of the retain batches, padding included (the KL retain term with kl_positions=all)."""
+    forget_positions: torch.Tensor
+    """Every B x (T - 1) position of the forget batches that predicts a next token, prompt and padding included (UNDIAL
+    with undial_positions=all)."""
 
     def for_beliefs(self) -> Norms:
         """These norms with the belief counts in the forget slots, to run a base forget loss on beliefs."""
@@ -41,7 +43,7 @@ class Norms:
 
 
 def local_counts(forget: dict | None, retain: dict | None, beliefs: dict | None = None) -> torch.Tensor:
-    """[7] counts of one micro-batch in ``Norms`` field order (computed on the host from CPU batches); the trainer
+    """[8] counts of one micro-batch in ``Norms`` field order (computed on the host from CPU batches); the trainer
     sums them over micro-batches and ranks."""
     out = []
     for batch in (forget, retain, beliefs):
@@ -51,6 +53,7 @@ def local_counts(forget: dict | None, retain: dict | None, beliefs: dict | None 
         active = bk.shift_labels(batch["labels"], bk.IGNORE_INDEX) != bk.IGNORE_INDEX
         out += [int((active.sum(-1) > 0).sum()), int(active.sum())]
     out.append(retain["labels"].numel() if retain is not None else 0)
+    out.append(forget["labels"][:, :-1].numel() if forget is not None else 0)
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -77,70 +80,23 @@ def compute_dtype_pair(hidden: torch.Tensor, head: bk.LMHead) -> tuple[torch.Ten
     return hidden.to(head.weight.dtype), head
 
 
-def flat_shifted(hidden, head, labels):
-    """(hidden [B*T, D], head, shifted labels [B, T]), hidden and head in one dtype."""
-    h, head = compute_dtype_pair(hidden, head)
-    y = bk.shift_labels(labels, bk.IGNORE_INDEX)
-    return h.reshape(-1, h.shape[-1]), head, y
+def on_head(model, batch: dict, fn, layer: int | None = None):
+    """One model call: ``fn(hidden [B, T, D], lm_head (an LMHead), activation of ``layer`` or None)`` with hidden and
+    head in one compute dtype (``compute_dtype_pair``), the way every loss of ``bs_kernels.unlearning`` takes them."""
+
+    def call(hidden, head, act):
+        h, head = compute_dtype_pair(hidden, head)
+        return fn(h, head, act)
+
+    return model(batch["input_ids"], batch["attention_mask"], call, layer=layer)
 
 
-def seq_weights(y: torch.Tensor, n_seqs: torch.Tensor) -> torch.Tensor:
-    """Token weights of "mean over answer tokens per sequence, summed, divided by the global sequence count"."""
-    active = (y != bk.IGNORE_INDEX).float()
-    return (active / active.sum(-1, keepdim=True).clamp_min(1) / n_seqs).reshape(-1)
+def answer_rows(batch: dict) -> torch.Tensor:
+    """[B] bool: the rows of ``batch`` with at least one answer token after the shift (on the labels' device)."""
+    return (bk.shift_labels(batch["labels"], bk.IGNORE_INDEX) != bk.IGNORE_INDEX).any(-1)
 
 
-def mean_weights(y: torch.Tensor, n: Norms, reduction: str) -> torch.Tensor:
-    """Token weights of a forget loss's mean over answer tokens: per sequence then over sequences (``sequence``), or
-    one mean over the step's answer tokens (``token``)."""
-    if reduction == "token":
-        return (y != bk.IGNORE_INDEX).float().reshape(-1) / n.forget_tokens
-    return seq_weights(y, n.forget_seqs)
-
-
-def nll_weights(y: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
-    """Token weights of the NLL "mean over all answer tokens" (negative: the fused sum is of log-likelihoods)."""
-    return -(y != bk.IGNORE_INDEX).float().reshape(-1) / n_tokens
-
-
-def scored_rows(y: torch.Tensor) -> torch.Tensor | None:
-    """On the CPU, the flat indices of the shifted labels ``y`` that are scored (not ``IGNORE_INDEX``): the losses
-    then run the lm_head GEMMs on the answer rows only (on TOFU with SmolLM2's chat template 42% of a batch's rows;
-    the prompts and padding score 0 and get no gradient either way). None on a GPU, where selecting rows by value
-    is a host sync (``nonzero``) per loss: there every row goes through the fused kernel."""
-    if y.device.type != "cpu":
-        return None
-    keep = (y.reshape(-1) != bk.IGNORE_INDEX).nonzero().squeeze(1)
-    return keep if keep.numel() else None  # nothing scored: every row, each scoring 0
-
-
-def weighted_score_sum(model, batch, st: MethodState, token_weights_fn, *, topk=0, lam=0.0):
-    """sum_i w_i s_i on the fused three-GEMM path; ``token_weights_fn(y)`` builds the weights from shifted labels."""
-
-    def fn(hidden, head, _):
-        h, head, y = flat_shifted(hidden, head, batch["labels"])
-        keep = scored_rows(y)
-        y, tw = y.reshape(-1), token_weights_fn(y).to(h.device).reshape(-1)
-        if keep is not None:
-            h, y, tw = h[keep], y[keep], tw[keep]
-        loss, _ = bk.linear_weighted_score_sum(h, head.weight, y, tw, topk=topk, lam=lam, impl=st.impl,
-                                               **head.options())
-        return loss
-
-    return model(batch["input_ids"], batch["attention_mask"], fn)
-
-
-def token_logp(model, batch, impl: str):
-    """Per-token log p(y_i) [B, T-shifted] (recompute path: any upstream gradient) and the answer mask."""
-
-    def fn(hidden, head, _):
-        h, head, y = flat_shifted(hidden, head, batch["labels"])
-        keep = scored_rows(y)
-        if keep is None:
-            s = bk.linear_token_scores(h, head.weight, y.reshape(-1), impl=impl, **head.options())
-        else:  # the scored rows' scores in place, 0 (no gradient) on the others
-            kept = bk.linear_token_scores(h[keep], head.weight, y.reshape(-1)[keep], impl=impl, **head.options())
-            s = kept.new_zeros(y.numel()).index_copy(0, keep, kept)
-        return s.view(y.shape), y != bk.IGNORE_INDEX
-
-    return model(batch["input_ids"], batch["attention_mask"], fn)
+def sequence_logprob(model, batch: dict, impl: str) -> torch.Tensor:
+    """log pi(y|x) of every row, summed over its answer tokens [B] (``bs_kernels.sequence_logprob``): recompute path,
+    any upstream gradient."""
+    return on_head(model, batch, lambda h, w, _: bk.sequence_logprob(h, w, batch["labels"], impl=impl))

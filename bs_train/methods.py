@@ -1,4 +1,5 @@
-"""Unlearning methods as small functions over the fused per-token scores of ``bs_kernels``.
+"""Unlearning methods, each a call of its loss in ``bs_kernels.unlearning`` (the one implementation, the one another
+codebase imports), and the method table.
 
 Each method maps (model, forget batch, retain batch) to a loss that is *minimised*. Every loss here is a sum over
 the micro-batch divided by a global count for the whole optimizer step (all micro-batches, all ranks: ``Norms``),
@@ -50,9 +51,10 @@ token's score by the step's answer-token count instead of its sequence's count t
 by its micro-batch's counts and averages micro-batches; ours divides by the whole step's (``Norms``), the same number
 when an optimizer step is one micro-batch.
 
-``PRESETS`` holds the config overrides of each preset (``open-unlearning``: the settings with which every method's
-loss is that of the reference trainers, open-unlearning ``src/trainer/unlearn/*.py`` and, for BS-T / BS-S, the
-authors' fork kemoulee/open-unlearning branch dev); the per-method part is the row's ``open_unlearning`` field.
+``PRESETS`` holds the config overrides of each preset (``open-unlearning``: the reference's run, every method's loss
+that of the reference trainers, open-unlearning ``src/trainer/unlearn/*.py`` and, for BS-T / BS-S, the authors' fork
+kemoulee/open-unlearning branch dev, and the training arguments of its TOFU experiment); the per-method part is the
+row's ``open_unlearning`` field.
 
 ``METHODS`` at the end is the method table: every method is declared there once, as one ``Method`` row naming its
 forget loss (``forget_*``), its retain term (none, the configured ``retain_*`` or its own), and what it needs: NPO
@@ -70,245 +72,159 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import bs_kernels as bk
 
 from .beliefs import BeliefSet
 from .data import encode_prompt, encode_qa
 from .lora import has_adapters, rmu_adapters
-from .method_base import (MethodState, Norms, flat_shifted, local_counts, mean_weights, nll_weights,  # noqa: F401
-                          seq_weights, token_logp, weighted_score_sum)
+from .method_base import (MethodState, Norms, answer_rows, local_counts, on_head,  # noqa: F401
+                          sequence_logprob)
 from .model import LossHead
 from .refusals import refusal_for
 
 # ---- forget losses: forget_<method>(model, forget batch, state, norms) -----------------------------------------
+# Each is one of bs_kernels.unlearning's pure functions on the model's hidden states and head, with the step's global
+# counts as its denominators (one implementation: the one another codebase imports).
 
 
 def forget_nll(model, batch, st, n: Norms):
-    return weighted_score_sum(model, batch, st, lambda y: nll_weights(y, n.forget_tokens))
+    return on_head(model, batch, lambda h, w, _: bk.nll_loss(h, w, batch["labels"], num_tokens=n.forget_tokens,
+                                                             impl=st.impl))
+
+
+def _counts(n: Norms) -> dict:
+    return {"num_tokens": n.forget_tokens, "num_sequences": n.forget_seqs}
 
 
 def forget_ga(model, batch, st, n: Norms):
-    return weighted_score_sum(model, batch, st, lambda y: mean_weights(y, n, st.cfg.reduction))
+    return on_head(model, batch, lambda h, w, _: bk.ga_loss(h, w, batch["labels"], reduction=st.cfg.reduction,
+                                                            impl=st.impl, **_counts(n)))
 
 
 def forget_bst(model, batch, st, n: Norms):
-    return weighted_score_sum(model, batch, st, lambda y: mean_weights(y, n, st.cfg.reduction), topk=st.cfg.bst_topk,
-                     lam=st.cfg.bst_lam)
+    return on_head(model, batch, lambda h, w, _: bk.bst_loss(h, w, batch["labels"], lam=st.cfg.bst_lam,
+                                                             topk=st.cfg.bst_topk, reduction=st.cfg.reduction,
+                                                             impl=st.impl, **_counts(n)))
 
 
 def forget_npo(model, batch, st, n: Norms):
-    s, mask = token_logp(model, batch, st.impl)
-    logp = (s * mask).sum(-1)
-    ref = st.ref_logp.to(logp.device)[batch["index"]]
-    beta = st.cfg.npo_beta
-    keep = mask.any(-1)
-    return (-(2.0 / beta) * F.logsigmoid(-beta * (logp - ref)) * keep).sum() / n.forget_seqs
+    def fn(h, w, _):
+        ref = st.ref_logp.to(device=h.device)[batch["index"]]
+        return bk.npo_loss(h, w, batch["labels"], ref, beta=st.cfg.npo_beta, num_sequences=n.forget_seqs,
+                           impl=st.impl)
+
+    return on_head(model, batch, fn)
 
 
 def forget_simnpo(model, batch, st, n: Norms):
-    s, mask = token_logp(model, batch, st.impl)
-    mean_logp = (s * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-    beta, delta = st.cfg.simnpo_beta, st.cfg.simnpo_delta
-    keep = mask.any(-1)
-    return (-(2.0 / beta) * F.logsigmoid(-beta * mean_logp - delta) * keep).sum() / n.forget_seqs
+    return on_head(model, batch, lambda h, w, _: bk.simnpo_loss(h, w, batch["labels"], beta=st.cfg.simnpo_beta,
+                                                                delta=st.cfg.simnpo_delta,
+                                                                num_sequences=n.forget_seqs, impl=st.impl))
 
 
 def forget_wga(model, batch, st, n: Norms):
-    s, mask = token_logp(model, batch, st.impl)
-    w = torch.exp(st.cfg.wga_beta * s).detach() * mask
-    if st.cfg.reduction == "token":
-        return (w * s).sum() / n.forget_tokens
-    per_seq = (w * s).sum(-1) / mask.sum(-1).clamp_min(1)
-    return per_seq.sum() / n.forget_seqs
+    return on_head(model, batch, lambda h, w, _: bk.wga_loss(h, w, batch["labels"], beta=st.cfg.wga_beta,
+                                                             reduction=st.cfg.reduction, impl=st.impl, **_counts(n)))
 
 
 def forget_satimp(model, batch, st, n: Norms):
-    s, mask = token_logp(model, batch, st.impl)
-    p = s.exp().detach()
-    w = p ** st.cfg.satimp_beta1 * (1.0 - p) ** st.cfg.satimp_beta2 * mask
-    return (w * s).sum() / n.forget_tokens
-
-
-def _answer_logp(model, batch, impl: str):
-    """log pi(y|x) summed over each row's answer tokens [B], and which rows have any."""
-    s, mask = token_logp(model, batch, impl)
-    return (s * mask).sum(-1), mask.any(-1)
+    return on_head(model, batch, lambda h, w, _: bk.satimp_loss(h, w, batch["labels"], beta1=st.cfg.satimp_beta1,
+                                                                beta2=st.cfg.satimp_beta2,
+                                                                num_tokens=n.forget_tokens, impl=st.impl))
 
 
 def forget_dpo(model, batch, st, n: Norms, alternates: dict | None = None):
     """DPO with the forget answer rejected and each of the example's alternate answers preferred (IdkDPO: one
     refusal; AltPO: N sampled answers, the loss averaged over them). ``alternates`` holds the same number of
-    alternates for every row of ``batch``, grouped by row in the same order (``BeliefSet.batch``)."""
+    alternates for every row of ``batch``, grouped by row in the same order (``BeliefSet.batch``). Two model calls
+    (the answers differ in length), combined by ``bs_kernels.preference_loss``."""
     if alternates is None:
         raise ValueError(f"method {st.cfg.name} needs the alternate-answer batch of its forget batch")
-    lose, keep = _answer_logp(model, batch, st.impl)
-    win, _ = _answer_logp(model, alternates, st.impl)
-    ref_lose = st.ref_logp.to(lose.device)[batch["index"]]
-    ref_win = st.beliefs.ref_logp.to(win.device)[alternates["index"]]
-    beta = st.cfg.dpo_beta
-    margin = (win - ref_win).view(lose.shape[0], -1) - (lose - ref_lose)[:, None]  # [B, alternates per example]
-    per_example = (-(2.0 / beta) * F.logsigmoid(beta * margin)).mean(-1)
-    return (per_example * keep).sum() / n.forget_seqs
+    lose = sequence_logprob(model, batch, st.impl)
+    win = sequence_logprob(model, alternates, st.impl)
+    lose_ratio = lose - st.ref_logp.to(lose.device)[batch["index"]]
+    win_ratio = win - st.beliefs.ref_logp.to(win.device)[alternates["index"]]
+    return bk.preference_loss(lose_ratio, win_ratio.view(lose.shape[0], -1), beta=st.cfg.dpo_beta,
+                              keep=answer_rows(batch), num_sequences=n.forget_seqs)
 
 
-def _soft_target_ce(model, batch, st, teacher, labels_fn, denominator, gamma: float):
-    """sum over kept answer tokens of -<p_t, log p_theta> / ``denominator``, p_t = softmax of the teacher's logits
-    with the label's lowered by ``gamma``, on the fused teacher KL. ``teacher(h, head)`` gives the teacher's (hidden,
-    LMHead) from the student's; ``labels_fn`` keeps the scored tokens of the shifted labels."""
-
-    def fn(hidden, head, _):
-        h, head, y = flat_shifted(hidden, head, batch["labels"])
-        y = labels_fn(y).reshape(-1)
-        h_t, head_t = teacher(h, head)
-        token_weights = (y != bk.IGNORE_INDEX).float() / denominator  # a weight, not a row selection: no sync
-        loss, _ = bk.linear_weighted_teacher_kl_sum(h, head.weight, h_t.to(h.dtype), head_t.weight.to(h.dtype),
-                                                    token_weights, y, kind="ce", gamma=gamma, impl=st.impl,
-                                                    **head.options(), **teacher_options(head_t.to(h.dtype)))
-        return loss
-
-    return model(batch["input_ids"], batch["attention_mask"], fn)
-
-
-def teacher_options(head: bk.LMHead) -> dict:
-    """A teacher head's transform as the fused teacher KL takes it (``teacher_bias`` and so on)."""
-    return {f"teacher_{k}": v for k, v in head.options().items()}
+def _reference_head(st: MethodState, batch: dict):
+    """The frozen initial model's (hidden states, lm_head: an LMHead) on ``batch``, no grad."""
+    with torch.no_grad():
+        return st.reference(batch["input_ids"], batch["attention_mask"], lambda h, head, _: (h, head))
 
 
 def forget_undial(model, batch, st, n: Norms):
-    with torch.no_grad():
-        h_ref, head_ref = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, head, _: (h, head))
-    return _soft_target_ce(model, batch, st, lambda h, head: (h_ref.reshape(-1, h_ref.shape[-1]), head_ref),
-                           lambda y: y, n.forget_tokens, st.cfg.undial_beta)
-
-
-CEU_MASK = 1e4
-"""CE-U's target sets the label's logit to -inf; the fused teacher KL takes a finite adjustment, and one of 1e4
-gives the label exp(-1e4) = 0 probability exactly in float32 for any logit range a model produces."""
-
-
-def drop_first_answer_tokens(y: torch.Tensor, k: int) -> torch.Tensor:
-    """Shifted labels ``y`` [B, T] with each row's first ``k`` answer tokens set to ``IGNORE_INDEX``."""
-    active = y != bk.IGNORE_INDEX
-    return y.masked_fill(active & (active.cumsum(-1) <= k), bk.IGNORE_INDEX)
+    h_ref, w_ref = _reference_head(st, batch)
+    every = st.cfg.undial_positions == "all"
+    return on_head(model, batch, lambda h, w, _: bk.undial_loss(
+        h, w, batch["labels"], h_ref, w_ref, beta=st.cfg.undial_beta, positions=st.cfg.undial_positions,
+        num_tokens=n.forget_positions if every else n.forget_tokens, impl=st.impl))
 
 
 def forget_ceu(model, batch, st, n: Norms):
     """CE-U over the kept tokens. Their global count is forget_tokens - k * forget_seqs, exact because every answer
     has at least k tokens (``ceu_ignore_first`` <= 2 and every answer is one token or more plus EOS)."""
     k = st.cfg.ceu_ignore_first
-    return _soft_target_ce(model, batch, st, lambda h, head: (h.detach(), head.detach()),
-                           lambda y: drop_first_answer_tokens(y, k),
-                           (n.forget_tokens - k * n.forget_seqs).clamp_min(1), CEU_MASK)
-
-
-MARGIN_CHUNK_BYTES = 96 * 2**20
-"""Byte budget of the no-grad logits chunk PDU's argmax pass holds (the same as ``bs_kernels``' default chunk)."""
-
-
-def _mean_logit(h: torch.Tensor, head: bk.LMHead) -> torch.Tensor:
-    return head.logits(h).float().mean(-1)
-
-
-def logit_margin(h: torch.Tensor, head: bk.LMHead) -> torch.Tensor:
-    """max_v z_v - mean_v z_v [N] of the head's logits z, float32, differentiable, never holding [N, V]: the argmax
-    comes from a chunked no-grad pass, then max = the transform of <h, W[argmax]> + b[argmax] (the max's gradient is
-    its argmax logit's) and, for a linear head (z = s (h W^T + b)), mean = s (<h, mean of W's rows> + mean b). A
-    soft-capped head's mean is not linear in h: it is taken chunk by chunk, each chunk's logits recomputed in the
-    backward (activation checkpointing), so one chunk is held at a time."""
-    w, b = head.weight, head.bias
-    rows = max(1, MARGIN_CHUNK_BYTES // (w.shape[0] * w.element_size()))
-    chunks = range(0, h.shape[0], rows)
-    with torch.no_grad():
-        idx = torch.cat([head.logits(h[i:i + rows]).argmax(-1) for i in chunks])
-    x_max = (h.float() * w[idx].float()).sum(-1) + (0.0 if b is None else b[idx].float())
-    z_max = bk.transform_logits(x_max, logit_scale=head.logit_scale, softcap=head.softcap)
-    if head.softcap is None:
-        mean = h.float() @ w.mean(0, dtype=torch.float32) + (0.0 if b is None else b.float().mean())
-        return z_max - head.logit_scale * mean
-    return z_max - torch.cat([checkpoint(_mean_logit, h[i:i + rows], head, use_reentrant=False) for i in chunks])
+    kept = (n.forget_tokens - k * n.forget_seqs).clamp_min(1)
+    return on_head(model, batch, lambda h, w, _: bk.ceu_loss(h, w, batch["labels"], ignore_first=k, num_tokens=kept,
+                                                             impl=st.impl))
 
 
 def forget_pdu(model, batch, st, n: Norms):
-    def fn(hidden, head, _):
-        h, head, y = flat_shifted(hidden, head, batch["labels"])
-        active = (y != bk.IGNORE_INDEX).reshape(-1).float()
-        return (logit_margin(h, head) ** 2 * active).sum() / n.forget_tokens
-
-    return model(batch["input_ids"], batch["attention_mask"], fn)
-
-
-def _answer_mse(act: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, n_seqs: torch.Tensor):
-    """RMU's activation loss: squared error averaged over the hidden dimension, then over each sequence's answer
-    tokens (``labels != IGNORE_INDEX``, unshifted: the activations *of* the answer), summed over sequences /
-    ``n_seqs``."""
-    mask = (labels != bk.IGNORE_INDEX).float()
-    sq = ((act.float() - target) ** 2).mean(-1)
-    return ((sq * mask).sum(-1) / mask.sum(-1).clamp_min(1)).sum() / n_seqs
+    """PDU's logit-margin flattening at the positions that predict answer tokens (``pdu_positions=predicting``) or at
+    the answer tokens' own (``answer``: open-unlearning's pdu.py); the same count of answer tokens either way, since
+    every label sits after a prompt."""
+    shift = st.cfg.pdu_positions == "predicting"
+    return on_head(model, batch, lambda h, w, _: bk.pdu_loss(h, w, batch["labels"], num_tokens=n.forget_tokens,
+                                                             shift=shift))
 
 
 def forget_rmu(model, batch, st, n: Norms):
+    """RMU: the steered layer's output on the forget answers pushed to c u (``bs_kernels.activation_mse``)."""
     target = (st.cfg.rmu_coeff * st.rmu_direction).float()
-
-    def fn(_h, _w, act):
-        return _answer_mse(act, target.to(act.device), batch["labels"], n.forget_seqs)
-
-    return model(batch["input_ids"], batch["attention_mask"], fn, layer=st.cfg.rmu_layer)
+    return on_head(model, batch, lambda _h, _w, act: bk.activation_mse(
+        act, target.to(act.device), batch["labels"] != bk.IGNORE_INDEX, num_sequences=n.forget_seqs),
+        layer=st.cfg.rmu_layer)
 
 
 def forget_bss(model, batch, st, n: Norms, beliefs: dict | None = None):
-    """BS-S: (1 - lam_S) L(targets) + lam_S L(beliefs of the same prompts), L the forget loss of the configured base
-    (a table row with ``bss_base=True``). ``beliefs`` holds the beliefs of exactly the prompts in ``batch``."""
+    """BS-S: (1 - lam_S) L(targets) + lam_S L(beliefs of the same prompts) (``bs_kernels.bss_loss``), L the forget
+    loss of the configured base (a table row with ``bss_base=True``). ``beliefs`` holds the beliefs of exactly the
+    prompts in ``batch``."""
     if beliefs is None:
         raise ValueError(f"method {st.cfg.name} needs the belief batch of its forget batch")
-    base, lam = METHODS[st.cfg.bss_base].forget, st.cfg.bss_lam
-    on_targets = base(model, batch, st, n)
-    on_beliefs = base(model, beliefs, replace(st, ref_logp=st.beliefs.ref_logp), n.for_beliefs())
-    return (1.0 - lam) * on_targets + lam * on_beliefs
+    base = METHODS[st.cfg.bss_base].forget
+    return bk.bss_loss(lambda **kw: base(model, **kw), dict(batch=batch, st=st, n=n),
+                       dict(batch=beliefs, st=replace(st, ref_logp=st.beliefs.ref_logp), n=n.for_beliefs()),
+                       lam=st.cfg.bss_lam)
 
 
 # ---- retain terms: retain_<term>(model, retain batch, state, norms) --------------------------------------------
 
 
 def retain_nll(model, batch, st, n: Norms):
-    return weighted_score_sum(model, batch, st, lambda y: nll_weights(y, n.retain_tokens))
+    return on_head(model, batch, lambda h, w, _: bk.nll_loss(h, w, batch["labels"], num_tokens=n.retain_tokens,
+                                                             impl=st.impl))
 
 
 def retain_kl(model, batch, st, n: Norms):
-    """KL(p_init || p_theta) summed over retain answer tokens / the global retain token count, on the fused teacher
-    KL of ``bs_kernels`` (teacher: the frozen reference's hidden states and lm_head): gradients in the forward, one
-    logits chunk per model, never either model's [N, V] logits."""
-    with torch.no_grad():
-        ref = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, head, _: (h, head))
-
-    def fn(hidden, head, _):
-        h, head, y = flat_shifted(hidden, head, batch["labels"])
-        y = y.reshape(-1)
-        h_ref = ref[0].reshape(-1, ref[0].shape[-1]).to(h.dtype)
-        if st.cfg.kl_positions == "all":  # every B x T position, over the step's count of them
-            token_weights, labels = torch.ones_like(y, dtype=torch.float32) / n.retain_positions, None
-        else:  # a weight, not a row selection: no sync
-            token_weights, labels = (y != bk.IGNORE_INDEX).float() / n.retain_tokens, y
-        ref_head = ref[1].to(h.dtype)
-        loss, _ = bk.linear_weighted_teacher_kl_sum(h, head.weight, h_ref, ref_head.weight, token_weights, labels,
-                                                    kind="kl", impl=st.impl, **head.options(),
-                                                    **teacher_options(ref_head))
-        return loss
-
-    return model(batch["input_ids"], batch["attention_mask"], fn)
+    """KL(p_init || p_theta) over the retain answer tokens or every position (``kl_positions``), divided by the step's
+    count of them (``bs_kernels.kl_loss``; teacher: the frozen reference's hidden states and lm_head)."""
+    h_ref, w_ref = _reference_head(st, batch)
+    every = st.cfg.kl_positions == "all"
+    return on_head(model, batch, lambda h, w, _: bk.kl_loss(
+        h, w, batch["labels"], h_ref, w_ref, positions=st.cfg.kl_positions,
+        num_tokens=n.retain_positions if every else n.retain_tokens, impl=st.impl))
 
 
 def retain_rmu(model, batch, st, n: Norms):
     layer = st.cfg.rmu_layer
     with torch.no_grad():
         ref_act = st.reference(batch["input_ids"], batch["attention_mask"], lambda h, w, a: a, layer=layer)
-
-    def fn(_h, _w, act):
-        return _answer_mse(act, ref_act.float(), batch["labels"], n.retain_seqs)
-
-    return model(batch["input_ids"], batch["attention_mask"], fn, layer=layer)
+    return on_head(model, batch, lambda _h, _w, act: bk.activation_mse(
+        act, ref_act.float(), batch["labels"] != bk.IGNORE_INDEX, num_sequences=n.retain_seqs), layer=layer)
 
 
 RETAIN_TERMS: dict[str, Callable | None] = {"nll": retain_nll, "kl": retain_kl, "none": None}
@@ -353,7 +269,7 @@ def setup_rmu(st: MethodState, lm: torch.nn.Module, *, seed: int, device, **_) -
 def setup_dpo(st: MethodState, lm: torch.nn.Module, *, tokenizer, dataset, seed: int, **_) -> None:
     """IdkDPO: one refusal per forget example (``refusals.refusal_for``) as its preferred answer, held as a one-answer
     ``BeliefSet``; the initial model's log-probs of them are filled in before training (the trainer's
-    ``prepare_method_state``). Question/answer data only (the config refuses it on raw text)."""
+    ``prepare_method_state``)."""
     prompts, answers = [], []
     for i, ex in enumerate(dataset.examples):
         prompt = encode_prompt(tokenizer, ex["question"])
@@ -430,17 +346,22 @@ class Method:
     demo: bool = False
     """Run by the offline demo by default."""
     open_unlearning: tuple[str, ...] = ()
-    """Config overrides (``method.key=value``) under which this method's loss is its reference trainer's, each with
-    its source: the ``open-unlearning`` preset (``PRESETS``) applies them after the preset's common ones."""
+    """Config overrides (``section.key=value``) under which this method's run is its reference trainer's, loss and
+    training arguments, each with its source: the ``open-unlearning`` preset (``PRESETS``) applies them after the
+    preset's common ones."""
 
 
 # The open-unlearning preset's per-method settings. Sources: locuslab/open-unlearning (main, d3d7cf9)
-# configs/trainer/{GradAscent,GradDiff,NPO,SimNPO,RMU,WGA}.yaml and src/trainer/unlearn/*.py (GA, GradDiff and WGA
-# take one token mean over the batch: ``-model(**forget).loss`` / ``compute_wga_loss``'s ``[mask].mean()``); the
-# authors' fork kemoulee/open-unlearning (dev, 1c278ec) configs/trainer/{BST,BSS}.yaml and src/trainer/unlearn/
-# {bst,bss}.py (BS-T: mean per sequence then over sequences; BS-S: GA with the batch token mean on targets and
-# beliefs, beliefs drawn by HF ``generate(do_sample=True, top_p=None, max_new_tokens=200)``, i.e. generate's
-# default top_k=50).
+# configs/trainer/<Trainer>.yaml and src/trainer/unlearn/*.py (GA, GradDiff and WGA take one token mean over the
+# batch: ``-model(**forget).loss`` / ``compute_wga_loss``'s ``[mask].mean()``; UNDIAL.yaml alpha 0.0 and
+# ``compute_undial_loss``'s mean over every position; SatImp.yaml gamma 0.1, alpha 1.0; pdu.py's margin at the answer
+# tokens' own positions), community/methods/AltPO (generate.yaml ``repeats: 5``, ``temperature: 1.0``,
+# ``max_new_tokens: 200``, sampled by HF ``generate`` with its default top_k=50 (top_p is whatever the checkpoint's
+# generation_config.json holds; none is given); generate.py writes one row per alternate; run.sh trains 2 epochs at
+# batch 8 x 4); the authors' fork kemoulee/open-unlearning (dev, 1c278ec) configs/trainer/{BST,BSS}.yaml and
+# src/trainer/unlearn/{bst,bss}.py (BS-T: mean per sequence then over sequences; BS-S: GA with the batch token mean
+# on targets and beliefs, beliefs drawn by HF ``generate(do_sample=True, top_p=None, max_new_tokens=200)``, i.e.
+# generate's default top_k=50).
 _TOKEN_MEAN = ("method.reduction=token",)
 METHODS: dict[str, Method] = {
     "finetune": Method(forget_nll, retain=None, scaled=False, command="finetune", recipe=False, terms=("train_nll",)),
@@ -455,12 +376,23 @@ METHODS: dict[str, Method] = {
                                    "method.gamma=1", "method.alpha=1")),
     "wga": Method(forget_wga, bss_base=True, open_unlearning=(*_TOKEN_MEAN, "method.wga_beta=1", "method.gamma=1",
                                                               "method.alpha=1")),
-    "dpo": Method(forget_dpo, ref_logp=True, alternates=True, setup=setup_dpo),
-    "altpo": Method(forget_dpo, ref_logp=True, alternates=True, sample_alternates=True, setup=setup_bss),
-    "undial": Method(forget_undial, reference=True),
-    "ceu": Method(forget_ceu, retain=None),
-    "satimp": Method(forget_satimp),
-    "pdu": Method(forget_pdu, dual=True, after_step=step_pdu, setup=setup_pdu, recipe=False),
+    "dpo": Method(forget_dpo, ref_logp=True, alternates=True, setup=setup_dpo,
+                  open_unlearning=("method.dpo_beta=0.1", "method.gamma=1", "method.alpha=1")),
+    "altpo": Method(forget_dpo, ref_logp=True, alternates=True, sample_alternates=True, setup=setup_bss,
+                    open_unlearning=("method.dpo_beta=0.1", "method.gamma=1", "method.alpha=1",
+                                     "method.bss_samples=5", "method.bss_temperature=1", "method.bss_top_k=50",
+                                     "method.bss_top_p=1", "method.bss_max_new_tokens=200",
+                                     "method.altpo_rows=alternate", "train.epochs=2")),
+    # alpha 0 makes the retain term count for nothing; retain=none also skips computing it (the same loss)
+    "undial": Method(forget_undial, reference=True,
+                     open_unlearning=("method.undial_beta=10", "method.gamma=1", "method.alpha=0", "method.retain=none",
+                                      "method.undial_positions=all")),
+    "ceu": Method(forget_ceu, retain=None, open_unlearning=("method.ceu_ignore_first=1",)),
+    "satimp": Method(forget_satimp, open_unlearning=("method.satimp_beta1=5", "method.satimp_beta2=1",
+                                                     "method.gamma=0.1", "method.alpha=1")),
+    "pdu": Method(forget_pdu, dual=True, after_step=step_pdu, setup=setup_pdu, recipe=False,
+                  open_unlearning=("method.pdu_dual_step=1", "method.pdu_dual_warmup_epochs=5", "method.gamma=1",
+                                   "method.alpha=1", "method.pdu_positions=answer")),
     "bs_t": Method(forget_bst, bss_base=True, demo=True,
                    open_unlearning=("method.reduction=sequence", "method.bst_lam=0.2", "method.bst_topk=20")),
     "bs_s": Method(forget_bss, beliefs=True, setup=setup_bss, demo=True,
@@ -471,20 +403,42 @@ METHODS: dict[str, Method] = {
 }
 """The method table: every method, declared once (see the module docstring)."""
 
-
-PRESETS: dict[str, tuple[str, ...]] = {
-    "open-unlearning": ("method.kl_positions=all",),  # open-unlearning's compute_kl_divergence: all B x T positions
+# The reference's training arguments, as Hydra composes ``src/train.py --config-name=unlearn.yaml
+# experiment=unlearn/tofu/default trainer=<Trainer>`` (locuslab/open-unlearning d3d7cf9, checked with hydra-core
+# 1.3.8's compose for every trainer): configs/experiment/unlearn/tofu/default.yaml sets learning_rate 1e-5,
+# num_train_epochs 10, weight_decay 0.01 and warmup_epochs 1.0, and being composed after the trainer's file it wins
+# over WGA.yaml's and SatImp.yaml's 5 epochs, UNDIAL.yaml's lr 1e-4 and finetune.yaml's weight_decay 0.00 (those hold
+# only without the TOFU experiment); configs/trainer/finetune.yaml sets per_device_train_batch_size 8,
+# gradient_accumulation_steps 4, seed 0 and optim paged_adamw_32bit (AdamW's update); Hugging Face's
+# TrainingArguments defaults give lr_scheduler_type linear (``hf_linear``: its warm-up starts at rate 0),
+# max_grad_norm 1.0 and group_by_length False (a plain shuffle: no length buckets), and its Trainer exempts biases and
+# norm weights from the decay (``decay_exempt=bias_norm``). Not set here: bf16 compute
+# (finetune.yaml ``bf16: True``) is what ``train.mixed_precision=auto`` gives on a GPU, and the reference's bf16
+# weights (configs/model/*.yaml ``torch_dtype: bfloat16``) stepped by a 32-bit AdamW, which drops updates below bf16's
+# resolution, are left out: add model.dtype=bfloat16 to reproduce that too.
+_OU_COMMON = ("train.batch_size=8", "train.grad_accum=4", "train.schedule=hf_linear", "train.max_grad_norm=1",
+              "train.seed=0", "train.bucket_window=0", "train.optimizer=adamw", "train.decay_exempt=bias_norm")
+# Fine-tuning (configs/experiment/finetune/tofu/default.yaml sets no training argument): finetune.yaml's lr 1e-5,
+# 10 epochs and weight_decay 0.00, no warm-up (TrainingArguments' default).
+_OU_FINETUNE = ("train.lr=1e-5", "train.epochs=10", "train.weight_decay=0", "train.warmup_steps=0",
+                "train.warmup_epochs=0", *_OU_COMMON)
+_OU_UNLEARN = ("train.lr=1e-5", "train.epochs=10", "train.weight_decay=0.01", "train.warmup_epochs=1", *_OU_COMMON)
+PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
+    # per command; unlearning: open-unlearning's compute_kl_divergence over all B x T positions, its TOFU experiment's
+    # training arguments
+    "open-unlearning": {"unlearn": ("method.kl_positions=all", *_OU_UNLEARN), "finetune": _OU_FINETUNE},
 }
-"""Config presets: their common overrides; each method's own are its row's ``open_unlearning`` field."""
+"""Config presets: their overrides common to every method of a command; each method's own are its row's
+``open_unlearning`` field."""
 
 
 def preset_overrides(preset: str, method: str) -> list[str]:
-    """The ``method.key=value`` overrides of ``preset`` for ``method``: the common ones, then the row's."""
+    """The ``section.key=value`` overrides of ``preset`` for ``method``: those of its command, then the row's."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
     if method not in METHODS:
         raise ValueError(f"method.name must be one of {tuple(METHODS)}, got {method!r}")
-    return [*PRESETS[preset], *METHODS[method].open_unlearning]
+    return [*PRESETS[preset][METHODS[method].command], *METHODS[method].open_unlearning]
 
 
 def method_for(command: str) -> str:
@@ -520,6 +474,18 @@ def method_loss(model, forget: dict, retain: dict | None, st: MethodState, n: No
     else:
         loss = gamma * forget_term + cfg.alpha * retain_value
     return loss, {"forget": forget_term.detach(), "retain": retain_value.detach()}
+
+
+def forget_copies(cfg) -> int:
+    """How many rows each forget example fills: N for AltPO with ``altpo_rows=alternate`` (open-unlearning's one row
+    per (example, alternate)), else 1."""
+    return cfg.bss_samples if METHODS[cfg.name].sample_alternates and cfg.altpo_rows == "alternate" else 1
+
+
+def belief_config(cfg):
+    """The method config beliefs / alternates are drawn with: one per row when each example fills N rows
+    (``forget_copies``), else ``bss_samples`` per prompt."""
+    return replace(cfg, bss_samples=1) if forget_copies(cfg) > 1 else cfg
 
 
 def needs_retain(cfg) -> bool:
@@ -568,6 +534,5 @@ def precompute_ref_logp(model: LossHead, loader, impl: str, n_examples: int, dev
     out = torch.zeros(n_examples, dtype=torch.float32)
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        s, mask = token_logp(model, batch, impl)
-        out[batch["index"].cpu()] = (s * mask).sum(-1).float().cpu()
+        out[batch["index"].cpu()] = sequence_logprob(model, batch, impl).float().cpu()
     return out

@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -48,8 +49,9 @@ from .checkpoint import (RunLock, atomic_write_text, barrier, check_resumable, e
 from .config import RESOLVED_HEADER, RunConfig
 from .data import ForgetRetainSampler, QADataset, TextDataset, collate, load_qa, load_texts
 from .lora import AdaptersOff, apply_lora, has_adapters
-from .methods import (METHODS, MethodState, Norms, belief_ref_logp, local_counts, method_loss, needs_belief_ref_logp,
-                      needs_ref_logp, needs_reference, needs_retain, needs_topk, precompute_ref_logp)
+from .methods import (METHODS, MethodState, Norms, belief_config, belief_ref_logp, forget_copies, local_counts,
+                      method_loss, needs_belief_ref_logp, needs_ref_logp, needs_reference, needs_retain, needs_topk,
+                      precompute_ref_logp)
 from .model import (LossHead, apply_liger, cast_parameters, check_model_path, decoder_blocks, load_model,
                     load_tokenizer, resolve_attention)
 from .sampler import check_supported
@@ -99,16 +101,18 @@ def build_data(cfg: RunConfig, tokenizer, run_dir: Path):
             write_folder(folder, make_splits(made_with["authors"], made_with["qa_per_author"], seed=made_with["seed"]))
             stamp.write_text(json.dumps(made_with) + "\n")
         source = str(folder)
-    def dataset(src: str, split: str):
+    def dataset(src: str, split: str, copies: int = 1):
+        """``copies``: each row that many times (AltPO with one row per alternate; QA only, as AltPO is)."""
         if cfg.data.text:  # MUSE / WMDP: raw text in token windows, every token scored
             return TextDataset(load_texts(src, split), tokenizer, window=cfg.data.window_tokens, name=split,
                                prefix_tokens=cfg.method.bss_prefix_tokens)
-        return QADataset(load_qa(src, split), tokenizer, max_length=cfg.model.max_length, name=split)
+        rows = [ex for ex in load_qa(src, split) for _ in range(copies)]
+        return QADataset(rows, tokenizer, max_length=cfg.model.max_length, name=split)
 
     if cfg.command == "finetune":
         return dataset(source, cfg.data.train_split), None
     retain = dataset(cfg.data.retain_source or source, cfg.data.retain_split) if needs_retain(cfg.method) else None
-    return dataset(source, cfg.data.forget_split), retain
+    return dataset(source, cfg.data.forget_split, forget_copies(cfg.method)), retain
 
 
 def parallelize(head: LossHead, cfg: RunConfig, world: int, compute_dtype: torch.dtype | None) -> LossHead:
@@ -160,6 +164,21 @@ def frozen_reference(lm: torch.nn.Module, device: torch.device, compute_dtype: t
     return LossHead(ref)
 
 
+# Hugging Face's Trainer leaves these out of weight decay (Trainer.get_decay_parameter_names' name patterns)
+_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def optimizer_params(module: torch.nn.Module, cfg: RunConfig) -> list:
+    """The trainable parameters of ``module``, or with ``train.decay_exempt=bias_norm`` two groups: those the weight
+    decay applies to and the biases and norm weights it skips (by name, as Hugging Face's Trainer)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if cfg.train.decay_exempt == "none":
+        return [p for _, p in named]
+    exempt = [_NO_DECAY.search(n.lower()) is not None for n, _ in named]
+    return [{"params": [p for (_, p), e in zip(named, exempt) if not e]},
+            {"params": [p for (_, p), e in zip(named, exempt) if e], "weight_decay": 0.0}]
+
+
 def build_optimizer(params, cfg: RunConfig, use_cuda: bool) -> torch.optim.Optimizer:
     """AdamW in one of three memory plans (see ``TrainConfig.optimizer``); torchao is imported only when asked."""
     t = cfg.train
@@ -173,13 +192,28 @@ def build_optimizer(params, cfg: RunConfig, use_cuda: bool) -> torch.optim.Optim
     return cls(params, lr=t.lr, weight_decay=t.weight_decay, bf16_stochastic_round=True)
 
 
-def lr_lambda(cfg: RunConfig, total_steps: int):
-    warm, kind = cfg.train.warmup_steps, cfg.train.schedule
+def warmup_steps(cfg: RunConfig, rows: int, world: int) -> int:
+    """``train.warmup_steps``, or with ``train.warmup_epochs`` > 0 open-unlearning's conversion of epochs to steps
+    (src/trainer/__init__.py: int(epochs x rows // (batch x accumulation x devices)))."""
+    t = cfg.train
+    if t.warmup_epochs > 0:
+        return int(t.warmup_epochs * rows // (t.batch_size * t.grad_accum * world))
+    return t.warmup_steps
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int, warm: int | None = None):
+    """The learning-rate factor of each step (``train.schedule``) after ``warm`` warm-up steps (default
+    ``train.warmup_steps``)."""
+    warm, kind = cfg.train.warmup_steps if warm is None else warm, cfg.train.schedule
 
     def f(step: int) -> float:
         if step < warm:
+            if kind == "hf_linear":  # transformers' get_linear_schedule_with_warmup: the first step at rate 0
+                return step / max(1, warm)
             return (step + 1) / (warm + 1)
         frac = (step - warm) / max(1, total_steps - warm)
+        if kind == "hf_linear":
+            return max(0.0, (total_steps - step) / max(1, total_steps - warm))
         if kind == "linear":
             return max(0.0, 1.0 - frac)
         if kind == "cosine":
@@ -257,8 +291,8 @@ def refresh_beliefs(state: MethodState, cfg: RunConfig, head, lm, tokenizer, ran
     whole run: its cache and compiled step are reused by every round."""
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     if state.sampler is None:
-        state.sampler = belief_sampler(lm, state.prompts, cfg.method, eos_id=eos_id, pad_id=pad_id)
-    state.beliefs = draw_beliefs(head, lm, state.prompts, cfg.method, eos_id=eos_id, pad_id=pad_id,
+        state.sampler = belief_sampler(lm, state.prompts, belief_config(cfg.method), eos_id=eos_id, pad_id=pad_id)
+    state.beliefs = draw_beliefs(head, lm, state.prompts, belief_config(cfg.method), eos_id=eos_id, pad_id=pad_id,
                                  seed=cfg.train.seed, round_=state.beliefs.round + 1 if state.beliefs else 1,
                                  rank=rank, world=world, sampler=state.sampler)
     if state.beliefs.round > 1 and needs_belief_ref_logp(cfg.method):  # the initial model's log-probs
@@ -355,7 +389,8 @@ def _schedule(cfg: RunConfig, optim, main_set, retain_set, world: int):
     total = sampler.steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
-    return sampler, total, torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, total))
+    warm = warmup_steps(cfg, len(main_set), world)
+    return sampler, total, torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, total, warm))
 
 
 def _extra(state: MethodState, regen_s: float, monitor) -> dict:
@@ -500,7 +535,7 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
     head = parallelize(LossHead(lm), cfg, world, compute_dtype)
     # Before any forward: under FSDP2 a forward without backward leaves the root's parameters unsharded (it is not
     # resharded after forward), and an optimizer built then would hold those transient tensors, not the shards.
-    optim = build_optimizer([p for p in head.parameters() if p.requires_grad], cfg, use_cuda)
+    optim = build_optimizer(optimizer_params(head, cfg), cfg, use_cuda)
     prepare_method_state(state, cfg, head, main_set, pad_id, run_dir, ckpt is not None, autocast, rank, device)
 
     sampler, total, sched = _schedule(cfg, optim, main_set, retain_set, world)

@@ -95,7 +95,7 @@ def test_bench_dry_run_runs_every_stage_and_its_cap(tmp_path):
     both = gpu_job.dry_run(tmp_path, ("bench",))
     assert set(both["kinds"]) == {"nvidia-h100-x1", "nvidia-h200"} and both["kinds_fit"]  # checked for each kind
     res = both["bench"]
-    assert res["completed"] == ["env", "gpu_tests", "loss_sweep", "losses", "sampler"], res
+    assert res["completed"] == ["env", "gpu_tests", "loss_sweep", "losses", "open_unlearning", "sampler"], res
     assert res["timed_out"] == ["train_step"]  # its smoke preset outruns the dry run's 10 s cap, deliberately
     rows = _lines(tmp_path / "out_bench" / "bench.jsonl")
     step = next(r for r in rows if r.get("stage") == "train_step")

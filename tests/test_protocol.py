@@ -30,7 +30,9 @@ from bs_train.config import MethodConfig, load_config
 from bs_train.model import LossHead
 from bs_train.tiny import tiny_llama
 
-VOCAB, LAYERS, EOS = 61, 3, 1  # pad == eos, as open-unlearning sets it when a tokenizer has no pad token
+# pad == eos, as open-unlearning sets it when a tokenizer has no pad token; V >= 100, since the reference UNDIAL reads
+# a -100 label as the vocabulary id V - 100
+VOCAB, LAYERS, EOS = 131, 3, 1
 IGNORE = -100
 
 
@@ -103,6 +105,35 @@ def ref_forget(name, cfg, model, ref_model, f, bel, u):
         return (1 - cfg.bss_lam) * -hf_mean_nll(model, f) + cfg.bss_lam * -hf_mean_nll(model, bel)
     if name == "rmu":
         return ref_rmu(layer_out(model, f, cfg.rmu_layer), cfg.rmu_coeff * u, f["labels"] != IGNORE)
+    if name == "satimp":  # compute_satimp_loss: -(p^beta1 (1 - p)^beta2 .detach * CE)[mask].mean()
+        p = torch.exp(-ce).detach()
+        return -(p ** cfg.satimp_beta1 * (1 - p) ** cfg.satimp_beta2 * ce)[mask].mean()
+    if name == "undial":  # compute_undial_loss: every shifted position, the label used as an index (-100 -> V - 100)
+        z, y = logits(model, f)[:, :-1], f["labels"][:, 1:]
+        with torch.no_grad():
+            zt = logits(ref_model, f)[:, :-1]
+        adjust = torch.zeros_like(zt)
+        adjust[torch.arange(z.shape[0]).view(-1, 1, 1), torch.arange(z.shape[1]).view(1, -1, 1), y[..., None]] = 1.0
+        soft = torch.softmax(zt - adjust * cfg.undial_beta, -1)
+        return F.cross_entropy(z.reshape(-1, VOCAB), soft.reshape(-1, VOCAB), reduction="none").mean()
+    if name == "ceu":  # compute_batch_ceu: the first n answer labels dropped, shifted, CE to the label-removed softmax
+        labels, valid = f["labels"], f["labels"] != IGNORE
+        y = labels.masked_fill(valid & (valid.cumsum(-1) <= cfg.ceu_ignore_first), IGNORE)[:, 1:]
+        z = logits(model, f)[:, :-1]
+        keep = y != IGNORE
+        target = z[keep].detach().clone().scatter(-1, y[keep][:, None], float("-inf"))
+        return F.cross_entropy(z[keep], torch.softmax(target, -1))
+    if name in ("dpo", "altpo"):  # compute_dpo_loss(win=alternate, lose=forget): log-ratios of summed NLLs
+        def ratio(b):
+            nll = token_ce(model, b)[0].sum(-1)
+            with torch.no_grad():
+                ref_nll = token_ce(ref_model, b)[0].sum(-1)
+            return -(nll - ref_nll)
+        return -2 / cfg.dpo_beta * F.logsigmoid(cfg.dpo_beta * (ratio(bel) - ratio(f))).mean()
+    if name == "pdu":  # pdu.py: the margin at the answer tokens' own positions (labels != -100, unshifted)
+        z = logits(model, f).reshape(-1, VOCAB)
+        keep = (f["labels"] != IGNORE).reshape(-1)
+        return ((z.max(-1)[0] - z.mean(-1)) ** 2 * keep).sum() / keep.sum()
     raise AssertionError(f"no reference formula for {name}")
 
 
@@ -127,7 +158,7 @@ def ref_retain(name, cfg, model, ref_model, r):
         with torch.no_grad():
             ref_act = layer_out(ref_model, r, cfg.rmu_layer)
         return ref_rmu(layer_out(model, r, cfg.rmu_layer), ref_act, r["labels"] != IGNORE)
-    if name == "ga":
+    if name in ("ga", "ceu", "undial"):  # GradAscent and CEU take none; UNDIAL.yaml weighs it by alpha 0.0
         return None
     return hf_mean_nll(model, r) if cfg.retain == "nll" else ref_kl_all_positions(model, ref_model, r)
 
@@ -140,26 +171,38 @@ def beliefs_of(f):
     return BeliefSet(prompts, answers, [[-5.0] * 3 for _ in prompts], round=1)
 
 
+def alternates_of(f, ref_model):
+    """One alternate answer per forget row (IdkDPO's refusal, or one of AltPO's rows), with its reference log-prob
+    under ``ref_model``, as the trainer computes it before the first step."""
+    g = torch.Generator().manual_seed(6)
+    prompts = [f["input_ids"][i, :3].tolist() for i in range(len(f["index"]))]
+    answers = [[torch.randint(2, VOCAB, (2 + i,), generator=g).tolist()] for i in range(len(prompts))]
+    alt = BeliefSet(prompts, answers, [[0.0] for _ in prompts], round=0)
+    with torch.no_grad():
+        logp = -token_ce(ref_model, alt.batch(f["index"].tolist(), pad_id=EOS))[0].sum(-1)
+    alt.logp = [[float(v)] for v in logp]
+    return alt
+
+
 # per-sequence losses take no row without answer tokens (the reference divides 0 by 0 there or counts the row)
-PER_SEQUENCE = {"npo", "simnpo", "bs_t", "rmu"}
+PER_SEQUENCE = {"npo", "simnpo", "bs_t", "rmu", "dpo", "altpo"}
 CASES = [("ga", "nll"), ("graddiff", "nll"), ("graddiff", "kl"), ("wga", "nll"), ("wga", "kl"), ("npo", "nll"),
-         ("simnpo", "nll"), ("bs_t", "nll"), ("bs_s", "nll"), ("bs_s", "kl"), ("rmu", "nll")]
+         ("simnpo", "nll"), ("bs_t", "nll"), ("bs_s", "nll"), ("bs_s", "kl"), ("rmu", "nll"), ("dpo", "nll"),
+         ("altpo", "nll"), ("undial", "nll"), ("ceu", "nll"), ("satimp", "nll"), ("pdu", "nll")]
 
 
 def test_cases_cover_every_method_the_preset_changes():
-    """Every method whose row carries open-unlearning settings is held to the reference here; the methods added with
-    their open-unlearning defaults already (dpo, altpo, undial, ceu, satimp, pdu) carry none and are held to
-    open-unlearning's formulas in tests/test_methods.py."""
+    """Every unlearning method carries open-unlearning settings, and every one is held to its reference here."""
     changed = {n for n, m in methods.METHODS.items() if m.command == "unlearn" and m.open_unlearning}
-    assert {n for n, _ in CASES} == changed
-    assert all(not m.open_unlearning for n, m in methods.METHODS.items() if n in
-               ("dpo", "altpo", "undial", "ceu", "satimp", "pdu"))
+    assert {n for n, _ in CASES} == changed == {n for n, m in methods.METHODS.items() if m.command == "unlearn"}
 
 
 @pytest.mark.parametrize("name, retain", CASES)
 def test_preset_loss_and_gradients_equal_the_reference_trainer(name, retain):
-    cfg = load_config(None, [f"method.name={name}", f"method.retain={retain}", "method.rmu_layer=1",
-                             "method.bst_topk=5"], preset="open-unlearning").method
+    overrides = [f"method.name={name}", "method.rmu_layer=1", "method.bst_topk=5", "method.pdu_retain_eps=0.5"]
+    if name != "undial":  # the preset's own retain=none (alpha 0) stands
+        overrides.append(f"method.retain={retain}")
+    cfg = load_config(None, overrides, preset="open-unlearning").method
     # RMU's broadcast equals the per-sequence mean only at equal answer lengths (README: differences)
     lengths = [4, 4, 4] if name == "rmu" else ([5, 2, 3] if name in PER_SEQUENCE else [5, 0, 2, 3])
     f, r = qa_batch(lengths, seed=0), qa_batch([3, 3, 3] if name == "rmu" else [1, 6, 3], seed=1)
@@ -169,10 +212,10 @@ def test_preset_loss_and_gradients_equal_the_reference_trainer(name, retain):
     with torch.no_grad():
         ref_logp = -token_ce(ref_model, f)[0].sum(-1)
     row = methods.METHODS[name]
-    beliefs = beliefs_of(f) if row.beliefs else None
+    beliefs = beliefs_of(f) if row.beliefs else alternates_of(f, ref_model) if row.alternates else None
     bel = beliefs.batch(f["index"].tolist(), pad_id=EOS) if beliefs is not None else None
     st = methods.MethodState(cfg, "torch", ref_logp=ref_logp, reference=LossHead(ref_model), rmu_direction=u,
-                             beliefs=beliefs)
+                             beliefs=beliefs, dual=torch.tensor(cfg.alpha))
     retain_batch = r if methods.needs_retain(cfg) else None
     ours_model = copy.deepcopy(model)
     norms = methods.Norms(*methods.local_counts(f, retain_batch, bel).float().clamp_min(1).unbind())
@@ -181,7 +224,9 @@ def test_preset_loss_and_gradients_equal_the_reference_trainer(name, retain):
 
     want = cfg.gamma * ref_forget(name, cfg, model, ref_model, f, bel, u)
     retain_term = ref_retain(name, cfg, model, ref_model, r)
-    if retain_term is not None:
+    if retain_term is not None and row.dual:  # PDU's final_loss_value: preferences [gamma, alpha] x [forget,
+        want = want + cfg.alpha * (retain_term - cfg.pdu_retain_eps)  # retain - eps], alpha the dual's start
+    elif retain_term is not None:
         want = want + cfg.alpha * retain_term
     want.backward()
     # 1e-5 relative to the terms' size: gamma * forget + alpha * retain can cancel to a small float32 number
@@ -201,11 +246,89 @@ def test_preset_sets_the_references_settings_and_user_overrides_win():
     rmu = load_config(None, ["method.name=rmu", "method.rmu_coeff=5"], preset="open-unlearning").method
     assert (rmu.rmu_coeff, rmu.rmu_layer, rmu.rmu_params, rmu.alpha) == (5.0, 7, "all", 1.0)
     assert MethodConfig().bss_top_k == 50  # what the fork's generate() samples with
+    undial = load_config(None, ["method.name=undial"], preset="open-unlearning").method
+    assert (undial.alpha, undial.retain, undial.undial_beta, undial.undial_positions) == (0.0, "none", 10.0, "all")
+    satimp = load_config(None, ["method.name=satimp"], preset="open-unlearning").method
+    assert (satimp.gamma, satimp.alpha, satimp.satimp_beta1, satimp.satimp_beta2) == (0.1, 1.0, 5.0, 1.0)
+    pdu = load_config(None, ["method.name=pdu", "method.pdu_retain_eps=0.3"], preset="open-unlearning").method
+    assert (pdu.pdu_positions, pdu.pdu_dual_step, pdu.pdu_dual_warmup_epochs) == ("answer", 1.0, 5)
     assert load_config(None, ["method.name=ga"]).method.reduction == "sequence"  # defaults unchanged
     with pytest.raises(ValueError, match="preset must be one of"):
         load_config(None, [], preset="tofu")
     with pytest.raises(ValueError, match="method.reduction must be one of"):
         MethodConfig(reduction="batch")
+
+
+def test_preset_trains_with_the_reference_runs_arguments():
+    """The TOFU experiment's training arguments as Hydra composes them (experiment after trainer), for every method;
+    AltPO's run.sh 2 epochs and generate.yaml's 5 alternates, one row each."""
+    for name in (n for n, m in methods.METHODS.items() if m.command == "unlearn"):
+        t = load_config(None, [f"method.name={name}", "method.pdu_retain_eps=0.3"], preset="open-unlearning").train
+        got = (t.lr, t.epochs, t.batch_size, t.grad_accum, t.weight_decay, t.warmup_epochs, t.schedule,
+               t.max_grad_norm, t.seed, t.bucket_window, t.optimizer, t.decay_exempt)
+        assert got == (1e-5, 2 if name == "altpo" else 10, 8, 4, 0.01, 1.0, "hf_linear", 1.0, 0, 0, "adamw",
+                       "bias_norm"), name
+    altpo = load_config(None, ["method.name=altpo"], preset="open-unlearning").method
+    assert (altpo.bss_samples, altpo.altpo_rows, altpo.bss_temperature, altpo.bss_max_new_tokens) == \
+        (5, "alternate", 1.0, 200)
+    assert methods.forget_copies(altpo) == 5 and methods.belief_config(altpo).bss_samples == 1
+    assert methods.forget_copies(MethodConfig(name="altpo")) == 1  # ours: one row per example, N alternates
+    assert load_config(None, ["method.name=wga", "train.epochs=5"], preset="open-unlearning").train.epochs == 5
+    ft = load_config(None, [], command="finetune", preset="open-unlearning")  # finetune.yaml's, no experiment args
+    assert (ft.train.lr, ft.train.epochs, ft.train.weight_decay, ft.train.warmup_epochs, ft.train.warmup_steps,
+            ft.method.kl_positions) == (1e-5, 10, 0.0, 0.0, 0, "answer")
+
+
+def test_decay_exempts_what_the_hugging_face_trainer_exempts(tmp_path):
+    """train.decay_exempt=bias_norm: the parameters left out of weight decay are those Trainer.get_decay_parameter_names
+    leaves out, on a tiny Llama (its norms; it has no biases)."""
+    import transformers
+
+    from bs_train.trainer import optimizer_params
+
+    model = tiny_llama(VOCAB, num_layers=2)
+    groups = optimizer_params(model, load_config(None, ["method.name=ga"], preset="open-unlearning"))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    decay = set(transformers.Trainer(model=model, args=args).get_decay_parameter_names(model))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in groups[0]["params"]} == decay
+    assert {names[id(p)] for p in groups[1]["params"]} == set(names.values()) - decay != set()
+    assert groups[1]["weight_decay"] == 0.0
+    assert len(optimizer_params(model, load_config(None, []))) == len(names)  # ours: one group, all decay
+
+
+def test_warmup_epochs_and_hf_linear_are_transformers_schedule():
+    """open-unlearning's warmup_epochs -> steps conversion and Hugging Face's linear schedule, step for step."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from bs_train.trainer import lr_lambda, warmup_steps
+
+    cfg = load_config(None, ["method.name=ga"], preset="open-unlearning")
+    warm = warmup_steps(cfg, rows=400, world=1)
+    assert warm == int(1.0 * 400 // (8 * 4 * 1)) == 12
+    total = 130
+    ours = lr_lambda(cfg, total, warm)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = get_linear_schedule_with_warmup(opt, warm, total)
+    for step in range(total + 2):
+        assert ours(step) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), step
+        opt.step()
+        sched.step()
+    assert warmup_steps(load_config(None, ["train.warmup_steps=3"]), rows=400, world=1) == 3
+
+
+def test_altpo_rows_fill_the_forget_set_n_times(tmp_path):
+    from bs_train.tiny import byte_tokenizer
+    from bs_train.trainer import build_data
+
+    tok = byte_tokenizer()
+    common = ["data.synthetic_authors=2", "data.synthetic_qa_per_author=5", "method.retain=none"]
+    ours = build_data(load_config(None, [*common, "method.name=altpo"], command="unlearn"), tok, tmp_path)[0]
+    theirs = build_data(load_config(None, [*common, "method.name=altpo"], command="unlearn",
+                                    preset="open-unlearning"), tok, tmp_path)[0]
+    assert len(theirs) == 5 * len(ours)
+    assert [theirs[5 * i + j]["input_ids"] for i in range(len(ours)) for j in range(5)] == \
+        [ours[i]["input_ids"] for i in range(len(ours)) for _ in range(5)]
 
 
 def test_token_reduction_over_micro_batches_is_one_global_token_mean():
@@ -301,6 +424,18 @@ def test_chatml_labels_and_pad_mask_are_open_unlearnings():
     # every EOS of the text (system, user and answer turn ends) and the padding is masked, nothing else
     assert torch.equal(b["attention_mask"].bool(), b["input_ids"] != tok.eos_token_id)
     assert int((b["attention_mask"][0] == 0).sum()) == enc["input_ids"].count(tok.eos_token_id) >= 4
+
+
+def test_zlib_text_is_the_decoded_labels_under_open_unlearning():
+    """open-unlearning's zlib attack compresses extract_target_texts_from_processed_data's text: the label tokens
+    decoded with special tokens skipped, for ChatML the answer and the newline between its two <|im_end|>."""
+    from bs_train.evaluation.tofu.suite import attack_texts
+
+    tok = smollm2_tokenizer()
+    assert attack_texts(tok, [Q, "Hi?"], [A, "Yes."], protocol="open-unlearning") == [A + "\n", "Yes.\n"]
+    assert attack_texts(tok, [Q], [A]) == [A]
+    llama = llama32_tokenizer()
+    assert attack_texts(llama, [Q], [A], protocol="open-unlearning") == [A]  # the <|eot_id|> is special
 
 
 def test_open_unlearning_scores_are_its_formulas_on_chatml():

@@ -112,3 +112,19 @@ def test_simnpo_gets_its_fixed_settings_and_user_overrides_win(tmp_path):
         Recipe(tmp_path, "data", preset="tofu")
     with pytest.raises(ValueError, match="protocol must be one of"):
         Recipe(tmp_path, "data", protocol="muse")
+
+
+def test_preset_training_arguments_replace_the_recipes_own(tmp_path):
+    """With --preset open-unlearning the reference's epochs, warm-up, schedule and plain shuffle stand over the
+    recipe's defaults (AltPO's 2 epochs too); the selected learning rate and the user's --unlearn settings still win."""
+    from bs_train.recipes.tofu import UNLEARN
+
+    recipe = Recipe(tmp_path, "data", preset="open-unlearning", unlearn=[*UNLEARN, "train.checkpoint_every=7"])
+    for method, epochs in (("graddiff", 10), ("altpo", 2)):
+        cfg = load_config(None, _unlearn_args(recipe, method, 2e-5, "forget05", "retain95"), command="unlearn",
+                          preset="open-unlearning")
+        t = cfg.train
+        assert (t.epochs, t.schedule, t.warmup_epochs, t.bucket_window, t.lr, t.checkpoint_every) == \
+            (epochs, "hf_linear", 1.0, 0, 2e-5, 7)
+    plain = load_config(None, _unlearn_args(Recipe(tmp_path, "data"), "graddiff", 2e-5, "f", "r"), command="unlearn")
+    assert (plain.train.schedule, plain.train.bucket_window) == ("linear", 50)

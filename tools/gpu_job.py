@@ -8,7 +8,8 @@ run time and choose their cases from it, results go to the device's own folder (
 ``tools/gpu_plan.py`` checks each job's calls against one session on each kind (``plan``):
 
 * ``bench`` (one call, <= 8 minutes, random weights, only the small wheels carried): the GPU test tier, a bounded
-  chunk-size / BLOCK_V sweep of the loss kernel, the loss benchmark at the Llama-3 head, the sampler at 8B shapes
+  chunk-size / BLOCK_V sweep of the loss kernel, the loss benchmark and open-unlearning's helpers against their
+  drop-ins at the Llama-3 head, the sampler at 8B shapes
   against HF ``generate`` and the 8B train step. Each stage runs in its own process group under its own cap; a
   stage that fails or runs out of time is recorded and the next one runs. ``$OUT/bench.jsonl`` gets one small JSON
   line per stage as it ends (its status, seconds and result rows) and a last line naming the stages that
@@ -184,6 +185,8 @@ def bench_stages(dry_run: bool) -> list[Stage]:
                 Stage("losses", [py, "-m", "benchmarks.bench_losses", "--preset", "tiny", "--in-process", "--reps",
                                  "1", "--warmup", "0", "--providers", "bs_kernels,torch,gemm3", "--out", "{result}"],
                       60),
+                Stage("open_unlearning", [py, "-m", "benchmarks.bench_open_unlearning", "--preset", "smoke", "--reps",
+                                          "1", "--warmup", "0", "--out", "{result}"], 60),
                 Stage("sampler", [py, "-m", "benchmarks.bench_sampler", "--preset", "smoke", "--reps", "1",
                                   "--prompts", "1", "--new", "2", "--dtypes", "float32", "--out", "{result}"], 90),
                 # its ten smoke cases take minutes here (benchmarks/test_bench_scripts.py runs them all): a 10 s cap
@@ -194,6 +197,9 @@ def bench_stages(dry_run: bool) -> list[Stage]:
             Stage("gpu_tests", tests, 90),
             Stage("loss_sweep", [py, "-m", "benchmarks.sweep_loss", "--out", "{result}"], 45),
             Stage("losses", [py, "-m", "benchmarks.bench_losses", "--preset", "gpu", "--out", "{result}"], 120),
+            # open-unlearning's helpers against their drop-ins at the Llama-3 head: 8 helpers x 2, ~100 calls
+            Stage("open_unlearning", [py, "-m", "benchmarks.bench_open_unlearning", "--preset", "gpu", "--out",
+                                      "{result}"], 45),
             Stage("sampler", [py, "-m", "benchmarks.bench_sampler", "--preset", "gpu", "--out", "{result}"], 75),
             Stage("train_step", [py, "-m", "benchmarks.bench_train_step", "--preset", "gpu", "--out", "{result}"],
                   120)]

@@ -19,9 +19,10 @@ mid-way resumes from its last checkpoint. To fit a small disk, a finished run's 
 ``train.keep_checkpoints`` default), and so are a selection run's weights once scored (its metrics, config and
 ``eval.json`` stay). Before starting new work, a stage checks the time used against ``--budget-s`` and stops cleanly, so
 each command ends inside the device's 10-minute limit. ``--preset open-unlearning`` trains every method with the
-reference trainers' reductions and settings (``methods.PRESETS``) and ``--protocol open-unlearning`` evaluates with
-open-unlearning's inputs. ``stages.jsonl`` records every piece of work: what ran, where (device, host), when and for how
-long.
+reference trainers' reductions, settings and training arguments (``methods.PRESETS``: they replace the recipe's own
+epochs, batch, warm-up, schedule and buckets; the learning rate is still selected on forget05, and ``--lr-grid 1e-5``
+gives the reference's) and ``--protocol open-unlearning`` evaluates with open-unlearning's inputs. ``stages.jsonl``
+records every piece of work: what ran, where (device, host), when and for how long.
 """
 
 from __future__ import annotations
@@ -221,9 +222,18 @@ def _run_name(method: str, lr: float, split: str) -> str:
 
 
 def _unlearn_args(recipe: Recipe, method: str, lr: float, forget: str, retain: str) -> list[str]:
+    """The run's overrides. With a preset, the recipe's own defaults (``UNLEARN``, ``METHOD_ARGS``) give way to the
+    preset's values for the keys it sets (epochs, batch, warm-up, schedule, buckets: the reference's run); the
+    selected learning rate and settings given with ``--unlearn`` still come last and win."""
+    own = [*METHOD_ARGS.get(method, ()), *recipe.unlearn]
+    if recipe.preset is not None:
+        from ..methods import preset_overrides
+
+        preset_keys = {o.partition("=")[0] for o in preset_overrides(recipe.preset, method)}
+        defaults = set(UNLEARN) | set(METHOD_ARGS.get(method, ()))
+        own = [o for o in own if not (o in defaults and o.partition("=")[0] in preset_keys)]
     return [f"model.path={recipe.out / 'original' / 'final'}", f"method.name={method}", f"train.lr={lr}",
-            f"data.forget_split={forget}", f"data.retain_split={retain}", *METHOD_ARGS.get(method, ()),
-            *recipe.unlearn]
+            f"data.forget_split={forget}", f"data.retain_split={retain}", *own]
 
 
 def stage_select(recipe: Recipe, clock: Clock) -> bool:

@@ -34,10 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from bs_kernels import IGNORE_INDEX
+
 from .. import metrics
 from . import metrics as tofu_metrics
 from ...console import progress as progress_bar
-from ...data import check_perturbed, check_protocol, load_split, resolve_data, wrong_answers
+from ...data import check_perturbed, check_protocol, encode_qa, load_split, resolve_data, wrong_answers
 from ..generation import generate_text
 from ..common import load_eval_model
 from ..judge import make_judge
@@ -218,15 +220,31 @@ def forget_statistics(model: torch.nn.Module, tokenizer: Any, data: Any, *, forg
     holdout_split = forget_split.replace("forget", "holdout", 1)
     holdout = _split(data, holdout_split, required=False) if holdout_split != forget_split else None
     if holdout is not None:
-        hs = score_answers(model, tokenizer, [r["question"] for r in holdout], [r["answer"] for r in holdout],
-                           vocab_stats=True, **kw)
-        scores = {name: ([fn(s, t) for s, t in zip(sc, a)], [fn(s, r["answer"]) for s, r in zip(hs, holdout)])
+        hq, ha = [r["question"] for r in holdout], [r["answer"] for r in holdout]
+        hs = score_answers(model, tokenizer, hq, ha, vocab_stats=True, **kw)
+        f_text, h_text = attack_texts(tokenizer, q, a, **kw), attack_texts(tokenizer, hq, ha, **kw)
+        scores = {name: ([fn(s, t) for s, t in zip(sc, f_text)], [fn(s, t) for s, t in zip(hs, h_text)])
                   for name, fn in _attacks(mia_k).items()}
         res["mia_auc"] = {name: metrics.auc(f, h) for name, (f, h) in scores.items()}
         res["holdout_split"] = holdout_split
     else:
         res["notes"].append(f"no {holdout_split} split: membership inference and privleak not computed")
     return res
+
+
+def attack_texts(tokenizer: Any, questions: Sequence[str], answers: Sequence[str], *, protocol: str = "exact",
+                 max_length: int = 512, **_: Any) -> list[str]:
+    """The text of each example that the zlib attack compresses: the answer itself (ours), or under
+    ``protocol="open-unlearning"`` its label tokens decoded with special tokens skipped, as open-unlearning's
+    ``extract_target_texts_from_processed_data`` does (src/evals/metrics/utils.py; for ChatML models the answer plus
+    the newline between its two ``<|im_end|>``: up to 0.5% of the zlib AUC on SmolLM2, issue 25)."""
+    if check_protocol(protocol) != "open-unlearning":
+        return list(answers)
+    out = []
+    for q, a in zip(questions, answers):
+        labels = encode_qa(tokenizer, q, a, max_length=max_length, protocol=protocol)["labels"]
+        out.append(tokenizer.decode([y for y in labels if y != IGNORE_INDEX], skip_special_tokens=True))
+    return out
 
 
 def _attacks(k: float) -> dict[str, Any]:
