@@ -271,8 +271,10 @@ def demo_main(command: str, args: argparse.Namespace) -> int:
         print(f"bs-unlearn demo: {e}", file=sys.stderr)
         return 2
     print(result["table"], end="")
-    print(f"\n{len(result['results'])} models in {result['seconds']:.0f} s; judge: {result['judge']}; "
-          f"table: {args.out}/results.md; squeezing plots: {args.out}/<method>/squeezing.png")
+    t = result["timing"]
+    print(f"\n{len(result['results'])} models in {result['seconds']:.0f} s (in-training evaluation and selection: "
+          f"{t['in_training_added_s']:.0f} s, {100 * t['in_training_added_share']:.0f}%); judge: {result['judge']}; "
+          f"table: {args.out}/results.md; squeezing and trajectory plots: {args.out}/<method>/*.png")
     return 0
 
 

@@ -1,5 +1,5 @@
 """Evaluation during training and checkpoint selection as the trainer holds them (``train.eval_every``,
-``train.select_by``): when to evaluate, the best state's weights on disk, and the export of the chosen step.
+``train.select_by``): when to evaluate, where the best state's weights are kept, and the export of the chosen step.
 
 * ``InTrainingSelection.build``, before the model loads: the evaluation's rows are read and encoded
   (``evaluation/in_training.py``) and every metric ``select_by`` / ``stop_if`` names is checked to be one it will
@@ -7,12 +7,16 @@
 * ``start``: the cadence in steps (N steps, or N epochs of the data sampler), the selector's state from a resumed
   checkpoint (trajectory, best-so-far, patience count), and best states a killed run left beyond it removed;
 * ``evaluate`` at step 0 (the baseline), every ``eval_every`` and at the last step, on every rank: a new best's
-  weights are saved to ``best/step_N`` (``torch.distributed.checkpoint`` of the model alone, sharded under FSDP2:
-  no rank gathers the whole model), kill-safe as a checkpoint is (written beside, a manifest last, renamed);
-* the selector's state rides in every checkpoint (``state_dict``), and ``best/`` keeps every state a checkpoint on
-  disk names as its best, plus the current one, so whichever checkpoint a resume falls back to finds its best state;
-* ``before_export``: the last step exported as ``last/`` when ``train.export_last``, then the best weights loaded
-  into the model, which the trainer exports as ``final/``; ``summary`` and ``write`` (rank 0) say what was chosen.
+  weights are copied to host memory (``snapshot``: each rank its own FSDP2 shards, the adapters alone with LoRA; no
+  rank gathers the whole model), a copy of the weights rather than a write: a run without checkpoints never writes
+  a best state at all;
+* ``before_checkpoint``: the best state a checkpoint will name is put on disk first, if it is not yet, as
+  ``best/step_N`` (``torch.distributed.checkpoint`` of the model alone, sharded, kill-safe as a checkpoint is:
+  written beside, a manifest last, renamed); the selector's state rides in the checkpoint, and ``best/`` keeps
+  every state a checkpoint on disk names, so whichever checkpoint a resume falls back to finds its best state;
+* ``before_export``: the last step exported as ``last/`` when ``train.export_last``, then the best weights put into
+  the model (from memory, or ``best/`` after a resume), which the trainer exports as ``final/``; ``summary`` and
+  ``write`` (rank 0) say what was chosen and what it cost.
 """
 
 from __future__ import annotations
@@ -78,6 +82,21 @@ def load_best(path: Path, head: torch.nn.Module) -> None:
     set_model_state_dict(head, state["model"], options=options)
 
 
+def snapshot(head: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's share of the trainable weights (its FSDP2 shards; with LoRA the adapters), copied to host
+    memory. Frozen weights never change, so they are not copied."""
+    return {name: (p.to_local() if hasattr(p, "to_local") else p).detach().to("cpu", copy=True)
+            for name, p in head.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def restore(head: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy a ``snapshot`` back into the model's (sharded) parameters, in place."""
+    for name, p in head.named_parameters():
+        if name in weights:
+            (p.to_local() if hasattr(p, "to_local") else p).copy_(weights[name])
+
+
 def _steps(folder: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _STEP.fullmatch(p.name))) \
         if folder.is_dir() else []
@@ -120,7 +139,10 @@ class InTrainingSelection:
         self.selector = Selector(Criterion.parse(t.select_by, benchmark) if t.select_by else None,
                                  patience=t.select_patience,
                                  stop_if=StopRule.parse(t.stop_if, benchmark) if t.stop_if else None)
-        self.every, self.steps_per_epoch = self.n, 1
+        self.every, self.steps_per_epoch, self.total, self.plot_s = self.n, 1, 0, 0.0
+        self.weights: dict[str, torch.Tensor] | None = None  # the best state's snapshot, this rank's share
+        self.on_disk: int | None = None  # the step whose state best/ holds for this run
+        self.persist_s = 0.0  # seconds spent writing best states to disk
 
     @classmethod
     def build(cls, cfg: Any, tokenizer: Any, run_dir: Path, main_set: Any, retain_set: Any,
@@ -138,12 +160,16 @@ class InTrainingSelection:
                 raise ValueError(f"train.{setting}={text!r}: this run's evaluation does not measure {metric} ({why})")
         return cls(cfg, evaluator, run_dir)
 
-    def start(self, steps_per_epoch: int, extra: dict, step: int, rank: int) -> None:
-        """Set the cadence and take over a resumed checkpoint's selection; drop best states it does not know."""
-        self.steps_per_epoch = steps_per_epoch
+    def start(self, steps_per_epoch: int, total: int, extra: dict, step: int, rank: int) -> None:
+        """Set the cadence (``total``: the steps of the whole schedule) and take over a resumed checkpoint's
+        selection; drop best states it does not know."""
+        self.steps_per_epoch, self.total = steps_per_epoch, total
         self.every = self.n * (steps_per_epoch if self.unit == "epochs" else 1)
         if "selection" in extra:
             self.selector.load_state_dict(extra["selection"])
+            self.persist_s = float(extra["selection"].get("persist_s", 0.0))
+            if self.selector.best is not None:  # put on disk before its checkpoint was written
+                self.on_disk = int(self.selector.best["step"])
         if rank == 0:
             prune(self.run_dir, self._keep(), after=step)
         barrier()
@@ -168,15 +194,15 @@ class InTrainingSelection:
             values = self.evaluator(head, lm, rank=rank, world=world)
         seconds = time.perf_counter() - t0
         if self.selector.record(step, step / self.steps_per_epoch, values, seconds):
-            save_best(self.run_dir, step, head, rank)
-            if rank == 0:
-                prune(self.run_dir, self._keep())
+            t1 = time.perf_counter()
+            self.weights = snapshot(head)
+            self.selector.trajectory[-1]["save_s"] = round(time.perf_counter() - t1, 4)  # what keeping it cost
         if rank == 0:
             self.write(plot=False)
         return values, seconds
 
     def state_dict(self) -> dict[str, Any]:
-        return self.selector.state_dict()
+        return {**self.selector.state_dict(), "persist_s": self.persist_s}
 
     def postfix(self) -> dict[str, str]:
         """The progress line's view of the last evaluation: the selection metric (else Agg.) and the best step."""
@@ -186,6 +212,21 @@ class InTrainingSelection:
         metric, latest = sel.criterion.metric if sel.criterion else "agg", sel.trajectory[-1]
         out = {metric: f"{latest[metric]:.3f}"} if latest.get(metric) is not None else {}
         return {**out, "best": f"step {sel.best['step']}"} if sel.best else out
+
+    def before_checkpoint(self, head: torch.nn.Module, rank: int) -> None:
+        """Put the best state on disk (``best/step_N``) unless it is there: the checkpoint about to be written names
+        it. The model's current weights are set aside in host memory meanwhile and put back exactly."""
+        best = self.selector.best
+        if best is None or self.on_disk == best["step"] or self.weights is None:
+            return
+        t0, current = time.perf_counter(), snapshot(head)
+        restore(head, self.weights)
+        try:
+            save_best(self.run_dir, int(best["step"]), head, rank)
+        finally:
+            restore(head, current)
+        self.on_disk = int(best["step"])
+        self.persist_s += time.perf_counter() - t0
 
     def after_checkpoint(self, rank: int) -> None:
         """Once a checkpoint is saved (and older ones rotated out), only the best states still named are kept."""
@@ -198,13 +239,22 @@ class InTrainingSelection:
         if self.cfg.train.export_last:
             export_hf(head, tokenizer, self.run_dir / "last", rank, base_path=self.cfg.model.path)
         if best is not None and best["step"] != step:
-            load_best(best_path(self.run_dir, best["step"]), head)
+            if self.weights is not None:
+                restore(head, self.weights)
+            else:  # chosen before a resume: on disk since its checkpoint
+                load_best(best_path(self.run_dir, best["step"]), head)
 
     def summary(self, step: int) -> dict[str, Any]:
+        """What summary.json says of the selection: the criterion and chosen step, and the seconds it added
+        (``eval_s`` the evaluations, ``save_s`` keeping the best states, ``plot_s`` the final plot)."""
         sel = self.selector
         return {"criterion": str(sel.criterion) if sel.criterion else None, "chosen": sel.best,
-                "last_step": step, "stopped": sel.stopped, "evaluations": len(sel.trajectory),
+                "last_step": step, "schedule_steps": self.total, "steps_per_epoch": self.steps_per_epoch,
+                "stopped": sel.stopped,
+                "evaluations": len(sel.trajectory),
                 "eval_s": round(sum(e["eval_s"] for e in sel.trajectory), 3),
+                "save_s": round(sum(e.get("save_s", 0.0) for e in sel.trajectory) + self.persist_s, 3),
+                "plot_s": self.plot_s,
                 "exported": ("final/ = the chosen step" if sel.best else "final/ = the last step")
                 + (", last/ = the last step" if self.cfg.train.export_last else "")}
 
@@ -217,7 +267,9 @@ class InTrainingSelection:
                               "steps_per_epoch": self.steps_per_epoch},
                  "notes": self.evaluator.notes, "last_step": step}
         if plot and self.selector.trajectory:
+            t0 = time.perf_counter()
             self.selector.write(self.run_dir, method=self.cfg.method.name, **extra)
+            self.plot_s = round(time.perf_counter() - t0, 3)
         else:
             from .outputs import write_json
 

@@ -181,6 +181,24 @@ class Selector:
         return json_path, png_path
 
 
+def best_of_runs(summaries: dict[float, dict[str, Any]]) -> dict[str, Any]:
+    """The best (rate, step) of one method's selection runs, ``{lr: the run's summary}`` (each selected by the same
+    criterion): the best value any evaluated state reached; of equal ones the first rate given. Returns ``{"lr",
+    "step", "epoch", "value", "by_lr": {lr: {"step", "value"}}}``; a run whose evaluations gave no candidate counts
+    as its last step with no value."""
+    by_lr, mode = {}, None
+    for lr, summary in summaries.items():
+        sel = summary["selection"]
+        mode = mode or (sel["criterion"] or "x:max").split(":")[1]
+        chosen = sel["chosen"] or {"step": summary["steps"], "epoch": None, "value": None}
+        by_lr[lr] = chosen
+    scored = {lr: c for lr, c in by_lr.items() if c["value"] is not None}
+    pick = max if mode == "max" else min
+    lr = pick(scored, key=lambda k: scored[k]["value"]) if scored else next(iter(by_lr))
+    return {"lr": lr, "step": by_lr[lr]["step"], "epoch": by_lr[lr]["epoch"], "value": by_lr[lr]["value"],
+            "by_lr": {f"{k:g}": {"step": c["step"], "value": c["value"]} for k, c in by_lr.items()}}
+
+
 # The curves of the plot: the aggregates (TOFU) or the window NLLs (MUSE, WMDP) on the left, with the criterion; the
 # forget and utility side of TOFU on the right.
 _LEFT = (("agg", "mem", "util"), ("forget_nll", "retain_nll"))

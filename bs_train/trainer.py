@@ -19,8 +19,8 @@
 6. the loop: BS-S beliefs redrawn on their schedule, ``train_step`` (one optimizer step: micro-batches, global
    norms, backward, clipping, the non-finite flag, optimizer and scheduler step), metrics.jsonl, the squeezing
    monitor, the in-training evaluation and selection (``train.eval_every`` / ``select_by``, ``selected_state.py``:
-   step 0, every N steps or epochs, the last step; a new best's weights kept in ``best/``; the stopping rules end
-   the loop), the row's ``after_step`` hook (PDU's dual step), checkpoints (model, optimizer, scheduler, data
+   step 0, every N steps or epochs, the last step; a new best's weights copied to host memory, and to ``best/``
+   before a checkpoint names them; the stopping rules end the loop), the row's ``after_step`` hook (PDU's dual step), checkpoints (model, optimizer, scheduler, data
    position, RNG, step, method extras: beliefs, PDU's dual variable, the selection's trajectory and best);
 7. finish: a last checkpoint only when asked (``train.export`` off or ``train.keep_checkpoints`` on), the kill-safe
    Hugging Face export (safetensors) of the selected step (and ``last/`` when asked), summary.json, and the
@@ -530,7 +530,7 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
     last = kept_metrics(metrics_path, step, rank)
     monitor = _squeezing_monitor(cfg, main_set, tokenizer, impl, extra, head, autocast)
     if selection is not None:
-        selection.start(sampler.steps_per_epoch, extra, step, rank)
+        selection.start(sampler.steps_per_epoch, total, extra, step, rank)
         if step == 0:  # the baseline: the model before any step (never a candidate for selection)
             evaluation = selection.evaluate(0, head, lm, rank=rank, world=world, autocast=autocast)
             if rank == 0:
@@ -577,10 +577,7 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
             if last:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", **(selection.postfix() if selection else {}))
         if checkpoint_due:
-            save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world,
-                            _extra(state, regen_s, monitor, selection), cfg.to_dict())
-            if selection is not None:
-                selection.after_checkpoint(rank)
+            _save(run_dir, step, head, optim, sched, sampler, rank, world, state, regen_s, monitor, selection, cfg)
         if stop_after is not None and step >= stop_after:
             raise StopRun(f"stopped after step {step} as asked")
     if bar is not None:
@@ -590,11 +587,19 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
     if selection is not None and selection.stopped and rank == 0:
         _say(f"bs-unlearn: stopped at step {step} of {end}: {selection.stopped}")
     if not cfg.train.export or cfg.train.keep_checkpoints:  # asked for (or the run's only output)
-        save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world,
-                        _extra(state, regen_s, monitor, selection), cfg.to_dict())
-        if selection is not None:
-            selection.after_checkpoint(rank)
+        _save(run_dir, step, head, optim, sched, sampler, rank, world, state, regen_s, monitor, selection, cfg)
     return _finish(cfg, head, tokenizer, run_dir, rank, world, step, last, impl, selection)
+
+
+def _save(run_dir: Path, step: int, head, optim, sched, sampler, rank: int, world: int, state: MethodState,
+          regen_s: float, monitor, selection, cfg: RunConfig) -> None:
+    """A checkpoint, with the best state it names on disk first (``train.select_by``)."""
+    if selection is not None:
+        selection.before_checkpoint(head, rank)
+    save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s, monitor, selection),
+                    cfg.to_dict())
+    if selection is not None:
+        selection.after_checkpoint(rank)
 
 
 def _finish(cfg: RunConfig, head, tokenizer, run_dir: Path, rank: int, world: int, step: int, last: dict,
@@ -605,12 +610,12 @@ def _finish(cfg: RunConfig, head, tokenizer, run_dir: Path, rank: int, world: in
         if selection is not None:  # last/ when asked, then the chosen weights into the model
             selection.before_export(head, tokenizer, rank, step)
         export_hf(head, tokenizer, run_dir / "final", rank, base_path=cfg.model.path)
+    if selection is not None and rank == 0:
+        selection.write(step=step)  # trajectory.json and .png
     summary = {"steps": step, "final": last, "output_dir": str(run_dir), "world_size": world, "impl": impl}
     if selection is not None:
         summary["selection"] = selection.summary(step)
     if rank == 0:
-        if selection is not None:
-            selection.write(step=step)
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     _drop_checkpoints(cfg, run_dir, rank)
     return summary
