@@ -87,7 +87,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s = subs["demo"] = sub.add_parser(
         "demo", help="offline end-to-end demo on a CPU",
         description="Offline end-to-end demo on a CPU: generated data, a small model trained on the spot, "
-                    "GA / NPO / BS-T / BS-S (each at its own learning rate, chosen on a held-out forget slice), "
+                    "GA / NPO / BS-T / BS-S (each at its own learning rate and step, chosen on a held-out forget slice), "
                     "evaluation, table, squeezing plots.")
     s.add_argument("--out", default="runs/demo", help="output folder: new, empty, or one an earlier demo wrote")
     s.add_argument("--overwrite", action="store_true",

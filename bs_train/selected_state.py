@@ -170,6 +170,10 @@ class InTrainingSelection:
             self.persist_s = float(extra["selection"].get("persist_s", 0.0))
             if self.selector.best is not None:  # put on disk before its checkpoint was written
                 self.on_disk = int(self.selector.best["step"])
+                why = damage(best_path(self.run_dir, self.on_disk))
+                if why is not None:  # said now, not after the rest of the run
+                    raise ValueError(f"the checkpoint's selected state {best_path(self.run_dir, self.on_disk)} is "
+                                     f"unusable ({why}); start over with --no-resume (the old run is set aside)")
         if rank == 0:
             prune(self.run_dir, self._keep(), after=step)
         barrier()

@@ -37,12 +37,12 @@ def test_recipe_runs_every_stage_and_resumes(tmp_path):
             # chosen during training, then pruned to fit a small disk: its trajectory and summary, not its weights
             assert (sel / "trajectory.json").exists() and (sel / "summary.json").exists()
             assert not any((sel / d).exists() for d in ("final", "checkpoints", "best"))
-        trajectory = json.loads((out / "select_forget05" / f"{method}_lr{selection[method]['lr']:g}" /
-                                 "trajectory.json").read_text())
+        picked = out / "select_forget05" / f"{method}_lr{selection[method]['lr']:g}"
+        trajectory = json.loads((picked / "trajectory.json").read_text())
         assert trajectory["chosen"]["step"] == selection[method]["step"]  # the (rate, step) chosen together
         cfg = load_config(out / method / "config.yaml", command="unlearn")
         assert cfg.data.forget_split == "forget10" and cfg.train.stop_at_epoch == selection[method]["epoch"]
-        assert (out / method / "squeezing.png").exists() and (out / method / "trajectory.png").exists()
+        assert (out / method / "squeezing.png").exists() and (picked / "trajectory.png").exists()
         assert (out / method / "final" / "model.safetensors").exists() and not (out / method / "checkpoints").exists()
     table = (out / "results.md").read_text()
     assert table.count("\n") == 2 + 4 and "Paper Agg." in table and "step (of all)" in table

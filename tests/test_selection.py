@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -205,6 +206,10 @@ def test_a_run_killed_after_a_selection_resumes_with_the_same_best_state(origina
     assert proc.returncode == -9, proc.stderr[-2000:]
     chosen = _trajectory(selected)["chosen"]["step"]
     assert chosen < 3 and (out / "best" / f"step_{chosen:07d}").is_dir()
+    lost = tmp_path / "lost"  # a copy whose best state is gone: refused before training, by name
+    shutil.copytree(out, lost, ignore=shutil.ignore_patterns("best"))
+    with pytest.raises(ValueError, match=rf"selected state .*step_{chosen:07d} is unusable \(it is not there\)"):
+        run(load_config(None, _args(original, lost, *SELECTED), command="unlearn"), progress=False)
     run(load_config(None, _args(original, out, *SELECTED), command="unlearn"), progress=False)
     _close(_trajectory(out), _trajectory(selected), rel=1e-5)
     assert _trajectory(out)["chosen"] == _trajectory(selected)["chosen"]
