@@ -147,7 +147,8 @@ def check_generation(lm: torch.nn.Module, world: int) -> bool:
 
 class GreedyGenerator:
     """Greedy answers of up to ``max_new_tokens`` for a run's evaluations: one sampler for the whole run (one KV
-    cache, one compiled decode step on CUDA, reused by every evaluation), built at first use."""
+    cache, one compiled decode step on CUDA, reused by every evaluation), built at first use for the prompts of that
+    call (a rank's share, at most ``batch_size`` at once: the sampler pads every batch to its fixed size)."""
 
     def __init__(self, tokenizer: Any, *, max_new_tokens: int, batch_size: int, prompt_width: int):
         self.tokenizer, self.max_new_tokens, self.batch_size = tokenizer, max_new_tokens, batch_size
@@ -172,8 +173,8 @@ class GreedyGenerator:
                     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
                     self.sampler = Sampler(lm, SamplingConfig(n=1, max_new_tokens=self.max_new_tokens,
                                                               temperature=0.0),
-                                           max_prompts=self.batch_size, prompt_width=self.prompt_width, eos_id=eos,
-                                           pad_id=pad)
+                                           max_prompts=min(self.batch_size, math.ceil(len(prompts) / world)),
+                                           prompt_width=self.prompt_width, eos_id=eos, pad_id=pad)
                 stops = stop_ids(lm, tok)
                 with gathered_parameters(head):  # every rank, once for the round
                     for c in range(0, len(mine), self.batch_size):

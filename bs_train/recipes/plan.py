@@ -280,6 +280,12 @@ def in_training_work(stage: str, item: str, cfg, data: PlanData, shape: ModelSha
     steps = per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, per_epoch * t.epochs)
     every = n * (per_epoch if unit == "epochs" else 1)
     evals = 1 + steps // every + (1 if steps % every else 0)  # step 0, the cadence, the last step
+    saves = (steps // t.checkpoint_every if t.checkpoint_every else 0) if t.select_by else 0
+    if cfg.data.text:  # MUSE / WMDP: the first windows of the forget and retain splits scored, nothing generated
+        windows = min(t.eval_rows, len(main)) + min(t.eval_rows, len(data.lengths(cfg.data.retain_split)))
+        one = _forward_work(stage, item, shape, hw, windows, data.window, t.eval_batch_size)
+        return Work(stage, item, evals * one.sequences, evals * one.tokens, evals * one.flops, 0,
+                    evals * (one.seconds + hw.eval_host_s) + saves * hw.best_save_s)
     split = t.eval_split or cfg.data.forget_split
     rows = {split: len(data.split(split)), **{s: len(data.split(s)) for s in t.eval_utility_splits.split(",")
                                              if s and data.split(s) is not None}}
@@ -295,7 +301,6 @@ def in_training_work(stage: str, item: str, cfg, data: PlanData, shape: ModelSha
                        mean + t.eval_max_new_tokens / 2) if prompts else 0.0
     one = (flops / (hw.peak_tflops * 1e12 * hw.mfu) + math.ceil(scored / t.eval_batch_size) * hw.score_batch_s
            + decode + hw.eval_host_s)
-    saves = (steps // t.checkpoint_every if t.checkpoint_every else 0) if t.select_by else 0
     return Work(stage, item, evals * scored, evals * tokens, evals * flops,
                 evals * gen_batches * t.eval_max_new_tokens, evals * one + saves * hw.best_save_s)
 
@@ -481,6 +486,7 @@ def muse_plan(recipe, shape: ModelShape | None = None, hw: Hardware | None = Non
         c = cfg("unlearn", [f"method.name={method}", f"data.forget_split={forget}",
                             f"data.retain_split={recipe.retain_split}", *METHOD_ARGS.get(method, ()), *recipe.unlearn])
         out.append(train_work("unlearn", name, c, data, shape, hw, False))
+        out.append(in_training_work("unlearn", f"eval during {name}", c, data, shape, hw))
     for name in ("target", "retain", *(r[0] for r in runs(recipe))):
         rows = (recipe.max_rows or 10**9)
         work = [_forward_work("evaluate", name, shape, hw, min(n, rows), mean, recipe.eval_batch_size, new)
@@ -493,7 +499,7 @@ def muse_plan(recipe, shape: ModelShape | None = None, hw: Hardware | None = Non
                      sum(w.seconds for w in work) + hw.eval_s)
         total.flops += 2 * shape.matmul_params * knowmem_icl * 2 * min(MUSE_PROBES["knowmem"][0], rows)
         out.append(total)
-    return out
+    return [w for w in out if w is not None]  # a run without train.eval_every has no in-training work
 
 
 def wmdp_plan(recipe, shape: ModelShape | None = None, hw: Hardware | None = None) -> list[Work]:
@@ -514,12 +520,13 @@ def wmdp_plan(recipe, shape: ModelShape | None = None, hw: Hardware | None = Non
                                f"data.forget_split={forget}", f"data.retain_split={retain}",
                                *METHOD_ARGS.get(method, ()), *recipe.unlearn], command="unlearn", preset=recipe.preset)
         out.append(train_work("unlearn", method, c, data, shape, hw, not Path(recipe.model).is_dir()))
+        out.append(in_training_work("unlearn", f"eval during {method}", c, data, shape, hw))
     for name in ("original", *recipe.methods):
         work = [_forward_work("evaluate", t, shape, hw, min(n, recipe.limit or n), mean + 25, recipe.eval_batch_size)
                 for t, (n, mean) in WMDP_QUESTIONS.items() if t in recipe.tasks]
         out.append(Work("evaluate", f"eval {name}", sum(w.sequences for w in work), sum(w.tokens for w in work),
                         sum(w.flops for w in work), 0, sum(w.seconds for w in work) + hw.eval_s))
-    return out
+    return [w for w in out if w is not None]  # a run without train.eval_every has no in-training work
 
 
 def plan_for(recipe, shape: ModelShape | None = None, hw: Hardware | None = None) -> tuple[list[Work], str]:
