@@ -192,7 +192,8 @@ def _json_file(path: Path) -> dict[str, Any]:
 
 
 def _summary_row(summary: dict[str, Any]) -> dict[str, Any]:
-    return {**(summary.get("final") or {}), "steps": summary.get("steps")}
+    chosen = (summary.get("selection") or {}).get("chosen") or {}  # train.select_by: the step exported as final/
+    return {**(summary.get("final") or {}), "steps": summary.get("steps"), "selected_step": chosen.get("step")}
 
 
 def _file_rows(path: Path) -> list[dict[str, Any]]:
