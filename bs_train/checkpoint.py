@@ -58,7 +58,7 @@ _STEP_DIR = re.compile(r"step_(\d{7})")
 # Settings that do not change what a run computes, left out of its identity (ours): where the folder is, how often it
 # checkpoints or logs, whether it exports and what it keeps. A run resumes across a change of any of them.
 NOT_IDENTITY = ("output_dir", "train.checkpoint_every", "train.log_every", "train.export", "train.keep_checkpoints",
-                "train.compile")
+                "train.compile", "train.export_last")
 FAULT_ENV = "BS_UNLEARN_KILL_AT"
 _reached: dict[str, int] = {}
 

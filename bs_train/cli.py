@@ -87,7 +87,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s = subs["demo"] = sub.add_parser(
         "demo", help="offline end-to-end demo on a CPU",
         description="Offline end-to-end demo on a CPU: generated data, a small model trained on the spot, "
-                    "GA / NPO / BS-T / BS-S (each at its own learning rate, chosen on a held-out forget slice), "
+                    "GA / NPO / BS-T / BS-S (each at its own learning rate and step, chosen on a held-out forget slice), "
                     "evaluation, table, squeezing plots.")
     s.add_argument("--out", default="runs/demo", help="output folder: new, empty, or one an earlier demo wrote")
     s.add_argument("--overwrite", action="store_true",
@@ -192,7 +192,8 @@ def _json_file(path: Path) -> dict[str, Any]:
 
 
 def _summary_row(summary: dict[str, Any]) -> dict[str, Any]:
-    return {**(summary.get("final") or {}), "steps": summary.get("steps")}
+    chosen = (summary.get("selection") or {}).get("chosen") or {}  # train.select_by: the step exported as final/
+    return {**(summary.get("final") or {}), "steps": summary.get("steps"), "selected_step": chosen.get("step")}
 
 
 def _file_rows(path: Path) -> list[dict[str, Any]]:
@@ -271,8 +272,10 @@ def demo_main(command: str, args: argparse.Namespace) -> int:
         print(f"bs-unlearn demo: {e}", file=sys.stderr)
         return 2
     print(result["table"], end="")
-    print(f"\n{len(result['results'])} models in {result['seconds']:.0f} s; judge: {result['judge']}; "
-          f"table: {args.out}/results.md; squeezing plots: {args.out}/<method>/squeezing.png")
+    t = result["timing"]
+    print(f"\n{len(result['results'])} models in {result['seconds']:.0f} s (in-training evaluation and selection: "
+          f"{t['in_training_added_s']:.0f} s, {100 * t['in_training_added_share']:.0f}%); judge: {result['judge']}; "
+          f"table: {args.out}/results.md; squeezing and trajectory plots: {args.out}/<method>/*.png")
     return 0
 
 

@@ -423,6 +423,41 @@ class TrainConfig:
     are deleted then, since only resuming needs them (ours: the GPU machine has a 64 GB disk, and a SmolLM2-135M
     checkpoint with its AdamW state is 1.7 GB per run beside a 517 MB ``final/``). With ``export`` off they are the
     run's output and always kept."""
+    eval_every: str | None = None
+    """Evaluate the run on a held slice every N optimizer steps (``50``) or N epochs (``1epoch``), and at step 0 (the
+    baseline) and the last step (``bs_train/evaluation/in_training.py``: TOFU's forget probability and ROUGE, a
+    utility subset, Mem. / Util. / Agg.; MUSE / WMDP: forget and retain window NLL), on every rank with the model
+    sharded; logged to metrics.jsonl, trajectory.json and trajectory.png. Empty: no evaluation (ours: it costs time)."""
+    eval_rows: int = 40
+    """Rows (the first ones) of each split the evaluation reads; 40 is ``bs-unlearn eval``'s bounded first look
+    (README, ``--max-rows 40``). Ours: the cost grows with it, and its standard error falls only as 1/sqrt(rows)."""
+    eval_split: str | None = None
+    """The evaluation's forget side (TOFU: with its ``_perturbed`` rows); empty: the run's forget split."""
+    eval_utility_splits: str = "retain_perturbed,real_authors,world_facts"
+    """TOFU: the model-utility splits, comma-separated (TOFU's three, the suite's ``UTILITY_SPLITS``); those the data
+    lacks are left out and said in trajectory.json."""
+    eval_max_new_tokens: int = 64
+    """Longest greedy answer (for ROUGE). Ours: TOFU's answers average ~40 SmolLM2 tokens (``recipes/plan.py``'s
+    ``TOFU_STATS`` less the ~43-token prompt) and ROUGE-L recall rewards no word past the reference, while the full
+    suite's 200 (open-unlearning's) would triple the decoding. 0: no generation (then no ROUGE, utility or agg)."""
+    eval_batch_size: int = 16
+    """Rows per scoring and generation batch on each rank (``evaluate_model``'s default)."""
+    select_by: str | None = None
+    """``<metric>[:max|min]``: keep the best evaluated state and export it as ``final/`` (``bs_train/selection.py``;
+    ``trajectory.json`` names the step); any metric of the in-training evaluation, by default in its better
+    direction, e.g. ``agg``. Empty: ``final/`` is the last step."""
+    select_patience: int = 0
+    """Stop after this many evaluations without a better ``select_by`` value (0: never); the patience of Hugging
+    Face's ``EarlyStoppingCallback``."""
+    stop_if: str | None = None
+    """``<metric><<bound>`` or ``<metric>><bound>``: stop once an evaluation crosses the bound, e.g.
+    ``model_utility<0.3``; the best state so far is exported. Empty: no such rule."""
+    export_last: bool = False
+    """With ``select_by``: also export the last step, as ``last/`` beside the selected ``final/``."""
+    stop_at_epoch: float | None = None
+    """End the run after this many epochs (a fraction ends at the nearest step), keeping the learning-rate schedule
+    of all ``epochs``: how a step a selection run chose is carried to a run on other data (the recipe's and the
+    demo's final runs; ours). Empty: run to the end."""
 
     def __post_init__(self):
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
@@ -453,6 +488,12 @@ class TrainConfig:
                  f"train.compile must be off, on or auto, got {self.compile!r}")
         _require(self.memory_plan in MEMORY_PLANS,
                  f"train.memory_plan must be one of {MEMORY_PLANS}, got {self.memory_plan!r}")
+        for name in ("eval_rows", "eval_batch_size"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.eval_max_new_tokens >= 0, f"train.eval_max_new_tokens must be >= 0, got {self.eval_max_new_tokens}")
+        _require(self.select_patience >= 0, f"train.select_patience must be >= 0, got {self.select_patience}")
+        _require(self.stop_at_epoch is None or self.stop_at_epoch > 0,
+                 f"train.stop_at_epoch must be > 0, got {self.stop_at_epoch}")
 
 
 @dataclass
@@ -484,6 +525,9 @@ class RunConfig:
         _require(self.train.optimizer == "adamw" or self.model.dtype == "bfloat16",
                  f"train.optimizer={self.train.optimizer} keeps bf16 weights exact in expectation; it needs "
                  f"model.dtype=bfloat16 (got {self.model.dtype})")
+        from .selection import check_settings  # the evaluation's metric names depend on the benchmark
+
+        check_settings(self.train, self.data.benchmark)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

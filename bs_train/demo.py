@@ -4,15 +4,19 @@
    forget set: ``forget10_select`` (+ ``_perturbed``, ``holdout10_select``), the first half of ``forget10``'s rows;
 2. build a small byte-level Llama and fine-tune it on ``full`` (the "original" model, which must know the forget
    set) and, with the same budget, on ``retain90`` (the "retain" reference for forget quality);
-3. choose each method's learning rate: every rate of the grid unlearns the selection slice from the original and is
-   scored by Agg. on that slice (as the recipe's select stage does on forget05, a part of forget10), so no method is
-   judged at a rate that suits another (one shared rate made BS-T over-forget: the table then said the paper's
-   method was the worst);
+3. choose each method's learning rate and step together: every rate of the grid unlearns the selection slice from
+   the original, evaluating itself on that slice after every epoch (``train.eval_every=1epoch``,
+   ``train.select_by=agg``: Agg. with Util. = model utility, the in-training evaluation has no judge), and the best
+   (rate, epoch) over the grid wins (as the recipe's select stage does on forget05, a part of forget10), so no method
+   is judged at a rate or a step that suits another (one shared rate made BS-T over-forget: the table then said the
+   paper's method was the worst; at its rate GA reached model utility 0 by the last step);
 4. unlearn ``forget10`` from the original with GA, NPO, BS-T and BS-S (the method table's demo rows; each but GA
-   with the NLL retain term; the same epochs and batch for all), each at its selected rate, the squeezing monitor
-   on;
+   with the NLL retain term; the same epochs, schedule and batch for all), each at its selected rate and stopped at
+   its selected epoch (``train.stop_at_epoch``), the squeezing monitor and the in-training evaluation on (each run
+   folder holds ``squeezing.png`` and ``trajectory.png``);
 5. evaluate every model (TOFU metrics, Mem./Util./Agg., the offline judge when its package is installed), print the
-   table and write ``results.json`` / ``results.md`` / ``selection.json``; each run holds its ``squeezing.png``;
+   table (each method's rate and the step its row comes from) and write ``results.json`` (with the seconds the
+   in-training evaluations took against the demo's) / ``results.md`` / ``selection.json``;
 6. a quick form of ``bs-unlearn attack`` on every unlearned model (relearning steps 0/1/2, int4, the probes, 4
    samples), whose worst-case recovery joins the table; ``<out>/attacks/`` holds its table and relearning plots.
 
@@ -38,6 +42,7 @@ from pathlib import Path
 from .config import load_config
 from .methods import METHODS as TABLE
 from .outputs import atomic_write, write_json
+from .selection import best_of_runs
 
 METHODS = tuple(name for name, m in TABLE.items() if m.demo)  # ga, npo, bs_t, bs_s: the method table's demo rows
 MANIFEST = "demo.json"
@@ -142,17 +147,22 @@ def _add_selection_slice(splits: dict) -> dict:
 
 
 def _unlearn_args(common: list[str], out: Path, method: str, lr: float, s: dict, forget: str) -> list[str]:
+    """Every unlearning run of the demo, evaluated after each epoch on its forget split and retain_perturbed (the
+    selection runs' slice; the final runs' forget10, for their trajectory plot), answers as long as the suite's."""
     beliefs = [f"method.bss_max_new_tokens={s['max_new']}", "method.bss_regen=epochs", "method.bss_regen_every=2"]
+    evaluate = ["train.eval_every=1epoch", "train.eval_utility_splits=retain_perturbed",
+                f"train.eval_max_new_tokens={s['max_new']}"]
     return common + [f"model.path={out / 'original' / 'final'}", f"method.name={method}", f"train.lr={lr}",
                      f"train.epochs={s['unlearn_epochs']}", "train.warmup_steps=0", "train.schedule=constant",
-                     f"data.forget_split={forget}", *(beliefs if TABLE[method].beliefs else [])]
+                     f"data.forget_split={forget}", *evaluate, *(beliefs if TABLE[method].beliefs else [])]
 
 
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0,
              methods: tuple[str, ...] = METHODS, progress: bool = True, overwrite: bool = False,
              attack: bool = True) -> dict:
     """Run the demo into ``out_dir``; returns ``{"results": [...], "table": markdown, "seconds": float,
-    "selection": {method: {"lr": chosen, "agg": {lr: Agg.}}}, "judge": name, "left_out": {part: why}}``."""
+    "selection": {method: {"lr", "step", "epoch", "value" (its Agg.), "by_lr": {lr: {"step", "value"}},
+    "unlearn_steps": "steps run/steps of the schedule"}}, "timing": {...}, "judge": name, "left_out": {part: why}}``."""
     s = _stages(quick)
     out = Path(out_dir)
     keep = clear_previous(out, overwrite)  # before anything is written: a refused folder is left as it was
@@ -209,25 +219,32 @@ def _demo(out: Path, keep: set[str], s: dict, *, quick: bool, seed: int, methods
     splits = resolve_data(str(data))
     eval_kw = {"judge": judge, "max_new_tokens": s["max_new"], "device": "cpu"}
     selection = {}
-    for method in methods:  # each method's rate, by Agg. on the selection slice only
-        bar.set_postfix(stage=f"select lr {method}")
-        agg = {}
+    timing = {"selection_runs_s": 0.0, "final_runs_s": 0.0, "in_training_eval_s": 0.0, "in_training_added_s": 0.0}
+    for method in methods:  # each method's (rate, step), by Agg. on the selection slice only
+        bar.set_postfix(stage=f"select lr and step {method}")
+        t1, runs = time.perf_counter(), {}
         for lr in s["grid"]:
             run_dir = out / "select" / f"{method}_lr{lr:g}"
-            run(load_config(None, _unlearn_args(common, out, method, lr, s, SELECT_SPLIT) + [f"output_dir={run_dir}"],
-                            command="unlearn"), progress=False)
-            res = evaluate_model(str(run_dir / "final"), splits, forget_split=SELECT_SPLIT,
-                                 utility_splits=("retain_perturbed",), **eval_kw)
-            agg[lr] = res["agg"] if res["agg"] is not None else 0.0
-        selection[method] = {"lr": max(agg, key=agg.get), "agg": {f"{lr:g}": v for lr, v in agg.items()}}
-        write_json(out / "selection.json", {"split": SELECT_SPLIT, "methods": selection})
+            runs[lr] = run(load_config(None, _unlearn_args(common, out, method, lr, s, SELECT_SPLIT) + [
+                f"output_dir={run_dir}", "train.select_by=agg"], command="unlearn"), progress=False)
+            _add_cost(timing, runs[lr])
+        selection[method] = best_of_runs(runs)  # the best Agg. of any evaluated state, over the grid
+        timing["selection_runs_s"] += time.perf_counter() - t1
+        write_json(out / "selection.json", {"split": SELECT_SPLIT, "criterion": "agg:max (Util. = model utility)",
+                                            "methods": selection})
         _record(out, keep)
         bar.update(1)
     for method in methods:
         bar.set_postfix(stage=f"unlearn {method}")
-        run(load_config(None, _unlearn_args(common, out, method, selection[method]["lr"], s, "forget10") + [
+        t1, chosen = time.perf_counter(), selection[method]
+        summary = run(load_config(None, _unlearn_args(common, out, method, chosen["lr"], s, "forget10") + [
             f"output_dir={out / method}", "train.squeezing_every=1", f"train.squeezing_beliefs={s['beliefs']}",
-            f"train.squeezing_max_new_tokens={s['max_new']}"], command="unlearn"), progress=False)
+            f"train.squeezing_max_new_tokens={s['max_new']}",
+            *([f"train.stop_at_epoch={chosen['epoch']}"] if chosen["epoch"] else [])], command="unlearn"),
+            progress=False)
+        chosen["unlearn_steps"] = f"{summary['steps']}/{summary['selection']['schedule_steps']}"
+        _add_cost(timing, summary)
+        timing["final_runs_s"] += time.perf_counter() - t1
         _record(out, keep)
         bar.update(1)
 
@@ -235,11 +252,16 @@ def _demo(out: Path, keep: set[str], s: dict, *, quick: bool, seed: int, methods
     ref = reference_statistics(str(out / "retain" / "final"), splits, "forget10", {"device": "cpu", "dtype": "auto"},
                                batch_size=16, max_length=512)
     results = []
+    t1 = time.perf_counter()
     for name in ("original", "retain", *methods):
         res = evaluate_model(str(out / name / "final"), splits, retain_model=ref, **eval_kw)
         res["name"], res["lr"] = name, selection[name]["lr"] if name in selection else "-"
+        res["step"] = selection[name]["unlearn_steps"] if name in selection else "-"
         results.append(res)
-    columns = [("lr", "lr")] + COLUMNS
+    # the full suite's seconds per model, in this process: what scoring a selection run after training costs (the
+    # selection before in-training evaluation scored each run so, on the slice: half these rows, no reference)
+    timing["posthoc_eval_per_model_s"] = (time.perf_counter() - t1) / (2 + len(methods))
+    columns = [("lr", "lr"), ("step", "step (of all)")] + COLUMNS
     if attack:  # the quick attack; the relearning lr defaults to a tenth of the original's fine-tuning lr
         from .attacks import AttackConfig, run_attacks
         from .attacks.config import ATTACKS
@@ -261,14 +283,24 @@ def _demo(out: Path, keep: set[str], s: dict, *, quick: bool, seed: int, methods
     table = markdown_table(results, columns) + "".join(f"\nnote: run without the {part}: {why}\n"
                                                        for part, why in left_out.items())
     seconds = time.perf_counter() - t0
+    timing = {"seconds": seconds, **timing, "in_training_added_share": timing["in_training_added_s"] / seconds}
     write_json(out / "results.json", {"results": results, "judge": judge_name, "quick": quick,
-                                      "selection": selection, "seconds": seconds, "left_out": left_out})
+                                      "selection": selection, "seconds": seconds, "timing": timing,
+                                      "left_out": left_out})
     atomic_write(out / "results.md", table)
     _record(out, keep)
     bar.update(1)
     bar.close()
     return {"results": results, "table": table, "seconds": seconds, "judge": judge_name, "selection": selection,
-            "left_out": left_out}
+            "timing": timing, "left_out": left_out}
+
+
+def _add_cost(timing: dict, summary: dict) -> None:
+    """Add a run's in-training evaluation seconds (its own clock, robust to the machine's load): the evaluations
+    alone, and everything selection added (evaluations, keeping best states, the trajectory plot)."""
+    sel = summary["selection"]
+    timing["in_training_eval_s"] += sel["eval_s"]
+    timing["in_training_added_s"] += sel["eval_s"] + sel["save_s"] + sel["plot_s"]
 
 
 def _left_out(attack: bool) -> dict[str, str]:

@@ -18,10 +18,13 @@
    run); then resume from the latest checkpoint (``checkpoint.py``), BS-S beliefs and the squeezing curve included;
 6. the loop: BS-S beliefs redrawn on their schedule, ``train_step`` (one optimizer step: micro-batches, global
    norms, backward, clipping, the non-finite flag, optimizer and scheduler step), metrics.jsonl, the squeezing
-   monitor, the row's ``after_step`` hook (PDU's dual step), checkpoints (model, optimizer, scheduler, data
-   position, RNG, step, method extras: beliefs, PDU's dual variable);
+   monitor, the in-training evaluation and selection (``train.eval_every`` / ``select_by``, ``selected_state.py``:
+   step 0, every N steps or epochs, the last step; a new best's weights copied to host memory, and to ``best/``
+   before a checkpoint names them; the stopping rules end the loop), the row's ``after_step`` hook (PDU's dual step), checkpoints (model, optimizer, scheduler, data
+   position, RNG, step, method extras: beliefs, PDU's dual variable, the selection's trajectory and best);
 7. finish: a last checkpoint only when asked (``train.export`` off or ``train.keep_checkpoints`` on), the kill-safe
-   Hugging Face export (safetensors), summary.json, and the checkpoints deleted unless kept.
+   Hugging Face export (safetensors) of the selected step (and ``last/`` when asked), summary.json, and the
+   checkpoints deleted unless kept.
 The same code runs single-process on a CPU.
 """
 
@@ -55,6 +58,7 @@ from .methods import (METHODS, MethodState, Norms, belief_config, belief_ref_log
 from .model import (LossHead, apply_liger, cast_parameters, check_model_path, decoder_blocks, load_model,
                     load_tokenizer, resolve_attention)
 from .sampler import check_supported
+from .selected_state import BEST, InTrainingSelection
 
 
 # ---- setup ------------------------------------------------------------------------------------------------------
@@ -380,7 +384,8 @@ def _precision(cfg: RunConfig, device: torch.device, world: int):
 
 
 def _schedule(cfg: RunConfig, optim, main_set, retain_set, world: int):
-    """(data sampler, total optimizer steps, learning-rate scheduler)."""
+    """(data sampler, total optimizer steps, learning-rate scheduler, the step the run ends at): ``train.stop_at_epoch``
+    ends it early (at the nearest step, at least one) and leaves the schedule of all ``train.epochs`` as it is."""
     bucket = cfg.train.bucket_window
     sampler = ForgetRetainSampler(len(main_set), len(retain_set) if retain_set is not None else 0,
                                   cfg.train.batch_size * cfg.train.grad_accum * world, seed=cfg.train.seed,
@@ -390,14 +395,18 @@ def _schedule(cfg: RunConfig, optim, main_set, retain_set, world: int):
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
     warm = warmup_steps(cfg, len(main_set), world)
-    return sampler, total, torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, total, warm))
+    stop = cfg.train.stop_at_epoch
+    end = total if stop is None else min(total, max(1, round(stop * sampler.steps_per_epoch)))
+    return sampler, total, torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, total, warm)), end
 
 
-def _extra(state: MethodState, regen_s: float, monitor) -> dict:
+def _extra(state: MethodState, regen_s: float, monitor, selection) -> dict:
     """What a checkpoint holds beyond weights, optimizer, scheduler and data position."""
     extra = {"beliefs": state.beliefs.state_dict(), "regen_s": regen_s} if state.beliefs is not None else {}
     if monitor is not None:
         extra["squeezing"] = monitor.state_dict()
+    if selection is not None:  # the trajectory and the best-so-far of train.eval_every / select_by
+        extra["selection"] = selection.state_dict()
     if state.dual is not None:
         extra["dual"] = float(state.dual)  # host sync, at checkpoints only
     return extra
@@ -428,6 +437,7 @@ def _start_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, rank: int) -> tu
             print(f"bs-unlearn: starting over in {run_dir}; what was there is now in {moved}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         recover_export(run_dir / "final", say=_say)
+        recover_export(run_dir / "last", say=_say)
     barrier()
     done = finished_summary(run_dir, cfg, say=_say if rank == 0 else None) if resume else None
     if done is not None:
@@ -489,15 +499,21 @@ def run(cfg: RunConfig, *, resume: bool = True, stop_after: int | None = None, p
 
 
 def _log_metrics(path: Path, cfg: RunConfig, state: MethodState, step: int, epoch: int, sums: torch.Tensor,
-                 grad_norm, sched, tokens_per_s: float, elapsed: float, regen_s: float | None) -> dict:
-    """Append one step's line to metrics.jsonl (a host sync: only on logged steps) and return it."""
-    terms = ("loss", *METHODS[cfg.method.name].terms)  # fine-tuning logs train_nll, not "forget"
-    line = {"step": step, "epoch": epoch, **dict(zip(terms, sums.tolist())), "grad_norm": float(grad_norm),
-            "lr": float(sched.get_last_lr()[0]), "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
-    if regen_s is not None:  # BS-S / AltPO: the belief round and the time spent drawing beliefs
-        line.update(belief_round=state.beliefs.round, belief_regen_s=regen_s)
-    if state.dual is not None:
-        line["dual"] = float(state.dual)
+                 grad_norm, sched, tokens_per_s: float, elapsed: float, regen_s: float | None,
+                 evaluation: tuple[dict, float] | None = None) -> dict:
+    """Append one step's line to metrics.jsonl (a host sync: only on logged steps) and return it; ``evaluation``:
+    the in-training evaluation of this step (metrics, seconds), under ``eval``. Step 0 logs its evaluation alone."""
+    line = {"step": step, "epoch": epoch}
+    if step > 0:
+        terms = ("loss", *METHODS[cfg.method.name].terms)  # fine-tuning logs train_nll, not "forget"
+        line.update({**dict(zip(terms, sums.tolist())), "grad_norm": float(grad_norm),
+                     "lr": float(sched.get_last_lr()[0]), "tokens_per_s": tokens_per_s, "elapsed_s": elapsed})
+        if regen_s is not None:  # BS-S / AltPO: the belief round and the time spent drawing beliefs
+            line.update(belief_round=state.beliefs.round, belief_regen_s=regen_s)
+        if state.dual is not None:
+            line["dual"] = float(state.dual)
+    if evaluation is not None:
+        line.update(eval=evaluation[0], eval_s=round(evaluation[1], 4))
     with path.open("a") as fh:
         fh.write(json.dumps(line) + "\n")
     return line
@@ -519,6 +535,7 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     main_set, retain_set = build_data(cfg, tokenizer, run_dir)
     _check_vocab(cfg, tokenizer)
+    selection = InTrainingSelection.build(cfg, tokenizer, run_dir, main_set, retain_set, impl)  # its data read now
     lm, tokenizer = load_model(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device="cpu",
                                attn_implementation=resolve_attention(cfg.model.attn_implementation, device),
                                trust_remote_code=cfg.model.trust_remote_code, use_liger=False, seed=cfg.train.seed,
@@ -538,7 +555,7 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
     optim = build_optimizer(optimizer_params(head, cfg), cfg, use_cuda)
     prepare_method_state(state, cfg, head, main_set, pad_id, run_dir, ckpt is not None, autocast, rank, device)
 
-    sampler, total, sched = _schedule(cfg, optim, main_set, retain_set, world)
+    sampler, total, sched, end = _schedule(cfg, optim, main_set, retain_set, world)
     step, extra = load_checkpoint(ckpt, head, optim, sched, sampler, rank, world) if ckpt is not None else (0, {})
     if "beliefs" in extra:
         state.beliefs = BeliefSet.from_state_dict(extra["beliefs"])
@@ -550,13 +567,19 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
     metrics_path = run_dir / "metrics.jsonl"
     last = kept_metrics(metrics_path, step, rank)
     monitor = _squeezing_monitor(cfg, main_set, tokenizer, impl, extra, head, autocast)
-    bar = _progress_bar(cfg, total, step, progress and rank == 0)
+    if selection is not None:
+        selection.start(sampler.steps_per_epoch, total, extra, step, rank)
+        if step == 0:  # the baseline: the model before any step (never a candidate for selection)
+            evaluation = selection.evaluate(0, head, lm, rank=rank, world=world, autocast=autocast)
+            if rank == 0:
+                _log_metrics(metrics_path, cfg, state, 0, 0, None, None, sched, 0.0, 0.0, None, evaluation)
+    bar = _progress_bar(cfg, end, step, progress and rank == 0)
     t_start, tokens_seen = time.perf_counter(), 0
     # Set on device by any non-finite loss or gradient norm, read (one host sync) only where the host syncs anyway:
     # logging, checkpoints and the end, all on every rank, so ranks stop together and nothing corrupted is saved.
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     batches_left = iter(sampler)
-    while step < total:
+    while step < end and not (selection is not None and selection.stopped):
         position = sampler.state_dict()  # where the batch about to be drawn sits: (epoch, step in epoch)
         try:
             f_idx, r_idx = next(batches_left)
@@ -575,41 +598,61 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
         step, tokens_seen = step + 1, tokens_seen + tokens
         if after_step is not None:  # the method's own state after each optimizer step (PDU's dual variable)
             after_step(state, sums[2], position["epoch"])
-        checkpoint_due = bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0 and step < total
-        if step % cfg.train.log_every == 0 or step == total or checkpoint_due:
-            _stop_if_nonfinite(nonfinite, step, sums, grad_norm, run_dir)
+        checkpoint_due = bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0 and step < end
+        evaluate = selection is not None and selection.due(step, end)
+        if step % cfg.train.log_every == 0 or step == end or checkpoint_due or evaluate:
+            _stop_if_nonfinite(nonfinite, step, sums, grad_norm, run_dir)  # nothing corrupted is evaluated or kept
         if monitor is not None:
             with autocast:
                 monitor.maybe_log(step, head)
-        if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
+        evaluation = selection.evaluate(step, head, lm, rank=rank, world=world, autocast=autocast) if evaluate else None
+        if rank == 0 and (step % cfg.train.log_every == 0 or step == end or evaluation):
             last = _log_metrics(metrics_path, cfg, state, step, position["epoch"], sums, grad_norm, sched,
                                 tokens_seen * world / max(time.perf_counter() - t_start, 1e-9),
-                                time.perf_counter() - t_start, regen_s if beliefs else None)
+                                time.perf_counter() - t_start, regen_s if beliefs else None, evaluation)
         if bar is not None:
             bar.update(1)
             if last:
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
+                bar.set_postfix(loss=f"{last['loss']:.4f}", **(selection.postfix() if selection else {}))
         if checkpoint_due:
-            save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s, monitor),
-                            cfg.to_dict())
+            _save(run_dir, step, head, optim, sched, sampler, rank, world, state, regen_s, monitor, selection, cfg)
         if stop_after is not None and step >= stop_after:
             raise StopRun(f"stopped after step {step} as asked")
     if bar is not None:
         bar.close()
     if monitor is not None and rank == 0:
         monitor.finish(run_dir)
+    if selection is not None and selection.stopped and rank == 0:
+        _say(f"bs-unlearn: stopped at step {step} of {end}: {selection.stopped}")
     if not cfg.train.export or cfg.train.keep_checkpoints:  # asked for (or the run's only output)
-        save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s, monitor),
-                        cfg.to_dict())
-    return _finish(cfg, head, tokenizer, run_dir, rank, world, step, last, impl)
+        _save(run_dir, step, head, optim, sched, sampler, rank, world, state, regen_s, monitor, selection, cfg)
+    return _finish(cfg, head, tokenizer, run_dir, rank, world, step, last, impl, selection)
+
+
+def _save(run_dir: Path, step: int, head, optim, sched, sampler, rank: int, world: int, state: MethodState,
+          regen_s: float, monitor, selection, cfg: RunConfig) -> None:
+    """A checkpoint, with the best state it names on disk first (``train.select_by``)."""
+    if selection is not None:
+        selection.before_checkpoint(head, rank)
+    save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, _extra(state, regen_s, monitor, selection),
+                    cfg.to_dict())
+    if selection is not None:
+        selection.after_checkpoint(rank)
 
 
 def _finish(cfg: RunConfig, head, tokenizer, run_dir: Path, rank: int, world: int, step: int, last: dict,
-            impl: str) -> dict:
-    """Export ``final/``, write summary.json, then drop the checkpoints nobody asked to keep."""
+            impl: str, selection=None) -> dict:
+    """Export ``final/`` (the selected step's weights under ``train.select_by``), write summary.json, then drop the
+    checkpoints nobody asked to keep."""
     if cfg.train.export:
+        if selection is not None:  # last/ when asked, then the chosen weights into the model
+            selection.before_export(head, tokenizer, rank, step)
         export_hf(head, tokenizer, run_dir / "final", rank, base_path=cfg.model.path)
+    if selection is not None and rank == 0:
+        selection.write(step=step)  # trajectory.json and .png
     summary = {"steps": step, "final": last, "output_dir": str(run_dir), "world_size": world, "impl": impl}
+    if selection is not None:
+        summary["selection"] = selection.summary(step)
     if rank == 0:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     _drop_checkpoints(cfg, run_dir, rank)
@@ -620,3 +663,4 @@ def _drop_checkpoints(cfg: RunConfig, run_dir: Path, rank: int) -> None:
     """Once final/ is exported and the summary written, the checkpoints only cost disk (``train.keep_checkpoints``)."""
     if rank == 0 and cfg.train.export and not cfg.train.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run_dir / BEST, ignore_errors=True)  # the selected state, exported as final/

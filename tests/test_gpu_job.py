@@ -154,5 +154,5 @@ def test_tofu_dry_run_goes_through_both_calls_the_recipe_and_back(tmp_path):
     results = json.loads((collected / "results.json").read_text())["results"]
     assert [r["name"] for r in results] == ["original", "retain", "ga"]
     if "rejudge" in res:  # judged here, afterwards, from the saved answers
-        assert res["rejudge"]["scored"] >= 4
+        assert res["rejudge"]["scored"] == 3  # the table's three models (a selection run keeps no answers to judge)
         assert all(r["fluency"] is not None and r["agg"] is not None for r in results)

@@ -34,13 +34,18 @@ def test_recipe_runs_every_stage_and_resumes(tmp_path):
             sel = out / "select_forget05" / f"{method}_lr{lr}"
             cfg = (sel / "config.yaml").read_text()
             assert "forget_split: forget05" in cfg and "retain_split: retain95" in cfg
-            # pruned to fit a small disk: a scored selection run keeps its eval.json, not its weights
-            assert (sel / "eval.json").exists() and not (sel / "final").exists() and not (sel / "checkpoints").exists()
-        cfg = (out / method / "config.yaml").read_text()
-        assert "forget_split: forget10" in cfg and (out / method / "squeezing.png").exists()
+            # chosen during training, then pruned to fit a small disk: its trajectory and summary, not its weights
+            assert (sel / "trajectory.json").exists() and (sel / "summary.json").exists()
+            assert not any((sel / d).exists() for d in ("final", "checkpoints", "best"))
+        picked = out / "select_forget05" / f"{method}_lr{selection[method]['lr']:g}"
+        trajectory = json.loads((picked / "trajectory.json").read_text())
+        assert trajectory["chosen"]["step"] == selection[method]["step"]  # the (rate, step) chosen together
+        cfg = load_config(out / method / "config.yaml", command="unlearn")
+        assert cfg.data.forget_split == "forget10" and cfg.train.stop_at_epoch == selection[method]["epoch"]
+        assert (out / method / "squeezing.png").exists() and (picked / "trajectory.png").exists()
         assert (out / method / "final" / "model.safetensors").exists() and not (out / method / "checkpoints").exists()
     table = (out / "results.md").read_text()
-    assert table.count("\n") == 2 + 4 and "Paper Agg." in table
+    assert table.count("\n") == 2 + 4 and "Paper Agg." in table and "step (of all)" in table
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["name"] for r in results] == ["original", "retain", "ga", "bs_s"]
     assert results[1]["forget_quality"] == pytest.approx(1.0)  # the retain model against itself

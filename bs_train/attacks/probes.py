@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..evaluation import metrics
+from ..evaluation.tofu import metrics as tofu_metrics
 from ..data import encode_prompt
 from ..evaluation.generation import generate, generate_text
 from ..evaluation.scoring import score_answers
@@ -100,7 +100,7 @@ def paraphrase_probes(model: torch.nn.Module, tok: Any, rows: list[dict[str, Any
                 continue
             nll = {o: s["avg_nll"] for o, s in zip(options, sc)}
             wrong = [nll[o] for o in options if o != true]
-            probs.append(1.0 / (1.0 + metrics.truth_ratio(nll[true], wrong)))
+            probs.append(1.0 / (1.0 + tofu_metrics.truth_ratio(nll[true], wrong)))
         if probs:
             out["multiple_choice"] = {"truth_prob": float(np.mean(probs)), "rows": len(probs),
                                       "too_long": too_long, "options": MC_WRONG + 1}

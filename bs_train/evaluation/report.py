@@ -35,8 +35,8 @@ WMDP_COLUMNS = [("wmdp_bio", "WMDP-Bio ↓"), ("wmdp_chem", "WMDP-Chem ↓"), ("
 BENCHMARK_COLUMNS = {"tofu": COLUMNS, "muse": MUSE_COLUMNS, "wmdp": WMDP_COLUMNS}
 # what `bs-unlearn compare` adds from a run's training summary
 # (a fine-tuning run logs its one term as train_nll: methods.Method.terms)
-TRAIN_COLUMNS = [("steps", "Steps"), ("loss", "Final loss"), ("forget", "Forget term"), ("retain", "Retain term"),
-                 ("train_nll", "Train NLL")]
+TRAIN_COLUMNS = [("steps", "Steps"), ("selected_step", "Selected step"), ("loss", "Final loss"),
+                 ("forget", "Forget term"), ("retain", "Retain term"), ("train_nll", "Train NLL")]
 
 
 def _fmt(v: Any) -> str:

@@ -10,6 +10,10 @@ overrides, the method table's needs):
 * FLOPs: 6·N·P for training (P the parameters a token passes through, lm_head included) plus 12·L·d·s per token
   for attention at length s, 2·N·P for scoring, and belief / answer decoding as bandwidth-bound steps (one read of
   the weights and the KV cache per step) with a launch floor;
+* the in-training evaluation of a run with ``train.eval_every`` (``in_training_work``): its evaluations (step 0,
+  every N steps or epochs, the last step) counted as the scoring and decoding they do, plus their host work and the
+  best states a selecting run writes before its checkpoints; a run stopped early by ``train.stop_at_epoch`` or a
+  stopping rule is planned at its whole schedule (an upper bound);
 * seconds at stated assumptions (``Hardware``): FLOPs / (peak · MFU) plus per-micro-batch, per-step, per-run and
   per-evaluation overheads, each with its reason.
 
@@ -118,6 +122,14 @@ class Hardware:
     the GPU host has 16 cores (ours)."""
     compile_s: float = 25.0
     """First ``torch.compile`` of the decoder blocks in a run (dynamic shapes; one block graph reused by all 30)."""
+    eval_host_s: float = 0.3
+    """Host work of one in-training evaluation besides the model: ROUGE-L of its greedy answers (160 at the default
+    40 rows of four splits; 0.74 ms a pair on a loaded 2-core CPU with the stemmer's cache, ``evaluation/metrics.py``),
+    collating its batches, the per-row results gathered, trajectory.json written (ours)."""
+    best_save_s: float = 1.0
+    """Writing a selected state's weights (0.54 GB of fp32 for SmolLM2) with its manifest, once before a checkpoint
+    that names a new best: ~0.5 s at ~1 GB/s plus 0.4 s of sha256 at 1.34 GiB/s (``checkpoint.write_manifest``;
+    ours)."""
 
     def __post_init__(self):
         for k, v in asdict(self).items():
@@ -251,6 +263,48 @@ def train_work(stage: str, item: str, cfg, data: PlanData, shape: ModelShape, hw
     return Work(stage, item, seqs, int(train_tokens), flops, decode_steps, seconds)
 
 
+def in_training_work(stage: str, item: str, cfg, data: PlanData, shape: ModelShape, hw: Hardware) -> Work | None:
+    """The in-training evaluations of one run of ``cfg`` (None without ``train.eval_every``): what
+    ``evaluation/in_training.py`` scores and answers, each evaluation, at its whole schedule's cadence."""
+    from ..data import ForgetRetainSampler
+    from ..methods import needs_retain
+    from ..selection import parse_every
+
+    t = cfg.train
+    if t.eval_every is None:
+        return None
+    n, unit = parse_every(t.eval_every)
+    main = data.lengths(cfg.data.train_split if cfg.command == "finetune" else cfg.data.forget_split)
+    retain = 0 if cfg.command == "finetune" or not needs_retain(cfg.method) else len(data.lengths(cfg.data.retain_split))
+    per_epoch = ForgetRetainSampler(len(main), retain, t.batch_size * t.grad_accum, seed=t.seed).steps_per_epoch
+    steps = per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, per_epoch * t.epochs)
+    every = n * (per_epoch if unit == "epochs" else 1)
+    evals = 1 + steps // every + (1 if steps % every else 0)  # step 0, the cadence, the last step
+    saves = (steps // t.checkpoint_every if t.checkpoint_every else 0) if t.select_by else 0
+    if cfg.data.text:  # MUSE / WMDP: the first windows of the forget and retain splits scored, nothing generated
+        windows = min(t.eval_rows, len(main)) + min(t.eval_rows, len(data.lengths(cfg.data.retain_split)))
+        one = _forward_work(stage, item, shape, hw, windows, data.window, t.eval_batch_size)
+        return Work(stage, item, evals * one.sequences, evals * one.tokens, evals * one.flops, 0,
+                    evals * (one.seconds + hw.eval_host_s) + saves * hw.best_save_s)
+    split = t.eval_split or cfg.data.forget_split
+    rows = {split: len(data.split(split)), **{s: len(data.split(s)) for s in t.eval_utility_splits.split(",")
+                                             if s and data.split(s) is not None}}
+    rows = {s: min(t.eval_rows, r) for s, r in rows.items()}
+    per_row = {split: 2 + PERTURBED_PER_ROW, "retain_perturbed": 2 + PERTURBED_PER_ROW}  # answer, paraphrase, wrong
+    scored = sum(r * per_row.get(s, 1 + OPTIONS_PER_ROW) for s, r in rows.items())
+    prompts = sum(rows.values()) if t.eval_max_new_tokens else 0
+    mean = sum(data.lengths(split)) / len(data.lengths(split))
+    tokens = int(scored * mean)
+    flops = 2 * shape.matmul_params * tokens + _attention_flops(shape, tokens, mean, 1)
+    gen_batches = math.ceil(prompts / t.eval_batch_size)
+    decode = _decode_s(shape, hw, gen_batches * t.eval_max_new_tokens, min(prompts, t.eval_batch_size),
+                       mean + t.eval_max_new_tokens / 2) if prompts else 0.0
+    one = (flops / (hw.peak_tflops * 1e12 * hw.mfu) + math.ceil(scored / t.eval_batch_size) * hw.score_batch_s
+           + decode + hw.eval_host_s)
+    return Work(stage, item, evals * scored, evals * tokens, evals * flops,
+                evals * gen_batches * t.eval_max_new_tokens, evals * one + saves * hw.best_save_s)
+
+
 def eval_work(stage: str, item: str, forget_split: str, data: PlanData, shape: ModelShape, hw: Hardware,
               batch_size: int, max_new_tokens: int, with_reference: bool = False) -> Work:
     """One evaluation (``evaluate.plan``'s counts): scored answers as forward passes, greedy answers as decode
@@ -278,10 +332,11 @@ def eval_work(stage: str, item: str, forget_split: str, data: PlanData, shape: M
 def recipe_plan(recipe, shape: ModelShape | None = None, hw: Hardware | None = None) -> list[Work]:
     """Every piece of work ``run_recipe(recipe)`` would do, in order, counted and timed."""
     from ..config import load_config
-    from .tofu import METHOD_ARGS
+    from .tofu import EVALUATE, METHOD_ARGS, SELECT_BY
 
     shape, hw = shape or ModelShape(), hw or Hardware()
     data = PlanData(recipe.data if recipe.data and Path(recipe.data).is_dir() else None)
+    evaluate = (*EVALUATE, f"train.eval_batch_size={recipe.eval_batch_size}", f"train.select_by={SELECT_BY}")
     gguf = not Path(recipe.model).is_dir()
     out: list[Work] = []
     for name, split in (("original", "full"), ("retain", "retain90")):
@@ -293,16 +348,15 @@ def recipe_plan(recipe, shape: ModelShape | None = None, hw: Hardware | None = N
 
     def unlearn_cfg(method, forget, retain, extra=()):
         return load_config(None, [f"method.name={method}", f"data.forget_split={forget}",
-                                  f"data.retain_split={retain}", *METHOD_ARGS.get(method, ()), *recipe.unlearn,
-                                  *extra], command="unlearn", preset=recipe.preset)
+                                  f"data.retain_split={retain}", *METHOD_ARGS.get(method, ()), *extra,
+                                  *recipe.unlearn], command="unlearn", preset=recipe.preset)
 
-    for method in recipe.methods:
+    for method in recipe.methods:  # each selection run evaluates itself: no evaluation after it
         for lr in recipe.lr_grid:
-            cfg = unlearn_cfg(method, "forget05", "retain95", (f"train.lr={lr}",))
+            cfg = unlearn_cfg(method, "forget05", "retain95", (f"train.lr={lr}", *evaluate))
             out.append(train_work("select", f"{method} lr {lr:g}", cfg, data, shape, hw, False))
-            out.append(eval_work("select", f"eval {method} lr {lr:g}", "forget05", data, shape, hw,
-                                 recipe.eval_batch_size, recipe.max_new_tokens))
-    for method in recipe.methods:
+            out.append(in_training_work("select", f"eval during {method} lr {lr:g}", cfg, data, shape, hw))
+    for method in recipe.methods:  # at the whole schedule: the selected epoch is not known before selection
         cfg = unlearn_cfg(method, "forget10", "retain90", ("train.squeezing_every=10",))
         out.append(train_work("unlearn", method, cfg, data, shape, hw, False))
     for i, name in enumerate(("retain", "original", *recipe.methods)):
@@ -432,6 +486,7 @@ def muse_plan(recipe, shape: ModelShape | None = None, hw: Hardware | None = Non
         c = cfg("unlearn", [f"method.name={method}", f"data.forget_split={forget}",
                             f"data.retain_split={recipe.retain_split}", *METHOD_ARGS.get(method, ()), *recipe.unlearn])
         out.append(train_work("unlearn", name, c, data, shape, hw, False))
+        out.append(in_training_work("unlearn", f"eval during {name}", c, data, shape, hw))
     for name in ("target", "retain", *(r[0] for r in runs(recipe))):
         rows = (recipe.max_rows or 10**9)
         work = [_forward_work("evaluate", name, shape, hw, min(n, rows), mean, recipe.eval_batch_size, new)
@@ -444,7 +499,7 @@ def muse_plan(recipe, shape: ModelShape | None = None, hw: Hardware | None = Non
                      sum(w.seconds for w in work) + hw.eval_s)
         total.flops += 2 * shape.matmul_params * knowmem_icl * 2 * min(MUSE_PROBES["knowmem"][0], rows)
         out.append(total)
-    return out
+    return [w for w in out if w is not None]  # a run without train.eval_every has no in-training work
 
 
 def wmdp_plan(recipe, shape: ModelShape | None = None, hw: Hardware | None = None) -> list[Work]:
@@ -465,12 +520,13 @@ def wmdp_plan(recipe, shape: ModelShape | None = None, hw: Hardware | None = Non
                                f"data.forget_split={forget}", f"data.retain_split={retain}",
                                *METHOD_ARGS.get(method, ()), *recipe.unlearn], command="unlearn", preset=recipe.preset)
         out.append(train_work("unlearn", method, c, data, shape, hw, not Path(recipe.model).is_dir()))
+        out.append(in_training_work("unlearn", f"eval during {method}", c, data, shape, hw))
     for name in ("original", *recipe.methods):
         work = [_forward_work("evaluate", t, shape, hw, min(n, recipe.limit or n), mean + 25, recipe.eval_batch_size)
                 for t, (n, mean) in WMDP_QUESTIONS.items() if t in recipe.tasks]
         out.append(Work("evaluate", f"eval {name}", sum(w.sequences for w in work), sum(w.tokens for w in work),
                         sum(w.flops for w in work), 0, sum(w.seconds for w in work) + hw.eval_s))
-    return out
+    return [w for w in out if w is not None]  # a run without train.eval_every has no in-training work
 
 
 def plan_for(recipe, shape: ModelShape | None = None, hw: Hardware | None = None) -> tuple[list[Work], str]:

@@ -6,18 +6,22 @@ Stages, in order (``--stage`` runs one; the default runs every stage that still 
 1. ``finetune``: SmolLM2-135M-Instruct on TOFU ``full`` (the "original") and, on the same budget, on ``retain90``
    (the "retain" reference for forget quality and PrivLeak). The original must know forget10: its answer probability
    and greedy ROUGE-L must reach ``probe_bar`` (0.9), or the recipe stops here (``WeakOriginal``);
-2. ``select``: for every method, each learning rate of the grid unlearns ``forget05`` (retain95 as retain set) and is
-   scored by Agg. on forget05; the best rate per method goes to ``selection.json``. forget10 is never looked at here;
-3. ``unlearn``: every method unlearns ``forget10`` from the original with its selected rate, the same epochs and
-   batch for all, each with its retain term, the squeezing monitor on;
+2. ``select``: for every method, each learning rate of the grid unlearns ``forget05`` (retain95 as retain set),
+   evaluating itself on forget05 after every epoch (``EVALUATE``: ``train.eval_every`` / ``select_by=agg``, Util. =
+   model utility: no judge during training); the best (rate, epoch) per method goes to ``selection.json``, one run
+   per rate choosing both. forget10 is never looked at here;
+3. ``unlearn``: every method unlearns ``forget10`` from the original with its selected rate, stopped at its selected
+   epoch on the same schedule (``train.stop_at_epoch``), the same epochs and batch for all, each with its retain
+   term, the squeezing monitor on (the selection run it came from holds its ``trajectory.png``);
 4. ``evaluate``: every model on forget10 with the retain model as reference and the offline judge;
-5. ``table``: ``results.json`` and ``results.md`` (ours beside the paper's Table 1), with each run's worst-case
-   attack recovery once ``bs-unlearn attack`` has written its ``attacks.json``.
+5. ``table``: ``results.json`` and ``results.md`` (ours beside the paper's Table 1, each method's rate and the step
+   its row comes from), with each run's worst-case attack recovery once ``bs-unlearn attack`` has written its
+   ``attacks.json``.
 
 Every run lives in its own folder and is skipped once finished (its ``final/`` or ``eval.json`` exists); a run cut off
 mid-way resumes from its last checkpoint. To fit a small disk, a finished run's checkpoints are deleted (the trainer's
-``train.keep_checkpoints`` default), and so are a selection run's weights once scored (its metrics, config and
-``eval.json`` stay). Before starting new work, a stage checks the time used against ``--budget-s`` and stops cleanly, so
+``train.keep_checkpoints`` default), and so are a selection run's weights once it has chosen (its metrics, config,
+``trajectory.json`` and summary stay). Before starting new work, a stage checks the time used against ``--budget-s`` and stops cleanly, so
 each command ends inside the device's 10-minute limit. ``--preset open-unlearning`` trains every method with the
 reference trainers' reductions, settings and training arguments (``methods.PRESETS``: they replace the recipe's own
 epochs, batch, warm-up, schedule and buckets; the learning rate is still selected on forget05, and ``--lr-grid 1e-5``
@@ -58,6 +62,13 @@ FINETUNE = ("train.lr=3e-4", "train.epochs=12", "train.batch_size=32", "train.gr
             "train.log_every=10")
 UNLEARN = ("train.epochs=10", "train.batch_size=8", "train.grad_accum=4", "train.warmup_steps=1",
            "train.schedule=linear", "train.checkpoint_every=50", "train.bucket_window=50", "train.log_every=10")
+# Every selection run evaluates itself after each epoch (ours, issue 27: 10 evaluations and the step-0 baseline) at
+# the in-training evaluation's defaults (TrainConfig: the first 40 rows of forget05 and of TOFU's three utility
+# splits, greedy answers of up to 64 tokens), in the recipe's evaluation batches, and keeps its best state by Agg.
+# (``SELECT_BY``). 40 rows, not all 200 of forget05: with their paraphrased and perturbed answers and the utility
+# splits, 200 rows at every epoch would score ten times the run's own training sequences (``recipe --plan``).
+EVALUATE = ("train.eval_every=1epoch",)
+SELECT_BY = "agg"
 # Per-method settings that are not the learning rate, fixed rather than selected; every other setting is the config
 # default, whose docstring names its source. SimNPO: open-unlearning configs/trainer/SimNPO.yaml gamma 0.125 (its
 # beta 4.5 and delta 0 are the defaults). RMU runs at its defaults, open-unlearning configs/trainer/RMU.yaml
@@ -221,35 +232,55 @@ def _run_name(method: str, lr: float, split: str) -> str:
     return f"{split}/{method}_lr{lr:g}"
 
 
-def _unlearn_args(recipe: Recipe, method: str, lr: float, forget: str, retain: str) -> list[str]:
-    """The run's overrides. With a preset, the recipe's own defaults (``UNLEARN``, ``METHOD_ARGS``) give way to the
-    preset's values for the keys it sets (epochs, batch, warm-up, schedule, buckets: the reference's run); the
-    selected learning rate and settings given with ``--unlearn`` still come last and win."""
-    own = [*METHOD_ARGS.get(method, ()), *recipe.unlearn]
+def _unlearn_args(recipe: Recipe, method: str, lr: float, forget: str, retain: str, extra=()) -> list[str]:
+    """An unlearning run's settings: the recipe's, then ``extra``, then the user's ``--unlearn`` ones (which win).
+    With a preset, the recipe's own defaults (``UNLEARN``, ``METHOD_ARGS``) give way to the preset's values for the
+    keys it sets (epochs, batch, warm-up, schedule, buckets: the reference's run); the selected learning rate,
+    ``extra`` and settings given with ``--unlearn`` still win."""
+    method_args, unlearn = list(METHOD_ARGS.get(method, ())), list(recipe.unlearn)
     if recipe.preset is not None:
         from ..methods import preset_overrides
 
         preset_keys = {o.partition("=")[0] for o in preset_overrides(recipe.preset, method)}
         defaults = set(UNLEARN) | set(METHOD_ARGS.get(method, ()))
-        own = [o for o in own if not (o in defaults and o.partition("=")[0] in preset_keys)]
+        method_args, unlearn = ([o for o in own if not (o in defaults and o.partition("=")[0] in preset_keys)]
+                                for own in (method_args, unlearn))
     return [f"model.path={recipe.out / 'original' / 'final'}", f"method.name={method}", f"train.lr={lr}",
-            f"data.forget_split={forget}", f"data.retain_split={retain}", *own]
+            f"data.forget_split={forget}", f"data.retain_split={retain}", *method_args, *extra, *unlearn]
+
+
+def select_args(recipe: Recipe, method: str, lr: float) -> list[str]:
+    """A selection run: forget05 at one rate, evaluated every epoch, keeping its best state by ``SELECT_BY``."""
+    return _unlearn_args(recipe, method, lr, "forget05", "retain95", (
+        *EVALUATE, f"train.eval_batch_size={recipe.eval_batch_size}", f"train.select_by={SELECT_BY}"))
+
+
+def final_args(recipe: Recipe, method: str, chosen: dict) -> list[str]:
+    """A method's table run: forget10 at its selected rate, stopped at its selected epoch (selections made before
+    in-training evaluation name no epoch: the whole schedule then)."""
+    stop = [f"train.stop_at_epoch={chosen['epoch']}"] if chosen.get("epoch") else []
+    return _unlearn_args(recipe, method, chosen["lr"], "forget10", "retain90", ("train.squeezing_every=10", *stop))
 
 
 def stage_select(recipe: Recipe, clock: Clock) -> bool:
+    from ..selection import best_of_runs
+
     chosen = {}
     for method in recipe.methods:
-        scores = {}
+        runs = {}
         for lr in recipe.lr_grid:
             if clock.out_of_time():
                 return False
             name = _run_name(method, lr, "select_forget05")
-            if read_json(recipe.out / name / "eval.json", say=None) is None:  # scored runs lose their weights
-                train(recipe, "select", name, "unlearn", _unlearn_args(recipe, method, lr, "forget05", "retain95"))
-            scores[lr] = _evaluate(recipe, "select", name, "forget05").get("agg") or 0.0
-            shutil.rmtree(recipe.out / name / "final", ignore_errors=True)  # scored: its eval.json is what is kept
-        best = max(scores, key=scores.get)
-        chosen[method] = {"lr": best, "agg_forget05": scores}
+            summary = read_json(recipe.out / name / "summary.json", say=None)
+            if summary is None or "selection" not in summary:  # a finished run loses its weights, not its summary
+                train(recipe, "select", name, "unlearn", select_args(recipe, method, lr))
+                summary = read_json(recipe.out / name / "summary.json")
+            runs[lr] = summary
+            shutil.rmtree(recipe.out / name / "final", ignore_errors=True)  # chosen: its trajectory is what is kept
+        best = best_of_runs(runs)
+        chosen[method] = {**best, "criterion": f"{SELECT_BY} on forget05 after each epoch (Util. = model utility)",
+                          "agg_forget05": {k: v["value"] for k, v in best["by_lr"].items()}}
     write(recipe, recipe.out / "selection.json", chosen)
     return True
 
@@ -261,9 +292,7 @@ def stage_unlearn(recipe: Recipe, clock: Clock) -> bool:
     for method in recipe.methods:
         if clock.out_of_time():
             return False
-        train(recipe, "unlearn", method, "unlearn",
-               _unlearn_args(recipe, method, selection[method]["lr"], "forget10", "retain90")
-               + ["train.squeezing_every=10"])
+        train(recipe, "unlearn", method, "unlearn", final_args(recipe, method, selection[method]))
     return True
 
 
@@ -285,16 +314,22 @@ def stage_table(recipe: Recipe, clock: Clock) -> bool:
     from ..evaluation.report import COLUMNS, markdown_table
 
     rows = []
+    selection = read_json(recipe.out / "selection.json", say=None) or {}
     for name in ("original", "retain", *recipe.methods):
         res = read_json(recipe.out / name / "eval.json")
         if res is None:  # missing or damaged: evaluated again (the evaluate stage's own rule)
             stage_evaluate(recipe, Clock(replace(recipe, budget_s=float("inf"))))
             res = read_json(recipe.out / name / "eval.json")
+        ran = read_json(recipe.out / name / "summary.json", say=None) or {}
+        if name in selection:  # the rate and the step the row comes from (of the schedule's steps)
+            total = (ran.get("selection") or {}).get("schedule_steps")
+            res["lr"], res["step"] = selection[name]["lr"], f"{ran.get('steps')}/{total}" if total else ran.get("steps")
         paper = PAPER.get(name)
         res["paper_agg_mem_util"] = "/".join(f"{v:.2f}" for v in paper) if paper else None
         res.update(attack_summary(recipe.out / name))  # robustness, once `bs-unlearn attack` has run on the runs
         rows.append(res)
-    columns = COLUMNS + ATTACK_COLUMNS + [("paper_agg_mem_util", "Paper Agg./Mem./Util. (Llama-3.2-1B)")]
+    columns = [("lr", "lr"), ("step", "step (of all)")] + COLUMNS + ATTACK_COLUMNS + [
+        ("paper_agg_mem_util", "Paper Agg./Mem./Util. (Llama-3.2-1B)")]
     table = markdown_table(rows, columns)
     slim = [{k: v for k, v in r.items() if k != "per_example"} for r in rows]
     write(recipe, recipe.out / "results.json", {"recipe": _describe(recipe), "results": slim})
@@ -326,7 +361,8 @@ def rejudge(recipe: Recipe) -> dict:
     """Score every saved evaluation of a ``judge="later"`` run with the offline judge: similarity and fluency from
     its saved greedy forget answers, then Util and Agg. again; rewrite each eval.json, add the judged choice of rate
     to selection.json (``lr_judged``; ``unlearned_with`` stays the rate the runs used) and rebuild the table.
-    Returns ``{"scored": n, "changed_choice": [methods whose judged best rate differs]}``."""
+    Returns ``{"scored": n, "changed_choice": [methods whose judged best rate differs]}``. Selections made during
+    training (``train.select_by``) saved no answers of their selection runs: their choice is not re-judged."""
     from ..data import load_split, resolve_data
     from ..evaluation.judge import make_judge
     from ..evaluation.tofu.metrics import agg_score, util_score
