@@ -35,9 +35,13 @@ class LMHead:
     """An lm_head: ``weight`` [V, D], optional ``bias`` [V], and the transform of its logits (module docstring)."""
 
     weight: torch.Tensor
+    """The lm_head weight [V, D]."""
     bias: torch.Tensor | None = None
+    """Optional bias [V], added to ``h W^T`` (Phi's head)."""
     logit_scale: float = 1.0
+    """s > 0 multiplying the logits (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``); 1: none."""
     softcap: float | None = None
+    """c > 0 for ``z = c tanh(s x / c)`` (Gemma-2's ``final_logit_softcapping``), or None: no cap."""
 
     @property
     def is_plain(self) -> bool:
@@ -57,6 +61,7 @@ class LMHead:
         return LMHead(cast(self.weight), cast(self.bias), self.logit_scale, self.softcap)
 
     def detach(self) -> LMHead:
+        """The same head with its weight and bias detached from autograd (a frozen teacher's, a reference's)."""
         return LMHead(self.weight.detach(), None if self.bias is None else self.bias.detach(), self.logit_scale,
                       self.softcap)
 

@@ -51,6 +51,7 @@ class FusedOutput:
     logits: None = None
     """Never built: the point of the fused losses."""
     loss: torch.Tensor | None = None
+    """The loss, where the reference's output would hold one (``compute_mean_nll``); None otherwise."""
 
 
 def _head(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, LMHead]:

@@ -372,8 +372,12 @@ def linear_teacher_kl(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden
             and no T^2 factor is applied (multiply the loss yourself for Hinton-style distillation).
         impl: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"torch"`` (plain PyTorch, chunked).
         chunk_size: rows per chunk; default fits both [C, V] buffers in ~96 MiB.
-        bias, logit_scale, softcap: the student head's transform (``linear_token_scores``; ``bs_kernels.head``).
-        teacher_bias, teacher_logit_scale, teacher_softcap: the teacher head's.
+        bias: optional [V] student head bias (``linear_token_scores``; ``bs_kernels.head``).
+        logit_scale: s > 0 multiplying the student's logits.
+        softcap: c > 0 soft-capping the student's logits, or None.
+        teacher_bias: optional [V] teacher head bias.
+        teacher_logit_scale: s > 0 multiplying the teacher's logits.
+        teacher_softcap: c > 0 soft-capping the teacher's logits, or None.
 
     Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` for any upstream gradient. When the upstream gradient
     is a weight known now, ``linear_weighted_teacher_kl_sum`` saves two GEMMs.
