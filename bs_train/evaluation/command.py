@@ -46,7 +46,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--judge", default="embedding", help="tofu: none | embedding (offline) | chat model path or Hub id")
     s.add_argument("--max-new-tokens", type=int, default=200, help="tofu: longest greedy answer")
     s.add_argument("--protocol", default="exact", help="tofu / muse: exact (ours) | open-unlearning (its inputs)")
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=int, default=16, help="rows per scoring and generation batch")
     s.add_argument("--max-rows", type=int, help="tofu / muse: only the first N rows of every split (a quick look)")
     s.add_argument("--splits", help="tofu: utility splits, comma-separated, from retain_perturbed, real_authors, "
                                     "world_facts (default: all that exist; 'none' for none)")

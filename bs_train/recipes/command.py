@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..config import PRESETS
     from .tofu import JUDGE_MODES
 
-    p.add_argument("--benchmark", default="tofu", choices=BENCHMARKS)
+    p.add_argument("--benchmark", default="tofu", choices=BENCHMARKS, help="which benchmark's recipe runs")
     p.add_argument("--data", required=True, help="tofu: a TOFU folder or locuslab/TOFU; muse: a MUSE corpus "
                                                  "(muse-bench/MUSE-News, -Books or a folder of that layout); wmdp: "
                                                  "the unlearning corpora (cais/wmdp-corpora or a folder)")
@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", default="all", help="all, or one stage: tofu finetune / select / unlearn / evaluate / "
                                                   "table; muse finetune / unlearn / evaluate / table; wmdp unlearn / "
                                                   "evaluate / table")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="the model the recipe starts from (tofu / muse: fine-tuned first; wmdp: unlearned as it is)")
     p.add_argument("--methods", help="comma-separated (default: the benchmark recipe's METHODS)")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this many seconds")
     p.add_argument("--unlearn", nargs="*", default=[],
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the GPU --plan predicts for (plan.py GPUS; h100: the lent machine's default)")
     g = p.add_argument_group("tofu")
     g.add_argument("--lr-grid", default="1e-5,2e-5,5e-5", help="learning rates tried on forget05 per method")
-    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tofu: longest greedy answer in evaluation")
     g.add_argument("--probe-bar", type=float, help="tofu: the original's forget10 answer probability and greedy "
                                                    "ROUGE-L must reach this (0.9); muse: the target's VerbMem (0.3)")
     g.add_argument("--judge", default="embedding", choices=JUDGE_MODES,
