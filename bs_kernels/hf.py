@@ -55,8 +55,9 @@ def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
 
 def hidden_states_and_head(model: torch.nn.Module, input_ids: torch.Tensor,
                            attention_mask: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, LMHead]:
-    """Run only the decoder of ``model``: returns ``(last hidden states [B, T, D], its LMHead)``; the fused ops take
-    ``head.weight`` and ``**head.options()``."""
+    """Run only the decoder of ``model``: returns ``(last hidden states [B, T, D], its LMHead)``; the losses of
+    ``bs_kernels.unlearning`` take the head itself in place of the weight, the primitives (``linear_token_scores``,
+    ...) ``head.weight`` and ``**head.options()``."""
     head = lm_head(model)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)

@@ -136,18 +136,13 @@ def test_third_party_noise_is_filtered_by_message_and_nothing_else(caplog):
 
 
 def test_readme_quick_start_commands_parse_and_their_configs_validate(capsys):
-    """Every `bs-unlearn` line of the README's TOFU quick start, with its placeholders filled, parses; the finetune /
-    unlearn ones give a valid config (checked through `bs-unlearn config`, which runs nothing), the retain model's
-    included."""
-    import re
-    import shlex
-    from pathlib import Path
+    """Every `bs-unlearn` line of the README's TOFU quick start (``example:tofu-quick-start``), with its placeholders
+    filled, parses; the finetune / unlearn ones give a valid config (checked through `bs-unlearn config`, which runs
+    nothing), the retain model's included."""
+    from tools.doc_blocks import blocks, commands as block_commands
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = text.split("Quick start on TOFU", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    lines = re.sub(r"\\\n\s*", "", block).splitlines()
-    commands = [shlex.split(ln.split("#")[0].replace("$TOFU", "tofu").replace("$R", "runs/x"))
-                for ln in lines if ln.startswith("bs-unlearn ")]
+    block = next(b for b in blocks() if b.name == "tofu-quick-start")
+    commands = [["bs-unlearn", *argv] for argv in block_commands(block)]
     assert any("data.train_split=retain90" in c for c in commands)  # the retain model's command is there
     _, subs = cli.build_parser()
     for argv in commands:
@@ -155,7 +150,7 @@ def test_readme_quick_start_commands_parse_and_their_configs_validate(capsys):
         if command in ("finetune", "unlearn"):
             assert cli.main(["config", command, *rest]) == 0, argv
             cfg = yaml.safe_load(capsys.readouterr().out)
-            assert cfg["data"]["source"] == "tofu" and cfg["command"] == command
+            assert cfg["data"]["source"] == "path/to/tofu" and cfg["command"] == command
         elif command != "config":
             subs[command].parse_args(rest)
         else:

@@ -17,8 +17,8 @@ For every family:
   curve, every family's 2-rank run in one torchrun launch; both Hugging Face exports reload and agree;
 * evaluation: the exported model's fused scores equal its own logits, and the evaluation suite runs on it.
 
-The README's family table is held to ``FAMILIES`` by ``test_readme_table_lists_every_family``. Time: about 2 minutes
-on 2 free cores (README, "Model families").
+The family table of ``docs/reference/families.md`` is held to ``FAMILIES`` by ``test_docs_table_lists_every_family``.
+Time: about 2 minutes on 2 free cores (``docs/reference/families.md``).
 """
 
 from __future__ import annotations
@@ -251,9 +251,9 @@ def test_evaluation_scores_the_models_own_logits(runs, family):
         assert res[key] is not None and 0.0 <= res[key] <= 1.0, (key, res[key])
 
 
-def test_readme_table_lists_every_family():
-    """The README's family table has one row per family of the matrix, and no other."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Model families", 1)[1].split("\n## ", 1)[0]
+def test_docs_table_lists_every_family():
+    """The family table of the docs (``docs/reference/families.md``) has one row per family of the matrix, and no
+    other."""
+    section = (REPO / "docs" / "reference" / "families.md").read_text()
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == list(FAMILIES)

@@ -3,14 +3,13 @@ code (src/trainer/utils.py, src/trainer/unlearn/{ceu,pdu,rmu}.py) and the author
 dev, src/trainer/unlearn/{bst,bss}.py), over full [B, T, V] logits of a tiny random Llama: the loss and every
 parameter gradient, float32, on ragged right-padded batches where pad == eos (the collator's mask ``input_ids !=
 pad``), a row without answer tokens included wherever the reference's formula is defined there. Then the fixed modes
-(``reference_exact=False``) against our own definitions, and the README's drop-in section run as written.
+(``reference_exact=False``) against our own definitions, and the drop-in section of ``docs/guides/fused-losses.md`` run
+as written.
 """
 
 from __future__ import annotations
 
 import copy
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +18,9 @@ import torch.nn.functional as F
 import bs_kernels as bk
 from bs_kernels import open_unlearning as ou
 from bs_train.tiny import tiny_llama
+from tools.doc_blocks import example
 
 VOCAB, EOS, IGNORE = 131, 1, -100  # V >= 100: the reference UNDIAL reads a -100 label as the id V - 100
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def qa_batch(answer_lengths, prompt=3, seed=0):
@@ -219,22 +218,19 @@ def test_outputs_hold_no_logits_and_bad_calls_are_refused():
         ou.compute_dpo_loss(model, model, None, None)
 
 
-# ---- the README's drop-in section, as written ---------------------------------------------------------------------
+# ---- the drop-in section of the docs (docs/guides/fused-losses.md), as written ----------------------------------
 
 
-def readme_block(name: str) -> str:
-    m = re.search(rf"<!-- example:{re.escape(name)}(?:\s[^>]*)?-->\s*```(?:python|diff)\n(.*?)```", README.read_text(),
-                  re.S)
-    assert m, f"README lost its {name} block"
-    return m.group(1)
+def docs_block(name: str) -> str:
+    return example(name)  # the block named example:<name>; its copies, if any, identical
 
 
-def test_readme_drop_in_section_runs_as_written():
-    """The import lines the README tells an open-unlearning user to change name helpers that exist with the
+def test_docs_drop_in_section_runs_as_written():
+    """The import lines the docs tell an open-unlearning user to change name helpers that exist with the
     reference's signature, and its example computes the reference trainer's NPO loss from the fused helpers."""
     import inspect
 
-    diff = readme_block("drop-in-diff")
+    diff = docs_block("drop-in-diff")
     new = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+")]
     old = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("-")]
     assert new and all(ln.startswith("from bs_kernels.open_unlearning import") for ln in new)
@@ -255,7 +251,7 @@ def test_readme_drop_in_section_runs_as_written():
         assert positional == params, name
 
     namespace: dict = {}
-    exec(readme_block("drop-in"), namespace)
+    exec(docs_block("drop-in"), namespace)
     model = tiny_llama(VOCAB, num_layers=2, seed=1)
     ref_model = tiny_llama(VOCAB, num_layers=2, seed=2).eval()
     forget, retain = qa_batch(F_ANY, seed=0), qa_batch(WIN, seed=1)

@@ -1,4 +1,5 @@
-"""The README's Hugging Face Trainer example, executed verbatim on a tiny random Llama.
+"""The Hugging Face Trainer example (``example:trainer``: the README's quick start and the fused-losses guide,
+``docs/guides/fused-losses.md``, hold the same copy), executed verbatim on a tiny random Llama.
 
 Checks what a user of the example cares about: its loss is the BS-T forget loss computed from the model's own
 full logits, and a few Trainer steps on it push the forget answers' likelihood down.
@@ -6,25 +7,17 @@ full logits, and a few Trainer steps on it push the forget answers' likelihood d
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
 
 import bs_kernels as bk
+from tools.doc_blocks import example
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
 def readme_example() -> str:
-    text = README.read_text()
-    m = re.search(r"<!-- example:trainer[^>]*-->\s*```python\n(.*?)```", text, re.S)
-    assert m, "README lost its Trainer example block"
-    code = m.group(1)
+    code = example("trainer")  # every copy of it identical, or an error naming them
     assert len(code.strip().splitlines()) < 10, "the example must stay under ten lines"
     return code
 
