@@ -58,7 +58,7 @@ PRESETS = ("cpu", "gpu", "smoke")
 # (case label, method, its settings, whether it trains on sampled beliefs)
 CASES = [("ga", "ga", {}, False), ("npo", "npo", {}, False), ("bs_t", "bs_t", {}, False),
          ("bs_s_n3", "bs_s", {"bss_samples": 3}, True), ("bs_s_n8", "bs_s", {"bss_samples": 8}, True)]
-# (case label, memory plan, method, its settings, beliefs): the 24 GB and 40 GB plans of the README
+# (case label, memory plan, method, its settings, beliefs): the 24 GB and 40 GB plans of docs/guides/gpus.md
 PLAN_CASES = [("lora_npo", "lora24", "npo", {}, False), ("lora_bs_t", "lora24", "bs_t", {}, False),
               ("lora_bs_s_n3", "lora24", "bs_s", {"bss_samples": 3}, True),
               ("offload_bs_t", "offload40", "bs_t", {}, False)]

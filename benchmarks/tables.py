@@ -1,4 +1,5 @@
-"""Markdown tables from benchmark result files: what the README's performance section shows, rendered, not retyped.
+"""Markdown tables from benchmark result files: what the performance tables of the README and docs/ show, rendered,
+not retyped.
 
     python -m benchmarks.tables losses benchmarks/results/losses_cpu_xeon.json
     python -m benchmarks.tables losses_summary benchmarks/results/losses_cpu_xeon.json    # N >= 4096, ours' ratios
@@ -53,7 +54,7 @@ def losses_table(rows: list[dict]) -> str:
 
 def losses_summary_table(rows: list[dict], min_n: int = 4096) -> str:
     """One line per case with N >= ``min_n``: ours fused against naive, ``torch.compile`` of naive and PyTorch's
-    chunked CE (plain CE cases), time and memory (the README's compact form of ``losses_table``)."""
+    chunked CE (plain CE cases), time and memory (the docs' compact form of ``losses_table``)."""
     measured = [r for r in rows if "provider" in r and r.get("ms_median") is not None and r["n"] >= min_n]
     by = {(r["provider"], r["dtype"], r["n"], r["lam"]): r for r in measured}
     out = ["| dtype | N | λ | ours fused | × naive | × `torch.compile` naive | × chunked CE | peak beyond grads: ours "

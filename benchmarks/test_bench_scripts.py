@@ -58,7 +58,7 @@ def test_cpu_side_by_side_compares_the_same_loss(tmp_path):
 
 
 def test_tables_render_ratios_within_one_file(tmp_path):
-    """The README's performance tables come from ``benchmarks.tables``: ratios against the replaced stack."""
+    """The performance tables of the README and docs/ come from ``benchmarks.tables``: ratios against the replaced stack."""
     from benchmarks import tables
 
     losses = [{"provider": p, "n": 4096, "lam": 0.2, "dtype": "float32", "ms_median": ms,

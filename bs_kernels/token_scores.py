@@ -1,6 +1,6 @@
 """Fused per-token scores from hidden states and the lm_head weight, never holding the [N, V] logits.
 
-This is the one primitive every likelihood-based unlearning loss is built on (README.md, "API"):
+This is the one primitive every likelihood-based unlearning loss is built on (docs/guides/fused-losses.md):
 
     linear_token_scores(hidden [N, D], weight [V, D], labels [N]) -> s [N],   s_i = <t_i, log softmax(h_i W^T)>
     t_i = (1 - lam) e_{y_i} + lam sg[q_i],   q_i = softmax(h_i W^T) restricted to its top-k, renormalised.

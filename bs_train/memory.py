@@ -34,7 +34,7 @@ PLANS: dict[str, dict] = {
         "method": {"bss_prompts_per_round": 16},
         "train": {"optimizer": "adamw_bf16_sr", "activation_checkpointing": True, "cpu_offload": True,
                   "batch_size": 8, "grad_accum": 4}}},
-    # Full-parameter on the GPU: the plan of the README's 80 GB table (bf16 + 8-bit states + stochastic rounding).
+    # Full-parameter on the GPU: the plan of docs/guides/gpus.md's 80 GB table (bf16 + 8-bit states + stochastic rounding).
     "full80": {"gpu_gib": 80 * 1e9 / GIB, "settings": {
         "model": {"dtype": "bfloat16"},
         "train": {"optimizer": "adamw8bit", "activation_checkpointing": True, "batch_size": 16, "grad_accum": 2}}},

@@ -1,4 +1,4 @@
-"""How every command writes what it produces: one rule for all of them (README, "Your files and folders").
+"""How every command writes what it produces: one rule for all of them (docs/reference/files.md).
 
 1. **Nothing of yours is replaced or deleted without ``--overwrite``.** A one-shot command (``eval``, ``compare``,
    ``attack``) refuses any output path that already exists. A resumable command (a training run, ``recipe``,

@@ -203,7 +203,7 @@ def test_preset_loss_and_gradients_equal_the_reference_trainer(name, retain):
     if name != "undial":  # the preset's own retain=none (alpha 0) stands
         overrides.append(f"method.retain={retain}")
     cfg = load_config(None, overrides, preset="open-unlearning").method
-    # RMU's broadcast equals the per-sequence mean only at equal answer lengths (README: differences)
+    # RMU's broadcast equals the per-sequence mean only at equal answer lengths (docs/reference/methods.md: what is left different)
     lengths = [4, 4, 4] if name == "rmu" else ([5, 2, 3] if name in PER_SEQUENCE else [5, 0, 2, 3])
     f, r = qa_batch(lengths, seed=0), qa_batch([3, 3, 3] if name == "rmu" else [1, 6, 3], seed=1)
     model = tiny_llama(VOCAB, num_layers=LAYERS, seed=1)

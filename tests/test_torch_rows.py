@@ -150,7 +150,7 @@ def test_bf16_error_bounded_by_torch_bf16(policy, lam, monkeypatch):
 
 
 def test_one_chunk_sized_allocation_per_pass():
-    """Per pass, the only tensor of the chunk's size ever created is the one [C, V] buffer (the README's claim)."""
+    """Per pass, the only tensor of the chunk's size ever created is the one [C, V] buffer (docs/reference/kernels.md's claim)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     n, d, chunk = 256, 16, 64

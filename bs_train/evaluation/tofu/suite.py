@@ -439,8 +439,9 @@ def evaluate_model(model_dir_or_name: str | os.PathLike[str], data_source: Any =
     ``utility_splits``: which of ``UTILITY_SPLITS`` model utility uses (those present). ``progress``: a bar per
     split. ``estimate_models``: when > 0, time one batch of each kind once the model is loaded (``estimate``) and
     pass ``report`` (default: print) one line with the expected time for that many models like this one.
-    ``protocol``: ``"exact"`` (ours) or ``"open-unlearning"`` (its input construction, mask and epsilon; the README
-    lists every difference with its size); a ``retain_model`` path is scored under the same protocol.
+    ``protocol``: ``"exact"`` (ours) or ``"open-unlearning"`` (its input construction, mask and epsilon;
+    docs/reference/evaluation.md lists every difference with its size); a ``retain_model`` path is scored under the
+    same protocol.
 
     Keys: OpenUnlearning's names (``forget_Q_A_Prob``, ``forget_Q_A_ROUGE``, ``forget_truth_ratio``, ``forget_quality``
     (p) and ``forget_quality_log`` (ln p), ``retain_Q_A_Prob`` ..., ``model_utility``, ``extraction_strength``,
