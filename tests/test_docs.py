@@ -147,6 +147,21 @@ def test_the_build_fails_on_an_undocumented_option_or_field(monkeypatch):
         docs_hooks.render_markers("<!-- bs-docs:include no/such.md -->\n", "x.md")
 
 
+def test_included_repository_files_keep_their_links_and_render_as_on_github():
+    """An included README's link into the repository points at the page that shows it, its GitHub-style ``\\|`` in a
+    table's code span becomes a plain pipe, and a list or table straight after a paragraph line gets the blank line
+    Python-Markdown needs."""
+    from tools import docs_hooks
+
+    text = docs_hooks.include("kernels/README.md", "guides/bs-kernels-alone.md")
+    assert "[bs-unlearn](../index.md)" in text and "../README.md" not in text
+    assert "included when the documentation is built" in text.splitlines()[2]
+    row = next(ln for ln in docs_hooks.include("tools/README.md", "development/tools.md").splitlines()
+               if ln.startswith("| `readme_commands.py`"))
+    assert "`python3 tools/readme_commands.py 1|2" in row
+    assert docs_hooks.lists_need_blank_lines("Text:\n* a\n* b\n\nMore:\n| x |\n") == "Text:\n\n* a\n* b\n\nMore:\n\n| x |\n"
+
+
 def test_the_api_check_names_an_undocumented_or_unlisted_object(monkeypatch):
     pytest.importorskip("griffe")
     from tools import docs_hooks

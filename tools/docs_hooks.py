@@ -354,10 +354,16 @@ def include(path: str, page_path: str) -> str:
         return f"{label} (`{repo_path}`)"
 
     text = _LINK.sub(relink, text)
-    lines = text.splitlines()
+    lines = [_table_pipes(line) if line.startswith("|") else line for line in text.splitlines()]
     note = f"*This page is the repository's `{path}`, included when the documentation is built.*"
     at = 1 if lines and lines[0].startswith("# ") else 0
     return "\n".join([*lines[:at], "", note, "", *lines[at:]]) + "\n"
+
+
+def _table_pipes(row: str) -> str:
+    """A table row with GitHub's ``\\|`` inside code spans made a plain ``|``: Python-Markdown already keeps a pipe
+    inside backticks in its cell, and would show the backslash."""
+    return _CODE_SPAN.sub(lambda m: m.group(0).replace("\\|", "|"), row)
 
 
 def _relpath(target: str, page_dir: Path) -> str:
