@@ -528,8 +528,8 @@ def pdu_loss(hidden: torch.Tensor, weight: Head, labels: torch.Tensor, *, reduct
 
 def bss_loss(base: Callable[..., torch.Tensor], targets: Mapping[str, Any], beliefs: Mapping[str, Any], *,
              lam: float = 0.5, **options: Any) -> torch.Tensor:
-    """BS-S's forget loss: (1 - lam) base(**targets, **options) + lam base(**beliefs, **options), ``base`` any loss of
-    this module (BS-T is the paper's strongest; the authors' fork trains GA with the token mean), ``targets`` and
+    """BS-S's forget loss: ``(1 - lam) base(**targets, **options) + lam base(**beliefs, **options)``, ``base`` any loss
+    of this module (BS-T is the paper's strongest; the authors' fork trains GA with the token mean), ``targets`` and
     ``beliefs`` its tensors for the forget answers and for the model's own sampled answers to the same prompts (e.g.
     ``dict(hidden=..., weight=..., labels=...)``, plus ``ref_logprob`` for NPO). lam 0.5: the paper and the fork's
     configs/trainer/BSS.yaml ``lambda_bss``."""
