@@ -487,9 +487,9 @@ def logit_margin(hidden: torch.Tensor, weight: Head) -> torch.Tensor:
     """max_v z_v - mean_v z_v [N] of the head's logits z (h [N, D]), float32 (float64 for float64), differentiable,
     never holding [N, V]: the argmax comes from a chunked no-grad pass (``MARGIN_CHUNK_BYTES`` of logits at a time),
     then max = the transform of ``<h, W[argmax]> + b[argmax]`` (the max's gradient is its argmax logit's) and, for a
-    linear head (z = s (h W^T + b)), ``mean = s (<h, the mean of W's rows> + mean b)``. A soft-capped head's mean is not linear in
-    h: it is taken chunk by chunk, each chunk's logits recomputed in the backward (activation checkpointing), so one
-    chunk is held at a time."""
+    linear head (z = s (h W^T + b)), ``mean = s (<h, the mean of W's rows> + mean b)``. A soft-capped head's mean is
+    not linear in h: it is taken chunk by chunk, each chunk's logits recomputed in the backward (activation
+    checkpointing), so one chunk is held at a time."""
     from torch.utils.checkpoint import checkpoint
 
     head = as_head(weight)
