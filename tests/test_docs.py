@@ -235,6 +235,24 @@ def test_every_bs_unlearn_line_parses_and_training_lines_validate(monkeypatch, c
     assert {"finetune", "unlearn", "config", "eval", "compare", "demo", "recipe", "attack"} <= seen
 
 
+def test_no_text_outside_code_reads_as_an_html_tag():
+    """``<t_i, log p_i>`` outside a code span is an HTML tag to Markdown, and its text vanishes from the page: every
+    such formula sits in backticks (the README, docs/, and the repository files the docs include)."""
+    from tools.docs_hooks import INCLUDED
+
+    paths = [README, *sorted((REPO / "docs").rglob("*.md")), *(REPO / p for p in INCLUDED)]
+    found = []
+    for path in paths:
+        fence = False
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.startswith("```"):
+                fence = not fence
+            elif not fence and not line.startswith("<!--"):
+                if re.search(r"<[A-Za-z/]", re.sub(r"(`+).+?\1", "", line)):
+                    found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()[:80]}")
+    assert not found, "\n".join(found)
+
+
 # ---- the README ---------------------------------------------------------------------------------------------------
 
 def test_readme_is_a_landing_page_whose_measured_tables_name_command_and_results_file():
