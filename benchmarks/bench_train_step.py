@@ -43,7 +43,7 @@ from benchmarks.common import (GPU_MEMORY_RESERVE_GIB, MODEL_PRESETS, device_nam
                                gpu_memory_gib, host_memory_gib, pick_device, random_llama, sync)
 from bs_kernels import IGNORE_INDEX
 from bs_train import methods
-from bs_train.beliefs import BeliefSet, draw_beliefs
+from bs_train.methods.beliefs import BeliefSet, draw_beliefs
 from bs_train.config import MethodConfig, load_config
 from bs_train.data import collate
 from bs_train.model import LossHead

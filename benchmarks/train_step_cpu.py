@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from benchmarks.common import MODEL_PRESETS, peak_rss_delta, rss_reset
 from bs_kernels import IGNORE_INDEX
 from bs_train import methods, trainer
-from bs_train.beliefs import BeliefSet
+from bs_train.methods.beliefs import BeliefSet
 from bs_train.config import load_config
 from bs_train.data import collate
 from bs_train.model import LossHead

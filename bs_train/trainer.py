@@ -45,7 +45,6 @@ import torch.distributed as dist
 import yaml
 
 from . import console
-from .beliefs import BeliefSet, belief_sampler, draw_beliefs
 from .checkpoint import (RunLock, atomic_write_text, barrier, check_resumable, export_hf, finished_summary,
                          kept_metrics, latest_checkpoint, load_checkpoint, named_checkpoint, recover_export,
                          save_checkpoint, set_aside)
@@ -55,6 +54,7 @@ from .lora import AdaptersOff, apply_lora, has_adapters
 from .methods import (METHODS, MethodState, Norms, belief_config, belief_ref_logp, forget_copies, local_counts,
                       method_loss, needs_belief_ref_logp, needs_ref_logp, needs_reference, needs_retain, needs_topk,
                       precompute_ref_logp)
+from .methods.beliefs import BeliefSet, belief_sampler, draw_beliefs
 from .model import (LossHead, apply_liger, cast_parameters, check_model_path, decoder_blocks, load_model,
                     load_tokenizer, resolve_attention)
 from .sampler import check_supported
@@ -456,7 +456,7 @@ def _squeezing_monitor(cfg: RunConfig, main_set, tokenizer, impl: str, extra: di
     from the initial model now."""
     if not (cfg.train.squeezing_every and cfg.command == "unlearn"):
         return None
-    from .squeezing import SqueezingMonitor
+    from .methods.squeezing import SqueezingMonitor
 
     monitor = SqueezingMonitor.from_dataset(main_set, tokenizer, n_beliefs=cfg.train.squeezing_beliefs,
                                every=cfg.train.squeezing_every, max_new_tokens=cfg.train.squeezing_max_new_tokens,

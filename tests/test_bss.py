@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from bs_train import methods
-from bs_train.beliefs import BeliefSet, draw_beliefs
+from bs_train.methods.beliefs import BeliefSet, draw_beliefs
 from bs_train.config import MethodConfig, load_config
 from bs_train.data import collate
 from bs_train.model import LossHead, load_model

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bs_train import methods
-from bs_train.beliefs import BeliefSet
+from bs_train.methods.beliefs import BeliefSet
 from bs_train.config import BSS_BASES, MethodConfig
 from bs_train.model import LossHead
 from bs_train.tiny import tiny_llama
@@ -265,10 +265,11 @@ def test_no_method_name_compared_outside_the_table():
     """Outside the method table no source compares anything with a method name (``cfg.command`` may be compared
     with the command ``finetune``): what differs between methods is read from their rows."""
     names = set(methods.METHODS)
-    root = Path(methods.__file__).parent
+    table = Path(methods.registry.__file__)
+    root = table.parent.parent  # bs_train, every subpackage included
     found = []
-    for path in sorted(root.glob("*.py")):
-        if path.name == "methods.py":
+    for path in sorted(root.rglob("*.py")):
+        if path == table:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Compare):
@@ -279,7 +280,7 @@ def test_no_method_name_compared_outside_the_table():
             for side in sides:
                 consts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
                 if any(isinstance(c, ast.Constant) and c.value in names for c in consts):
-                    found.append(f"{path.name}:{node.lineno}")
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not found, f"method names compared outside the table at {found}"
 
 
@@ -338,7 +339,7 @@ def test_dpo_alternates_are_refusals_fixed_by_seed_and_index():
     """IdkDPO's preferred answer of each forget example: one of our refusals plus EOS, after the same prompt as the
     forget example, the same for the same (seed, index) and not all alike."""
     from bs_train.data import encode_prompt
-    from bs_train.refusals import REFUSALS, refusal_for
+    from bs_train.methods.refusals import REFUSALS, refusal_for
     from bs_train.tiny import byte_tokenizer
 
     tok = byte_tokenizer()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from bs_train import methods
 from bs_train.evaluation.tofu import metrics
-from bs_train.beliefs import BeliefSet
+from bs_train.methods.beliefs import BeliefSet
 from bs_train.config import MethodConfig, load_config
 from bs_train.model import LossHead
 from bs_train.tiny import tiny_llama

@@ -14,7 +14,7 @@ import bs_kernels as bk
 from bs_kernels.hf import hidden_states_and_head
 from bs_train.data import QADataset, collate
 from bs_train.model import LossHead, load_model
-from bs_train.squeezing import SqueezingMonitor, bucket_indices
+from bs_train.methods.squeezing import SqueezingMonitor, bucket_indices
 from bs_train.data.synthetic import make_splits
 
 
@@ -98,7 +98,7 @@ def test_plot_names_the_method_in_its_title(tmp_path):
     method's name (drawn only when one is given)."""
     import matplotlib.image
 
-    from bs_train.squeezing import plot_history
+    from bs_train.methods.squeezing import plot_history
 
     history = [{"step": s, "target": -1.0 - s, "high": -2.0 + 0.1 * s, "mid": -3.0, "low": None} for s in range(3)]
     bare = matplotlib.image.imread(str(plot_history(history, tmp_path / "bare.png")))[..., :3]

@@ -11,7 +11,7 @@ with ``protocol="open-unlearning"`` the prompts are open-unlearning's and go thr
 attention mask (``input_ids != pad``: with pad == eos, every EOS of the prompt is masked, as its collator does).
 
 This module sits beside the sampler, below everything that generates (``evaluate``, ``judge``, ``squeezing``,
-``recipe``); BS-S belief sampling during training drives the sampler directly (``bs_train/beliefs.py``).
+``recipe``); BS-S belief sampling during training drives the sampler directly (``bs_train/methods/beliefs.py``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Model-facing scoring: per-example answer NLL, per-token log-probs and vocabulary statistics of a causal LM.
 
 The one place that turns a model and (prompt, answer) token ids into numbers, below both the evaluation suite
-(``bs_train/evaluation/tofu/suite.py``) and the training-time squeezing monitor (``bs_train/squeezing.py``), so neither imports
+(``bs_train/evaluation/tofu/suite.py``) and the training-time squeezing monitor (``bs_train/methods/squeezing.py``), so neither imports
 the other. Every number comes from the fused scores of ``bs_kernels`` (``linear_cross_entropy`` on the decoder's
 hidden states and the lm_head), never from [B, T, V] logits:
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import bs_kernels as bk
 
 from ..data import collate
-from ..method_base import compute_dtype_pair
+from ..methods.base import compute_dtype_pair
 from ..sampler import Sampler, SamplingConfig, check_supported, gathered_parameters
 from . import metrics
 from .generation import _cut, generate, stop_ids

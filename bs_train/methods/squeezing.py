@@ -31,11 +31,11 @@ import torch
 
 from bs_kernels import IGNORE_INDEX
 
-from .data import encode_prompt, encode_qa
-from .evaluation.generation import generate
-from .outputs import save_figure, write_json
-from .sampler import gathered_parameters
-from .evaluation.scoring import score_encoded
+from ..data import encode_prompt, encode_qa
+from ..evaluation.generation import generate
+from ..outputs import save_figure, write_json
+from ..sampler import gathered_parameters
+from ..evaluation.scoring import score_encoded
 
 BUCKETS = ("high", "mid", "low")
 HIGH_FRACTION = LOW_FRACTION = 0.2

@@ -76,11 +76,11 @@ import torch
 import bs_kernels as bk
 
 from .beliefs import BeliefSet
-from .data import encode_prompt, encode_qa
-from .lora import has_adapters, rmu_adapters
-from .method_base import (MethodState, Norms, answer_rows, local_counts, on_head,  # noqa: F401
+from ..data import encode_prompt, encode_qa
+from ..lora import has_adapters, rmu_adapters
+from .base import (MethodState, Norms, answer_rows, local_counts, on_head,  # noqa: F401
                           sequence_logprob)
-from .model import LossHead
+from ..model import LossHead
 from .refusals import refusal_for
 
 # ---- forget losses: forget_<method>(model, forget batch, state, norms) -----------------------------------------

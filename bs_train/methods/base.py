@@ -1,7 +1,7 @@
 """What every unlearning method is written over: the step's global denominators, the per-run method state, and
 the plumbing from a model's hidden states to the fused per-token scores of ``bs_kernels``.
 
-Every loss in ``methods.py`` is one of ``bs_kernels.unlearning``'s pure functions (one implementation: the
+Every loss in ``registry.py`` is one of ``bs_kernels.unlearning``'s pure functions (one implementation: the
 importable one) called with the global counts of the whole optimizer step (``Norms``: all micro-batches, all ranks)
 as its denominators, so a step's micro-batch losses sum to the loss of the whole step. The model is a ``LossHead``:
 ``on_head`` hands its ``(hidden, lm_head, activation)`` to the loss (``lm_head`` a ``bs_kernels.LMHead``: weight, bias
@@ -18,7 +18,7 @@ import torch
 
 import bs_kernels as bk
 
-from .model import LossHead
+from ..model import LossHead
 
 
 @dataclass

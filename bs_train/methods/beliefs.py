@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from bs_kernels import IGNORE_INDEX
 
-from .data import collate
-from .sampler import Sampler, SamplingConfig, gathered_parameters
+from ..data import collate
+from ..sampler import Sampler, SamplingConfig, gathered_parameters
 
 
 @dataclass
