@@ -113,3 +113,26 @@ def test_bad_tasks_and_limits_are_one_line_before_any_model_loads(files, capsys)
     assert "--tasks 'wmdp_physics': choose from" in capsys.readouterr().err
     assert cli.main(["eval", "tiny", "--benchmark", "wmdp", "--data", str(files), "--limit", "0"]) == 2
     assert "--limit must be >= 1" in capsys.readouterr().err
+
+
+def test_a_batch_whose_logits_do_not_fit_is_refused_before_lm_eval_runs(files, original, tmp_path):
+    """The first batch lm-eval scores holds the longest questions; its logits and their log-softmax, counted by hand
+    from the longest question in the files, decide: one byte short of a batch of two is refused with the batch size
+    that fits, exactly enough passes."""
+    from bs_train.evaluation.wmdp import harness
+
+    model, tok = load_model(str(original / "final"), dtype=torch.float32, device="cpu", use_liger=False)
+    folder = write_tasks(tmp_path / "tasks", ("wmdp_bio", "wmdp_cyber"), wmdp=files)
+    longest = 0
+    for name in ("wmdp-bio", "wmdp-cyber"):
+        for line in (files / f"{name}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            longest = max(longest, len(tok(r["question"] + "\n" + "\n".join(r["choices"]))["input_ids"]))
+    assert harness.longest_question(tok, folder) == longest > 0
+    per_row = 2 * (longest + harness.PROMPT_TOKENS) * model.config.vocab_size * 4
+    harness.check_memory(model, tok, folder, 2, available=2 * per_row)
+    with pytest.raises(ValueError, match=rf"--batch-size 2: the longest question \({longest} tokens\).*"
+                                         r"available: use --batch-size 1$"):
+        harness.check_memory(model, tok, folder, 2, available=2 * per_row - 1)
+    with pytest.raises(ValueError, match="even one question does not fit"):
+        harness.check_memory(model, tok, folder, 1, available=per_row - 1)
