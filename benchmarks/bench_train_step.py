@@ -48,7 +48,8 @@ from bs_train.config import MethodConfig, load_config
 from bs_train.data import collate
 from bs_train.model import LossHead
 from bs_train.lora import apply_lora
-from bs_train.trainer import build_optimizer, parallelize, setup_distributed
+from bs_train.optim import build_optimizer
+from bs_train.trainer import parallelize, setup_distributed
 
 # Dense bf16 peak FLOP/s by device name, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -162,7 +163,7 @@ def ours(spec, shape, device, label, method, overrides, with_beliefs, reps, plan
     if cfg.train.cpu_offload:
         setup_distributed(single_group=True)  # fully_shard needs a (1-rank) process group
     head = parallelize(LossHead(model), cfg, 1, torch.bfloat16 if cfg.train.cpu_offload else None)
-    optim = build_optimizer([p for p in head.parameters() if p.requires_grad], cfg, use_cuda=device == "cuda")
+    optim = build_optimizer([p for p in head.parameters() if p.requires_grad], cfg.train, use_cuda=device == "cuda")
     mcfg = MethodConfig(name=method, **overrides)
     impl = "triton" if device == "cuda" else "torch"
     vocab = spec["vocab_size"]

@@ -34,7 +34,7 @@ from bs_train.config import load_config
 from bs_train.data import QADataset, collate, load_qa
 from bs_train.model import LossHead, load_model
 from bs_train.evaluation.scoring import score_answers
-from bs_train.trainer import build_optimizer, lr_lambda
+from bs_train.optim import build_optimizer, lr_lambda
 
 
 def measure(model, tok, rows, impl: str) -> dict:
@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = load_qa(args.data, args.split)
     ds = QADataset(rows, tok, max_length=cfg.model.max_length, name=args.split)
     head = LossHead(model)
-    optim = build_optimizer(head.parameters(), cfg, device.type == "cuda")
+    optim = build_optimizer(head.parameters(), cfg.train, device.type == "cuda")
     per_epoch = math.ceil(len(ds) / args.batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, per_epoch * args.epochs))
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.train, per_epoch * args.epochs))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 or device.type == "cuda"
                 else nullcontext())
     g = torch.Generator().manual_seed(args.seed)

@@ -23,7 +23,7 @@ from benchmarks.common import environment, finish
 from bs_train.config import load_config
 from bs_train.model import cast_parameters
 from bs_train.tiny import tiny_llama
-from bs_train.trainer import build_optimizer
+from bs_train.optim import build_optimizer
 
 PLANS = (("fp32", "adamw", torch.float32), ("bf16", "adamw", torch.bfloat16),
          ("bf16_stochastic_rounding", "adamw_bf16_sr", torch.bfloat16), ("bf16_8bit_states", "adamw8bit",
@@ -43,7 +43,7 @@ def train(start: torch.nn.Module, optimizer: str, dtype: torch.dtype, *, steps: 
     model = cast_parameters(copy.deepcopy(start), dtype).train()
     cfg = load_config(None, [f"train.optimizer={optimizer}", f"train.lr={lr}", "train.weight_decay=0",
                              f"model.dtype={'bfloat16' if dtype == torch.bfloat16 else 'float32'}"])
-    opt = build_optimizer(model.parameters(), cfg, use_cuda=False)
+    opt = build_optimizer(model.parameters(), cfg.train, use_cuda=False)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (8, 32), generator=torch.Generator().manual_seed(1))
     losses = []

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from benchmarks.common import MODEL_PRESETS, peak_rss_delta, rss_reset
 from bs_kernels import IGNORE_INDEX
 from bs_train import methods, trainer
+from bs_train import optim as optim_
 from bs_train.methods.beliefs import BeliefSet
 from bs_train.config import load_config
 from bs_train.data import collate
@@ -214,8 +215,8 @@ def measure(name: str, dtype: str, rows: dict, pad_id: int, config: dict, warmup
     use_retain = methods.needs_retain(mcfg)
 
     def optimizer(model):
-        optim = trainer.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, use_cuda=False)
-        return optim, torch.optim.lr_scheduler.LambdaLR(optim, trainer.lr_lambda(cfg, 1000))
+        optim = optim_.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train, use_cuda=False)
+        return optim, torch.optim.lr_scheduler.LambdaLR(optim, optim_.lr_lambda(cfg.train, 1000))
 
     head = LossHead(copy.deepcopy(base))
     hf = copy.deepcopy(base)

@@ -11,17 +11,19 @@
    (``frozen_reference``: compute dtype, its blocks sharded under torchrun; with LoRA none is copied, the
    reference is the trained model with its adapters off, ``lora.AdaptersOff``, set in step 5) and the row's setup
    hook (RMU's trainable parameters and direction, BS-S's encoded prompts);
-4. ``parallelize``: compiled blocks when asked, activation checkpointing, then ``fully_shard`` per decoder block and at the root (torchtitan's
-   order), bf16 compute, fp32 gradient reduction, CPU offload when asked. Losses are sums over global counts
-   (``methods.Norms``): backward scales by the world size to cancel FSDP's mean (gloo lacks PREMUL_SUM); the optimizer;
+4. ``parallelize``: compiled blocks when asked, activation checkpointing, then ``fully_shard`` per decoder block and
+   at the root (torchtitan's order), bf16 compute, fp32 gradient reduction, CPU offload when asked. Losses are sums
+   over global counts (``methods.Norms``): backward scales by the world size to cancel FSDP's mean (gloo lacks
+   PREMUL_SUM); the optimizer and the schedule (``optim.py``);
 5. ``prepare_method_state``: what needs the placed model: NPO reference log-probs (computed once, kept beside the
    run); then resume from the latest checkpoint (``checkpoint.py``), BS-S beliefs and the squeezing curve included;
 6. the loop: BS-S beliefs redrawn on their schedule, ``train_step`` (one optimizer step: micro-batches, global
    norms, backward, clipping, the non-finite flag, optimizer and scheduler step), metrics.jsonl, the squeezing
    monitor, the in-training evaluation and selection (``train.eval_every`` / ``select_by``, ``selected_state.py``:
    step 0, every N steps or epochs, the last step; a new best's weights copied to host memory, and to ``best/``
-   before a checkpoint names them; the stopping rules end the loop), the row's ``after_step`` hook (PDU's dual step), checkpoints (model, optimizer, scheduler, data
-   position, RNG, step, method extras: beliefs, PDU's dual variable, the selection's trajectory and best);
+   before a checkpoint names them; the stopping rules end the loop), the row's ``after_step`` hook (PDU's dual
+   step), checkpoints (model, optimizer, scheduler, data position, RNG, step, method extras: beliefs, PDU's dual
+   variable, the selection's trajectory and best);
 7. finish: a last checkpoint only when asked (``train.export`` off or ``train.keep_checkpoints`` on), the kill-safe
    Hugging Face export (safetensors) of the selected step (and ``last/`` when asked), summary.json, and the
    checkpoints deleted unless kept.
@@ -34,7 +36,6 @@ import copy
 import json
 import math
 import os
-import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -57,6 +58,7 @@ from .methods import (METHODS, MethodState, Norms, belief_config, belief_ref_log
 from .methods.beliefs import BeliefSet, belief_sampler, draw_beliefs
 from .model import (LossHead, apply_liger, cast_parameters, check_model_path, decoder_blocks, load_model,
                     load_tokenizer, resolve_attention)
+from .optim import build_optimizer, lr_lambda, optimizer_params, warmup_steps
 from .sampler import check_supported
 from .selected_state import BEST, InTrainingSelection
 
@@ -166,65 +168,6 @@ def frozen_reference(lm: torch.nn.Module, device: torch.device, compute_dtype: t
         for block in decoder_blocks(ref):
             fully_shard(block)
     return LossHead(ref)
-
-
-# Hugging Face's Trainer leaves these out of weight decay (Trainer.get_decay_parameter_names' name patterns)
-_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
-
-
-def optimizer_params(module: torch.nn.Module, cfg: RunConfig) -> list:
-    """The trainable parameters of ``module``, or with ``train.decay_exempt=bias_norm`` two groups: those the weight
-    decay applies to and the biases and norm weights it skips (by name, as Hugging Face's Trainer)."""
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    if cfg.train.decay_exempt == "none":
-        return [p for _, p in named]
-    exempt = [_NO_DECAY.search(n.lower()) is not None for n, _ in named]
-    return [{"params": [p for (_, p), e in zip(named, exempt) if not e]},
-            {"params": [p for (_, p), e in zip(named, exempt) if e], "weight_decay": 0.0}]
-
-
-def build_optimizer(params, cfg: RunConfig, use_cuda: bool) -> torch.optim.Optimizer:
-    """AdamW in one of three memory plans (see ``TrainConfig.optimizer``); torchao is imported only when asked."""
-    t = cfg.train
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=use_cuda or None)
-    try:
-        from torchao.optim import AdamW8bit, _AdamW
-    except ImportError as e:
-        raise ValueError(f"train.optimizer={t.optimizer} needs torchao: pip install torchao ({e})") from None
-    cls = AdamW8bit if t.optimizer == "adamw8bit" else _AdamW
-    return cls(params, lr=t.lr, weight_decay=t.weight_decay, bf16_stochastic_round=True)
-
-
-def warmup_steps(cfg: RunConfig, rows: int, world: int) -> int:
-    """``train.warmup_steps``, or with ``train.warmup_epochs`` > 0 open-unlearning's conversion of epochs to steps
-    (src/trainer/__init__.py: int(epochs x rows // (batch x accumulation x devices)))."""
-    t = cfg.train
-    if t.warmup_epochs > 0:
-        return int(t.warmup_epochs * rows // (t.batch_size * t.grad_accum * world))
-    return t.warmup_steps
-
-
-def lr_lambda(cfg: RunConfig, total_steps: int, warm: int | None = None):
-    """The learning-rate factor of each step (``train.schedule``) after ``warm`` warm-up steps (default
-    ``train.warmup_steps``)."""
-    warm, kind = cfg.train.warmup_steps if warm is None else warm, cfg.train.schedule
-
-    def f(step: int) -> float:
-        if step < warm:
-            if kind == "hf_linear":  # transformers' get_linear_schedule_with_warmup: the first step at rate 0
-                return step / max(1, warm)
-            return (step + 1) / (warm + 1)
-        frac = (step - warm) / max(1, total_steps - warm)
-        if kind == "hf_linear":
-            return max(0.0, (total_steps - step) / max(1, total_steps - warm))
-        if kind == "linear":
-            return max(0.0, 1.0 - frac)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
-        return 1.0
-
-    return f
 
 
 # ---- method state -----------------------------------------------------------------------------------------------
@@ -394,10 +337,10 @@ def _schedule(cfg: RunConfig, optim, main_set, retain_set, world: int):
     total = sampler.steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
-    warm = warmup_steps(cfg, len(main_set), world)
+    warm = warmup_steps(cfg.train, len(main_set), world)
     stop = cfg.train.stop_at_epoch
     end = total if stop is None else min(total, max(1, round(stop * sampler.steps_per_epoch)))
-    return sampler, total, torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, total, warm)), end
+    return sampler, total, torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.train, total, warm)), end
 
 
 def _extra(state: MethodState, regen_s: float, monitor, selection) -> dict:
@@ -552,7 +495,7 @@ def _run(cfg: RunConfig, rank: int, world: int, device: torch.device, run_dir: P
     head = parallelize(LossHead(lm), cfg, world, compute_dtype)
     # Before any forward: under FSDP2 a forward without backward leaves the root's parameters unsharded (it is not
     # resharded after forward), and an optimizer built then would hold those transient tensors, not the shards.
-    optim = build_optimizer(optimizer_params(head, cfg), cfg, use_cuda)
+    optim = build_optimizer(optimizer_params(head, cfg.train), cfg.train, use_cuda)
     prepare_method_state(state, cfg, head, main_set, pad_id, run_dir, ckpt is not None, autocast, rank, device)
 
     sampler, total, sched, end = _schedule(cfg, optim, main_set, retain_set, world)

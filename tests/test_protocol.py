@@ -284,37 +284,37 @@ def test_decay_exempts_what_the_hugging_face_trainer_exempts(tmp_path):
     leaves out, on a tiny Llama (its norms; it has no biases)."""
     import transformers
 
-    from bs_train.trainer import optimizer_params
+    from bs_train.optim import optimizer_params
 
     model = tiny_llama(VOCAB, num_layers=2)
-    groups = optimizer_params(model, load_config(None, ["method.name=ga"], preset="open-unlearning"))
+    groups = optimizer_params(model, load_config(None, ["method.name=ga"], preset="open-unlearning").train)
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     decay = set(transformers.Trainer(model=model, args=args).get_decay_parameter_names(model))
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in groups[0]["params"]} == decay
     assert {names[id(p)] for p in groups[1]["params"]} == set(names.values()) - decay != set()
     assert groups[1]["weight_decay"] == 0.0
-    assert len(optimizer_params(model, load_config(None, []))) == len(names)  # ours: one group, all decay
+    assert len(optimizer_params(model, load_config(None, []).train)) == len(names)  # ours: one group, all decay
 
 
 def test_warmup_epochs_and_hf_linear_are_transformers_schedule():
     """open-unlearning's warmup_epochs -> steps conversion and Hugging Face's linear schedule, step for step."""
     from transformers import get_linear_schedule_with_warmup
 
-    from bs_train.trainer import lr_lambda, warmup_steps
+    from bs_train.optim import lr_lambda, warmup_steps
 
     cfg = load_config(None, ["method.name=ga"], preset="open-unlearning")
-    warm = warmup_steps(cfg, rows=400, world=1)
+    warm = warmup_steps(cfg.train, rows=400, world=1)
     assert warm == int(1.0 * 400 // (8 * 4 * 1)) == 12
     total = 130
-    ours = lr_lambda(cfg, total, warm)
+    ours = lr_lambda(cfg.train, total, warm)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = get_linear_schedule_with_warmup(opt, warm, total)
     for step in range(total + 2):
         assert ours(step) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), step
         opt.step()
         sched.step()
-    assert warmup_steps(load_config(None, ["train.warmup_steps=3"]), rows=400, world=1) == 3
+    assert warmup_steps(load_config(None, ["train.warmup_steps=3"]).train, rows=400, world=1) == 3
 
 
 def test_altpo_rows_fill_the_forget_set_n_times(tmp_path):

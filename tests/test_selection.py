@@ -27,7 +27,8 @@ from bs_train.config import load_config
 from bs_train.evaluation.in_training import InTrainingEval
 from bs_train.model import LossHead, load_model
 from bs_train.selection import Criterion, Selector, StopRule
-from bs_train.trainer import lr_lambda, run
+from bs_train.optim import lr_lambda
+from bs_train.trainer import run
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -259,7 +260,7 @@ def test_stop_at_epoch_keeps_the_whole_runs_schedule(original, tmp_path):
     per_epoch = 3  # 5 forget rows in batches of 2
     assert summary["steps"] == round(1.5 * per_epoch) == 4
     lrs = [json.loads(x)["lr"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    f = lr_lambda(cfg, 4 * per_epoch)
+    f = lr_lambda(cfg.train, 4 * per_epoch)
     assert lrs == pytest.approx([cfg.train.lr * f(k) for k in range(1, 5)])
 
 
