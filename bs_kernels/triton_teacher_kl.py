@@ -182,16 +182,17 @@ def _heads(logit_scale, softcap, teacher_logit_scale, teacher_softcap) -> tuple[
     return args, {"S_CAP": softcap is not None, "T_CAP": teacher_softcap is not None}
 
 
-def _block_v(vocab: int, block_v: int | None, dtype: torch.dtype = torch.bfloat16) -> int:
+def _block_v(vocab: int, block_v: int | None, dtype: torch.dtype = torch.bfloat16, both_capped: bool = False) -> int:
     if block_v is not None:
         return block_v
     # Interpreter: one tile per row keeps CPU tests fast. GPU: 4096 values per row and tile over 8 warps (16 per
-    # thread and row, two rows live); untuned on hardware yet. A V that is not a multiple of 16 leaves rows unaligned
-    # (scalar loads, one 64-bit address each), which spilled at 4096 on sm_80, and so did fp32 logits once the
-    # soft-cap arguments joined (16 B on sm_80; tools.kernel_check): both take 2048.
+    # thread and row, two rows live); untuned on hardware yet. At 4096 on sm_80 these spilled (tools.kernel_check): a
+    # V that is not a multiple of 16 (unaligned rows: scalar loads, one 64-bit address each), fp32 logits once the
+    # soft-cap arguments joined, and fp16 KL with both the student's and the teacher's soft-cap (16 B); all
+    # take 2048.
     if triton_interpret():
         return triton.next_power_of_2(vocab)
-    wide = vocab % 16 == 0 and torch.empty((), dtype=dtype).element_size() < 4
+    wide = vocab % 16 == 0 and torch.empty((), dtype=dtype).element_size() < 4 and not both_capped
     return min(4096 if wide else 2048, triton.next_power_of_2(vocab))
 
 
@@ -208,13 +209,14 @@ def kl_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None, *, 
     lse_s = torch.empty(rows, device=dev, dtype=torch.float32) if save_stats else None
     lse_t = torch.empty(rows, device=dev, dtype=torch.float32) if save_stats else None
     head_args, cap_flags = _heads(logit_scale, softcap, teacher_logit_scale, teacher_softcap)
+    tile = _block_v(vocab, block_v, zs.dtype, both_capped=cap_flags["S_CAP"] and cap_flags["T_CAP"])
     if rows:
         _kl_kernel[(rows,)](
             zs, zs.stride(0), zt, zt.stride(0), values if labels is None else labels,
             values if grad is None else grad, values,
             values if lse_s is None else lse_s, values if lse_t is None else lse_t,
             vocab, float(gamma), float(inv_temp), ignore_index, *head_args,
-            BLOCK_V=_block_v(vocab, block_v, zs.dtype), KIND_KL=kind == "kl", HAS_LABELS=labels is not None,
+            BLOCK_V=tile, KIND_KL=kind == "kl", HAS_LABELS=labels is not None,
             HAS_GAMMA=labels is not None and gamma != 0, WRITE_GRAD=grad is not None, SAVE_STATS=save_stats,
             **cap_flags, num_warps=8,
         )
@@ -229,11 +231,12 @@ def kl_grad_rows_from_stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Te
     """Triton twin of ``teacher_kl.kl_grad_rows_from_stats``."""
     rows, vocab = zs.shape
     head_args, cap_flags = _heads(logit_scale, softcap, teacher_logit_scale, teacher_softcap)
+    tile = _block_v(vocab, block_v, zs.dtype, both_capped=cap_flags["S_CAP"] and cap_flags["T_CAP"])
     if rows:
         _kl_grad_from_stats_kernel[(rows,)](
             zs, zs.stride(0), zt, zt.stride(0), grad if labels is None else labels, grad, lse_s, lse_t,
             vocab, float(gamma), float(inv_temp), ignore_index, *head_args,
-            BLOCK_V=_block_v(vocab, block_v, zs.dtype), HAS_LABELS=labels is not None,
+            BLOCK_V=tile, HAS_LABELS=labels is not None,
             HAS_GAMMA=labels is not None and gamma != 0, **cap_flags, num_warps=8,
         )
 
