@@ -267,13 +267,17 @@ def test_a_real_sigint_leaves_a_run_that_resumes(tmp_path):
     out = tmp_path / "r"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "bs_train.cli", "finetune", *SMALL, "model.path=tiny",
-                             "train.max_steps=100000", "train.checkpoint_every=5", f"output_dir={out}", "--no-progress"],
+                             "train.epochs=20000", "train.max_steps=100000", "train.checkpoint_every=5", f"output_dir={out}",
+                             "--no-progress"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     import time
 
+    # the run has tens of thousands of steps (epochs, not only max_steps: the default 5 epochs once ended it before the
+    # first checkpoint was seen, under load); it is interrupted once its first checkpoint exists
     deadline = time.time() + 120
-    while not (out / "checkpoints" / "latest").exists() and time.time() < deadline:
+    while not (out / "checkpoints" / "latest").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    assert proc.poll() is None, f"the run ended before it was interrupted: {proc.stderr.read()[-2000:]}"
     proc.send_signal(2)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
