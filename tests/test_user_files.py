@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -269,7 +270,10 @@ def test_a_real_sigint_leaves_a_run_that_resumes(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "bs_train.cli", "finetune", *SMALL, "model.path=tiny",
                              "train.epochs=20000", "train.max_steps=100000", "train.checkpoint_every=5", f"output_dir={out}",
                              "--no-progress"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as from a terminal: a shell that starts pytest in the background (nohup, &) passes SIGINT
+                            # on ignored, and Python then installs no KeyboardInterrupt handler at all
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     import time
 
     # the run has tens of thousands of steps (epochs, not only max_steps: the default 5 epochs once ended it before the
