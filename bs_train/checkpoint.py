@@ -21,6 +21,11 @@ deletes it) for a fresh start; ``RunLock`` lets one process at a time write a ru
 named points inside save and export where the fault tests kill the process. ``kept_metrics`` trims a resumed
 run's metrics.jsonl to the checkpoint's step.
 
+Ctrl-C during a save lets the save finish, then stops (``finish_before_interrupt``; a second Ctrl-C stops at once):
+the step just saved is the one a rerun resumes from. ``torch.distributed.checkpoint`` wraps every exception a rank
+raised in a ``CheckpointException``, Ctrl-C's ``KeyboardInterrupt`` too; ``dcp_call`` gives that one back as a
+``KeyboardInterrupt``, so the command ends with its one line and exit 130, never a traceback.
+
 A LoRA run (``bs_train/lora.py``) checkpoints only its trainable parameters (the adapters; the frozen base is
 reloaded from ``model.path``) and exports the merged model plus the adapter alone in ``final/adapter/``.
 """
@@ -35,9 +40,12 @@ import re
 import shutil
 import signal
 import socket
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -74,6 +82,42 @@ def fault_point(name: str) -> None:
     target, _, k = want.partition("@")
     if target == name and _reached[name] == int(k or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def finish_before_interrupt(what: str) -> Iterator[None]:
+    """Ctrl-C (SIGINT) inside the block lets it finish, then raises ``KeyboardInterrupt``; a second Ctrl-C raises at
+    once. Only where Python's own SIGINT handler is in place on the main thread (not under a handler someone else
+    installed, nor with SIGINT ignored), so nothing changes for a caller that handles signals itself."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+        print(f"\ninterrupted: finishing {what} first (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def dcp_call(op: Callable[..., object], state: dict, path: Path) -> None:
+    """``dcp.save`` or ``dcp.load`` of ``state`` at ``path``; a Ctrl-C that dcp wrapped comes back as itself."""
+    try:
+        op(state, checkpoint_id=str(path))
+    except CheckpointException as e:
+        if any(isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()):
+            raise KeyboardInterrupt from None
+        raise
 
 
 def _model_options(head) -> StateDictOptions:
@@ -233,6 +277,14 @@ def _install(tmp: Path, final: Path) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, head, optim, sched, sampler, rank: int, world: int,
                     extra: dict | None = None, config: dict | None = None) -> Path:
+    """Write ``checkpoints/step_N`` (see the module's docstring); Ctrl-C during it lets it finish first."""
+    with finish_before_interrupt(f"the checkpoint of step {step}"):
+        final = _save_checkpoint(run_dir, step, head, optim, sched, sampler, rank, world, extra, config)
+    return final
+
+
+def _save_checkpoint(run_dir: Path, step: int, head, optim, sched, sampler, rank: int, world: int,
+                     extra: dict | None, config: dict | None) -> Path:
     ckpt_root = run_dir / "checkpoints"
     final, tmp = ckpt_root / f"step_{step:07d}", ckpt_root / f"step_{step:07d}.tmp"
     state = {"model": get_model_state_dict(head, options=_model_options(head)),
@@ -245,7 +297,7 @@ def save_checkpoint(run_dir: Path, step: int, head, optim, sched, sampler, rank:
     barrier()
     try:
         fault_point("save:begin")
-        dcp.save(state, checkpoint_id=str(tmp))
+        dcp_call(dcp.save, state, tmp)
         fault_point("save:weights")
         torch.save({"rng_cpu": torch.get_rng_state(),
                     "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
@@ -376,7 +428,7 @@ def load_checkpoint(path: Path, head, optim, sched, sampler, rank: int, world: i
     opts = _model_options(head)
     state = {"model": get_model_state_dict(head, options=opts), "optim": get_optimizer_state_dict(head, optim)}
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp_call(dcp.load, state, path)
     except (Exception, CheckpointException) as e:
         raise ValueError(f"{path}: its weights cannot be read ({type(e).__name__})") from None
     set_state_dict(head, optim, model_state_dict=state["model"], optim_state_dict=state["optim"],

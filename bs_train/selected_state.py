@@ -33,8 +33,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from .checkpoint import (_check_space, _model_options, _tensor_bytes, barrier, damage, export_hf, fault_point,
-                         write_manifest)
+from .checkpoint import (_check_space, _model_options, _tensor_bytes, barrier, damage, dcp_call, export_hf,
+                         fault_point, finish_before_interrupt, write_manifest)
 from .evaluation import in_training
 from .selection import Criterion, Selector, StopRule, parse_every
 
@@ -48,7 +48,13 @@ def best_path(run_dir: Path, step: int) -> Path:
 
 def save_best(run_dir: Path, step: int, head: torch.nn.Module, rank: int) -> Path:
     """The model's weights now (trainable ones only with LoRA, as checkpoints) to ``best/step_N``, on every rank;
-    a complete one of the same step already there is kept (a resumed run re-reaching it holds the same state)."""
+    a complete one of the same step already there is kept (a resumed run re-reaching it holds the same state).
+    Ctrl-C during it lets it finish first, as a checkpoint's save does."""
+    with finish_before_interrupt(f"the best state of step {step}"):
+        return _save_best(run_dir, step, head, rank)
+
+
+def _save_best(run_dir: Path, step: int, head: torch.nn.Module, rank: int) -> Path:
     final = best_path(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     state = {"model": get_model_state_dict(head, options=_model_options(head))}
@@ -57,7 +63,7 @@ def save_best(run_dir: Path, step: int, head: torch.nn.Module, rank: int) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    dcp.save(state, checkpoint_id=str(tmp))
+    dcp_call(dcp.save, state, tmp)
     barrier()
     if rank == 0:
         write_manifest(tmp, step=step)
@@ -78,7 +84,7 @@ def load_best(path: Path, head: torch.nn.Module) -> None:
         raise ValueError(f"the selected state {path} is damaged ({why}); rerun with --no-resume to train again")
     options = _model_options(head)
     state = {"model": get_model_state_dict(head, options=options)}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp_call(dcp.load, state, path)
     set_model_state_dict(head, state["model"], options=options)
 
 

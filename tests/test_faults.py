@@ -16,9 +16,11 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,71 @@ def test_a_kill_at_any_point_of_save_or_export_resumes_onto_the_same_curve(copy,
     assert damage(copy / "final") is None
     assert not [p.name for p in copy.iterdir() if p.name.endswith((".tmp", ".old"))]
     assert not list((copy / "checkpoints").glob("*.tmp"))
+
+
+@pytest.fixture
+def ctrl_c(monkeypatch):
+    """``ctrl_c(method, n)``: from inside the dcp filesystem writer's or reader's ``method`` (deep in a save or load,
+    where dcp wraps every exception), the process sends itself SIGINT ``n`` times, as Ctrl-C pressed n times there.
+    Python's own SIGINT handler is put in place first (a shell that starts pytest in the background ignores SIGINT)."""
+    from torch.distributed.checkpoint import filesystem
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    classes = {"write_data": filesystem.FileSystemWriter, "read_data": filesystem.FileSystemReader}
+    originals = {method: getattr(cls, method) for method, cls in classes.items()}
+
+    def arm(method: str, n: int) -> None:
+        cls, real = classes[method], originals[method]
+
+        def pressed(self, *a, **k):
+            for _ in range(n):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler runs between bytecodes: each press is handled before the next
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(cls, method, pressed)
+
+    yield arm
+    monkeypatch.undo()
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_inside_a_save_finishes_the_save_then_stops(copy, reference, ctrl_c, capsys):
+    """Ctrl-C while dcp writes the step-6 checkpoint: the save completes (the step just saved is the one a rerun
+    resumes from) and the run stops with a KeyboardInterrupt, which the CLI turns into its one line and exit 130;
+    dcp wraps it in a CheckpointException, which once ended the command in a traceback."""
+    ctrl_c("write_data", 1)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(copy), progress=False)
+    assert "interrupted: finishing the checkpoint of step 6 first (Ctrl-C again to stop now)" in capsys.readouterr().err
+    assert latest_checkpoint(copy, say=None) == copy / "checkpoints" / "step_0000006"
+    assert not list((copy / "checkpoints").glob("*.tmp"))
+    _same_curve(copy, reference)
+
+
+def test_a_second_ctrl_c_inside_a_save_stops_at_once_and_loses_nothing(copy, reference, ctrl_c):
+    """Ctrl-C twice while dcp writes the step-6 checkpoint: the run stops at once, a KeyboardInterrupt (not dcp's
+    CheckpointException); the cut-off save never counts, step 4 stays the newest complete one and the rerun ends
+    on the uninterrupted curve."""
+    ctrl_c("write_data", 2)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(copy), progress=False)
+    assert latest_checkpoint(copy, say=None) == copy / "checkpoints" / "step_0000004"
+    ctrl_c("write_data", 0)
+    run(_cfg(copy), progress=False)
+    _same_curve(copy, reference)
+
+
+def test_ctrl_c_while_a_resume_loads_is_an_interrupt_not_a_damaged_checkpoint(copy, reference, ctrl_c):
+    """Ctrl-C while dcp reads the checkpoint a resume starts from stops the run as Ctrl-C anywhere else does; it
+    once came back as "its weights cannot be read", naming a whole checkpoint damaged."""
+    ctrl_c("read_data", 1)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(copy), progress=False)
+    assert damage(copy / "checkpoints" / "step_0000004") is None
+    ctrl_c("read_data", 0)
+    run(_cfg(copy), progress=False)
+    _same_curve(copy, reference)
 
 
 def _cli(out: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
