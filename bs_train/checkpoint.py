@@ -17,7 +17,7 @@ and the run's config. Every step of a save leaves a complete checkpoint on disk,
 ``final.old`` until the new one is in place; ``recover_export`` puts back a complete one a kill left under either
 name). ``check_resumable`` lets a checkpoint resume only a run with the same ``identity`` (the settings that change
 results: not the folder, so a copied or renamed run folder resumes); ``set_aside`` moves an old run away (never
-deletes it) for a fresh start; ``RunLock`` lets one process at a time write a run folder. ``fault_point`` marks the
+deletes it, nor the run's lock: ``run_lock.py``) for a fresh start. ``fault_point`` marks the
 named points inside save and export where the fault tests kill the process. ``kept_metrics`` trims a resumed
 run's metrics.jsonl to the checkpoint's step.
 
@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -59,9 +58,9 @@ from .config import RunConfig
 from .lora import has_adapters, lora_scalings, merged_state_dict, save_adapter
 from .model import LossHead
 from .outputs import atomic_write
+from .run_lock import LOCK
 
 MANIFEST = "manifest.json"
-LOCK = "run.lock"
 _STEP_DIR = re.compile(r"step_(\d{7})")
 # Settings that do not change what a run computes, left out of its identity (ours): where the folder is, how often it
 # checkpoints or logs, whether it exports and what it keeps. A run resumes across a change of any of them.
@@ -99,7 +98,8 @@ def finish_before_interrupt(what: str) -> Iterator[None]:
         if pending:
             raise KeyboardInterrupt
         pending.append(signum)
-        print(f"\ninterrupted: finishing {what} first (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # one line for a torchrun job, whose every rank gets the Ctrl-C
+            print(f"\ninterrupted: finishing {what} first (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGINT, note)
     try:
@@ -526,88 +526,6 @@ def finished_summary(run_dir: Path, cfg: RunConfig, say: Callable[[str], None] |
             say(f"bs-unlearn: {final} has no {MANIFEST} (written last by the export), so it cannot be checked; kept "
                 "as it is")
     return {**result, "output_dir": str(run_dir)}
-
-
-# ---- the run folder's lock --------------------------------------------------------------------------------------
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped) holds nothing
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-class RunLock:
-    """One writer per run folder: ``run.lock`` holds the writer's PID and host. A second process is refused in one
-    line naming the holder's PID; the lock of a process that is gone (killed: it could not remove it) is taken over,
-    saying so. Only rank 0 of a torchrun job takes it."""
-
-    def __init__(self, run_dir: Path, say: Callable[[str], None] = print):
-        self.path, self.say, self.held = Path(run_dir) / LOCK, say, False
-
-    def _holder(self) -> dict | None:
-        try:
-            holder = json.loads(self.path.read_text())
-            return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError):
-            return None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder == {}:  # removed meanwhile
-                    continue
-                if holder is None:  # unreadable: its writer was killed while writing it, or is writing it now
-                    if time.time() - self.path.stat().st_mtime < 5:
-                        time.sleep(1)
-                        continue
-                    self.say(f"bs-unlearn: taking over {self.path}: it is unreadable (its writer was killed)")
-                else:
-                    pid, host = holder["pid"], holder.get("host")
-                    if host != me["host"]:
-                        raise ValueError(f"{self.path.parent} is in use by PID {pid} on host {host} (since "
-                                         f"{holder.get('since')}); if that run is gone, delete {self.path}")
-                    if pid != me["pid"] and _alive(pid):
-                        raise ValueError(f"{self.path.parent} is in use by another run: PID {pid} (since "
-                                         f"{holder.get('since')}, lock {self.path}); wait for it or use another "
-                                         "output folder")
-                    self.say(f"bs-unlearn: taking over {self.path} from PID {pid}, which is no longer running")
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return
-        raise ValueError(f"{self.path}: could not take the lock (another process keeps taking it)")
-
-    def release(self) -> None:
-        if self.held and (self._holder() or {}).get("pid") == os.getpid():
-            self.path.unlink()
-        self.held = False
-
-    def __enter__(self) -> "RunLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def kept_metrics(metrics_path: Path, step: int, rank: int) -> dict:

@@ -1,6 +1,6 @@
 """The memory plans (one GPU of 24, 40 or 80 GB) and their budgets, computed from a model's shapes.
 
-``PLANS`` is what ``train.memory_plan`` selects: the settings each plan fills in (``config._with_plan``) and the GPU
+``PLANS`` is what ``train.memory_plan`` selects: the settings each plan fills in (``config.loading._with_plan``) and the GPU
 it is sized for. ``budget(shape, plan)`` computes, per component, what one GPU holds at the peak of a training step
 (weights, gradients, optimizer states, block-boundary activations under checkpointing, one recomputed block, the
 fused loss's logits chunk) and during a BS-S sampling round (its KV cache), and for the offload plan the host memory

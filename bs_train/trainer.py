@@ -46,7 +46,7 @@ import torch.distributed as dist
 import yaml
 
 from . import console
-from .checkpoint import (RunLock, atomic_write_text, barrier, check_resumable, export_hf, finished_summary,
+from .checkpoint import (atomic_write_text, barrier, check_resumable, export_hf, finished_summary,
                          kept_metrics, latest_checkpoint, load_checkpoint, named_checkpoint, recover_export,
                          save_checkpoint, set_aside)
 from .config import RESOLVED_HEADER, RunConfig
@@ -60,6 +60,7 @@ from .model import (LossHead, apply_liger, cast_parameters, check_model_path, de
                     load_tokenizer, resolve_attention)
 from .optim import build_optimizer, lr_lambda, optimizer_params, warmup_steps
 from .sampler import check_supported
+from .run_lock import RunLock
 from .selected_state import BEST, InTrainingSelection
 
 

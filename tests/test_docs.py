@@ -88,12 +88,12 @@ def test_config_page_holds_every_field_with_its_default_and_docstring(site):
 
     raw = (site / "reference" / "config.html").read_text(encoding="utf-8")
     page = _text(site / "reference" / "config.html")
-    sections = [("", config.RunConfig), *((f"{s}.", c) for s, c in config._SECTIONS.items()),
+    sections = [("", config.RunConfig), *((f"{s}.", c) for s, c in config.SECTIONS.items()),
                 ("attack.", AttackConfig)]
     for prefix, cls in sections:
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
-            if f.name in config._SECTIONS and cls is config.RunConfig:
+            if f.name in config.SECTIONS and cls is config.RunConfig:
                 continue
             assert f'id="{prefix}{f.name}"' in raw, f"{prefix}{f.name}"
             first_words = _words(docs[f.name])[:40]

@@ -29,6 +29,7 @@ import torch
 from bs_train import checkpoint
 from bs_train.checkpoint import DiskFull, damage, latest_checkpoint
 from bs_train.config import load_config
+from bs_train.run_lock import LOCK
 from bs_train.trainer import StopRun, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,14 +199,14 @@ def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(tmp_path, re
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (out / "checkpoints" / "step_0000004.tmp").is_dir()  # the cut-off save
     assert latest_checkpoint(out, say=None).name == "step_0000002"
-    pid = json.loads((out / checkpoint.LOCK).read_text())["pid"]
+    pid = json.loads((out / LOCK).read_text())["pid"]
     from bs_train.cli import main
 
     assert main(["finetune", *ARGS, f"output_dir={out}", "--no-progress"]) == 0
     said = capsys.readouterr().out
-    assert f"taking over {out / checkpoint.LOCK} from PID {pid}, which is no longer running" in said
+    assert f"taking over {out / LOCK} from PID {pid}, which is no longer running" in said
     _same_curve(out, reference)
-    assert not (out / checkpoint.LOCK).exists()
+    assert not (out / LOCK).exists()
 
 
 def test_sigkill_while_a_finished_run_re_exports_loses_nothing(tmp_path, capsys):
@@ -371,7 +372,7 @@ def test_a_second_writer_is_refused_naming_the_holder(copy, capsys):
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        (copy / checkpoint.LOCK).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        (copy / LOCK).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
         before = (copy / "metrics.jsonl").read_bytes()
         assert main(["finetune", *ARGS, f"output_dir={copy}", "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()

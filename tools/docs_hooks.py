@@ -237,17 +237,17 @@ def config_reference() -> str:
     _on_path()
     from bs_train import config
 
-    sections = [f.name for f in dataclasses.fields(config.RunConfig) if f.name in config._SECTIONS]
-    if sections != list(config._SECTIONS):
-        raise _error(f"bs_train.config: RunConfig's sections {sections} and _SECTIONS {list(config._SECTIONS)} differ")
+    sections = [f.name for f in dataclasses.fields(config.RunConfig) if f.name in config.SECTIONS]
+    if sections != list(config.SECTIONS):
+        raise _error(f"bs_train.config: RunConfig's sections {sections} and SECTIONS {list(config.SECTIONS)} differ")
     lines = ["## Top level {#top-level}", "",
-             *_field_entries(config.RunConfig, "", "bs_train/config.py RunConfig", skip=tuple(sections))]
-    for section, cls in config._SECTIONS.items():
+             *_field_entries(config.RunConfig, "", "bs_train/config/sections.py RunConfig", skip=tuple(sections))]
+    for section, cls in config.SECTIONS.items():
         doc = cls.__doc__ or ""
         if not doc or doc.startswith(f"{cls.__name__}("):  # a dataclass without one gets its signature
-            raise _error(f"bs_train/config.py {cls.__name__}: no class docstring")
+            raise _error(f"bs_train/config/sections.py {cls.__name__}: no class docstring")
         lines += [f"## `{section}` ({cls.__name__}) {{#{section}}}", "", md_text(inspect.cleandoc(doc)), ""]
-        lines += _field_entries(cls, f"{section}.", f"bs_train/config.py {cls.__name__}")
+        lines += _field_entries(cls, f"{section}.", f"bs_train/config/sections.py {cls.__name__}")
     return "\n".join(lines)
 
 

@@ -97,7 +97,7 @@ def run_stages(recipe: Any, stages: dict[str, Callable[[Any, Clock], bool]], sta
                check: Callable[[Any], None]) -> bool:
     """Run ``stage`` (or every stage, ``"all"``) in order under the folder's lock, after ``check`` (the result files
     already there); True when everything asked for is done, False when the budget stopped it."""
-    from ..checkpoint import RunLock
+    from ..run_lock import RunLock
 
     if stage != "all" and stage not in stages:
         raise ValueError(f"stage must be 'all' or one of {tuple(stages)}, got {stage!r}")
