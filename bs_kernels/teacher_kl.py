@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import IGNORE_INDEX, check_head, check_teacher_options, check_teacher_tensors
+from ._fused_sum import keep_unit_grads, scaled_grads, weighted_total
 from .torch_rows import _transform_, cap_grad
 
 # Byte budget of the two logits buffers together (student + teacher). Ours: the same 96 MiB as token_scores.py's
@@ -308,25 +309,14 @@ class _WeightedTeacherKLSum(torch.autograd.Function):
         values, _, dh, dw, db = _forward(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, o,
                                          token_weights=w, need_dh=ctx.needs_input_grad[0],
                                          need_dw=ctx.needs_input_grad[1], need_db=ctx.needs_input_grad[2])
-        loss = torch.where(w != 0, w * values, torch.zeros_like(values)).sum()  # 0 * nan on masked rows -> 0
-        ctx.save_for_backward(*[t for t in (dh, dw, db) if t is not None])
-        ctx.has = (dh is not None, dw is not None, db is not None)
-        ctx.consumed = False
+        loss = weighted_total(w, values)
+        keep_unit_grads(ctx, dh, dw, db)
         ctx.mark_non_differentiable(values)
         return loss, values
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_values):
-        if ctx.consumed:
-            raise RuntimeError("linear_weighted_teacher_kl_sum scales its stored gradients in place, so it supports "
-                               "a single backward pass; recompute the loss instead of using retain_graph=True")
-        ctx.consumed = True
-        saved = list(ctx.saved_tensors)
-        # In place, to keep peak memory at one copy of dW; grad_loss is a 0-d device tensor, so no host sync.
-        dh = saved.pop(0).mul_(grad_loss) if ctx.has[0] else None
-        dw = saved.pop(0).mul_(grad_loss) if ctx.has[1] else None
-        db = saved.pop(0).mul_(grad_loss) if ctx.has[2] else None
-        return dh, dw, db, None, None, None, None, None, None
+        return (*scaled_grads(ctx, grad_loss, "linear_weighted_teacher_kl_sum"), None, None, None, None, None, None)
 
 
 def _prepare(hidden, weight, teacher_hidden, teacher_weight, labels, kind, gamma, temperature, ignore_index, impl,

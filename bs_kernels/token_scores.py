@@ -30,6 +30,7 @@ import torch
 
 from . import torch_path, torch_rows
 from ._checks import IGNORE_INDEX, check_head, check_options, check_tensors
+from ._fused_sum import keep_unit_grads, scaled_grads, weighted_total
 
 # Default byte budget of the one logits buffer. With Llama-3 (V = 128256, bf16) this is C = 384 rows, so the whole
 # op stays within 128 MiB of the returned gradients. The price: the dW GEMM has inner dimension C, which leaves it
@@ -192,25 +193,14 @@ class _WeightedScoreSum(torch.autograd.Function):
         scores, _, dh, dw, db = _forward(hidden, weight, bias, labels, o, token_weights=w,
                                          need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
                                          need_db=ctx.needs_input_grad[2])
-        loss = torch.where(w != 0, w * scores, torch.zeros_like(scores)).sum()  # 0 * nan on masked rows -> 0
-        ctx.save_for_backward(*[t for t in (dh, dw, db) if t is not None])
-        ctx.has = (dh is not None, dw is not None, db is not None)
-        ctx.consumed = False
+        loss = weighted_total(w, scores)
+        keep_unit_grads(ctx, dh, dw, db)
         ctx.mark_non_differentiable(scores)
         return loss, scores
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_scores):
-        if ctx.consumed:
-            raise RuntimeError("linear_weighted_score_sum scales its stored gradients in place, so it supports a "
-                               "single backward pass; recompute the loss instead of using retain_graph=True")
-        ctx.consumed = True
-        saved = list(ctx.saved_tensors)
-        # In place, to keep peak memory at one copy of dW; grad_loss is a 0-d device tensor, so no host sync.
-        dh = saved.pop(0).mul_(grad_loss) if ctx.has[0] else None
-        dw = saved.pop(0).mul_(grad_loss) if ctx.has[1] else None
-        db = saved.pop(0).mul_(grad_loss) if ctx.has[2] else None
-        return dh, dw, db, None, None, None
+        return (*scaled_grads(ctx, grad_loss, "linear_weighted_score_sum"), None, None, None)
 
 
 def _prepare(hidden, weight, labels, topk, lam, ignore_index, impl, bias, logit_scale, softcap, chunk_size,
