@@ -20,11 +20,12 @@ import platform
 import socket
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..config import load_config
-from ..outputs import Ledger
+from ..outputs import Ledger, read_json
 
 LEDGER = "recipe.json"
 """The recipe's ledger in ``out``: every result file it wrote, with its size and sha256 (``bs_train/outputs.py``)."""
@@ -43,6 +44,35 @@ def write(recipe: Any, path: Path, data: Any) -> None:
     and that is unchanged since, unless ``recipe.overwrite``; atomically; recorded in the ledger."""
     ledger(recipe).write(path, data if isinstance(data, str) else json.dumps(data, indent=1) + "\n",
                          overwrite=recipe.overwrite)
+
+
+def read_evaluations(recipe: Any, names: Iterable[str], filename: str) -> list[dict]:
+    """Each named run's evaluation (``out/<name>/<filename>``), or a one-line error naming the first missing one."""
+    rows = []
+    for name in names:
+        res = read_json(recipe.out / name / filename)
+        if res is None:
+            raise RecipeError(f"{recipe.out / name / filename} is missing: run the evaluate stage")
+        rows.append(res)
+    return rows
+
+
+def write_table(recipe: Any, rows: list[dict], columns: list[tuple[str, str]], describe: dict) -> None:
+    """The table stage's outputs: ``results.md`` (the table, then each note of its rows once) and ``results.json``
+    (``describe``, the recipe's settings, and the rows without their per-example data); the table is printed too."""
+    from ..evaluation.report import markdown_table
+
+    table = markdown_table(rows, columns)
+    table += "".join(f"\nnote: {n}\n" for n in sorted({n for r in rows for n in r.get("notes", [])}))
+    slim = [{k: v for k, v in r.items() if k != "per_example"} for r in rows]
+    write(recipe, recipe.out / "results.json", {"recipe": describe, "results": slim})
+    write(recipe, recipe.out / "results.md", table)
+    print(table, end="")
+
+
+def settings(recipe: Any) -> dict:
+    """The recipe's settings as written beside its results (its folder as a string)."""
+    return {**asdict(recipe), "out": str(recipe.out)}
 
 
 def check_outputs(recipe: Any, files: Iterable[str], per_run: str) -> None:

@@ -27,7 +27,7 @@ files, the lock, ``stages.jsonl``.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..methods import METHODS as TABLE
@@ -247,23 +247,10 @@ def stage_evaluate(recipe: MuseRecipe, clock: Clock) -> bool:
 
 
 def stage_table(recipe: MuseRecipe, clock: Clock) -> bool:
-    from ..evaluation.report import MUSE_COLUMNS, markdown_table
+    from ..evaluation.report import MUSE_COLUMNS
 
-    rows = []
-    for name, _ in _models(recipe):
-        res = read_json(recipe.out / name / "eval_muse.json")
-        if res is None:
-            raise RecipeError(f"{recipe.out / name / 'eval_muse.json'} is missing: run the evaluate stage")
-        rows.append(res)
-    table = markdown_table(rows, MUSE_COLUMNS)
-    notes = sorted({n for r in rows for n in r.get("notes", [])})
-    table += "".join(f"\nnote: {n}\n" for n in notes)
-    slim = [{k: v for k, v in r.items() if k != "per_example"} for r in rows]
-    d = asdict(recipe)
-    d["out"] = str(recipe.out)
-    write(recipe, recipe.out / "results.json", {"recipe": d, "results": slim})
-    write(recipe, recipe.out / "results.md", table)
-    print(table, end="")
+    rows = common.read_evaluations(recipe, [name for name, _ in _models(recipe)], "eval_muse.json")
+    common.write_table(recipe, rows, MUSE_COLUMNS, common.settings(recipe))
     return True
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..methods import METHODS as TABLE
@@ -311,7 +311,7 @@ def stage_evaluate(recipe: Recipe, clock: Clock) -> bool:
 
 def stage_table(recipe: Recipe, clock: Clock) -> bool:
     from ..attacks.report import ATTACK_COLUMNS, attack_summary
-    from ..evaluation.report import COLUMNS, markdown_table
+    from ..evaluation.report import COLUMNS
 
     rows = []
     selection = read_json(recipe.out / "selection.json", say=None) or {}
@@ -330,19 +330,8 @@ def stage_table(recipe: Recipe, clock: Clock) -> bool:
         rows.append(res)
     columns = [("lr", "lr"), ("step", "step (of all)")] + COLUMNS + ATTACK_COLUMNS + [
         ("paper_agg_mem_util", "Paper Agg./Mem./Util. (Llama-3.2-1B)")]
-    table = markdown_table(rows, columns)
-    slim = [{k: v for k, v in r.items() if k != "per_example"} for r in rows]
-    write(recipe, recipe.out / "results.json", {"recipe": _describe(recipe), "results": slim})
-    write(recipe, recipe.out / "results.md", table)
-    print(table, end="")
+    common.write_table(recipe, rows, columns, {**common.settings(recipe), "selection": selection or None})
     return True
-
-
-def _describe(recipe: Recipe) -> dict:
-    d = asdict(recipe)
-    d["out"] = str(recipe.out)
-    d["selection"] = read_json(recipe.out / "selection.json", say=None)
-    return d
 
 
 STAGE_FNS = {"finetune": stage_finetune, "select": stage_select, "unlearn": stage_unlearn,

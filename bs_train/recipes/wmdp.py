@@ -21,13 +21,13 @@ WMDP needs no fine-tuning: the model as released is the one that knows the hazar
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..methods import METHODS as TABLE
 from ..outputs import read_json
 from . import common
-from .common import Clock, RecipeError, log, train, write
+from .common import Clock, log, train, write
 
 STAGES = ("unlearn", "evaluate", "table")
 METHODS = ("rmu", "graddiff", "npo", "simnpo", "bs_t", "bs_s")  # RMU (WMDP's own method) and the paper's others
@@ -134,21 +134,10 @@ def stage_evaluate(recipe: WmdpRecipe, clock: Clock) -> bool:
 
 
 def stage_table(recipe: WmdpRecipe, clock: Clock) -> bool:
-    from ..evaluation.report import WMDP_COLUMNS, markdown_table
+    from ..evaluation.report import WMDP_COLUMNS
 
-    rows = []
-    for name, _ in _models(recipe):
-        res = read_json(recipe.out / name / "eval_wmdp.json")
-        if res is None:
-            raise RecipeError(f"{recipe.out / name / 'eval_wmdp.json'} is missing: run the evaluate stage")
-        rows.append(res)
-    table = markdown_table(rows, WMDP_COLUMNS)
-    table += "".join(f"\nnote: {n}\n" for n in sorted({n for r in rows for n in r.get("notes", [])}))
-    d = asdict(recipe)
-    d["out"] = str(recipe.out)
-    write(recipe, recipe.out / "results.json", {"recipe": d, "results": rows})
-    write(recipe, recipe.out / "results.md", table)
-    print(table, end="")
+    rows = common.read_evaluations(recipe, [name for name, _ in _models(recipe)], "eval_wmdp.json")
+    common.write_table(recipe, rows, WMDP_COLUMNS, common.settings(recipe))
     return True
 
 
