@@ -52,16 +52,9 @@ def check_options(*, topk: int, lam: float, ignore_index: int, impl: str, vocab:
 def check_tensors(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, impl: str,
                   ignore_index: int, token_weights: torch.Tensor | None = None) -> None:
     """Validate the tensors of a score computation: hidden [N, D], weight [V, D], labels [N] (and weights [N])."""
-    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be 2-D [N, D], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden has D={hidden.shape[1]} but weight has D={weight.shape[1]} "
-                         f"(shapes {tuple(hidden.shape)} and {tuple(weight.shape)})")
+    _check_head("hidden", hidden, "weight", weight)
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.shape != (hidden.shape[0],):
         raise ValueError(f"labels must have shape [N]=({hidden.shape[0]},) to match hidden, "
                          f"got {tuple(labels.shape)}")
@@ -143,6 +136,7 @@ def check_teacher_options(*, kind: str, gamma: float, temperature: float, ignore
 
 
 def _check_head(hname: str, h, wname: str, w) -> None:
+    """``h`` [N, D] and ``w`` [V, D], tensors of the same D, named as the caller's arguments are."""
     for name, t in ((hname, h), (wname, w)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
