@@ -68,16 +68,7 @@ def check_tensors(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     for name, t in (("weight", weight), ("labels", labels)):
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if token_weights is not None:
-        if token_weights.shape != labels.shape:
-            raise ValueError(f"token_weights must have shape {tuple(labels.shape)}, got {tuple(token_weights.shape)}")
-        if token_weights.device != hidden.device:
-            raise ValueError(f"token_weights is on {token_weights.device} but hidden is on {hidden.device}")
-        if not token_weights.is_floating_point():
-            raise ValueError(f"token_weights must be floating point, got dtype {token_weights.dtype}")
-    if impl == "triton" and hidden.device.type != "cuda" and not triton_interpret():
-        raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton for "
-                         f"the CPU interpreter); hidden is on {hidden.device}. Use impl='torch' on the CPU.")
+    _check_weights_and_place(token_weights, hidden.shape[0], hidden.device, impl)
     if labels.device.type == "cpu" and labels.numel():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
         if bool(bad.any()):
@@ -135,6 +126,23 @@ def check_teacher_options(*, kind: str, gamma: float, temperature: float, ignore
         raise ValueError(f"ignore_index must be an int, got ignore_index={ignore_index!r}")
 
 
+def _check_weights_and_place(token_weights, n: int, device: torch.device, impl: str) -> None:
+    """Optional per-token weights: a floating-point tensor [n] on ``device``; and impl='triton' only where Triton
+    can run (CUDA, or the CPU interpreter)."""
+    if token_weights is not None:
+        if not isinstance(token_weights, torch.Tensor):
+            raise ValueError(f"token_weights must be a torch.Tensor, got {type(token_weights).__name__}")
+        if token_weights.shape != (n,):
+            raise ValueError(f"token_weights must have shape ({n},), got {tuple(token_weights.shape)}")
+        if token_weights.device != device:
+            raise ValueError(f"token_weights is on {token_weights.device} but hidden is on {device}")
+        if not token_weights.is_floating_point():
+            raise ValueError(f"token_weights must be floating point, got dtype {token_weights.dtype}")
+    if impl == "triton" and device.type != "cuda" and not triton_interpret():
+        raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton for "
+                         f"the CPU interpreter); hidden is on {device}. Use impl='torch' on the CPU.")
+
+
 def _check_head(hname: str, h, wname: str, w) -> None:
     """``h`` [N, D] and ``w`` [V, D], tensors of the same D, named as the caller's arguments are."""
     for name, t in ((hname, h), (wname, w)):
@@ -178,18 +186,7 @@ def check_teacher_tensors(hidden, weight, teacher_hidden, teacher_weight, labels
             raise ValueError(f"labels must be int64 or int32, got dtype {labels.dtype}")
         if labels.device != hidden.device:
             raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
-    if token_weights is not None:
-        if not isinstance(token_weights, torch.Tensor):
-            raise ValueError(f"token_weights must be a torch.Tensor, got {type(token_weights).__name__}")
-        if token_weights.shape != (n,):
-            raise ValueError(f"token_weights must have shape ({n},), got {tuple(token_weights.shape)}")
-        if token_weights.device != hidden.device:
-            raise ValueError(f"token_weights is on {token_weights.device} but hidden is on {hidden.device}")
-        if not token_weights.is_floating_point():
-            raise ValueError(f"token_weights must be floating point, got dtype {token_weights.dtype}")
-    if impl == "triton" and hidden.device.type != "cuda" and not triton_interpret():
-        raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton for "
-                         f"the CPU interpreter); hidden is on {hidden.device}. Use impl='torch' on the CPU.")
+    _check_weights_and_place(token_weights, n, hidden.device, impl)
     if labels is not None and labels.device.type == "cpu" and labels.numel():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
         if bool(bad.any()):

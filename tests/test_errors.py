@@ -48,9 +48,14 @@ def test_bad_tensors(over, match):
         bk.linear_token_scores(**inputs(**over), impl="torch")
 
 
-def test_token_weights_checked():
-    with pytest.raises(ValueError, match="token_weights"):
-        bk.linear_weighted_score_sum(**inputs(), token_weights=torch.ones(N + 1), impl="torch")
+@pytest.mark.parametrize("weights, match", [
+    (torch.ones(N + 1), rf"token_weights must have shape \({N},\), got \({N + 1},\)"),
+    (torch.ones(N, dtype=torch.long), "token_weights must be floating point"),
+    ([1.0] * N, "token_weights must be a torch.Tensor, got list"),  # once an AttributeError
+])
+def test_token_weights_checked(weights, match):
+    with pytest.raises(ValueError, match=match):
+        bk.linear_weighted_score_sum(**inputs(), token_weights=weights, impl="torch")
 
 
 def test_triton_on_cpu_without_interpreter(monkeypatch):
