@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import IGNORE_INDEX, check_head, check_teacher_options, check_teacher_tensors
-from ._fused_sum import keep_unit_grads, scaled_grads, weighted_total
+from ._chunked import (add_head_grads, check_chunk_size, chunk_rows, chunks, head_logits, keep_unit_grads,
+                       scaled_grads, weighted_total)
 from .torch_rows import _transform_, cap_grad
 
 # Byte budget of the two logits buffers together (student + teacher). Ours: the same 96 MiB as token_scores.py's
@@ -192,30 +193,12 @@ class _TorchRows:
     kl_grad_rows_from_stats = staticmethod(kl_grad_rows_from_stats)
 
 
-def _chunk_rows(n: int, vocab: int, dtype: torch.dtype, chunk_size: int | None) -> int:
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an int >= 1, got chunk_size={chunk_size!r}")
-        return max(1, min(n, chunk_size))
-    rows = DEFAULT_CHUNK_BYTES // (2 * vocab * torch.empty((), dtype=dtype).element_size())
-    rows = max(16, rows // 16 * 16)  # multiples of 16 keep the GEMM shapes tensor-core friendly
-    return max(1, min(n, rows))
-
-
 def _buffers(hidden, weight, o: _Opts):
     n, vocab = hidden.shape[0], weight.shape[0]
-    rows = _chunk_rows(n, vocab, hidden.dtype, o.chunk_size)
+    rows = chunk_rows(n, vocab, hidden.dtype, o.chunk_size, DEFAULT_CHUNK_BYTES // 2)  # two buffers
     zs = torch.empty(rows, vocab, device=hidden.device, dtype=hidden.dtype)
     zt = torch.empty(rows, vocab, device=hidden.device, dtype=hidden.dtype)
     return rows, zs, zt
-
-
-def _logits(h, weight, bias, z):
-    """z <- h W^T (+ b): one chunk's raw logits."""
-    if bias is None:
-        torch.mm(h, weight.t(), out=z)
-    else:
-        torch.addmm(bias, h, weight.t(), out=z)
 
 
 def _forward(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, o: _Opts, *, token_weights=None,
@@ -234,11 +217,10 @@ def _forward(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, o: _Opts,
     dw = torch.zeros_like(weight) if fused and need_dw else None
     db = torch.zeros(weight.shape[0], device=hidden.device, dtype=acc) if fused and need_db and bias is not None \
         else None
-    for c0 in range(0, n, rows):
-        c1 = min(n, c0 + rows)
+    for c0, c1 in chunks(n, rows):
         h, zs, zt = hidden[c0:c1], zs_buf[: c1 - c0], zt_buf[: c1 - c0]
-        _logits(h, weight, bias, zs)
-        _logits(t_hidden[c0:c1], t_weight, t_bias, zt)
+        head_logits(h, weight, bias, zs)
+        head_logits(t_hidden[c0:c1], t_weight, t_bias, zt)
         v, ls, lt = rows_mod.kl_rows(
             zs, zt, None if labels is None else labels[c0:c1], kind=o.kind, gamma=o.gamma,
             inv_temp=1.0 / o.temperature, ignore_index=o.ignore_index,
@@ -246,12 +228,7 @@ def _forward(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, o: _Opts,
         values[c0:c1] = v
         if save_stats:
             lse_s[c0:c1], lse_t[c0:c1] = ls, lt
-        if dh is not None:
-            torch.mm(zs, weight, out=dh[c0:c1])
-        if dw is not None:
-            dw.addmm_(zs.t(), h)
-        if db is not None:
-            db.add_(zs.sum(0, dtype=acc))
+        add_head_grads(zs, h, weight, None if dh is None else dh[c0:c1], dw, db, acc)
     return values, (lse_s, lse_t), dh, dw, None if db is None else db.to(bias.dtype)
 
 
@@ -266,20 +243,14 @@ def _backward_from_stats(hidden, weight, bias, t_hidden, t_weight, t_bias, label
     db = torch.zeros(weight.shape[0], device=hidden.device, dtype=lse_s.dtype) if need_db and bias is not None \
         else None
     grad = grad.to(lse_s.dtype).contiguous()
-    for c0 in range(0, n, rows):
-        c1 = min(n, c0 + rows)
+    for c0, c1 in chunks(n, rows):
         h, zs, zt = hidden[c0:c1], zs_buf[: c1 - c0], zt_buf[: c1 - c0]
-        _logits(h, weight, bias, zs)
-        _logits(t_hidden[c0:c1], t_weight, t_bias, zt)
+        head_logits(h, weight, bias, zs)
+        head_logits(t_hidden[c0:c1], t_weight, t_bias, zt)
         rows_mod.kl_grad_rows_from_stats(
             zs, zt, None if labels is None else labels[c0:c1], grad[c0:c1], lse_s[c0:c1], lse_t[c0:c1],
             gamma=o.gamma, inv_temp=1.0 / o.temperature, ignore_index=o.ignore_index, **o.heads())
-        if dh is not None:
-            torch.mm(zs, weight, out=dh[c0:c1])
-        if dw is not None:
-            dw.addmm_(zs.t(), h)
-        if db is not None:
-            db.add_(zs.sum(0, dtype=lse_s.dtype))
+        add_head_grads(zs, h, weight, None if dh is None else dh[c0:c1], dw, db, lse_s.dtype)
     return dh, dw, None if db is None else db.to(bias.dtype)
 
 
@@ -328,7 +299,7 @@ def _prepare(hidden, weight, teacher_hidden, teacher_weight, labels, kind, gamma
     for prefix, w in (("", weight), ("teacher_", teacher_weight)):
         check_head(logit_scale=heads[f"{prefix}logit_scale"], softcap=heads[f"{prefix}softcap"],
                    bias=heads[f"{prefix}bias"], weight=w, prefix=prefix)
-    _chunk_rows(1, 1, hidden.dtype, chunk_size)  # validates chunk_size before any work
+    check_chunk_size(chunk_size)  # before any work
     cap = (lambda c: None if c is None else float(c))
     o = _Opts(kind, float(gamma), float(temperature), ignore_index, impl, chunk_size, float(heads["logit_scale"]),
               cap(heads["softcap"]), float(heads["teacher_logit_scale"]), cap(heads["teacher_softcap"]))

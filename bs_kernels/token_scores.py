@@ -30,7 +30,8 @@ import torch
 
 from . import torch_path, torch_rows
 from ._checks import IGNORE_INDEX, check_head, check_options, check_tensors
-from ._fused_sum import keep_unit_grads, scaled_grads, weighted_total
+from ._chunked import (add_head_grads, check_chunk_size, chunk_rows, chunks, head_logits, keep_unit_grads,
+                       scaled_grads, weighted_total)
 
 # Default byte budget of the one logits buffer. With Llama-3 (V = 128256, bf16) this is C = 384 rows, so the whole
 # op stays within 128 MiB of the returned gradients. The price: the dW GEMM has inner dimension C, which leaves it
@@ -65,31 +66,12 @@ def _rows_module(impl: str):
 
 
 def _chunk_rows(n: int, vocab: int, dtype: torch.dtype, chunk_size: int | None) -> int:
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got chunk_size={chunk_size}")
-        return max(1, min(n, chunk_size))
-    rows = DEFAULT_CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size())
-    rows = max(16, rows // 16 * 16)  # multiples of 16 keep the GEMM shapes tensor-core friendly
-    return max(1, min(n, rows))
+    return chunk_rows(n, vocab, dtype, chunk_size, DEFAULT_CHUNK_BYTES)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Scores and statistics are float32, or float64 for float64 inputs (the torch path's exactness checks)."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def _chunks(n: int, rows: int):
-    for c0 in range(0, n, rows):
-        yield c0, min(n, c0 + rows)
-
-
-def _logits(h, weight, bias, z):
-    """z <- h W^T (+ b): one chunk's raw logits."""
-    if bias is None:
-        torch.mm(h, weight.t(), out=z)
-    else:
-        torch.addmm(bias, h, weight.t(), out=z)
 
 
 def _forward(hidden, weight, bias, labels, o: _Opts, *, token_weights=None, save_stats=False,
@@ -114,9 +96,9 @@ def _forward(hidden, weight, bias, labels, o: _Opts, *, token_weights=None, save
     dh = torch.empty_like(hidden) if fused and need_dh else None
     dw = torch.zeros_like(weight) if fused and need_dw else None
     db = torch.zeros(vocab, device=hidden.device, dtype=acc) if fused and need_db and bias is not None else None
-    for c0, c1 in _chunks(n, rows):
+    for c0, c1 in chunks(n, rows):
         h, z = hidden[c0:c1], buf[: c1 - c0]
-        _logits(h, weight, bias, z)
+        head_logits(h, weight, bias, z)
         s, l, ti, tq = rows_mod.scores_rows(
             z, labels[c0:c1], topk=o.topk, lam=o.lam, ignore_index=o.ignore_index,
             grad=token_weights[c0:c1] if fused else None, save_stats=save_stats, logit_scale=o.logit_scale,
@@ -126,12 +108,7 @@ def _forward(hidden, weight, bias, labels, o: _Opts, *, token_weights=None, save
             lse[c0:c1] = l
             if topi is not None:
                 topi[c0:c1], topq[c0:c1] = ti, tq
-        if dh is not None:
-            torch.mm(z, weight, out=dh[c0:c1])
-        if dw is not None:
-            dw.addmm_(z.t(), h)
-        if db is not None:
-            db.add_(z.sum(0, dtype=acc))
+        add_head_grads(z, h, weight, None if dh is None else dh[c0:c1], dw, db, acc)
     return scores, (lse, topi, topq), dh, dw, None if db is None else db.to(bias.dtype)
 
 
@@ -152,19 +129,14 @@ def _backward_from_stats(hidden, weight, bias, labels, grad, stats, o: _Opts, ne
     acc = _acc_dtype(hidden.dtype)
     db = torch.zeros(vocab, device=hidden.device, dtype=acc) if need_db and bias is not None else None
     grad = grad.to(acc).contiguous()
-    for c0, c1 in _chunks(n, rows):
+    for c0, c1 in chunks(n, rows):
         h, z = hidden[c0:c1], buf[: c1 - c0]
-        _logits(h, weight, bias, z)
+        head_logits(h, weight, bias, z)
         rows_mod.grad_rows_from_stats(
             z, labels[c0:c1], grad[c0:c1], lse[c0:c1],
             None if topi is None else topi[c0:c1], None if topq is None else topq[c0:c1],
             lam=o.lam, ignore_index=o.ignore_index, logit_scale=o.logit_scale, softcap=o.softcap)
-        if dh is not None:
-            torch.mm(z, weight, out=dh[c0:c1])
-        if dw is not None:
-            dw.addmm_(z.t(), h)
-        if db is not None:
-            db.add_(z.sum(0, dtype=acc))
+        add_head_grads(z, h, weight, None if dh is None else dh[c0:c1], dw, db, acc)
     return dh, dw, None if db is None else db.to(bias.dtype)
 
 
@@ -209,6 +181,7 @@ def _prepare(hidden, weight, labels, topk, lam, ignore_index, impl, bias, logit_
                   vocab=weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None)
     check_tensors(hidden, weight, labels, impl=impl, ignore_index=ignore_index, token_weights=token_weights)
     check_head(logit_scale=logit_scale, softcap=softcap, bias=bias, weight=weight)
+    check_chunk_size(chunk_size)  # before any work
     o = _Opts(topk, float(lam), ignore_index, impl, chunk_size, float(logit_scale),
               None if softcap is None else float(softcap))
     return hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels.contiguous(), o

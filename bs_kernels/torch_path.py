@@ -33,6 +33,7 @@ import functools
 import torch
 
 from . import torch_rows
+from ._chunked import chunks
 
 
 @functools.cache
@@ -56,11 +57,6 @@ def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if device.type != "cpu" or dtype not in _NATIVE_FLAGS:
         return dtype
     return dtype if any(f in _cpu_flags() for f in _NATIVE_FLAGS[dtype]) else torch.float32
-
-
-def _chunks(n: int, rows: int):
-    for c0 in range(0, n, rows):
-        yield c0, min(n, c0 + rows)
 
 
 def _neg_g(g: torch.Tensor, labels: torch.Tensor, ignore_index: int, vocab: int, dtype: torch.dtype,
@@ -144,7 +140,7 @@ def forward(hidden, weight, bias, labels, o, rows: int, *, token_weights=None, s
             if save_stats and o.use_topk else None)
     topq = torch.empty(n, o.topk, device=hidden.device, dtype=acc) if topi is not None else None
     dh = torch.empty_like(hidden) if fused and need_dh else None
-    for c0, c1 in _chunks(n, rows):
+    for c0, c1 in chunks(n, rows):
         h, z = st.h(hidden, c0, c1), st.buf[: c1 - c0]
         st.logits(h, z)
         s, l, ti, tq = torch_rows.rows_forward(z, labels[c0:c1], topk=o.topk, lam=o.lam, ignore_index=o.ignore_index,
@@ -168,7 +164,7 @@ def backward_from_stats(hidden, weight, bias, labels, grad, stats, o, rows: int,
     st = _Setup(hidden, weight, bias, rows, need_dw, need_db)
     dh = torch.empty_like(hidden) if need_dh else None
     grad = grad.to(lse.dtype).contiguous()
-    for c0, c1 in _chunks(n, rows):
+    for c0, c1 in chunks(n, rows):
         h, z = st.h(hidden, c0, c1), st.buf[: c1 - c0]
         st.logits(h, z)
         torch_rows.rows_backward(z, labels[c0:c1], lse[c0:c1], None if topi is None else topi[c0:c1].long(),

@@ -78,5 +78,6 @@ def test_loss_shapes_and_reduction_checked():
     with pytest.raises(ValueError, match="reduction"):
         bk.linear_cross_entropy(torch.randn(N, D), torch.randn(V, D), torch.zeros(N, dtype=torch.long),
                                 reduction="avg", impl="torch")
-    with pytest.raises(ValueError, match="chunk_size"):
-        bk.linear_token_scores(**inputs(), impl="torch", chunk_size=0)
+    for bad in (0, True, 2.5):  # True was once taken as 1 row, and 2.5 failed inside range()
+        with pytest.raises(ValueError, match=rf"chunk_size must be an int >= 1, got chunk_size={bad!r}"):
+            bk.linear_token_scores(**inputs(), impl="torch", chunk_size=bad)
